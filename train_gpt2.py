@@ -1,0 +1,706 @@
+"""Train GPT-2 (124M by default) from scratch, or fine-tune OpenAI's GPT-2 weights.
+
+    python train_gpt2.py                                              # 1 GPU (or CPU)
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py            # 8 GPUs
+    python train_gpt2.py --help                                       # every flag
+
+One file, read top to bottom: the model, GPT-2 weight loading, the data loader, then the
+training loop (cosine-warmup AdamW, gradient accumulation, bf16 autocast, torch.compile, DDP,
+checkpoints and resume). Importing it runs nothing; generate.py and hellaswag.py import GPT.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only, so 8 ranks do not print everything 8 times."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+class TrainError(ValueError):
+    """Bad flags, data or checkpoints, or a diverged run: main() prints it as one line and exits 1."""
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length
+    vocab_size: int = GPT2_VOCAB_SIZE
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: the residual stream is never normalised, only each branch's input."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        # Each block adds two branches (attn, mlp) to the residual stream; scaling their output
+        # projections by 1/sqrt(2*n_layer) keeps the stream's variance from growing with depth (GPT-2 paper).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        # A bad id would be a silent wrong lookup on CPU and a device-side assert on CUDA. The check
+        # syncs with the GPU, so it is left out of compiled graphs (the data loader checks training data).
+        if not torch.compiler.is_compiling() and ((idx < 0) | (idx >= self.config.vocab_size)).any():
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got min {int(idx.min())} "
+                             f"max {int(idx.max())}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token, forward + backward (PaLM appendix B): 6 per weight for the matmuls
+        (wpe is a lookup, not a matmul; the tied wte is counted once, as lm_head), plus 12*L*T*d
+        for attention's QK^T and AV. Causal masking is not discounted, as is the convention."""
+        n = sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+        return 6 * n + 12 * self.config.n_layer * seq_len * self.config.n_embd
+
+    # GPT-2 checkpoints use Conv1D layers, which store these weights as (in, out): transpose them.
+    CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir):
+        """GPT-2 weights: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' from the Hugging Face Hub,
+        or a local folder in Hugging Face GPT-2 format (config.json + model.safetensors or .bin)."""
+        from transformers import GPT2LMHeadModel
+        print0(f"loading GPT-2 weights from {name_or_dir}")
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        c = hf.config
+        unsupported = {"activation_function": (c.activation_function, ("gelu_new", "gelu_pytorch_tanh")),
+                       "n_inner": (c.n_inner, (None, 4 * c.n_embd)),
+                       "scale_attn_by_inverse_layer_idx": (c.scale_attn_by_inverse_layer_idx, (False,))}
+        for key, (value, allowed) in unsupported.items():
+            if value not in allowed:
+                raise ValueError(f"{name_or_dir}: {key}={value} is not the GPT-2 architecture this model implements")
+        model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
+                              n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
+        sd, sd_hf = model.state_dict(), hf.state_dict()
+        if set(sd) != set(sd_hf):
+            raise ValueError(f"{name_or_dir}: weight names differ from GPT-2's: {sorted(set(sd) ^ set(sd_hf))[:4]}")
+        with torch.no_grad():
+            for k, w in sd_hf.items():
+                sd[k].copy_(w.t() if k.endswith(cls.CONV1D_WEIGHTS) else w)
+        return model
+
+    def save_pretrained(self, out_dir):
+        """Write a Hugging Face GPT-2 folder (config.json + model.safetensors). Vocab rows past GPT-2's
+        50257 tokens are padding that no token id reaches, so they are dropped."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+        c = self.config
+        vocab_size = min(c.vocab_size, GPT2_VOCAB_SIZE)
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                                        n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new"))
+        sd = {k: (w.t() if k.endswith(self.CONV1D_WEIGHTS) else w) for k, w in self.state_dict().items()}
+        for k in ("transformer.wte.weight", "lm_head.weight"):
+            sd[k] = sd[k][:vocab_size]
+        hf.load_state_dict({k: w.detach().cpu().float().contiguous() for k, w in sd.items()})
+        hf.save_pretrained(out_dir)
+
+    def configure_optimizers(self, weight_decay, learning_rate, device_type):
+        # Decay the matmul weights and embeddings (every tensor of dim >= 2), not biases or LayerNorm gains.
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        print0(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters), "
+               f"not decayed: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters)")
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                 fused=device_type == "cuda")
+
+
+# -----------------------------------------------------------------------------
+# The data: uint16 token shards, as fineweb.py (.npy) or llm.c (.bin) writes them
+
+LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_INTS = 20240520, 1, 256
+
+
+def open_shard(path):
+    """Memory-map one shard as a 1-D uint16 array; nothing is read until a batch is sliced out."""
+    if path.endswith(".bin"):
+        header = np.fromfile(path, dtype=np.int32, count=LLMC_HEADER_INTS)
+        if len(header) < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
+            raise TrainError(f"{path}: not an llm.c token shard (magic number {LLMC_MAGIC} missing from its header)")
+        if header[1] != LLMC_VERSION:
+            raise TrainError(f"{path}: llm.c shard version {header[1]}, expected {LLMC_VERSION} "
+                             f"(uint16 GPT-2 tokens; version 2 holds uint32 Llama-3 tokens)")
+        n_tokens, n_bytes = int(header[2]), os.path.getsize(path)
+        if n_bytes != 4 * LLMC_HEADER_INTS + 2 * n_tokens:
+            raise TrainError(f"{path}: header says {n_tokens} tokens but the file has {n_bytes} bytes; it is truncated")
+        return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * LLMC_HEADER_INTS, shape=(n_tokens,))
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise TrainError(f"{path}: not a readable .npy token shard ({e})") from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise TrainError(f"{path}: holds a {tokens.ndim}-D {tokens.dtype} array, expected 1-D uint16 tokens "
+                         f"(np.save of a uint16 array, as fineweb.py writes)")
+    return tokens
+
+
+def find_shards(data_dir, split):
+    if not os.path.isdir(data_dir):
+        raise TrainError(f"--data_dir {data_dir}: no such folder; make token shards with `python fineweb.py`")
+    names = sorted(n for n in os.listdir(data_dir) if split in n and n.endswith((".npy", ".bin")))
+    if not names:
+        raise TrainError(f"no {split} shards in {data_dir}/: expected files like edufineweb_{split}_000001.npy "
+                         f"or llm.c's *_{split}_*.bin; make them with `python fineweb.py`")
+    return [os.path.join(data_dir, n) for n in names]
+
+
+class DataLoaderLite:
+    """Micro-batches (x, y) of B x T tokens from one split's shards (files whose name holds the split).
+
+    The shards, in sorted order, form one stream of micro-batches: micro-batch i of a shard is its
+    tokens [i*B*T, (i+1)*B*T + 1), x the first B*T and y the same shifted by one. After the last
+    shard the stream wraps around; each pass is an epoch, in shard order shuffled per epoch from the
+    seed if asked. Rank r of W reads micro-batches r, r+W, r+2W, ..., so W ranks each accumulating A
+    micro-batches read exactly what one process accumulating W*A reads. `position` (the index of the
+    next micro-batch this rank reads) is the whole state; save and restore it to resume.
+    """
+
+    def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, vocab_size=50304,
+                 shuffle=False, seed=1337):
+        self.B, self.T, self.vocab_size = B, T, vocab_size
+        self.process_rank, self.num_processes = process_rank, num_processes
+        self.shuffle, self.seed = shuffle, seed
+        self.paths = find_shards(data_dir, split)
+        self.shards = [open_shard(p) for p in self.paths]
+        self.counts = [(len(s) - 1) // (B * T) for s in self.shards]  # a shard too short for one micro-batch adds none
+        self.batches_per_epoch = sum(self.counts)
+        if self.batches_per_epoch == 0:
+            raise TrainError(f"no {split} shard in {data_dir}/ holds one micro-batch of {B}x{T}+1 tokens "
+                             f"(largest has {max(len(s) for s in self.shards)}); lower --micro_batch_size or --seq_len")
+        self.checked = set()  # shards whose token ids were checked against vocab_size
+        self.order_epoch, self.order = None, None
+        self.reset()
+
+    def reset(self):
+        self.position = self.process_rank
+
+    def shard_order(self, epoch):
+        if epoch != self.order_epoch:
+            n = len(self.shards)
+            self.order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else range(n)
+            self.order_epoch = epoch
+        return self.order
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        epoch, index = divmod(self.position, self.batches_per_epoch)
+        for i in self.shard_order(epoch):
+            if index < self.counts[i]:
+                break
+            index -= self.counts[i]
+        if i not in self.checked:
+            top = int(self.shards[i].max())
+            if top >= self.vocab_size:
+                raise TrainError(f"{self.paths[i]}: token id {top} is >= the model's vocab_size {self.vocab_size}; "
+                                 f"the shard was made with another tokenizer")
+            self.checked.add(i)
+        buf = torch.from_numpy(self.shards[i][index * B * T: (index + 1) * B * T + 1].astype(np.int64))
+        self.position += self.num_processes
+        return buf[:-1].view(B, T), buf[1:].view(B, T)
+
+
+# -----------------------------------------------------------------------------
+# Run configuration: one dataclass; its fields are the command-line flags
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = dataclasses.field(default="edu_fineweb10B", metadata={"help": "folder of *train*/*val* token shards (.npy or llm.c .bin)"})
+    log_dir: str = dataclasses.field(default="log", metadata={"help": "where log.txt and model_NNNNN.pt checkpoints go"})
+    init_from: str = dataclasses.field(default="scratch", metadata={"help": "scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder"})
+    micro_batch_size: int = dataclasses.field(default=64, metadata={"help": "sequences per forward pass per GPU; lower it if out of memory"})
+    seq_len: int = dataclasses.field(default=1024, metadata={"help": "tokens per sequence"})
+    total_batch_size: int = dataclasses.field(default=524288, metadata={"help": "tokens per optimizer step, over all GPUs (2**19, ~0.5M, as GPT-3 small)"})
+    max_steps: int = dataclasses.field(default=19073, metadata={"help": "optimizer steps (19073 x 524288 tokens = 10B tokens)"})
+    warmup_steps: int = dataclasses.field(default=715, metadata={"help": "steps of linear LR warmup (375M tokens, as GPT-3)"})
+    max_lr: float = dataclasses.field(default=6e-4, metadata={"help": "peak learning rate"})
+    min_lr: float = dataclasses.field(default=6e-5, metadata={"help": "learning rate at and after max_steps (cosine decay)"})
+    weight_decay: float = dataclasses.field(default=0.1, metadata={"help": "AdamW weight decay, on tensors of dim >= 2 only"})
+    grad_clip: float = dataclasses.field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = no clipping)"})
+    block_size: int = dataclasses.field(default=1024, metadata={"help": "model context length (scratch only; else from the weights)"})
+    n_layer: int = dataclasses.field(default=12, metadata={"help": "transformer blocks (scratch only)"})
+    n_head: int = dataclasses.field(default=12, metadata={"help": "attention heads (scratch only)"})
+    n_embd: int = dataclasses.field(default=768, metadata={"help": "model width (scratch only)"})
+    vocab_size: int = dataclasses.field(default=50304, metadata={"help": "50257 padded to a multiple of 128, for faster matmuls (scratch only)"})
+    eval_interval: int = dataclasses.field(default=250, metadata={"help": "steps between val-loss evaluations"})
+    val_steps: int = dataclasses.field(default=20, metadata={"help": "val micro-batches per rank per evaluation"})
+    ckpt_interval: int = dataclasses.field(default=5000, metadata={"help": "steps between checkpoints (one is always written at the end)"})
+    keep_last: int = dataclasses.field(default=3, metadata={"help": "checkpoints kept in log_dir, newest first (0 = keep all)"})
+    shuffle: bool = dataclasses.field(default=False, metadata={"help": "shuffle the train shard order each epoch (from the seed)"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"})
+    dtype: str = dataclasses.field(default="auto", metadata={"help": "auto (bfloat16 autocast on CUDA, float32 elsewhere), bfloat16 or float32"})
+    compile: str = dataclasses.field(default="auto", metadata={"help": "torch.compile the model: auto (on for CUDA), 1 or 0"})
+    seed: int = dataclasses.field(default=1337, metadata={"help": "random seed for the init and the shard shuffle"})
+
+
+MODEL_FLAGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+POSITIVE_FLAGS = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "eval_interval", "val_steps",
+                  "ckpt_interval") + MODEL_FLAGS
+
+
+def parse_bool(s):
+    if s.lower() in ("1", "true"):
+        return True
+    if s.lower() in ("0", "false"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1, 0, true or false, got {s!r}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(with_defaults=True):
+    """Flags from TrainConfig's fields. Without defaults, parsing returns only the flags given."""
+    parser = OneLineParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           argument_default=None if with_defaults else argparse.SUPPRESS)
+    for f in dataclasses.fields(TrainConfig):
+        kwargs = {"default": f.default} if with_defaults else {}
+        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type,
+                            help=f.metadata["help"], **kwargs)
+    return parser
+
+
+def parse_args(argv=None):
+    """The run's flags, and the names of those given on the command line."""
+    cfg = TrainConfig(**vars(build_parser().parse_args(argv)))
+    given = vars(build_parser(with_defaults=False).parse_args(argv))
+    return cfg, given
+
+
+def check_flags(cfg):
+    def bad(flag, allowed):
+        raise TrainError(f"--{flag} {getattr(cfg, flag)}: {allowed}")
+    if not (cfg.init_from in ("scratch", "resume") + PRETRAINED or os.path.isdir(cfg.init_from)):
+        bad("init_from", "expected scratch, resume, " + ", ".join(PRETRAINED) + " or a Hugging Face GPT-2 folder")
+    for flag in POSITIVE_FLAGS:
+        if getattr(cfg, flag) <= 0:
+            bad(flag, "must be a positive integer")
+    for flag in ("warmup_steps", "keep_last", "min_lr", "weight_decay", "grad_clip"):
+        if getattr(cfg, flag) < 0:
+            bad(flag, "must be >= 0")
+    if cfg.max_lr <= 0:
+        bad("max_lr", "must be > 0")
+    if cfg.min_lr > cfg.max_lr:
+        bad("min_lr", f"must be <= --max_lr {cfg.max_lr}")
+    if cfg.n_embd % cfg.n_head:
+        bad("n_embd", f"must be divisible by --n_head {cfg.n_head}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        bad("device", "expected auto, cpu, cuda, cuda:N or mps")
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        bad("dtype", "expected auto, bfloat16 or float32")
+    if cfg.compile.lower() not in ("auto", "1", "0", "true", "false"):
+        bad("compile", "expected auto, 1, 0, true or false")
+
+
+def get_lr(step, cfg):
+    """Linear warmup to max_lr over warmup_steps, cosine decay to min_lr at max_steps, min_lr after."""
+    if step < cfg.warmup_steps:
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return cfg.min_lr
+    decay_ratio = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.max_lr - cfg.min_lr)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: log/model_NNNNN.pt is the state after NNNNN optimizer steps
+
+
+def checkpoint_paths(log_dir):
+    """Checkpoints in log_dir, oldest first."""
+    if not os.path.isdir(log_dir):
+        return []
+    names = sorted(n for n in os.listdir(log_dir) if re.fullmatch(r"model_\d{5,}\.pt", n))
+    return [os.path.join(log_dir, n) for n in sorted(names, key=lambda n: int(n[6:-3]))]
+
+
+def load_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: loading runs no code
+        missing = {"model", "optimizer", "model_config", "config", "step", "loader_positions"} - set(ckpt)
+    except Exception as e:
+        raise TrainError(f"{path}: cannot read the checkpoint ({type(e).__name__}); it is corrupt or truncated: "
+                         f"move it away to resume from the one before") from None
+    if missing:
+        raise TrainError(f"{path}: not a train_gpt2.py checkpoint (no {', '.join(sorted(missing))})")
+    return ckpt
+
+
+def save_checkpoint(ckpt, log_dir, keep_last):
+    """Write atomically (temp file, fsync, rename), then delete all but the newest keep_last."""
+    path = os.path.join(log_dir, f"model_{ckpt['step']:05d}.pt")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    old = checkpoint_paths(log_dir)
+    for p in old[:-keep_last] if keep_last else []:
+        os.remove(p)
+    return path
+
+
+def trim_log(log_file, step):
+    """On resume at `step`, drop log lines the crashed run wrote after its checkpoint."""
+    if not os.path.exists(log_file):
+        return
+    with open(log_file) as f:
+        lines = [ln.split() for ln in f if ln.strip()]
+    with open(log_file, "w") as f:
+        for n, kind, value in lines:
+            if int(n) < step or (int(n) == step and kind != "train"):  # train line N is the update after N
+                f.write(f"{n} {kind} {value}\n")
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def setup_distributed(device_flag):
+    """(ddp, rank, local_rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
+    device = device_flag
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    ddp = "RANK" in os.environ
+    if not ddp:
+        return False, 0, 0, 1, device
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return True, rank, local_rank, world_size, device
+
+
+# Dense bf16 tensor-core peak FLOP/s from the vendors' spec sheets, for MFU. First match wins.
+GPU_PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+                 ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12),
+                 ("RTX 3090", 71e12))
+
+
+def peak_flops(device):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in GPU_PEAK_BF16 if key in name), None)
+
+
+def build_model(cfg, given, ckpt):
+    """The model, from a checkpoint, GPT-2 weights or scratch; shape flags must agree with loaded weights."""
+    if ckpt is not None:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        source = f"the checkpoint in {cfg.log_dir}"
+    elif cfg.init_from == "scratch":
+        return GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FLAGS}))
+    else:
+        model = GPT.from_pretrained(cfg.init_from)
+        source = cfg.init_from
+    for k in MODEL_FLAGS:
+        if k in given and given[k] != getattr(model.config, k):
+            raise TrainError(f"--{k} {given[k]} contradicts {source} ({k} {getattr(model.config, k)}); drop the flag")
+    if cfg.seq_len > model.config.block_size:
+        raise TrainError(f"--seq_len {cfg.seq_len}: must be <= the model's block_size {model.config.block_size}")
+    return model
+
+
+class StopRequest:
+    """While active, SIGTERM/SIGINT set a flag: the loop finishes its step, writes a checkpoint and
+    exits 0. A second Ctrl-C aborts at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        self.requested = True
+        print0(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+               f"(Ctrl-C again to abort)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def train(cfg, given):
+    ckpt = None
+    if cfg.init_from == "resume":
+        paths = checkpoint_paths(cfg.log_dir)
+        if not paths:
+            raise TrainError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
+        ckpt = load_checkpoint(paths[-1])
+        # The checkpoint's flags are the defaults: `--init_from resume` alone continues the same run.
+        saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+        cfg = TrainConfig(**{**saved, **given, "init_from": "resume"})
+        for k in MODEL_FLAGS:
+            setattr(cfg, k, ckpt["model_config"][k])
+    elif checkpoint_paths(cfg.log_dir):
+        raise TrainError(f"{cfg.log_dir}/ already holds checkpoints (newest {checkpoint_paths(cfg.log_dir)[-1]}): "
+                         f"continue them with --init_from resume, or pick a new --log_dir")
+    check_flags(cfg)
+
+    ddp, rank, local_rank, world_size, device = setup_distributed(cfg.device)
+    device_type = "cuda" if device.startswith("cuda") else device
+    B, T = cfg.micro_batch_size, cfg.seq_len
+    if cfg.total_batch_size % (B * T * world_size):
+        raise TrainError(f"--total_batch_size {cfg.total_batch_size} must be divisible by micro_batch_size * seq_len * "
+                         f"world_size = {B} * {T} * {world_size} = {B * T * world_size}; change --total_batch_size "
+                         f"or --micro_batch_size")
+    grad_accum_steps = cfg.total_batch_size // (B * T * world_size)
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device_type == "cuda")
+    use_compile = cfg.compile.lower() in ("1", "true") or (cfg.compile == "auto" and device_type == "cuda")
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+
+    torch.manual_seed(cfg.seed)
+    torch.cuda.manual_seed(cfg.seed)
+    model = build_model(cfg, given, ckpt)
+    for k in MODEL_FLAGS:  # record the shape the run really has (from weights or checkpoint)
+        setattr(cfg, k, getattr(model.config, k))
+    model.to(device)
+    raw_model = model
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type)
+
+    start_step = 0
+    train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, rank, world_size, cfg.vocab_size, cfg.shuffle, cfg.seed)
+    val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, rank, world_size, cfg.vocab_size)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+        # Rank r continues at the first unread micro-batch plus r, which is also right on another GPU count.
+        train_loader.position = ckpt["loader_positions"][0] + rank
+        if len(ckpt["rng_states"]) == world_size:
+            torch.set_rng_state(ckpt["rng_states"][rank]["cpu"])
+            if device_type == "cuda" and ckpt["rng_states"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(ckpt["rng_states"][rank]["cuda"])
+        print0(f"resuming from {checkpoint_paths(cfg.log_dir)[-1]} at step {start_step}")
+
+    if use_compile:
+        model = torch.compile(model)
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    os.makedirs(cfg.log_dir, exist_ok=True)
+    log_file = os.path.join(cfg.log_dir, "log.txt")
+    if rank == 0:
+        if ckpt is not None:
+            trim_log(log_file, start_step)
+        else:
+            open(log_file, "w").close()
+
+    def log(line):
+        if rank == 0:
+            with open(log_file, "a") as f:
+                f.write(line + "\n")
+
+    def all_reduce_mean(t):
+        if ddp:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)  # gloo has no AVG
+            t /= world_size
+        return t
+
+    def evaluate():
+        model.eval()
+        val_loader.reset()
+        val_loss = torch.zeros((), device=device)
+        with torch.no_grad():
+            for _ in range(cfg.val_steps):
+                x, y = val_loader.next_batch()
+                with autocast:
+                    _, loss = model(x.to(device), y.to(device))
+                val_loss += loss.detach() / cfg.val_steps
+        return all_reduce_mean(val_loss).item()
+
+    def checkpoint(step, val_loss):
+        positions = [train_loader.position]
+        rng = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}]
+        if ddp:
+            positions, rng = [None] * world_size, [None] * world_size
+            dist.all_gather_object(positions, train_loader.position)
+            dist.all_gather_object(rng, {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None})
+        if rank == 0:
+            path = save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "model_config": dataclasses.asdict(raw_model.config),
+                                    "config": dataclasses.asdict(cfg), "step": step, "val_loss": val_loss,
+                                    "loader_positions": positions, "rng_states": rng}, cfg.log_dir, cfg.keep_last)
+            print0(f"wrote {path}")
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    flops_per_step = raw_model.flops_per_token(T) * cfg.total_batch_size
+    peak = peak_flops(device)
+    print0(f"{n_params:,} parameters | {world_size} process(es) on {device} | {'bfloat16' if use_bf16 else 'float32'}"
+           f" | compile {'on' if use_compile else 'off'} | {cfg.total_batch_size:,} tokens per step = "
+           f"{B} x {T} x {world_size} x {grad_accum_steps} accumulation steps")
+
+    with StopRequest() as stop:
+        stopping = False
+        for step in range(start_step, cfg.max_steps + 1):
+            last = step == cfg.max_steps or stopping
+            val_loss = None
+            resumed_here = ckpt is not None and step == start_step  # the checkpoint already holds this step's eval
+            if not resumed_here and not stopping and (step % cfg.eval_interval == 0 or step % cfg.ckpt_interval == 0 or last):
+                val_loss = evaluate()
+                print0(f"step {step:5d} | val loss {val_loss:.4f}")
+                log(f"{step} val {val_loss:.4f}")
+            if step > start_step and (step % cfg.ckpt_interval == 0 or last):
+                checkpoint(step, val_loss)
+            if last:
+                break
+
+            t0 = time.time()
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            loss_accum = torch.zeros((), device=device)
+            for micro_step in range(grad_accum_steps):
+                x, y = train_loader.next_batch()
+                # Under DDP, all-reduce the gradients only after the last micro-step's backward.
+                sync = not ddp or micro_step == grad_accum_steps - 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with autocast:
+                        _, loss = model(x.to(device), y.to(device))
+                    loss = loss / grad_accum_steps  # the mean over the whole batch, not a sum of micro-batch means
+                    loss_accum += loss.detach()
+                    loss.backward()
+            # One all-reduce and one host sync per step: the mean loss, and whether any rank was signalled.
+            stats = all_reduce_mean(torch.stack([loss_accum, torch.tensor(float(stop.requested), device=device)]))
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            loss_value, stop_value, norm_value = torch.stack([stats[0], stats[1], norm.to(stats.dtype)]).tolist()
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                newest = checkpoint_paths(cfg.log_dir)
+                raise TrainError(f"step {step}: loss {loss_value}, grad norm {norm_value}: the run diverged; stopping "
+                                 f"without a checkpoint (newest good one: {newest[-1] if newest else 'none'}). "
+                                 f"Lower --max_lr or check the data")
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            stopping = stop_value > 0
+            mfu = f" | mfu {100 * flops_per_step / dt / (peak * world_size):.1f}%" if peak else ""
+            print0(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | dt {1000 * dt:.0f}ms"
+                   f" | tok/sec {cfg.total_batch_size / dt:,.0f}{mfu}")
+            log(f"{step} train {loss_value:.6f}")
+
+    if ddp:
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    cfg, given = parse_args(argv)
+    try:
+        train(cfg, given)
+    except TrainError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"train_gpt2.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
