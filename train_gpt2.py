@@ -490,18 +490,19 @@ def peak_flops(device):
 
 def build_model(cfg, given, ckpt):
     """The model, from a checkpoint, GPT-2 weights or scratch; shape flags must agree with loaded weights."""
-    if ckpt is not None:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        source = f"the checkpoint in {cfg.log_dir}"
-    elif cfg.init_from == "scratch":
-        return GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FLAGS}))
+    if cfg.init_from == "scratch":
+        model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FLAGS}))
     else:
-        model = GPT.from_pretrained(cfg.init_from)
-        source = cfg.init_from
-    for k in MODEL_FLAGS:
-        if k in given and given[k] != getattr(model.config, k):
-            raise TrainError(f"--{k} {given[k]} contradicts {source} ({k} {getattr(model.config, k)}); drop the flag")
+        if ckpt is not None:
+            model = GPT(GPTConfig(**ckpt["model_config"]))
+            model.load_state_dict(ckpt["model"])
+            source = f"the checkpoint in {cfg.log_dir}"
+        else:
+            model = GPT.from_pretrained(cfg.init_from)
+            source = cfg.init_from
+        for k in MODEL_FLAGS:
+            if k in given and given[k] != getattr(model.config, k):
+                raise TrainError(f"--{k} {given[k]} contradicts {source} ({k} {getattr(model.config, k)}); drop the flag")
     if cfg.seq_len > model.config.block_size:
         raise TrainError(f"--seq_len {cfg.seq_len}: must be <= the model's block_size {model.config.block_size}")
     return model
@@ -616,6 +617,14 @@ def train(cfg, given):
                 val_loss += loss.detach() / cfg.val_steps
         return all_reduce_mean(val_loss).item()
 
+    def check_finite(step, **values):
+        """A NaN/inf loss stops the run before it can overwrite a good checkpoint."""
+        if not all(math.isfinite(v) for v in values.values()):
+            newest = checkpoint_paths(cfg.log_dir)
+            raise TrainError(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in values.items()) + ": the run "
+                             f"diverged; stopping without a checkpoint (newest good one: "
+                             f"{newest[-1] if newest else 'none'}). Lower --max_lr or check the data")
+
     def checkpoint(step, val_loss):
         positions = [train_loader.position]
         rng = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}]
@@ -645,6 +654,7 @@ def train(cfg, given):
             resumed_here = ckpt is not None and step == start_step  # the checkpoint already holds this step's eval
             if not resumed_here and not stopping and (step % cfg.eval_interval == 0 or step % cfg.ckpt_interval == 0 or last):
                 val_loss = evaluate()
+                check_finite(step, val_loss=val_loss)
                 print0(f"step {step:5d} | val loss {val_loss:.4f}")
                 log(f"{step} val {val_loss:.4f}")
             if step > start_step and (step % cfg.ckpt_interval == 0 or last):
@@ -670,11 +680,7 @@ def train(cfg, given):
             stats = all_reduce_mean(torch.stack([loss_accum, torch.tensor(float(stop.requested), device=device)]))
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             loss_value, stop_value, norm_value = torch.stack([stats[0], stats[1], norm.to(stats.dtype)]).tolist()
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                newest = checkpoint_paths(cfg.log_dir)
-                raise TrainError(f"step {step}: loss {loss_value}, grad norm {norm_value}: the run diverged; stopping "
-                                 f"without a checkpoint (newest good one: {newest[-1] if newest else 'none'}). "
-                                 f"Lower --max_lr or check the data")
+            check_finite(step, loss=loss_value, grad_norm=norm_value)
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr

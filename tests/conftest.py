@@ -1,0 +1,72 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
+
+# Never wait on the network: transformers, datasets and tiktoken must use local files only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
+sys.path.insert(0, REPO)
+
+
+def shared_file(*parts):
+    """A file from ../shared/data (the offline copies of public data), or skip saying why."""
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not found: these tests need the shared data folder beside the checkout")
+    return path
+
+
+def write_npy_shard(path, tokens):
+    np.save(path, np.asarray(tokens, dtype=np.uint16))
+
+
+def write_bin_shard(path, tokens):
+    """llm.c's format: 256 int32 header (magic, version, token count), then uint16 tokens."""
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = (20240520, 1, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+def run_train(*args, nproc=1, check=True, timeout=900, **kwargs):
+    """Run train_gpt2.py as a user would (torchrun when nproc > 1); returns the CompletedProcess."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    proc = subprocess.run(launcher + [os.path.join(REPO, "train_gpt2.py"), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train_gpt2.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_log(log_dir):
+    """log.txt as {kind: {step: value}}."""
+    out = {}
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        for line in f:
+            step, kind, value = line.split()
+            out.setdefault(kind, {})[int(step)] = float(value)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shakespeare_shards(tmp_path_factory):
+    """Tiny Shakespeare tokenized with GPT-2's BPE: the first 10% as the val shard, the rest as train."""
+    import tiktoken
+    text = open(shared_file("tinyshakespeare", "input.txt"), encoding="utf-8").read()
+    enc = tiktoken.get_encoding("gpt2")
+    tokens = np.array([enc.eot_token] + enc.encode_ordinary(text), dtype=np.uint16)
+    d = tmp_path_factory.mktemp("shakespeare")
+    n_val = len(tokens) // 10
+    write_npy_shard(d / "shakespeare_val_000000.npy", tokens[:n_val])
+    write_npy_shard(d / "shakespeare_train_000001.npy", tokens[n_val:])
+    return d

@@ -1,0 +1,486 @@
+"""DataLoaderLite: token shards (.npy and llm.c .bin) -> micro-batches, ranks, epochs, shuffle, resume, bad data.
+
+Every shard is filled with distinct consecutive token ids (a running counter over the whole folder), so a
+batch says which shard and offset it came from, and equality checks cannot pass by accident.
+"""
+
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_bin_shard, write_npy_shard
+from train_gpt2 import DataLoaderLite, TrainError
+
+B, T = 2, 4
+BT = B * T
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+
+def make_dir(path, shards, start=0):
+    """Write shards {name: n_tokens} into folder `path` (created), in the given order, as .npy or .bin by name.
+
+    Tokens are a running counter from `start` across the shards, so every token id in the folder is distinct.
+    Returns {name: tokens}.
+    """
+    os.makedirs(path, exist_ok=True)
+    out, next_id = {}, start
+    for name, n in shards.items():
+        tokens = np.arange(next_id, next_id + n) % 65536
+        next_id += n
+        write = write_bin_shard if name.endswith(".bin") else write_npy_shard
+        write(os.path.join(path, name), tokens)
+        out[name] = tokens.astype(np.int64)
+    return out
+
+
+def expected_stream(shards):
+    """The spec's micro-batch stream for one epoch of `shards` (token arrays, in reading order): [(x, y)]."""
+    out = []
+    for tokens in shards:
+        for i in range((len(tokens) - 1) // BT):
+            buf = tokens[i * BT: (i + 1) * BT + 1]
+            out.append((buf[:-1].reshape(B, T), buf[1:].reshape(B, T)))
+    return out
+
+
+def sorted_stream(shards):
+    """expected_stream of make_dir's result restricted to `shards`' names, in sorted name order."""
+    return expected_stream([shards[n] for n in sorted(shards)])
+
+
+def read(loader, k):
+    """The next k micro-batches of `loader`, as numpy (x, y) pairs; checks each one's shape and dtype."""
+    out = []
+    for _ in range(k):
+        x, y = loader.next_batch()
+        assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+        assert x.shape == (B, T) and y.shape == (B, T)
+        assert x.dtype == torch.long and y.dtype == torch.long
+        out.append((x.numpy().copy(), y.numpy().copy()))
+    return out
+
+
+def assert_same(got, want):
+    assert len(got) == len(want)
+    for i, ((gx, gy), (wx, wy)) in enumerate(zip(got, want)):
+        assert np.array_equal(gx, wx), f"x of micro-batch {i}: {gx.tolist()} != {wx.tolist()}"
+        assert np.array_equal(gy, wy), f"y of micro-batch {i}: {gy.tolist()} != {wy.tolist()}"
+
+
+def loader(data_dir, split="train", **kwargs):
+    return DataLoaderLite(str(data_dir), split, B, T, **kwargs)
+
+
+def shard_of(shards, batch):
+    """The name of the shard (from make_dir's result) that batch (x, y) was cut from, and its micro-batch index."""
+    first = batch[0][0, 0]
+    for name, tokens in shards.items():
+        hits = np.flatnonzero(tokens == first)
+        if len(hits):
+            assert hits[0] % BT == 0, f"micro-batch starts at offset {hits[0]} of {name}, not a multiple of B*T"
+            return name, hits[0] // BT
+    raise AssertionError(f"token {first} is in no shard")
+
+
+def bad_data_error(data_dir, split="train", **kwargs):
+    """The TrainError that constructing a loader raises; checks it is one line."""
+    with pytest.raises(TrainError) as info:
+        loader(data_dir, split, **kwargs)
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# Written out of name order. Micro-batches: 4 (a tail of 3 tokens dropped), 2 (exactly 2*B*T+1 tokens),
+# 5 (a tail of B*T-1 tokens dropped): 11 per epoch, a multiple of neither 2 nor 3 ranks.
+THREE_SHARDS = {"edufineweb_train_000002.npy": 6 * BT,
+                "edufineweb_train_000000.npy": 4 * BT + 3,
+                "edufineweb_train_000001.npy": 2 * BT + 1}
+
+
+# -----------------------------------------------------------------------------
+# Formats, file selection, memory-mapping
+
+
+def test_reads_micro_batches_in_sorted_shard_order_and_wraps_around(tmp_path):
+    shards = make_dir(tmp_path, THREE_SHARDS)  # written out of name order
+    want = sorted_stream(shards)
+    assert len(want) == 4 + 2 + 5
+    dl = loader(tmp_path)
+    got = read(dl, 2 * len(want) + 3)
+    assert_same(got, want + want + want[:3])  # epoch 2 starts again with shard 0's first micro-batch
+    # Spelled out for the first micro-batch: x = tokens[0:8] as (2, 4), y = tokens[1:9].
+    t0 = shards["edufineweb_train_000000.npy"]
+    assert got[0][0].tolist() == [t0[0:4].tolist(), t0[4:8].tolist()]
+    assert got[0][1].tolist() == [t0[1:5].tolist(), t0[5:9].tolist()]
+
+
+def test_micro_batch_boundaries_within_a_shard(tmp_path):
+    # Exactly k*B*T+1 tokens give k micro-batches; one fewer gives k-1 (the tail is dropped).
+    shards = make_dir(tmp_path, {"a_train_0.npy": 2 * BT + 1, "a_train_1.npy": 2 * BT, "a_train_2.npy": BT + 1})
+    dl = loader(tmp_path)
+    got = read(dl, 4)
+    names = [shard_of(shards, b) for b in got]
+    assert names == [("a_train_0.npy", 0), ("a_train_0.npy", 1), ("a_train_1.npy", 0), ("a_train_2.npy", 0)]
+    assert_same(read(dl, 4), got)  # 4 micro-batches per epoch, then it wraps
+
+
+def test_npy_and_bin_give_identical_batches(tmp_path):
+    names = sorted(THREE_SHARDS)
+    npy = make_dir(tmp_path / "npy", {n: THREE_SHARDS[n] for n in names})
+    binary = make_dir(tmp_path / "bin", {n.replace(".npy", ".bin"): THREE_SHARDS[n] for n in names})
+    assert [list(t) for t in npy.values()] == [list(t) for t in binary.values()]
+    a, b = read(loader(tmp_path / "npy"), 12), read(loader(tmp_path / "bin"), 12)
+    assert_same(a, b)
+    assert_same(a, (sorted_stream(npy) * 2)[:12])
+
+
+def test_npy_and_bin_shards_mix_in_one_split(tmp_path):
+    shards = make_dir(tmp_path, {"s_train_1.bin": 2 * BT + 1, "s_train_0.npy": BT + 1, "s_train_2.npy": BT + 1})
+    assert_same(read(loader(tmp_path), 8), sorted_stream(shards) * 2)
+
+
+@pytest.mark.parametrize("ext", ["npy", "bin"])
+def test_shards_are_memory_mapped(tmp_path, ext):
+    make_dir(tmp_path, {f"x_train_0.{ext}": 3 * BT + 1, f"x_train_1.{ext}": 2 * BT + 1})
+    dl = loader(tmp_path)
+    assert len(dl.shards) == 2
+    for shard in dl.shards:
+        assert isinstance(shard, np.memmap), type(shard)
+        assert shard.dtype == np.uint16 and shard.ndim == 1
+    assert len(dl.shards[0]) == 3 * BT + 1 and len(dl.shards[1]) == 2 * BT + 1
+    read(dl, 6)  # reading batches does not replace them with loaded copies
+    assert all(isinstance(shard, np.memmap) for shard in dl.shards)
+
+
+def test_splits_and_unrelated_files_are_kept_apart(tmp_path):
+    train = make_dir(tmp_path, {"edufineweb_train_000001.npy": 2 * BT + 1, "edufineweb_train_000002.bin": BT + 1})
+    val = make_dir(tmp_path, {"edufineweb_val_000000.npy": 3 * BT + 1}, start=10000)
+    # Files the loader must ignore; reading any of them as a shard would fail or change the batches.
+    (tmp_path / "manifest.json").write_text('{"train": 2, "val": 1}')
+    (tmp_path / "notes.txt").write_text("train val")
+    (tmp_path / "train_notes.txt").write_text("not a shard")
+    (tmp_path / "val_tokens.csv").write_text("1,2,3")
+    np.save(tmp_path / "other_000000.npy", np.arange(100, dtype=np.int32))  # neither split in its name
+    write_bin_shard(tmp_path / "tokens_000003.bin", np.arange(20000, 20000 + BT + 1))
+    (tmp_path / "train_subdir_is_not_a_file.txt").mkdir()
+
+    dl = loader(tmp_path, "train")
+    assert [os.path.basename(p) for p in dl.paths] == ["edufineweb_train_000001.npy", "edufineweb_train_000002.bin"]
+    assert_same(read(dl, 6), sorted_stream(train) * 2)
+    dl = loader(tmp_path, "val")
+    assert [os.path.basename(p) for p in dl.paths] == ["edufineweb_val_000000.npy"]
+    assert_same(read(dl, 6), sorted_stream(val) * 2)
+
+
+def test_shard_too_short_for_one_micro_batch_is_skipped(tmp_path):
+    shards = make_dir(tmp_path, {"d_train_0.npy": 2 * BT + 1, "d_train_1.npy": BT, "d_train_2.npy": 1,
+                                 "d_train_3.bin": BT, "d_train_4.npy": BT + 1})
+    dl = loader(tmp_path)
+    got = read(dl, 6)
+    assert [shard_of(shards, b)[0] for b in got] == ["d_train_0.npy", "d_train_0.npy", "d_train_4.npy"] * 2
+    assert_same(got, sorted_stream(shards) * 2)
+
+
+# -----------------------------------------------------------------------------
+# Ranks and gradient accumulation
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_interleave_into_the_single_process_stream(tmp_path, world):
+    shards = make_dir(tmp_path, THREE_SHARDS)
+    per_epoch = len(sorted_stream(shards))
+    n = 3 * per_epoch + 1  # several epochs: crosses every shard boundary and wraps around more than once
+    single = read(loader(tmp_path), n * world)
+    assert_same(single, (sorted_stream(shards) * (world * n // per_epoch + 1))[:n * world])
+    ranks = [read(loader(tmp_path, process_rank=r, num_processes=world), n) for r in range(world)]
+    # Rank r's k-th micro-batch is the single process's micro-batch k*W + r.
+    interleaved = [ranks[r][k] for k in range(n) for r in range(world)]
+    assert_same(interleaved, single)
+
+
+@pytest.mark.parametrize("world,accum", [(2, 2), (3, 2), (2, 3)])
+def test_ranks_with_accumulation_see_the_tokens_of_one_process_with_world_times_accumulation(tmp_path, world, accum):
+    make_dir(tmp_path, THREE_SHARDS)
+    steps = 7  # 7 * W * A micro-batches: several epochs
+    single = loader(tmp_path)
+    ranks = [loader(tmp_path, process_rank=r, num_processes=world) for r in range(world)]
+    for step in range(steps):
+        one = read(single, world * accum)
+        many = [b for dl in ranks for b in read(dl, accum)]
+        key = lambda b: (b[0].tobytes(), b[1].tobytes())  # noqa: E731
+        assert sorted(map(key, many)) == sorted(map(key, one)), f"step {step}: the ranks saw other tokens"
+
+
+# -----------------------------------------------------------------------------
+# position and reset()
+
+
+@pytest.mark.parametrize("world,rank", [(1, 0), (2, 1), (3, 2)])
+def test_position_is_the_whole_state(tmp_path, world, rank):
+    make_dir(tmp_path, THREE_SHARDS)
+    for k in (0, 1, 4, 6, 10, 11, 13, 25):  # 11 micro-batches per epoch: inside shards, at boundaries, past wrap-arounds
+        original = loader(tmp_path, process_rank=rank, num_processes=world)
+        read(original, k)
+        saved = original.position
+        restored = loader(tmp_path, process_rank=rank, num_processes=world)
+        restored.position = saved
+        assert_same(read(restored, 12), read(original, 12))
+
+
+def test_position_counts_micro_batches_of_the_stream(tmp_path):
+    make_dir(tmp_path, THREE_SHARDS)
+    dl = loader(tmp_path, process_rank=1, num_processes=3)
+    assert dl.position == 1
+    read(dl, 2)
+    assert dl.position == 7
+    single = loader(tmp_path)
+    single.position = 7
+    assert_same(read(single, 1), read(dl, 1))
+
+
+@pytest.mark.parametrize("world,rank", [(1, 0), (2, 1), (3, 2)])
+def test_reset_goes_back_to_the_ranks_first_micro_batch(tmp_path, world, rank):
+    make_dir(tmp_path, THREE_SHARDS)
+    fresh = read(loader(tmp_path, process_rank=rank, num_processes=world), 10)
+    dl = loader(tmp_path, process_rank=rank, num_processes=world)
+    read(dl, 13)  # past the end of the epoch
+    dl.reset()
+    assert dl.position == rank
+    assert_same(read(dl, 10), fresh)
+
+
+# -----------------------------------------------------------------------------
+# Shuffle
+
+
+EIGHT_SHARDS = {f"edufineweb_train_{i:06d}.npy": (1 + i % 3) * BT + 1 + i for i in range(8)}  # 1, 2 or 3 each
+
+
+def epochs_of(shards, batches_per_epoch, got):
+    """Split a stream into epochs; for each, the shard order and [(shard, micro-batch index)]."""
+    out = []
+    for e in range(len(got) // batches_per_epoch):
+        visits = [shard_of(shards, b) for b in got[e * batches_per_epoch:(e + 1) * batches_per_epoch]]
+        order = []
+        for name, _ in visits:
+            if not order or order[-1] != name:
+                order.append(name)
+        out.append((order, visits))
+    return out
+
+
+def test_shuffle_visits_every_micro_batch_once_per_epoch_in_a_new_shard_order(tmp_path):
+    shards = make_dir(tmp_path, EIGHT_SHARDS)
+    per_epoch = len(sorted_stream(shards))
+    dl = loader(tmp_path, shuffle=True, seed=1337)
+    assert dl.batches_per_epoch == per_epoch
+    got = read(dl, 4 * per_epoch)
+    epochs = epochs_of(shards, per_epoch, got)
+    want_visits = sorted((n, i) for n in shards for i in range((len(shards[n]) - 1) // BT))
+    for order, visits in epochs:
+        assert sorted(order) == sorted(shards), f"shard order {order} is not a permutation (each shard once)"
+        assert sorted(visits) == want_visits  # every micro-batch exactly once
+        assert visits == [(n, i) for n in order for i in range((len(shards[n]) - 1) // BT)]  # in order within a shard
+    orders = [order for order, _ in epochs]
+    assert any(order != sorted(shards) for order in orders), "shuffle=True never shuffled"
+    for e in range(1, len(orders)):
+        assert orders[e] != orders[e - 1], f"epochs {e - 1} and {e} have the same shard order"
+    # The batches themselves are the shards' micro-batches, x and y as in the unshuffled stream.
+    unshuffled = {shard_of(shards, b): b for b in sorted_stream(shards)}
+    assert_same(got, [unshuffled[shard_of(shards, b)] for b in got])
+
+
+def test_shuffle_is_deterministic_from_the_seed(tmp_path):
+    shards = make_dir(tmp_path, EIGHT_SHARDS)
+    n = 3 * len(sorted_stream(shards))
+    a = read(loader(tmp_path, shuffle=True, seed=7), n)
+    assert_same(read(loader(tmp_path, shuffle=True, seed=7), n), a)
+    other = read(loader(tmp_path, shuffle=True, seed=8), n)
+    assert any(not np.array_equal(x, ox) for (x, _), (ox, _) in zip(a, other)), "seeds 7 and 8 gave the same order"
+
+
+def test_shuffle_without_flag_keeps_sorted_order_every_epoch(tmp_path):
+    # The trainer builds the val loader with the default shuffle=False: its order never changes.
+    shards = make_dir(tmp_path, {k.replace("train", "val"): v for k, v in EIGHT_SHARDS.items()})
+    want = sorted_stream(shards)
+    assert_same(read(loader(tmp_path, "val"), 3 * len(want)), want * 3)
+    assert_same(read(loader(tmp_path, "val", seed=99), 3 * len(want)), want * 3)
+
+
+@pytest.mark.parametrize("world,rank", [(1, 0), (2, 1)])
+def test_shuffled_position_restored_mid_epoch_2_continues_identically(tmp_path, world, rank):
+    shards = make_dir(tmp_path, EIGHT_SHARDS)
+    per_epoch = len(sorted_stream(shards))
+    original = loader(tmp_path, shuffle=True, seed=3, process_rank=rank, num_processes=world)
+    read(original, (per_epoch + per_epoch // 2) // world)  # mid epoch 2 (epoch index 1)
+    assert original.position // per_epoch == 1
+    restored = loader(tmp_path, shuffle=True, seed=3, process_rank=rank, num_processes=world)
+    restored.position = original.position
+    assert_same(read(restored, 2 * per_epoch), read(original, 2 * per_epoch))
+
+
+def test_shuffled_ranks_interleave_into_the_single_process_stream(tmp_path):
+    make_dir(tmp_path, EIGHT_SHARDS)
+    n = 40
+    single = read(loader(tmp_path, shuffle=True, seed=5), 2 * n)
+    ranks = [read(loader(tmp_path, shuffle=True, seed=5, process_rank=r, num_processes=2), n) for r in range(2)]
+    assert_same([ranks[r][k] for k in range(n) for r in range(2)], single)
+
+
+# -----------------------------------------------------------------------------
+# Bad data: a one-line TrainError naming the file or folder
+
+
+def test_missing_data_dir(tmp_path):
+    missing = tmp_path / "no_such_folder"
+    msg = bad_data_error(missing)
+    assert str(missing) in msg
+
+
+def test_no_shards_for_the_split(tmp_path):
+    make_dir(tmp_path, {"edufineweb_val_000000.npy": 3 * BT + 1})
+    (tmp_path / "manifest.json").write_text("{}")
+    msg = bad_data_error(tmp_path, "train")
+    assert str(tmp_path) in msg
+    assert "edufineweb_train_000001.npy" in msg
+    assert "python fineweb.py" in msg
+
+
+def test_empty_data_dir(tmp_path):
+    msg = bad_data_error(tmp_path, "val")
+    assert str(tmp_path) in msg and "edufineweb_val_000001.npy" in msg and "python fineweb.py" in msg
+
+
+def test_no_shard_holds_one_micro_batch(tmp_path):
+    make_dir(tmp_path, {"edufineweb_train_000000.npy": BT, "edufineweb_train_000001.bin": BT,
+                        "edufineweb_train_000002.npy": 3})
+    msg = bad_data_error(tmp_path)
+    assert str(tmp_path) in msg
+    assert "--micro_batch_size" in msg and "--seq_len" in msg
+
+
+def write_bad(path, kind):
+    """One kind of broken shard at `path`."""
+    good = np.arange(3 * BT + 1)
+    if kind == "npy_int32":
+        np.save(path, good.astype(np.int32))
+    elif kind == "npy_2d":
+        np.save(path, good[:3 * BT].astype(np.uint16).reshape(3, BT))
+    elif kind == "npy_text":
+        path.write_text("these are not tokens\n" * 10)
+    elif kind == "npy_empty":
+        path.write_bytes(b"")
+    elif kind == "npy_truncated":
+        np.save(path, good.astype(np.uint16))
+        path.write_bytes(path.read_bytes()[:-6])
+    elif kind == "npy_header_only":
+        np.save(path, good.astype(np.uint16))
+        path.write_bytes(path.read_bytes()[:40])
+    elif kind == "npy_is_npz":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("tokens.npy", b"not really")
+    elif kind == "bin_magic":
+        write_bin_shard(path, good)
+        data = bytearray(path.read_bytes())
+        data[:4] = np.int32(20240521).tobytes()
+        path.write_bytes(bytes(data))
+    elif kind == "bin_version_2":
+        write_bin_shard(path, good)
+        data = bytearray(path.read_bytes())
+        data[4:8] = np.int32(2).tobytes()
+        path.write_bytes(bytes(data))
+    elif kind == "bin_truncated":
+        write_bin_shard(path, good)
+        path.write_bytes(path.read_bytes()[:-2])
+    elif kind == "bin_too_long":
+        write_bin_shard(path, good)
+        path.write_bytes(path.read_bytes() + b"\0\0")
+    elif kind == "bin_header_short":
+        path.write_bytes(np.array([20240520, 1, 9], dtype=np.int32).tobytes())
+    elif kind == "bin_npy_inside":
+        np.save(path.with_suffix(".tmp.npy"), good.astype(np.uint16))
+        path.write_bytes(path.with_suffix(".tmp.npy").read_bytes())
+        os.remove(path.with_suffix(".tmp.npy"))
+    else:
+        raise AssertionError(kind)
+
+
+BAD_KINDS = {  # kind: words the message must hold besides the file name
+    "npy_int32": ["int32", "uint16"],
+    "npy_2d": ["2-D", "uint16"],
+    "npy_text": [],
+    "npy_empty": [],
+    "npy_truncated": [],
+    "npy_header_only": [],
+    "npy_is_npz": [],
+    "bin_magic": ["20240520"],
+    "bin_version_2": ["version 2"],
+    "bin_truncated": ["truncated"],
+    "bin_too_long": [],
+    "bin_header_short": [],
+    "bin_npy_inside": ["20240520"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_KINDS))
+def test_bad_shard_is_a_one_line_error_naming_the_file(tmp_path, kind):
+    ext = kind.split("_")[0]
+    make_dir(tmp_path, {"edufineweb_train_000000.npy": 3 * BT + 1})  # a good shard before it does not help
+    bad = tmp_path / f"edufineweb_train_000001.{ext}"
+    write_bad(bad, kind)
+    msg = bad_data_error(tmp_path)
+    assert str(bad) in msg
+    for words in BAD_KINDS[kind]:
+        assert words in msg, f"{words!r} not in {msg!r}"
+
+
+def test_bad_val_shard_is_found_when_the_val_loader_is_built(tmp_path):
+    make_dir(tmp_path, {"edufineweb_train_000000.npy": 3 * BT + 1})
+    bad = tmp_path / "edufineweb_val_000000.npy"
+    write_bad(bad, "npy_int32")
+    loader(tmp_path, "train")  # the train split does not read it
+    msg = bad_data_error(tmp_path, "val")
+    assert str(bad) in msg
+
+
+def test_token_id_out_of_vocab_is_raised_when_that_shard_is_first_read(tmp_path):
+    shards = make_dir(tmp_path, {"v_train_0.npy": 2 * BT + 1, "v_train_1.bin": 2 * BT + 1, "v_train_2.npy": BT + 1})
+    top_ok = int(shards["v_train_1.bin"].max())
+    vocab = top_ok + 1  # shards 0 and 1 fit exactly (max id == vocab_size - 1); shard 2 holds ids >= vocab_size
+    dl = loader(tmp_path, vocab_size=vocab)  # building the loader reads no tokens
+    got = read(dl, 4)  # shards 0 and 1 are fine
+    assert_same(got, sorted_stream(shards)[:4])
+    with pytest.raises(TrainError) as info:
+        dl.next_batch()
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "\n" not in msg
+    assert str(tmp_path / "v_train_2.npy") in msg
+    assert str(vocab) in msg
+
+
+def test_token_id_equal_to_vocab_size_late_in_a_shard_is_caught_on_its_first_batch(tmp_path):
+    # The offending id (== vocab_size, the smallest bad one) sits in the shard's last micro-batch: the check
+    # covers the whole shard, not just the slice the first batch reads.
+    tokens = np.arange(3 * BT + 1) % 50
+    tokens[-2] = 50
+    write_npy_shard(tmp_path / "w_train_0.npy", tokens)
+    dl = loader(tmp_path, vocab_size=50)
+    with pytest.raises(TrainError) as info:
+        dl.next_batch()
+    assert str(tmp_path / "w_train_0.npy") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_token_ids_below_vocab_are_accepted_on_every_read(tmp_path):
+    write_npy_shard(tmp_path / "u_train_0.npy", np.full(2 * BT + 1, 49))
+    dl = loader(tmp_path, vocab_size=50)
+    for x, y in read(dl, 5):
+        assert (x == 49).all() and (y == 49).all()

@@ -1,0 +1,286 @@
+"""The model: parity with Hugging Face's GPT-2, weight import/export, size, init, causality, loss,
+input checks, optimizer groups and the FLOPs count.
+
+No GPT-2 weights are reachable offline, so parity is checked against randomly initialised
+transformers.GPT2LMHeadModel models of the same shapes: what matters is that the architecture and
+the weight mapping (names, Conv1D transposes, tying) agree, which random weights test as well as
+OpenAI's would.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from train_gpt2 import GPT, GPTConfig
+
+TOL = 1e-4  # float32 logits
+
+
+def random_hf_model(folder, fmt="safetensors", **config_kwargs):
+    """A random GPT2LMHeadModel saved to `folder` in Hugging Face format; returns (hf_model, folder).
+
+    Every weight is perturbed away from HF's init (which has zero biases and unit LayerNorm gains),
+    so a dropped bias or LayerNorm parameter would show in the logits. fmt="bin" writes the older
+    pytorch_model.bin layout: transformers 5 ignores save_pretrained(safe_serialization=False) and
+    always writes model.safetensors, so the .bin is written with torch.save as older versions did.
+    """
+    torch.manual_seed(0)
+    vocab = config_kwargs.get("vocab_size", 50257)
+    config = GPT2Config(bos_token_id=vocab - 1, eos_token_id=vocab - 1, **config_kwargs)
+    hf = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # tied wte/lm_head is one parameter, perturbed once
+            p.add_(0.02 * torch.randn_like(p))
+    if fmt == "safetensors":
+        hf.save_pretrained(folder)
+        assert (folder / "model.safetensors").exists()
+    else:
+        config.save_pretrained(folder)
+        torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+        assert not (folder / "model.safetensors").exists()
+    return hf, folder
+
+
+def random_tokens(vocab_size, B=2, T=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (B, T), generator=g)
+
+
+@torch.no_grad()
+def assert_same_logits(ours, hf, idx, n_vocab=None):
+    """Our logits (first n_vocab columns) equal HF's to TOL, in float32 eval mode."""
+    ours.eval(), hf.eval()
+    logits, loss = ours(idx)
+    ref = hf(idx).logits
+    n_vocab = n_vocab or ref.size(-1)
+    assert loss is None
+    assert logits.dtype == ref.dtype == torch.float32
+    assert ref.shape == (*idx.shape, n_vocab)
+    diff = (logits[..., :n_vocab] - ref).abs().max().item()
+    assert diff < TOL, f"max |logits - HF logits| = {diff:.3g}"
+
+
+# -----------------------------------------------------------------------------
+# 1. Loading Hugging Face GPT-2 weights
+
+
+TINY_CONFIGS = {
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=1000),
+    "odd": dict(n_layer=3, n_head=3, n_embd=48, n_positions=37, vocab_size=777),
+}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("name", TINY_CONFIGS)
+def test_from_pretrained_matches_transformers_tiny(tmp_path, name, fmt):
+    kw = TINY_CONFIGS[name]
+    hf, folder = random_hf_model(tmp_path, fmt=fmt, **kw)
+    model = GPT.from_pretrained(str(folder))
+    assert model.config == GPTConfig(block_size=kw["n_positions"], vocab_size=kw["vocab_size"],
+                                     n_layer=kw["n_layer"], n_head=kw["n_head"], n_embd=kw["n_embd"])
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert_same_logits(model, hf, random_tokens(kw["vocab_size"], T=16))
+    # a full-length sequence, so every position embedding is used
+    assert_same_logits(model, hf, random_tokens(kw["vocab_size"], B=1, T=kw["n_positions"]))
+
+
+@pytest.mark.slow
+def test_from_pretrained_matches_transformers_124M(tmp_path):
+    """The full gpt2 (124M) shape: GPT2Config() defaults, 12 layers, 12 heads, 768 wide."""
+    hf, folder = random_hf_model(tmp_path)
+    model = GPT.from_pretrained(str(folder))
+    assert model.config == GPTConfig()
+    assert_same_logits(model, hf, random_tokens(50257))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_head,n_embd", [(16, 1024), (20, 1280), (25, 1600)],
+                         ids=["gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_from_pretrained_matches_transformers_larger_shapes(tmp_path, n_head, n_embd):
+    """The per-layer shapes of gpt2-medium, -large and -xl at their full vocab and context, with only
+    2 layers: depth is only a count of identical blocks, and full-depth xl (1.5B parameters, loaded
+    twice in float32) would need ~18 GB here."""
+    hf, folder = random_hf_model(tmp_path, n_layer=2, n_head=n_head, n_embd=n_embd)
+    model = GPT.from_pretrained(str(folder))
+    assert model.config == GPTConfig(n_layer=2, n_head=n_head, n_embd=n_embd)
+    assert_same_logits(model, hf, random_tokens(50257, T=24))
+
+
+@pytest.mark.parametrize("override", [dict(activation_function="relu"), dict(n_inner=100),
+                                      dict(scale_attn_by_inverse_layer_idx=True)],
+                         ids=lambda d: next(iter(d)))
+def test_from_pretrained_rejects_other_architectures(tmp_path, override):
+    random_hf_model(tmp_path, **TINY_CONFIGS["tiny"], **override)
+    with pytest.raises(ValueError, match=f"{next(iter(override))}=.*not the GPT-2 architecture"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# 2. Exporting to Hugging Face format
+
+
+def test_save_pretrained_drops_vocab_padding_and_round_trips(tmp_path):
+    """A model trained from scratch has its vocab padded to 50304 (a multiple of 128 for fast matmuls);
+    the export keeps GPT-2's 50257 real tokens, which transformers and from_pretrained both load."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50304, n_layer=2, n_head=4, n_embd=64, block_size=128)).eval()
+    model.save_pretrained(str(tmp_path))
+    assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
+
+    hf = GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
+    assert hf.config.vocab_size == 50257 and hf.config.n_positions == 128
+    idx = random_tokens(50257, T=64)
+    assert_same_logits(model, hf, idx, n_vocab=50257)
+
+    back = GPT.from_pretrained(str(tmp_path)).eval()
+    assert back.config == GPTConfig(vocab_size=50257, n_layer=2, n_head=4, n_embd=64, block_size=128)
+    with torch.no_grad():
+        diff = (back(idx)[0] - model(idx)[0][..., :50257]).abs().max().item()
+    assert diff < TOL
+
+
+def test_save_pretrained_small_vocab_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=1000, n_layer=2, n_head=4, n_embd=64, block_size=64)).eval()
+    model.save_pretrained(str(tmp_path))
+    hf = GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
+    assert hf.config.vocab_size == 1000
+    idx = random_tokens(1000, T=64)
+    assert_same_logits(model, hf, idx)
+    back = GPT.from_pretrained(str(tmp_path))
+    assert back.config == model.config
+    for (k, a), (k2, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+
+
+# -----------------------------------------------------------------------------
+# 3. Size and parameter names
+
+
+def test_124M_parameter_count_names_and_tying():
+    """Built on the meta device: the count and names do not depend on the values."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+        hf = GPT2LMHeadModel(GPT2Config())
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808  # tied wte/lm_head counted once
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert set(model.state_dict()) == set(hf.state_dict())
+    per_block = {f"{m}.{w}" for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+                 for w in ("weight", "bias")}
+    expected = ({"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+                 "transformer.ln_f.bias", "lm_head.weight"}
+                | {f"transformer.h.{i}.{k}" for i in range(12) for k in per_block})
+    assert set(model.state_dict()) == expected
+
+
+# -----------------------------------------------------------------------------
+# 4. Initialisation
+
+
+def test_init_distribution():
+    torch.manual_seed(0)
+    n_layer = 6
+    model = GPT(GPTConfig(vocab_size=4096, block_size=512, n_layer=n_layer, n_head=4, n_embd=256))
+    proj_std = 0.02 / math.sqrt(2 * n_layer)
+    checked = set()
+    for name, p in model.named_parameters():
+        p = p.detach()
+        if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), torch.nn.LayerNorm):
+            expected = torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)
+            assert torch.equal(p, expected), name
+        elif name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            std = proj_std if name.endswith("c_proj.weight") else 0.02
+            assert abs(p.mean().item()) < 0.05 * std, name
+            assert p.std().item() == pytest.approx(std, rel=0.03), name
+        checked.add(name)
+    assert len(checked) == 2 + 12 * n_layer + 2  # wte (= lm_head), wpe, blocks, ln_f
+
+
+# -----------------------------------------------------------------------------
+# 5-7. Forward: causality, outputs and loss, input checks
+
+
+@pytest.fixture
+def small_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=1000, block_size=32, n_layer=2, n_head=4, n_embd=64)).eval()
+
+
+@torch.no_grad()
+def test_causal(small_model):
+    idx = random_tokens(1000, T=32)
+    base = small_model(idx)[0]
+    for t in (0, 7, 31):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % 1000
+        logits = small_model(changed)[0]
+        assert torch.equal(logits[:, :t], base[:, :t]), f"changing token {t} changed earlier logits"
+        assert not torch.allclose(logits[:, t], base[:, t]), f"changing token {t} left its logits unchanged"
+
+
+def test_forward_outputs_and_loss(small_model):
+    idx, targets = random_tokens(1000, B=3, T=20), random_tokens(1000, B=3, T=20, seed=2)
+    logits, loss = small_model(idx)
+    assert loss is None
+    assert logits.shape == (3, 20, 1000)
+    logits2, loss = small_model(idx, targets)
+    assert torch.equal(logits, logits2)
+    assert loss.shape == ()
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 1000), targets.reshape(-1)))
+    # at init the predictions are near uniform
+    assert abs(loss.item() - math.log(1000)) < 0.5
+
+
+def test_initial_loss_padded_vocab():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50304, block_size=64, n_layer=2, n_head=4, n_embd=64))
+    _, loss = model(random_tokens(50257, T=64), random_tokens(50257, T=64, seed=2))
+    assert abs(loss.item() - math.log(50304)) < 0.5
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.zeros(1, 33, dtype=torch.long), "length 33 is longer than block_size 32"),
+    (torch.tensor([[1, 2, 1000]]), r"token ids must be in \[0, 1000\).*max 1000"),
+    (torch.tensor([[1, -1, 2]]), r"token ids must be in \[0, 1000\).*min -1"),
+], ids=["too-long", "id-too-big", "negative-id"])
+def test_bad_input_raises(small_model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        small_model(bad)
+
+
+# -----------------------------------------------------------------------------
+# 8. Optimizer
+
+
+def test_configure_optimizers(small_model):
+    opt = small_model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
+    assert isinstance(opt, torch.optim.AdamW)
+    seen = []
+    for group in opt.param_groups:
+        assert group["lr"] == 6e-4 and group["betas"] == (0.9, 0.95) and group["eps"] == 1e-8
+        assert not group.get("fused")
+        for p in group["params"]:
+            assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
+            seen.append(id(p))
+    assert sorted(seen) == sorted(id(p) for p in small_model.parameters())  # each exactly once
+    decayed = {n for n, p in small_model.named_parameters() if p.dim() >= 2}
+    assert decayed == {"transformer.wte.weight", "transformer.wpe.weight"} | {
+        f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+
+
+# -----------------------------------------------------------------------------
+# 9. FLOPs
+
+
+def test_flops_per_token_124M():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=50304))
+    n = 124_439_808 + (50304 - 50257) * 768 - 1024 * 768  # padded vocab, less wpe (a lookup)
+    expected = 6 * n + 12 * 12 * 1024 * 768
+    assert model.flops_per_token(1024) == expected
+    assert 0.84e9 < expected < 0.88e9

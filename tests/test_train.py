@@ -1,0 +1,318 @@
+"""The training loop as a user runs it: flags, gradient accumulation, DDP, checkpoints, resume, errors."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, read_log, run_train, shared_file, write_npy_shard
+from train_gpt2 import GPT, GPTConfig, TrainConfig, get_lr, main, parse_args
+
+# A tiny model on a 256-token vocabulary: each step takes milliseconds, so the tests exercise the real
+# loop (loader, accumulation, AdamW, checkpoints) rather than a toy copy of it.
+TINY = ["--n_layer", 2, "--n_head", 2, "--n_embd", 32, "--vocab_size", 256, "--block_size", 64, "--seq_len", 32,
+        "--micro_batch_size", 4, "--total_batch_size", 256, "--warmup_steps", 2, "--max_lr", 3e-3,
+        "--min_lr", 3e-4, "--eval_interval", 4, "--val_steps", 2]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Learnable synthetic tokens: a random 97-token motif repeated, with 10% of tokens replaced by noise."""
+    rng = np.random.default_rng(0)
+    d = tmp_path_factory.mktemp("synthetic")
+    motif = rng.integers(0, 256, 97)
+    for name, n in (("synth_val_000000.npy", 4000), ("synth_train_000001.npy", 12000), ("synth_train_000002.npy", 9000)):
+        tokens = np.resize(motif, n)
+        noise = rng.random(n) < 0.1
+        tokens[noise] = rng.integers(0, 256, noise.sum())
+        write_npy_shard(d / name, tokens)
+    return d
+
+
+def train(data, log_dir, *args, **kwargs):
+    return run_train("--data_dir", data, "--log_dir", log_dir, *TINY, *args, **kwargs)
+
+
+def resume(log_dir, *args, **kwargs):
+    """`--init_from resume`: every other flag comes from the checkpoint unless given again."""
+    return run_train("--log_dir", log_dir, "--init_from", "resume", *args, **kwargs)
+
+
+def run_main(capsys, *argv):
+    """main() in-process, for errors: returns (exit code, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    return e.value.code, capsys.readouterr().err
+
+
+# --- flags -------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_gpt2_124m_recipe():
+    cfg, given = parse_args([])
+    assert given == {}
+    assert (cfg.micro_batch_size, cfg.seq_len, cfg.total_batch_size, cfg.max_steps, cfg.warmup_steps) == \
+        (64, 1024, 524288, 19073, 715)
+    assert (cfg.max_lr, cfg.min_lr, cfg.weight_decay, cfg.grad_clip) == (6e-4, 6e-5, 0.1, 1.0)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size) == (12, 12, 768, 50304)
+    assert (cfg.data_dir, cfg.log_dir, cfg.init_from, cfg.device, cfg.dtype, cfg.compile, cfg.seed) == \
+        ("edu_fineweb10B", "log", "scratch", "auto", "auto", "auto", 1337)
+    assert (cfg.eval_interval, cfg.val_steps, cfg.ckpt_interval, cfg.keep_last) == (250, 20, 5000, 3)
+
+
+def test_flag_syntax_and_booleans():
+    cfg, given = parse_args(["--max_steps=7", "--max_lr", "1e-3", "--shuffle=true", "--init_from", "gpt2"])
+    assert (cfg.max_steps, cfg.max_lr, cfg.shuffle, cfg.init_from) == (7, 1e-3, True, "gpt2")
+    assert given == {"max_steps": 7, "max_lr": 1e-3, "shuffle": True, "init_from": "gpt2"}
+    for text, value in (("1", True), ("0", False), ("false", False), ("True", True)):
+        assert parse_args(["--shuffle", text])[0].shuffle is value
+    with pytest.raises(SystemExit):
+        parse_args(["--shuffle", "maybe"])
+
+
+def test_help_lists_every_flag():
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name}" in out.stdout
+
+
+def test_import_has_no_side_effects():
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['x', '--bogus']; import train_gpt2"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--init_from", "gpt3"], "--init_from"),
+    (["--max_steps", "0"], "--max_steps"),
+    (["--micro_batch_size", "-1"], "--micro_batch_size"),
+    (["--total_batch_size", "0"], "--total_batch_size"),
+    (["--min_lr", "1e-3", "--max_lr", "6e-4"], "--min_lr"),
+    (["--seq_len", "128", "--total_batch_size", "512"], "--seq_len"),
+    (["--total_batch_size", "1000"], "--total_batch_size"),
+    (["--n_embd", "30", "--n_head", "4"], "--n_embd"),
+    (["--device", "tpu"], "--device"),
+    (["--dtype", "float16"], "--dtype"),
+    (["--compile", "maybe"], "--compile"),
+    (["--max_stepz", "3"], "--max_stepz"),
+    (["--max_steps", "ten"], "--max_steps"),
+])
+def test_bad_flags_are_one_line_errors(capsys, data, tmp_path, argv, flag):
+    tiny = [a for a in map(str, TINY)]
+    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *tiny, *argv)
+    assert code != 0
+    assert flag in err and "Traceback" not in err
+    assert err.strip().count("\n") == 0, err
+
+
+def test_errors_from_torchrun_are_one_line_and_nonzero(data, tmp_path):
+    proc = train(data, tmp_path, "--min_lr", 1.0, nproc=1, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "train_gpt2.py: error: --min_lr 1.0: must be <= --max_lr 0.003"
+
+
+# --- schedule, accumulation, DDP ----------------------------------------------------------------------
+
+
+def test_lr_schedule():
+    cfg = TrainConfig()
+    assert get_lr(0, cfg) == pytest.approx(6e-4 / 715)
+    assert get_lr(714, cfg) == pytest.approx(6e-4)
+    assert get_lr(715, cfg) == pytest.approx(6e-4)
+    assert get_lr(715 + (19073 - 715) // 2, cfg) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-3)
+    assert get_lr(19073, cfg) == pytest.approx(6e-5)
+    assert get_lr(10**6, cfg) == pytest.approx(6e-5)
+    lrs = [get_lr(s, cfg) for s in range(715, 19073)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay after warmup
+
+
+def test_grad_accumulation_equals_one_big_batch(data, tmp_path):
+    train(data, tmp_path / "accum", "--max_steps", 6, "--micro_batch_size", 2, "--total_batch_size", 256)  # 4 micro-steps
+    train(data, tmp_path / "big", "--max_steps", 6, "--micro_batch_size", 8, "--total_batch_size", 256)
+    a, b = read_log(tmp_path / "accum"), read_log(tmp_path / "big")
+    assert len(a["train"]) == 6
+    for step in a["train"]:
+        assert a["train"][step] == pytest.approx(b["train"][step], abs=2e-5)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process(data, tmp_path):
+    """2 gloo ranks accumulating 2 micro-batches each == 1 process accumulating 4, step for step; and the
+    2-rank checkpoint resumes on 1 process with the same token stream."""
+    common = ["--max_steps", 6, "--ckpt_interval", 3, "--micro_batch_size", 2, "--total_batch_size", 256]
+    train(data, tmp_path / "ddp", *common, nproc=2)
+    train(data, tmp_path / "single", *common)
+    ddp, single = read_log(tmp_path / "ddp"), read_log(tmp_path / "single")
+    assert sorted(ddp["train"]) == list(range(6))
+    for step in range(6):
+        assert ddp["train"][step] == pytest.approx(single["train"][step], abs=2e-5)
+    a = torch.load(tmp_path / "ddp" / "model_00006.pt", weights_only=True)
+    b = torch.load(tmp_path / "single" / "model_00006.pt", weights_only=True)
+    assert a["loader_positions"] == [24, 25] and b["loader_positions"] == [24]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
+
+    os.remove(tmp_path / "ddp" / "model_00006.pt")
+    resume(tmp_path / "ddp")
+    resumed = read_log(tmp_path / "ddp")
+    for step in range(3, 6):
+        assert resumed["train"][step] == pytest.approx(single["train"][step], abs=2e-5)
+
+
+# --- checkpoints and resume ----------------------------------------------------------------------------
+
+
+def test_checkpoints_are_safe_and_complete(data, tmp_path):
+    train(data, tmp_path, "--max_steps", 9, "--ckpt_interval", 2, "--keep_last", 2)
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00008.pt", "model_00009.pt"]
+    ckpt = torch.load(tmp_path / "model_00009.pt", weights_only=True)  # no pickled classes
+    assert ckpt["step"] == 9 and ckpt["config"]["max_steps"] == 9
+    assert ckpt["model_config"] == {"block_size": 64, "vocab_size": 256, "n_layer": 2, "n_head": 2, "n_embd": 32}
+    assert ckpt["loader_positions"] == [9 * 2]  # 9 steps x 2 micro-batches read
+    assert set(ckpt["rng_states"][0]) == {"cpu", "cuda"}
+    assert len(ckpt["optimizer"]["state"]) > 0
+    # The final checkpoint is the model after the last update: its val loss is that of the weights it holds.
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    val = np.load(data / "synth_val_000000.npy").astype(np.int64)
+    with torch.no_grad():
+        losses = [model(torch.from_numpy(val[i * 128: (i + 1) * 128]).view(4, 32),
+                        torch.from_numpy(val[i * 128 + 1: (i + 1) * 128 + 1]).view(4, 32))[1] for i in range(2)]
+    assert ckpt["val_loss"] == pytest.approx(sum(losses).item() / 2, abs=1e-5)
+    assert read_log(tmp_path)["val"][9] == pytest.approx(ckpt["val_loss"], abs=1e-4)
+
+
+def test_resume_after_crash_equals_uninterrupted_run(data, tmp_path):
+    """A 12-step run, and the same run crashed after its step-6 checkpoint and resumed: identical losses
+    (float32, no compile), and the lines the crashed run logged after its checkpoint are replaced."""
+    args = ["--max_steps", 12, "--ckpt_interval", 6]
+    train(data, tmp_path / "full", *args)
+    train(data, tmp_path / "crashed", *args)
+    os.remove(tmp_path / "crashed" / "model_00012.pt")  # as if it died before step 12
+    proc = resume(tmp_path / "crashed")
+    assert "resuming from" in proc.stdout and "model_00006.pt at step 6" in proc.stdout
+    with open(tmp_path / "full" / "log.txt") as f, open(tmp_path / "crashed" / "log.txt") as g:
+        assert f.read() == g.read()
+    a = torch.load(tmp_path / "full" / "model_00012.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "crashed" / "model_00012.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_n_steps_then_n_more_equals_2n_steps(data, tmp_path):
+    """The literal user story: run N steps, then `--init_from resume --max_steps 2N`. The LR is constant
+    here so that the first run's shorter schedule is the same schedule."""
+    const = ["--warmup_steps", 0, "--min_lr", 3e-3]
+    train(data, tmp_path / "full", *const, "--max_steps", 10)
+    train(data, tmp_path / "parts", *const, "--max_steps", 5)
+    resume(tmp_path / "parts", "--max_steps", 10)
+    full, parts = read_log(tmp_path / "full"), read_log(tmp_path / "parts")
+    assert full["train"] == parts["train"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_writes_checkpoint_and_resume_continues(data, tmp_path, sig):
+    """Preemption or Ctrl-C: the step finishes, a checkpoint is written, exit 0; resuming then gives
+    exactly the losses of a run that was never interrupted."""
+    args = ["--data_dir", data, *TINY, "--max_steps", 60, "--ckpt_interval", 1000]
+    proc = subprocess.Popen([sys.executable, "train_gpt2.py", "--log_dir", tmp_path / "run", *map(str, args)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log_file = tmp_path / "run" / "log.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log_file.exists() and log_file.read_text().count("train") >= 3):
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    ckpts = [n for n in os.listdir(tmp_path / "run") if n.endswith(".pt")]
+    assert len(ckpts) == 1
+    step = int(ckpts[0][6:11])
+    assert 3 <= step < 60
+    assert sorted(read_log(tmp_path / "run")["train"]) == list(range(step))
+
+    resume(tmp_path / "run")
+    run_train("--log_dir", tmp_path / "full", *args)
+    assert read_log(tmp_path / "run")["train"] == read_log(tmp_path / "full")["train"]
+
+
+def test_diverged_run_stops_without_touching_the_good_checkpoint(data, tmp_path):
+    train(data, tmp_path, "--max_steps", 4, "--ckpt_interval", 2)
+    good = (tmp_path / "model_00004.pt").read_bytes()
+    # An absurd learning rate blows the weights up to inf on the first resumed update.
+    proc = resume(tmp_path, "--max_steps", 8, "--max_lr", 1e30, "--min_lr", 0, "--ckpt_interval", 1,
+                  "--eval_interval", 1, check=False)
+    assert proc.returncode == 1
+    assert "diverged" in proc.stderr and "model_00004.pt" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt")) == ["model_00002.pt", "model_00004.pt"]
+    assert (tmp_path / "model_00004.pt").read_bytes() == good
+
+
+def test_resume_errors(capsys, data, tmp_path):
+    base = ["--data_dir", data, "--log_dir", tmp_path]
+    code, err = run_main(capsys, *base, "--init_from", "resume")
+    assert code == 1 and "no model_NNNNN.pt checkpoint" in err
+
+    train(data, tmp_path, "--max_steps", 2)
+    code, err = run_main(capsys, *base, "--init_from", "resume", "--n_layer", 4)
+    assert code == 1 and "--n_layer 4 contradicts" in err and "n_layer 2" in err
+
+    code, err = run_main(capsys, *base, *map(str, TINY), "--max_steps", 2)
+    assert code == 1 and "already holds checkpoints" in err and "--init_from resume" in err
+
+    path = tmp_path / "model_00002.pt"
+    path.write_bytes(path.read_bytes()[:5000])  # truncated, as by a full disk
+    code, err = run_main(capsys, *base, "--init_from", "resume")
+    assert code == 1 and str(path) in err and "corrupt or truncated" in err
+    assert err.strip().count("\n") == 0
+
+
+# --- fine-tuning and the end-to-end run on real text ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A random GPT-2 (small, GPT-2's vocabulary) saved as a Hugging Face folder, standing in for `gpt2`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("hf_gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128)).save_pretrained(d)
+    return d
+
+
+def test_finetune_from_hugging_face_folder(shakespeare_shards, hf_folder, tmp_path):
+    from transformers import GPT2LMHeadModel
+    train_args = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path, "--init_from", hf_folder,
+                  "--micro_batch_size", 4, "--seq_len", 64, "--total_batch_size", 256, "--max_steps", 3,
+                  "--warmup_steps", 1, "--max_lr", 1e-4, "--min_lr", 1e-5, "--eval_interval", 3, "--val_steps", 2]
+    run_train(*train_args)
+    ckpt = torch.load(tmp_path / "model_00003.pt", weights_only=True)
+    assert ckpt["model_config"] == {"block_size": 128, "vocab_size": 50257, "n_layer": 2, "n_head": 2, "n_embd": 64}
+    # The step-0 val loss is the Hugging Face model's own loss on the same two val micro-batches.
+    hf = GPT2LMHeadModel.from_pretrained(hf_folder).eval()
+    val = np.load(shakespeare_shards / "shakespeare_val_000000.npy").astype(np.int64)
+    with torch.no_grad():
+        losses = []
+        for i in range(2):
+            x, y = (torch.from_numpy(val[i * 256 + j: (i + 1) * 256 + j]) for j in (0, 1))
+            logits = hf(x.view(4, 64)).logits
+            losses.append(torch.nn.functional.cross_entropy(logits.view(-1, 50257), y).item())
+        expected = sum(losses) / 2
+    assert read_log(tmp_path)["val"][0] == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_end_to_end_on_tiny_shakespeare(shakespeare_shards, tmp_path):
+    """Train a small GPT from scratch on Tiny Shakespeare for a few hundred CPU steps: val loss starts at
+    ln(50257) ~ 10.8 and must fall far below it."""
+    proc = run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, "--n_layer", 2, "--n_head", 4,
+                     "--n_embd", 128, "--block_size", 64, "--seq_len", 64, "--micro_batch_size", 8,
+                     "--total_batch_size", 512, "--max_steps", 300, "--warmup_steps", 20, "--max_lr", 3e-3,
+                     "--min_lr", 3e-4, "--eval_interval", 100, "--val_steps", 8)
+    val = read_log(tmp_path)["val"]
+    assert val[0] == pytest.approx(math.log(50257), abs=0.3)
+    assert val[100] > val[300] and val[300] < 6.5, proc.stdout[-2000:]
