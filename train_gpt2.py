@@ -225,8 +225,11 @@ def open_shard(path):
         return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * LLMC_HEADER_INTS, shape=(n_tokens,))
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise TrainError(f"{path}: not a readable .npy token shard ({e})") from None
+    if not isinstance(tokens, np.ndarray):  # an .npz archive under an .npy name
+        tokens.close()
+        raise TrainError(f"{path}: an .npz archive, expected a .npy token shard")
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise TrainError(f"{path}: holds a {tokens.ndim}-D {tokens.dtype} array, expected 1-D uint16 tokens "
                          f"(np.save of a uint16 array, as fineweb.py writes)")

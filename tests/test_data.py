@@ -307,7 +307,7 @@ def test_shuffle_is_deterministic_from_the_seed(tmp_path):
     assert any(not np.array_equal(x, ox) for (x, _), (ox, _) in zip(a, other)), "seeds 7 and 8 gave the same order"
 
 
-def test_shuffle_without_flag_keeps_sorted_order_every_epoch(tmp_path):
+def test_shuffle_is_off_by_default_so_val_keeps_sorted_order_every_epoch(tmp_path):
     # The trainer builds the val loader with the default shuffle=False: its order never changes.
     shards = make_dir(tmp_path, {k.replace("train", "val"): v for k, v in EIGHT_SHARDS.items()})
     want = sorted_stream(shards)
