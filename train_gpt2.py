@@ -162,10 +162,11 @@ class GPT(nn.Module):
         print0(f"loading GPT-2 weights from {name_or_dir}")
         hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
         c = hf.config
-        unsupported = {"activation_function": (c.activation_function, ("gelu_new", "gelu_pytorch_tanh")),
-                       "n_inner": (c.n_inner, (None, 4 * c.n_embd)),
-                       "scale_attn_by_inverse_layer_idx": (c.scale_attn_by_inverse_layer_idx, (False,))}
-        for key, (value, allowed) in unsupported.items():
+        architecture = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "n_inner": (None, 4 * c.n_embd),
+                        "layer_norm_epsilon": (1e-5,), "scale_attn_weights": (True,),
+                        "scale_attn_by_inverse_layer_idx": (False,), "tie_word_embeddings": (True,)}
+        for key, allowed in architecture.items():
+            value = getattr(c, key)
             if value not in allowed:
                 raise ValueError(f"{name_or_dir}: {key}={value} is not the GPT-2 architecture this model implements")
         model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
@@ -184,8 +185,10 @@ class GPT(nn.Module):
         from transformers import GPT2Config, GPT2LMHeadModel
         c = self.config
         vocab_size = min(c.vocab_size, GPT2_VOCAB_SIZE)
+        eot = GPT2_VOCAB_SIZE - 1 if vocab_size == GPT2_VOCAB_SIZE else None  # <|endoftext|>, if the vocab has it
         hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-                                        n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new"))
+                                        n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
+                                        bos_token_id=eot, eos_token_id=eot))
         sd = {k: (w.t() if k.endswith(self.CONV1D_WEIGHTS) else w) for k, w in self.state_dict().items()}
         for k in ("transformer.wte.weight", "lm_head.weight"):
             sd[k] = sd[k][:vocab_size]

@@ -56,7 +56,8 @@ def random_tokens(vocab_size, B=2, T=32, seed=1):
 @torch.no_grad()
 def assert_same_logits(ours, hf, idx, n_vocab=None):
     """Our logits (first n_vocab columns) equal HF's to TOL, in float32 eval mode."""
-    ours.eval(), hf.eval()
+    ours.eval()
+    hf.eval()
     logits, loss = ours(idx)
     ref = hf(idx).logits
     n_vocab = n_vocab or ref.size(-1)
@@ -113,13 +114,24 @@ def test_from_pretrained_matches_transformers_larger_shapes(tmp_path, n_head, n_
     assert_same_logits(model, hf, random_tokens(50257, T=24))
 
 
-@pytest.mark.parametrize("override", [dict(activation_function="relu"), dict(n_inner=100),
-                                      dict(scale_attn_by_inverse_layer_idx=True)],
-                         ids=lambda d: next(iter(d)))
-def test_from_pretrained_rejects_other_architectures(tmp_path, override):
-    random_hf_model(tmp_path, **TINY_CONFIGS["tiny"], **override)
-    with pytest.raises(ValueError, match=f"{next(iter(override))}=.*not the GPT-2 architecture"):
-        GPT.from_pretrained(str(tmp_path))
+@pytest.mark.parametrize("override", [
+    dict(activation_function="relu"),
+    dict(n_inner=100),
+    dict(scale_attn_by_inverse_layer_idx=True),
+    dict(layer_norm_epsilon=1e-2),
+    dict(scale_attn_weights=False),
+    dict(tie_word_embeddings=False),
+], ids=lambda d: next(iter(d)))
+def test_from_pretrained_never_loads_a_different_model(tmp_path, override):
+    """A GPT-2 config this model cannot reproduce is rejected with a ValueError naming the setting;
+    if one is supported instead, its logits match transformers'. Never a silently different model."""
+    hf, folder = random_hf_model(tmp_path, **TINY_CONFIGS["tiny"], **override)
+    try:
+        model = GPT.from_pretrained(str(folder))
+    except ValueError as e:
+        assert next(iter(override)) in str(e)
+        return
+    assert_same_logits(model, hf, random_tokens(1000, T=16))
 
 
 # -----------------------------------------------------------------------------
@@ -278,8 +290,9 @@ def test_configure_optimizers(small_model):
             seen.append(id(p))
     assert sorted(seen) == sorted(id(p) for p in small_model.parameters())  # each exactly once
     decayed = {n for n, p in small_model.named_parameters() if p.dim() >= 2}
-    assert decayed == {"transformer.wte.weight", "transformer.wpe.weight"} | {
-        f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    matmuls = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert decayed == ({"transformer.wte.weight", "transformer.wpe.weight"}
+                       | {f"transformer.h.{i}.{m}.weight" for i in range(2) for m in matmuls})
 
 
 # -----------------------------------------------------------------------------
