@@ -1,0 +1,394 @@
+"""Tokenize a corpus with GPT-2's BPE into uint16 token shards for train_gpt2.py.
+
+    python fineweb.py                                  # FineWeb-Edu sample-10BT -> edu_fineweb10B/
+    python fineweb.py --preset shakespeare             # Tiny Shakespeare -> shakespeare/
+    python fineweb.py --input my_texts/ --out_dir my_tokens --val_tokens 1000000
+
+Every document becomes <|endoftext|> followed by its tokens; the documents, in order, form one token
+stream. Its first val_tokens tokens are the val shard ({prefix}_val_000000), the rest is cut into
+shard_size-token train shards ({prefix}_train_000001, ...). Shards are written under a temporary name
+and renamed when complete, and manifest.json records each one, so an interrupted run picks up where it
+stopped and produces the same bytes as an uninterrupted one.
+"""
+
+import argparse
+import collections
+import dataclasses
+import glob
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from train_gpt2 import OneLineParser, TrainError, open_shard, parse_bool
+
+EOT = 50256  # <|endoftext|>, GPT-2's document separator
+MIN_TRAIN_TOKENS = 64 * 1024 + 1  # one micro-batch of train_gpt2.py's defaults (64 x 1024, +1 for the targets)
+DOCS_PER_TASK = 256  # documents a worker tokenizes per task: big enough to amortise the IPC, small enough to balance
+READERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # datasets' builders
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+PRESETS = {
+    "fineweb-edu-10B": dict(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", out_dir="edu_fineweb10B",
+                            prefix="edufineweb"),
+    "fineweb-edu-100B": dict(dataset="HuggingFaceFW/fineweb-edu", name="sample-100BT", out_dir="edu_fineweb100B",
+                             prefix="edufineweb"),
+    "fineweb-10B": dict(dataset="HuggingFaceFW/fineweb", name="sample-10BT", out_dir="fineweb10B", prefix="fineweb"),
+    "openwebtext": dict(dataset="Skylion007/openwebtext", name="", out_dir="openwebtext", prefix="openwebtext"),
+    # 338K tokens: the first ~10% are the val split, as in nanoGPT's Shakespeare recipes
+    "shakespeare": dict(input=[SHAKESPEARE_URL], out_dir="shakespeare", prefix="shakespeare", val_tokens=34_000),
+}
+
+
+class FinewebError(Exception):
+    """Bad input or flags: main() prints it as one line and exits 1."""
+
+
+@dataclass
+class FinewebConfig:
+    preset: str = dataclasses.field(default="fineweb-edu-10B", metadata={"help": "defaults for a corpus: " + ", ".join(PRESETS)})
+    dataset: str = dataclasses.field(default="HuggingFaceFW/fineweb-edu", metadata={"help": "Hugging Face dataset (Hub id or local folder)"})
+    name: str = dataclasses.field(default="sample-10BT", metadata={"help": "the dataset's config, e.g. sample-100BT"})
+    split: str = dataclasses.field(default="train", metadata={"help": "the dataset split to read"})
+    text_column: str = dataclasses.field(default="text", metadata={"help": "column holding the documents"})
+    input: list = dataclasses.field(default_factory=list, metadata={"help": "local files, globs or folders (.txt = one document per file, .jsonl/.json, .parquet) instead of --dataset"})
+    out_dir: str = dataclasses.field(default="edu_fineweb10B", metadata={"help": "folder for the shards and manifest.json"})
+    prefix: str = dataclasses.field(default="edufineweb", metadata={"help": "shard names: {prefix}_{val|train}_{index:06d}.npy"})
+    shard_size: int = dataclasses.field(default=100_000_000, metadata={"help": "tokens per train shard"})
+    val_tokens: int = dataclasses.field(default=0, metadata={"help": "tokens in the val shard (0 = shard_size)"})
+    num_proc: int = dataclasses.field(default=0, metadata={"help": "tokenizer processes (0 = all cores)"})
+    format: str = dataclasses.field(default="npy", metadata={"help": "npy (np.save of uint16) or bin (llm.c: 256-int32 header + uint16)"})
+    streaming: bool = dataclasses.field(default=False, metadata={"help": "tokenize while downloading, without caching the dataset on disk first"})
+
+
+def parse_args(argv=None):
+    """Flags from FinewebConfig's fields; the preset supplies every value not given on the command line."""
+    parser = OneLineParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(FinewebConfig):
+        kind = {bool: dict(type=parse_bool), list: dict(nargs="+")}.get(f.type, dict(type=f.type))
+        parser.add_argument(f"--{f.name}", help=f.metadata["help"], **kind)
+    given = vars(parser.parse_args(argv))
+    preset = given.get("preset", FinewebConfig.preset)
+    if preset not in PRESETS:
+        parser.error(f"--preset {preset}: expected one of {', '.join(PRESETS)}")
+    defaults = PRESETS[preset]
+    if "input" in given and "preset" not in given:
+        defaults = dict(out_dir="data", prefix="data")  # local files: nothing of the default preset applies
+    cfg = FinewebConfig(**{**defaults, **given})
+    if cfg.val_tokens == 0:
+        cfg.val_tokens = cfg.shard_size
+    if cfg.num_proc == 0:
+        cfg.num_proc = os.cpu_count()
+    for flag in ("shard_size", "val_tokens", "num_proc"):
+        if getattr(cfg, flag) < 1:
+            parser.error(f"--{flag} {getattr(cfg, flag)}: must be a positive integer")
+    if cfg.format not in ("npy", "bin"):
+        parser.error(f"--format {cfg.format}: expected npy or bin")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Reading the corpus: a Hugging Face dataset, or local files through datasets' own readers
+
+
+def input_files(patterns):
+    """The files named by --input (files, globs, folders, or URLs), in order, each once."""
+    files = []
+    for pattern in patterns:
+        if pattern.startswith(("http://", "https://")):
+            files.append(pattern)
+            continue
+        if os.path.isdir(pattern):
+            found = sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+                           if os.path.splitext(p)[1] in READERS)
+        else:
+            found = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+        if not found:
+            raise FinewebError(f"--input {pattern}: no such file, or no .txt/.jsonl/.json/.parquet files in it")
+        for p in found:
+            if os.path.splitext(p)[1] not in READERS:
+                raise FinewebError(f"--input {p}: cannot read {os.path.splitext(p)[1] or 'extensionless'} files; "
+                                   f"expected .txt (one document per file), .jsonl/.json or .parquet")
+        files += [p for p in found if p not in files]
+    return files
+
+
+def describe_source(cfg):
+    """What the shards are made of, for manifest.json: a rerun must read the same thing to resume."""
+    source = dict(split=cfg.split, text_column=cfg.text_column)
+    if cfg.input:
+        source["input"] = [[f, None if "://" in f else os.path.getsize(f)] for f in input_files(cfg.input)]
+    else:
+        source.update(dataset=cfg.dataset, name=cfg.name)
+    return source
+
+
+def load_corpus(cfg):
+    """The documents as a datasets.Dataset (random access) or, with --streaming, an IterableDataset."""
+    import datasets
+    try:
+        if cfg.input:
+            files = input_files(cfg.input)
+            parts, start = [], 0
+            while start < len(files):  # runs of files of one type, keeping the order the user gave
+                reader = READERS[os.path.splitext(files[start])[1]]
+                end = start + 1
+                while end < len(files) and READERS[os.path.splitext(files[end])[1]] == reader:
+                    end += 1
+                kwargs = dict(sample_by="document") if reader == "text" else {}
+                parts.append(datasets.load_dataset(reader, data_files=files[start:end], split="train",
+                                                   streaming=cfg.streaming, **kwargs))
+                start = end
+            ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+            where = "--input"
+        else:
+            ds = datasets.load_dataset(cfg.dataset, name=cfg.name or None, split=cfg.split, streaming=cfg.streaming)
+            where = f"--dataset {cfg.dataset}"
+    except Exception as e:  # network, missing files, unreadable data: datasets says what
+        raise FinewebError(f"cannot load {', '.join(cfg.input) or cfg.dataset}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
+    if cfg.text_column not in columns:
+        raise FinewebError(f"{where} has no column {cfg.text_column!r} (columns: {', '.join(columns)}); "
+                           f"name the text column with --text_column")
+    return ds.select_columns([cfg.text_column])
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing: worker processes turn batches of documents into one uint16 array each
+
+_worker = {}
+
+
+def init_worker(ds, text_column):
+    import tiktoken
+    _worker.update(enc=tiktoken.get_encoding("gpt2"), ds=ds, text_column=text_column)
+
+
+def tokenize_texts(texts):
+    """(tokens, lengths): each document as EOT + its tokens, concatenated, and each one's token count."""
+    enc, tokens, lengths = _worker["enc"], [], []
+    for text in texts:
+        ids = enc.encode_ordinary(text)
+        tokens.append(EOT)
+        tokens += ids
+        lengths.append(len(ids) + 1)
+    return np.array(tokens, dtype=np.uint16), np.array(lengths, dtype=np.int64)
+
+
+def tokenize_rows(rows):
+    """Tokenize dataset rows [start, end): the worker reads them itself, so only tokens cross processes."""
+    start, end = rows
+    return tokenize_texts(_worker["ds"][start:end][_worker["text_column"]])
+
+
+def ordered_imap(pool, fn, tasks, window):
+    """pool.imap, but with at most `window` tasks in flight, so memory stays bounded on any corpus size."""
+    pending = collections.deque()
+    for task in tasks:
+        pending.append(pool.apply_async(fn, (task,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def batches(ds, first_doc, text_column, streaming):
+    """Tasks from document first_doc on: row ranges of a Dataset, or lists of texts of a stream."""
+    if not streaming:
+        for start in range(first_doc, len(ds), DOCS_PER_TASK):
+            yield start, min(start + DOCS_PER_TASK, len(ds))
+        return
+    texts = []
+    for row in ds.skip(first_doc):
+        texts.append(row[text_column])
+        if len(texts) == DOCS_PER_TASK:
+            yield texts
+            texts = []
+    if texts:
+        yield texts
+
+
+# -----------------------------------------------------------------------------
+# Writing: cut the token stream into shards, each written atomically and recorded in the manifest
+
+
+def write_shard(path, tokens, fmt):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        if fmt == "bin":
+            header = np.zeros(256, dtype=np.int32)
+            header[:3] = (20240520, 1, len(tokens))  # llm.c: magic, version, token count
+            f.write(header.tobytes())
+            f.write(tokens.tobytes())
+        else:
+            np.save(f, tokens)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def shard_ok(path, n_tokens):
+    try:
+        return len(open_shard(path)) == n_tokens
+    except (TrainError, OSError):
+        return False
+
+
+class ShardWriter:
+    """Fills one shard buffer from the token stream; a full buffer becomes the next shard. Until the
+    corpus has shown it holds the val shard plus one training micro-batch, shards wait under their
+    temporary names, so a corpus too small to train on leaves nothing behind."""
+
+    def __init__(self, cfg, manifest):
+        self.cfg, self.manifest = cfg, manifest
+        self.buf = np.empty(max(cfg.shard_size, cfg.val_tokens), dtype=np.uint16)
+        self.fill = 0
+        self.pending = []  # (temporary path, manifest entry) of shards written but not yet renamed
+        self.train_tokens = 0
+        self.big_enough = bool(manifest["shards"])
+
+    def index(self):
+        return len(self.manifest["shards"]) + len(self.pending)
+
+    def add(self, tokens, lengths, first_doc, skip):
+        """Append documents first_doc, first_doc+1, ... (their tokens from `skip` on)."""
+        pos = skip
+        while pos < len(tokens):
+            capacity = self.cfg.val_tokens if self.index() == 0 else self.cfg.shard_size
+            take = min(capacity - self.fill, len(tokens) - pos)
+            self.buf[self.fill: self.fill + take] = tokens[pos: pos + take]
+            self.fill += take
+            pos += take
+            if self.index() > 0:
+                self.train_tokens += take
+                self.big_enough |= self.train_tokens >= MIN_TRAIN_TOKENS
+            if self.fill == capacity:
+                ends = np.cumsum(lengths)
+                done = int(np.searchsorted(ends, pos, side="right"))  # documents wholly in this shard or before
+                self.flush(first_doc + done, pos - (int(ends[done - 1]) if done else 0))
+            if self.big_enough:
+                self.finalize()
+
+    def flush(self, next_doc, skip_tokens):
+        """Write the buffer as the next shard; the stream continues at token skip_tokens of next_doc."""
+        split = "val" if self.index() == 0 else "train"
+        name = f"{self.cfg.prefix}_{split}_{self.index():06d}.{self.cfg.format}"
+        tmp = write_shard(os.path.join(self.cfg.out_dir, name), self.buf[:self.fill], self.cfg.format)
+        self.pending.append((tmp, dict(name=name, split=split, tokens=self.fill, next_doc=next_doc,
+                                       skip_tokens=skip_tokens)))
+        self.fill = 0
+
+    def finalize(self):
+        """Rename the pending shards to their final names, recording each in the manifest."""
+        for tmp, entry in self.pending:
+            os.replace(tmp, tmp[:-len(".tmp")])
+            self.manifest["shards"].append(entry)
+            save_manifest(self.cfg.out_dir, self.manifest)
+        self.pending = []
+
+    def finish(self, n_docs):
+        """The stream ended after n_docs documents: write the last, partial shard and mark the run done."""
+        if not self.big_enough:
+            total = self.fill + sum(entry["tokens"] for _, entry in self.pending)
+            for tmp, _ in self.pending:
+                os.remove(tmp)
+            raise FinewebError(f"the corpus has {total:,} tokens, fewer than --val_tokens {self.cfg.val_tokens:,} plus "
+                               f"one training micro-batch ({MIN_TRAIN_TOKENS:,} tokens); lower --val_tokens or add text")
+        if self.fill:
+            self.flush(n_docs, 0)
+        self.finalize()
+        self.manifest.update(docs=n_docs, done=True)
+        save_manifest(self.cfg.out_dir, self.manifest)
+
+
+def save_manifest(out_dir, manifest):
+    tmp = os.path.join(out_dir, "manifest.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "manifest.json"))
+
+
+def open_manifest(cfg, source):
+    """manifest.json of out_dir, its verified shards only; a fresh one for a new out_dir."""
+    settings = dict(source=source, tokenizer=f"tiktoken gpt2, <|endoftext|> ({EOT}) before every document",
+                    format=cfg.format, prefix=cfg.prefix, shard_size=cfg.shard_size, val_tokens=cfg.val_tokens)
+    path = os.path.join(cfg.out_dir, "manifest.json")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if not os.path.exists(path):
+        shards = [n for n in os.listdir(cfg.out_dir) if n.endswith((".npy", ".bin"))]
+        if shards:
+            raise FinewebError(f"--out_dir {cfg.out_dir} holds shards ({shards[0]}, ...) but no manifest.json, so they "
+                               f"are not this run's; choose another --out_dir or empty it")
+        return dict(settings, shards=[], docs=None, done=False)
+    with open(path) as f:
+        manifest = json.load(f)
+    for key, value in settings.items():
+        if manifest.get(key) != value:
+            raise FinewebError(f"--out_dir {cfg.out_dir} holds shards of a different corpus or settings ({key}: "
+                               f"{manifest.get(key)} there, {value} now); choose another --out_dir or empty it")
+    for i, shard in enumerate(manifest["shards"]):
+        if not shard_ok(os.path.join(cfg.out_dir, shard["name"]), shard["tokens"]):
+            print(f"{shard['name']} is missing or damaged: redoing it and the shards after it")
+            del manifest["shards"][i:]
+            manifest["done"] = False
+            break
+    return manifest
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        tokenize(cfg)
+    except FinewebError as e:
+        sys.exit(f"fineweb.py: error: {e}")
+
+
+def tokenize(cfg):
+    from tqdm import tqdm
+    manifest = open_manifest(cfg, describe_source(cfg))
+    if manifest["done"]:
+        print(f"{cfg.out_dir}/ is complete: {len(manifest['shards'])} shards, "
+              f"{sum(s['tokens'] for s in manifest['shards']):,} tokens")
+        return
+    first_doc, skip = (manifest["shards"][-1]["next_doc"], manifest["shards"][-1]["skip_tokens"]) \
+        if manifest["shards"] else (0, 0)
+    if manifest["shards"]:
+        print(f"resuming after {manifest['shards'][-1]['name']} (document {first_doc:,})")
+    ds = load_corpus(cfg)
+    writer = ShardWriter(cfg, manifest)
+    tasks = batches(ds, first_doc, cfg.text_column, cfg.streaming)
+    fn = tokenize_texts if cfg.streaming else tokenize_rows
+    initargs = (None if cfg.streaming else ds, cfg.text_column)
+    progress = tqdm(total=None if cfg.streaming else len(ds), initial=first_doc, unit="docs",
+                    desc=f"tokenizing into {cfg.out_dir}/", smoothing=0.05)
+    n_tokens, t0 = 0, time.time()
+    pool = mp.Pool(cfg.num_proc, initializer=init_worker, initargs=initargs) if cfg.num_proc > 1 else None
+    try:
+        if pool is None:
+            init_worker(*initargs)
+            results = map(fn, tasks)
+        else:
+            results = ordered_imap(pool, fn, tasks, window=2 * cfg.num_proc)
+        doc = first_doc
+        for tokens, lengths in results:
+            writer.add(tokens, lengths, doc, skip)
+            n_tokens += len(tokens) - skip
+            doc, skip = doc + len(lengths), 0
+            progress.update(len(lengths))
+            progress.set_postfix_str(f"{n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} tokens/s")
+        writer.finish(doc)
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+    print(f"wrote {len(manifest['shards'])} shards to {cfg.out_dir}/: "
+          f"{sum(s['tokens'] for s in manifest['shards']):,} tokens from {manifest['docs']:,} documents")
+
+
+if __name__ == "__main__":
+    main()
