@@ -166,6 +166,16 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path):
         assert resumed["train"][step] == pytest.approx(single["train"][step], abs=2e-5)
 
 
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(data, tmp_path):
+    """--compile 1 (on by default on CUDA) runs the same training as eager mode, here on CPU."""
+    train(data, tmp_path / "eager", "--max_steps", 3, "--compile", 0)
+    train(data, tmp_path / "compiled", "--max_steps", 3, "--compile", 1)
+    eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
+    for kind in ("train", "val"):
+        assert compiled[kind] == pytest.approx(eager[kind], abs=1e-4)
+
+
 # --- checkpoints and resume ----------------------------------------------------------------------------
 
 
