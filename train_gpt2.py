@@ -550,6 +550,8 @@ def train(cfg, given):
         raise TrainError(f"{cfg.log_dir}/ already holds checkpoints (newest {checkpoint_paths(cfg.log_dir)[-1]}): "
                          f"continue them with --init_from resume, or pick a new --log_dir")
     check_flags(cfg)
+    for split in ("train", "val"):  # fail on a wrong --data_dir before loading or downloading any weights
+        find_shards(cfg.data_dir, split)
 
     ddp, rank, local_rank, world_size, device = setup_distributed(cfg.device)
     device_type = "cuda" if device.startswith("cuda") else device

@@ -7,10 +7,12 @@ Builds a .jsonl corpus of Tiny Shakespeare paragraphs (documents split at blank 
 --corpus_mb) in a temp dir, warms datasets' arrow cache for it once (so every timed run loads the same
 warm cache), then runs each configuration in its own subprocess, interleaved A, B, A, B ... --repeats
 times: wall clock end to end (interpreter start, imports, dataset load, tokenizing, writing shards).
-Memory: "max RSS" is the largest single process of the run's tree (wait4's ru_maxrss, exact); "tree
-PSS" is the peak of the tree's summed proportional set size, sampled every 20 ms from /proc (shared
-copy-on-write and page-cache pages counted once). Every run's shards, concatenated in order, must be the
-same token stream. Prints a markdown table and PASS/FAIL for the speed targets.
+Memory: "max RSS" is the largest single process of the run's tree (ru_maxrss, exact); "tree PSS" is
+the peak of the tree's summed proportional set size, sampled every 20 ms from /proc (pages shared by
+forked workers counted once), and in brackets its anonymous part (without page cache, e.g. the mmapped
+arrow file). Every run's shards, concatenated in order, must be the same token stream. Prints a markdown
+table and PASS/FAIL for the speed targets; exits 1 on a FAIL. "CPU s" (user + system, whole tree) is
+less sensitive than wall clock to other load on the machine.
 """
 
 import argparse
@@ -81,48 +83,64 @@ def run_a(corpus, out_dir, nprocs, shard_size=100_000_000):
 # Measuring: a subprocess per run, its tree's memory sampled from /proc
 
 
+# ru_maxrss of a child started from this (big) process would include this process's own peak: a vfork'd
+# child keeps its parent's high-water mark across exec. So each run is started by a small wrapper, whose
+# RUSAGE_CHILDREN is then the largest process of the run's tree alone.
+WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[2:]); "
+           "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+           "open(sys.argv[1], 'w').write(f'{u.ru_maxrss} {u.ru_utime + u.ru_stime}'); sys.exit(rc)")
+
+
 def tree_pss_kb(root):
-    """Summed Pss of root and all its descendants (kB); 0 for processes gone meanwhile."""
-    total, todo = 0, [root]
+    """Summed (Pss, Pss_Anon) of root's descendants, in kB (processes gone meanwhile count 0)."""
+    pss, anon, todo, first = 0, 0, [root], True
     while todo:
         pid = todo.pop()
         try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            if not first:
+                with open(f"/proc/{pid}/smaps_rollup") as f:
+                    fields = dict(line.split()[:2] for line in f if line.startswith("Pss"))
+                pss, anon = pss + int(fields["Pss:"]), anon + int(fields["Pss_Anon:"])
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{tid}/children") as f:
                     todo += [int(c) for c in f.read().split()]
-        except (OSError, StopIteration, ValueError):
+        except (OSError, KeyError, ValueError):
             pass
-    return total
+        first = False
+    return pss, anon
 
 
 def measure(cmd, out_dir):
-    """Run cmd; (seconds, max RSS MB of one process, peak tree PSS MB, token stream)."""
+    """Run cmd; (seconds, CPU seconds, max RSS MB of one process, peak tree PSS MB and its anonymous part,
+    token stream)."""
     os.makedirs(out_dir)
+    rss_file = out_dir + ".maxrss"
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    peak, done = [0], threading.Event()
+    proc = subprocess.Popen([sys.executable, "-c", WRAPPER, rss_file, *cmd], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    peak, done = [0, 0], threading.Event()
 
     def sample():
         while not done.wait(0.02):
-            peak[0] = max(peak[0], tree_pss_kb(proc.pid))
+            peak[:] = map(max, peak, tree_pss_kb(proc.pid))
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc.wait()
     seconds = time.perf_counter() - t0
     done.set()
     sampler.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output.decode()[-3000:]}")
+    with open(rss_file) as f:
+        max_rss, cpu = f.read().split()
+    os.remove(rss_file)
     names = sorted((n for n in os.listdir(out_dir) if n.endswith(".npy")), key=lambda n: int(n[-10:-4]))
     stream = np.concatenate([np.load(os.path.join(out_dir, n)) for n in names])
     for n in os.listdir(out_dir):
         os.remove(os.path.join(out_dir, n))
     os.rmdir(out_dir)
-    return seconds, usage.ru_maxrss / 1024, peak[0] / 1024, stream
+    return seconds, float(cpu), int(max_rss) / 1024, peak[0] / 1024, peak[1] / 1024, stream
 
 
 # -----------------------------------------------------------------------------
@@ -188,20 +206,21 @@ def main():
                 continue  # the memory-check runs once: it is about memory, not time
             out = os.path.join(tmp, f"out_{run}")
             run += 1
-            seconds, max_rss, pss, stream = measure([c.replace("{out}", out) for c in cmd], out)
+            seconds, cpu, max_rss, pss, anon, stream = measure([c.replace("{out}", out) for c in cmd], out)
             digest = hashlib.sha1(stream.tobytes()).hexdigest()
             if key[2] not in reference:  # the first run on each corpus is the reference stream
                 reference[key[2]] = (digest, stream)
                 assert stream[0] == EOT and (stream == EOT).sum() == n_docs[key[2]], "not one EOT per document"
-            results[key].append((seconds, max_rss, pss, len(stream), digest == reference[key[2]][0]))
+            results[key].append((seconds, cpu, max_rss, pss, anon, len(stream), digest == reference[key[2]][0]))
             print(f"  {key[0]} x{key[1]}, corpus {key[2]}x, shard {key[3]:,}: {len(stream):,} tokens in "
-                  f"{seconds:.1f} s, max RSS {max_rss:.0f} MB, tree PSS {pss:.0f} MB", flush=True)
+                  f"{seconds:.1f} s ({cpu:.1f} s CPU), max RSS {max_rss:.0f} MB, tree PSS {pss:.0f} MB ({anon:.0f} anon)", flush=True)
 
     def row(key):
         runs = results[key]
-        seconds = statistics.median(s for s, *_ in runs)
-        return dict(seconds=seconds, tps=runs[0][3] / seconds, rss=max(r[1] for r in runs),
-                    pss=max(r[2] for r in runs), tokens=runs[0][3], same=all(r[4] for r in runs))
+        seconds = statistics.median(r[0] for r in runs)
+        return dict(seconds=seconds, cpu=statistics.median(r[1] for r in runs), tps=runs[0][5] / seconds,
+                    rss=max(r[2] for r in runs), pss=max(r[3] for r in runs), anon=max(r[4] for r in runs),
+                    tokens=runs[0][5], same=all(r[6] for r in runs))
 
     rows = {key: row(key) for key in results}
     base = rows[tuple(a(half)[:4])]["tps"]
@@ -209,11 +228,11 @@ def main():
           f"{tiktoken.__version__}, datasets {datasets.__version__}, load average {os.getloadavg()[0]:.1f}; "
           f"{args.corpus_mb} MB corpus, {args.paras_per_doc} paragraph(s) per document, median of "
           f"{args.repeats} run(s), warm arrow cache\n")
-    print("| approach | processes | corpus | shard size | tokens | seconds | tokens/s | vs A-default | max RSS MB | tree PSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| approach | processes | corpus | shard size | tokens | seconds | CPU s | tokens/s | vs A-default | max RSS MB | tree PSS MB (anon) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (name, nprocs, factor, shard), r in rows.items():
-        print(f"| {name} | {nprocs} | {factor}x | {shard:,} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tps']:,.0f} | "
-              f"{r['tps'] / base:.2f}x | {r['rss']:.0f} | {r['pss']:.0f} |")
+        print(f"| {name} | {nprocs} | {factor}x | {shard:,} | {r['tokens']:,} | {r['seconds']:.1f} | {r['cpu']:.1f} | {r['tps']:,.0f} | "
+              f"{r['tps'] / base:.2f}x | {r['rss']:.0f} | {r['pss']:.0f} ({r['anon']:.0f}) |")
 
     def tps(maker, nprocs):
         return rows[tuple(maker(nprocs)[:4])]["tps"]
