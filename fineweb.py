@@ -15,6 +15,7 @@ import argparse
 import collections
 import dataclasses
 import glob
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -103,8 +104,10 @@ def input_files(patterns):
             files.append(pattern)
             continue
         if os.path.isdir(pattern):
-            found = sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+            found = sorted(p for p in glob.glob(os.path.join(glob.escape(pattern), "**", "*"), recursive=True)
                            if os.path.splitext(p)[1] in READERS)
+        elif os.path.isfile(pattern):  # a name like part[1].jsonl is a file, not a pattern
+            found = [pattern]
         else:
             found = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
         if not found:
@@ -140,7 +143,8 @@ def load_corpus(cfg):
                 while end < len(files) and READERS[os.path.splitext(files[end])[1]] == reader:
                     end += 1
                 kwargs = dict(sample_by="document") if reader == "text" else {}
-                parts.append(datasets.load_dataset(reader, data_files=files[start:end], split="train",
+                data_files = [f if "://" in f else glob.escape(f) for f in files[start:end]]  # datasets globs them
+                parts.append(datasets.load_dataset(reader, data_files=data_files, split="train",
                                                    streaming=cfg.streaming, **kwargs))
                 start = end
             ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -148,10 +152,14 @@ def load_corpus(cfg):
         else:
             ds = datasets.load_dataset(cfg.dataset, name=cfg.name or None, split=cfg.split, streaming=cfg.streaming)
             where = f"--dataset {cfg.dataset}"
+        first = next(iter(ds), None) if cfg.streaming else (ds[0] if len(ds) else None)
     except Exception as e:  # network, missing files, unreadable data: datasets says what
-        raise FinewebError(f"cannot load {', '.join(cfg.input) or cfg.dataset}: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
+        cause = e.__cause__ or e
+        raise FinewebError(f"cannot load {', '.join(cfg.input) or cfg.dataset}: {type(cause).__name__}: "
+                           f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
+    if first is None:
+        raise FinewebError(f"{where} holds no documents")
+    columns = list(first)
     if cfg.text_column not in columns:
         raise FinewebError(f"{where} has no column {cfg.text_column!r} (columns: {', '.join(columns)}); "
                            f"name the text column with --text_column")
@@ -173,6 +181,8 @@ def tokenize_texts(texts):
     """(tokens, lengths): each document as EOT + its tokens, concatenated, and each one's token count."""
     enc, tokens, lengths = _worker["enc"], [], []
     for text in texts:
+        if not isinstance(text, str):
+            raise FinewebError(f"a document's --text_column {_worker['text_column']!r} is {text!r}, not text")
         ids = enc.encode_ordinary(text)
         tokens.append(EOT)
         tokens += ids
@@ -203,8 +213,15 @@ def batches(ds, first_doc, text_column, streaming):
         for start in range(first_doc, len(ds), DOCS_PER_TASK):
             yield start, min(start + DOCS_PER_TASK, len(ds))
         return
-    texts = []
-    for row in ds.skip(first_doc):
+    rows, texts = iter(ds.skip(first_doc)), []
+    for doc in itertools.count(first_doc):
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except Exception as e:  # a stream is parsed as it is read, so bad data surfaces here
+            raise FinewebError(f"reading document {doc:,} failed: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
         texts.append(row[text_column])
         if len(texts) == DOCS_PER_TASK:
             yield texts
@@ -284,19 +301,25 @@ class ShardWriter:
         self.fill = 0
 
     def finalize(self):
-        """Rename the pending shards to their final names, recording each in the manifest."""
+        """Record the pending shards in the manifest and rename them to their final names. In that order:
+        a shard the manifest lists but that is missing on a rerun is redone, while a final-named shard
+        the manifest did not list would block the rerun."""
         for tmp, entry in self.pending:
-            os.replace(tmp, tmp[:-len(".tmp")])
             self.manifest["shards"].append(entry)
             save_manifest(self.cfg.out_dir, self.manifest)
+            os.replace(tmp, tmp[:-len(".tmp")])
+        self.pending = []
+
+    def discard(self):
+        for tmp, _ in self.pending:
+            os.remove(tmp)
         self.pending = []
 
     def finish(self, n_docs):
         """The stream ended after n_docs documents: write the last, partial shard and mark the run done."""
         if not self.big_enough:
             total = self.fill + sum(entry["tokens"] for _, entry in self.pending)
-            for tmp, _ in self.pending:
-                os.remove(tmp)
+            self.discard()
             raise FinewebError(f"the corpus has {total:,} tokens, fewer than --val_tokens {self.cfg.val_tokens:,} plus "
                                f"one training micro-batch ({MIN_TRAIN_TOKENS:,} tokens); lower --val_tokens or add text")
         if self.fill:
@@ -310,6 +333,8 @@ def save_manifest(out_dir, manifest):
     tmp = os.path.join(out_dir, "manifest.json.tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, os.path.join(out_dir, "manifest.json"))
 
 
@@ -325,8 +350,11 @@ def open_manifest(cfg, source):
             raise FinewebError(f"--out_dir {cfg.out_dir} holds shards ({shards[0]}, ...) but no manifest.json, so they "
                                f"are not this run's; choose another --out_dir or empty it")
         return dict(settings, shards=[], docs=None, done=False)
-    with open(path) as f:
-        manifest = json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FinewebError(f"{path} is unreadable ({e}); delete it and the shards beside it to start over") from None
     for key, value in settings.items():
         if manifest.get(key) != value:
             raise FinewebError(f"--out_dir {cfg.out_dir} holds shards of a different corpus or settings ({key}: "
@@ -382,6 +410,9 @@ def tokenize(cfg):
             progress.update(len(lengths))
             progress.set_postfix_str(f"{n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} tokens/s")
         writer.finish(doc)
+    except FinewebError:
+        writer.discard()
+        raise
     finally:
         progress.close()
         if pool is not None:

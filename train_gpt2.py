@@ -242,7 +242,9 @@ def open_shard(path):
 def find_shards(data_dir, split):
     if not os.path.isdir(data_dir):
         raise TrainError(f"--data_dir {data_dir}: no such folder; make token shards with `python fineweb.py`")
-    names = sorted(n for n in os.listdir(data_dir) if split in n and n.endswith((".npy", ".bin")))
+    # `val` as a word of the name, so that a prefix like "eval" does not make every shard a val shard
+    names = sorted(n for n in os.listdir(data_dir)
+                   if re.search(rf"(?<![a-z]){split}(?![a-z])", n) and n.endswith((".npy", ".bin")))
     if not names:
         raise TrainError(f"no {split} shards in {data_dir}/: expected files like edufineweb_{split}_000001.npy "
                          f"or llm.c's *_{split}_*.bin; make them with `python fineweb.py`")

@@ -8,7 +8,7 @@ Builds a .jsonl corpus of Tiny Shakespeare paragraphs (documents split at blank 
 warm cache), then runs each configuration in its own subprocess, interleaved A, B, A, B ... --repeats
 times: wall clock end to end (interpreter start, imports, dataset load, tokenizing, writing shards).
 Memory: "max RSS" is the largest single process of the run's tree (ru_maxrss, exact); "tree PSS" is
-the peak of the tree's summed proportional set size, sampled every 20 ms from /proc (pages shared by
+the peak of the tree's summed proportional set size, sampled from /proc every --pss_interval s (pages shared by
 forked workers counted once), and in brackets its anonymous part (without page cache, e.g. the mmapped
 arrow file). Every run's shards, concatenated in order, must be the same token stream. Prints a markdown
 table and PASS/FAIL for the speed targets; exits 1 on a FAIL. "CPU s" (user + system, whole tree) is
@@ -16,12 +16,14 @@ less sensitive than wall clock to other load on the machine.
 """
 
 import argparse
+import atexit
 import datetime
 import hashlib
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,9 +43,10 @@ FLAGS = dict(  # name: (default, help)
     corpus_mb=(50, "corpus size in MB (the memory check also uses twice this)"),
     repeats=(3, "runs of each configuration, interleaved; the table shows the median time"),
     memory_check=(True, "also run fineweb.py on the 2x corpus, and with --shard_size 10000000"),
-    val_tokens=(1_000_000, "fineweb.py's --val_tokens (its first shard)"),
+    val_tokens=(1_000_000, "fineweb.py's --val_tokens, its first shard (the corpus must be bigger: >= ~4 MB)"),
     paras_per_doc=(1, "blank-line paragraphs per document (1 = one paragraph each, ~40 tokens)"),
     source=("/work/shared/data/tinyshakespeare/input.txt", "text to build the corpus from"),
+    pss_interval=(0.5, "seconds between samples of the tree's PSS (a sample costs ~2 ms of CPU per process)"),
     keep=(False, "keep the temp dir (corpus, cache, shards) and print its path"),
 )
 
@@ -52,11 +55,10 @@ FLAGS = dict(  # name: (default, help)
 # Approach A, written from build-nanogpt's fineweb.py as described: one document per task, chunksize 16
 
 
+_enc = None  # the GPT-2 encoder, loaded in the parent before the pool forks (as build-nanogpt's module-level enc)
+
+
 def tokenize_doc(doc):
-    import tiktoken
-    global _enc
-    if "_enc" not in globals():
-        _enc = tiktoken.get_encoding("gpt2")
     tokens = np.array([EOT] + _enc.encode_ordinary(doc["text"]))
     assert (0 <= tokens).all() and (tokens < 2**16).all(), "token dictionary too large for uint16"
     return tokens.astype(np.uint16)
@@ -65,6 +67,9 @@ def tokenize_doc(doc):
 def run_a(corpus, out_dir, nprocs, shard_size=100_000_000):
     import multiprocessing as mp
     import datasets
+    import tiktoken
+    global _enc
+    _enc = tiktoken.get_encoding("gpt2")
     ds = datasets.load_dataset("json", data_files=corpus, split="train")
     buf, fill, index = np.empty(shard_size, dtype=np.uint16), 0, 0
     with mp.Pool(nprocs) as pool:
@@ -110,7 +115,7 @@ def tree_pss_kb(root):
     return pss, anon
 
 
-def measure(cmd, out_dir):
+def measure(cmd, out_dir, interval):
     """Run cmd; (seconds, CPU seconds, max RSS MB of one process, peak tree PSS MB and its anonymous part,
     token stream)."""
     os.makedirs(out_dir)
@@ -121,7 +126,7 @@ def measure(cmd, out_dir):
     peak, done = [0, 0], threading.Event()
 
     def sample():
-        while not done.wait(0.02):
+        while not done.wait(interval):
             peak[:] = map(max, peak, tree_pss_kb(proc.pid))
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -172,6 +177,8 @@ def main():
     import tiktoken
     cores = os.cpu_count()
     tmp = tempfile.mkdtemp(prefix="tokenize_bench_")
+    if not args.keep:
+        atexit.register(shutil.rmtree, tmp, True)
     os.environ["HF_DATASETS_CACHE"] = os.path.join(tmp, "hf_cache")  # the children inherit it
     datasets.config.HF_DATASETS_CACHE = os.environ["HF_DATASETS_CACHE"]
     corpora, n_docs = {1: os.path.join(tmp, "corpus.jsonl")}, {}
@@ -185,71 +192,85 @@ def main():
         print(f"{path}: {os.path.getsize(path) / 1e6:.0f} MB, {n_docs[factor]:,} documents, arrow cache built in "
               f"{time.perf_counter() - t0:.1f} s (not timed below)", flush=True)
 
-    def a(nprocs, factor=1):
-        return ["A build-nanogpt", nprocs, factor, 100_000_000,
-                [sys.executable, os.path.abspath(__file__), "--_run_a", corpora[factor], "{out}", str(nprocs)]]
+    def a(nprocs):
+        return dict(name="A build-nanogpt", procs=nprocs, corpus=1, shard=100_000_000,
+                    cmd=[sys.executable, os.path.abspath(__file__), "--_run_a", corpora[1], "{out}", str(nprocs)])
 
-    def b(nprocs, factor=1, shard_size=100_000_000):
-        return ["B fineweb.py", nprocs, factor, shard_size,
-                [sys.executable, "fineweb.py", "--input", corpora[factor], "--out_dir", "{out}",
-                 "--val_tokens", str(args.val_tokens), "--shard_size", str(shard_size), "--num_proc", str(nprocs)]]
+    def b(nprocs=None, corpus=1, shard=100_000_000):  # nprocs None: fineweb.py's default, all cores
+        flag = ["--num_proc", str(nprocs)] if nprocs else []
+        return dict(name="B fineweb.py", procs=nprocs or cores, corpus=corpus, shard=shard,
+                    cmd=[sys.executable, "fineweb.py", "--input", corpora[corpus], "--out_dir", "{out}", "--val_tokens",
+                         str(args.val_tokens), "--shard_size", str(shard), *flag])
+
+    def key(c):
+        return c["name"], c["procs"], c["corpus"], c["shard"]
 
     half = max(1, cores // 2)
-    configs = {tuple(c[:4]): c for c in [a(half), a(cores), b(cores), b(1), b(half)]}  # equal ones once
+    configs = [a(half), b(half), a(cores), b(), b(1)]  # A, B, A, B: ones equal on this machine run once
     if args.memory_check:
-        configs.update({tuple(c[:4]): c for c in [b(cores, 2), b(cores, 1, 10_000_000), b(cores, 2, 10_000_000)]})
-    results = {key: [] for key in configs}
-    reference, run = {}, 0
-    for r in range(args.repeats):
-        for key, (*_, cmd) in configs.items():
-            if key[2] == 2 and r > 0:
-                continue  # the memory-check runs once: it is about memory, not time
-            out = os.path.join(tmp, f"out_{run}")
-            run += 1
-            seconds, cpu, max_rss, pss, anon, stream = measure([c.replace("{out}", out) for c in cmd], out)
+        configs += [b(corpus=2), b(shard=10_000_000), b(corpus=2, shard=10_000_000)]
+    unique = {}
+    for c in configs:
+        unique.setdefault(key(c), c)
+    configs = list(unique.values())
+    runs = {key(c): [] for c in configs}
+    reference, n_run = {}, 0  # reference: corpus -> sha1 of the first run's token stream
+    for repeat in range(args.repeats):
+        for c in configs:
+            if c["corpus"] == 2 and repeat > 0:
+                continue  # the 2x runs are about memory: once is enough
+            out, n_run = os.path.join(tmp, f"out_{n_run}"), n_run + 1
+            seconds, cpu, rss, pss, anon, stream = measure([x.replace("{out}", out) for x in c["cmd"]], out,
+                                                            args.pss_interval)
             digest = hashlib.sha1(stream.tobytes()).hexdigest()
-            if key[2] not in reference:  # the first run on each corpus is the reference stream
-                reference[key[2]] = (digest, stream)
-                assert stream[0] == EOT and (stream == EOT).sum() == n_docs[key[2]], "not one EOT per document"
-            results[key].append((seconds, cpu, max_rss, pss, anon, len(stream), digest == reference[key[2]][0]))
-            print(f"  {key[0]} x{key[1]}, corpus {key[2]}x, shard {key[3]:,}: {len(stream):,} tokens in "
-                  f"{seconds:.1f} s ({cpu:.1f} s CPU), max RSS {max_rss:.0f} MB, tree PSS {pss:.0f} MB ({anon:.0f} anon)", flush=True)
+            if c["corpus"] not in reference:
+                assert (stream == EOT).sum() == n_docs[c["corpus"]] and stream[0] == EOT, "not one EOT per document"
+                reference[c["corpus"]] = digest
+            runs[key(c)].append(dict(seconds=seconds, cpu=cpu, rss=rss, pss=pss, anon=anon, tokens=len(stream),
+                                     same=digest == reference[c["corpus"]]))
+            print(f"  {c['name']} x{c['procs']}, corpus {c['corpus']}x, shard {c['shard']:,}: {len(stream):,} tokens "
+                  f"in {seconds:.1f} s ({cpu:.1f} s CPU), max RSS {rss:.0f} MB, tree PSS {pss:.0f} MB ({anon:.0f} anon)",
+                  flush=True)
 
-    def row(key):
-        runs = results[key]
-        seconds = statistics.median(r[0] for r in runs)
-        return dict(seconds=seconds, cpu=statistics.median(r[1] for r in runs), tps=runs[0][5] / seconds,
-                    rss=max(r[2] for r in runs), pss=max(r[3] for r in runs), anon=max(r[4] for r in runs),
-                    tokens=runs[0][5], same=all(r[6] for r in runs))
+    rows = {}
+    for k, rs in runs.items():
+        seconds = statistics.median(r["seconds"] for r in rs)
+        rows[k] = dict(seconds=seconds, cpu=statistics.median(r["cpu"] for r in rs), tokens=rs[0]["tokens"],
+                       tps=rs[0]["tokens"] / seconds, same=all(r["same"] for r in rs),
+                       **{m: max(r[m] for r in rs) for m in ("rss", "pss", "anon")})  # memory: the worst run
 
-    rows = {key: row(key) for key in results}
-    base = rows[tuple(a(half)[:4])]["tps"]
+    def tps(c):
+        return rows[key(c)]["tps"]
+    base = tps(a(half))
     print(f"\n{datetime.date.today()}, {cores} cores, Python {platform.python_version()}, tiktoken "
           f"{tiktoken.__version__}, datasets {datasets.__version__}, load average {os.getloadavg()[0]:.1f}; "
-          f"{args.corpus_mb} MB corpus, {args.paras_per_doc} paragraph(s) per document, median of "
+          f"{args.corpus_mb} MB corpus, {args.paras_per_doc} paragraph(s) per document "
+          f"({rows[key(a(half))]['tokens'] / n_docs[1]:,.0f} tokens/document), median of "
           f"{args.repeats} run(s), warm arrow cache\n")
-    print("| approach | processes | corpus | shard size | tokens | seconds | CPU s | tokens/s | vs A-default | max RSS MB | tree PSS MB (anon) |")
+    print("| approach | processes | corpus | shard size | tokens | seconds | CPU s | tokens/s | vs A-default | max RSS MB "
+          "| tree PSS MB (anon) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for (name, nprocs, factor, shard), r in rows.items():
-        print(f"| {name} | {nprocs} | {factor}x | {shard:,} | {r['tokens']:,} | {r['seconds']:.1f} | {r['cpu']:.1f} | {r['tps']:,.0f} | "
-              f"{r['tps'] / base:.2f}x | {r['rss']:.0f} | {r['pss']:.0f} ({r['anon']:.0f}) |")
-
-    def tps(maker, nprocs):
-        return rows[tuple(maker(nprocs)[:4])]["tps"]
+    for (name, procs, corpus, shard), r in rows.items():
+        print(f"| {name} | {procs} | {corpus}x | {shard:,} | {r['tokens']:,} | {r['seconds']:.1f} | {r['cpu']:.1f} | "
+              f"{r['tps']:,.0f} | {r['tps'] / base:.2f}x | {r['rss']:.0f} | {r['pss']:.0f} ({r['anon']:.0f}) |")
     checks = [
-        (f"fineweb.py default ({cores} procs) >= 1.5x A-default ({half} procs)", tps(b, cores) >= 1.5 * base),
-        (f"fineweb.py >= A at {half} procs", tps(b, half) >= tps(a, half)),
-        (f"fineweb.py >= A at {cores} procs", tps(b, cores) >= tps(a, cores)),
+        (f"fineweb.py default ({cores} procs) >= 1.5x A-default ({half} procs)", tps(b()) >= 1.5 * base),
+        (f"fineweb.py >= A at {half} procs", tps(b(half)) >= tps(a(half))),
+        (f"fineweb.py >= A at {cores} procs", tps(b(cores)) >= tps(a(cores))),
         ("identical token streams in every run", all(r["same"] for r in rows.values())),
     ]
+    if args.memory_check:
+        for shard in (100_000_000, 10_000_000):
+            m1, m2 = (rows[key(b(corpus=corpus, shard=shard))] for corpus in (1, 2))
+            print(f"\nfineweb.py memory, shard {shard:,} ({shard * 2 / 1e6:.0f} MB buffer), corpus 1x -> 2x: max RSS "
+                  f"{m1['rss']:.0f} -> {m2['rss']:.0f} MB, tree PSS {m1['pss']:.0f} -> {m2['pss']:.0f} MB, "
+                  f"anonymous {m1['anon']:.0f} -> {m2['anon']:.0f} MB", end="")
+        print()
     print()
     for text, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}: {text}")
     if args.keep:
         print(f"kept {tmp}")
-    else:
-        import shutil
-        shutil.rmtree(tmp)
     return 0 if all(ok for _, ok in checks) else 1
 
 

@@ -484,3 +484,12 @@ def test_token_ids_below_vocab_are_accepted_on_every_read(tmp_path):
     dl = loader(tmp_path, vocab_size=50)
     for x, y in read(dl, 5):
         assert (x == 49).all() and (y == 49).all()
+
+
+def test_split_is_a_word_of_the_name(tmp_path):
+    """A prefix such as "eval" holds the letters of "val": its train shards are still train shards."""
+    make_dir(tmp_path, {"eval_val_000000.npy": 9, "eval_train_000001.npy": 17})
+    train = DataLoaderLite(str(tmp_path), "train", 2, 4)
+    val = DataLoaderLite(str(tmp_path), "val", 2, 4)
+    assert [os.path.basename(p) for p in train.paths] == ["eval_train_000001.npy"]
+    assert [os.path.basename(p) for p in val.paths] == ["eval_val_000000.npy"]

@@ -630,31 +630,40 @@ def test_datasets_cache_is_the_temporary_one(hf_cache, reference):
 
 
 # -----------------------------------------------------------------------------
-# Bugs found in fineweb.py (strict xfail: each passes once the bug is fixed)
+# Interruptions at the worst moments, and malformed data
 
 
 class Killed(BaseException):
     """A simulated SIGKILL: nothing of fineweb.py's error handling catches it."""
 
 
-@pytest.mark.xfail(strict=True, reason="an interruption between renaming the val shard and writing the first "
-                   "manifest.json leaves a shard without a manifest, which the rerun refuses instead of resuming")
-def test_interruption_before_the_first_manifest_can_be_resumed(tmp_path, monkeypatch, reference, corpus):
-    def killed(out_dir, manifest):  # the first save_manifest call comes right after the first os.replace
+@pytest.mark.parametrize("moment", ["before the first manifest", "between manifest and rename"])
+def test_interruption_around_the_first_manifest_can_be_resumed(tmp_path, monkeypatch, reference, corpus, moment):
+    """Killed while finalizing the val shard: before manifest.json exists, or after it lists the shard
+    but before the rename. Either way the rerun resumes and ends byte-identical."""
+    real_replace = os.replace
+
+    def killed_save(out_dir, manifest):
         raise Killed
+
+    def killed_rename(src, dst):
+        if str(dst).endswith(".npy"):
+            raise Killed
+        real_replace(src, dst)
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        patch.setattr(fineweb, "save_manifest", killed)
+        if moment == "before the first manifest":
+            patch.setattr(fineweb, "save_manifest", killed_save)
+        else:
+            patch.setattr(fineweb.os, "replace", killed_rename)
         with pytest.raises(Killed):
             fineweb_main("--num_proc", 1, "--input", corpus, *REF, "--out_dir", out)
-    assert shard_names(out) == ["data_val_000000.npy"] and not os.path.exists(out / "manifest.json")
+    assert shard_names(out) == []
     status, error = fineweb_main("--num_proc", 1, "--input", corpus, *REF, "--out_dir", out)
     assert status == 0, error
     assert_same_files(out, reference)
 
 
-@pytest.mark.xfail(strict=True, reason="with --streaming 1, data that datasets cannot parse fails while iterating, "
-                   "outside load_corpus's try: a traceback (pyarrow ArrowInvalid), not a one-line error")
 def test_streaming_malformed_jsonl_is_a_one_line_error(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps({"text": "hello world " * 10}) + "\n" for _ in range(3000)) + "{not json\n")
@@ -663,16 +672,15 @@ def test_streaming_malformed_jsonl_is_a_one_line_error(tmp_path):
     assert status == 1 and message.startswith("fineweb.py: error:")
 
 
-@pytest.mark.xfail(strict=True, reason="a null text value reaches tiktoken: a TypeError traceback (from a worker "
-                   "process with --num_proc > 1), not a one-line error")
-def test_null_document_is_a_one_line_error(tmp_path, small_docs):
-    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in small_docs] + [{"text": None}])
-    status, message = fineweb_main("--num_proc", 1, "--input", path, "--val_tokens", 1000, "--out_dir", tmp_path / "out")
-    assert status == 1 and message.startswith("fineweb.py: error:")
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_null_document_is_a_one_line_error(tmp_path, small_docs, num_proc):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": None}] + [{"text": d} for d in small_docs])
+    status, message = fineweb_main("--num_proc", num_proc, "--input", path, "--val_tokens", 1000,
+                                   "--out_dir", tmp_path / "out")
+    assert status == 1 and message.startswith("fineweb.py: error:") and "None" in message
+    assert not [n for n in os.listdir(tmp_path / "out") if n != "manifest.json"]  # no shard, no .tmp
 
 
-@pytest.mark.xfail(strict=True, reason="--input passes every path through glob.glob (and datasets' data_files "
-                   "patterns), so an existing file whose name holds [...] is 'no such file'")
 def test_input_file_with_brackets_in_its_name(tmp_path, small_docs):
     path = write_jsonl(tmp_path / "part[1].jsonl", [{"text": d} for d in small_docs])
     status, error = fineweb_main("--num_proc", 1, "--input", path, *READER, "--out_dir", tmp_path / "out")
@@ -680,8 +688,6 @@ def test_input_file_with_brackets_in_its_name(tmp_path, small_docs):
     assert_stream(str(tmp_path / "out"), small_docs)
 
 
-@pytest.mark.xfail(strict=True, reason="a damaged manifest.json (empty or cut short: save_manifest does not fsync "
-                   "before its rename) is a json.JSONDecodeError traceback, not a one-line error")
 def test_damaged_manifest_is_a_one_line_error(tmp_path, reference, corpus):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
