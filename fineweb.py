@@ -25,8 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from train_gpt2 import OneLineParser, TrainError, open_shard, parse_bool
-
 EOT = 50256  # <|endoftext|>, GPT-2's document separator
 MIN_TRAIN_TOKENS = 64 * 1024 + 1  # one micro-batch of train_gpt2.py's defaults (64 x 1024, +1 for the targets)
 DOCS_PER_TASK = 256  # documents a worker tokenizes per task: big enough to amortise the IPC, small enough to balance
@@ -47,6 +45,19 @@ PRESETS = {
 
 class FinewebError(Exception):
     """Bad input or flags: main() prints it as one line and exits 1."""
+
+
+# fineweb.py does not import train_gpt2.py: that would load torch (+2 s and +200 MB in every process).
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_bool(s):
+    value = {"1": True, "true": True, "0": False, "false": False}.get(s.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected 1, 0, true or false, got {s!r}")
+    return value
 
 
 @dataclass
@@ -249,13 +260,6 @@ def write_shard(path, tokens, fmt):
     return tmp
 
 
-def shard_ok(path, n_tokens):
-    try:
-        return len(open_shard(path)) == n_tokens
-    except (TrainError, OSError):
-        return False
-
-
 class ShardWriter:
     """Fills one shard buffer from the token stream; a full buffer becomes the next shard. Until the
     corpus has shown it holds the val shard plus one training micro-batch, shards wait under their
@@ -296,8 +300,8 @@ class ShardWriter:
         split = "val" if self.index() == 0 else "train"
         name = f"{self.cfg.prefix}_{split}_{self.index():06d}.{self.cfg.format}"
         tmp = write_shard(os.path.join(self.cfg.out_dir, name), self.buf[:self.fill], self.cfg.format)
-        self.pending.append((tmp, dict(name=name, split=split, tokens=self.fill, next_doc=next_doc,
-                                       skip_tokens=skip_tokens)))
+        self.pending.append((tmp, dict(name=name, split=split, tokens=self.fill, bytes=os.path.getsize(tmp),
+                                       next_doc=next_doc, skip_tokens=skip_tokens)))
         self.fill = 0
 
     def finalize(self):
@@ -360,7 +364,8 @@ def open_manifest(cfg, source):
             raise FinewebError(f"--out_dir {cfg.out_dir} holds shards of a different corpus or settings ({key}: "
                                f"{manifest.get(key)} there, {value} now); choose another --out_dir or empty it")
     for i, shard in enumerate(manifest["shards"]):
-        if not shard_ok(os.path.join(cfg.out_dir, shard["name"]), shard["tokens"]):
+        path = os.path.join(cfg.out_dir, shard["name"])
+        if not (os.path.isfile(path) and os.path.getsize(path) == shard["bytes"]):
             print(f"{shard['name']} is missing or damaged: redoing it and the shards after it")
             del manifest["shards"][i:]
             manifest["done"] = False
@@ -395,28 +400,25 @@ def tokenize(cfg):
     progress = tqdm(total=None if cfg.streaming else len(ds), initial=first_doc, unit="docs",
                     desc=f"tokenizing into {cfg.out_dir}/", smoothing=0.05)
     n_tokens, t0 = 0, time.time()
-    pool = mp.Pool(cfg.num_proc, initializer=init_worker, initargs=initargs) if cfg.num_proc > 1 else None
+    # Workers even for num_proc 1, so that reading and writing in this process overlap the tokenizing.
+    pool = mp.Pool(cfg.num_proc, initializer=init_worker, initargs=initargs)
     try:
-        if pool is None:
-            init_worker(*initargs)
-            results = map(fn, tasks)
-        else:
-            results = ordered_imap(pool, fn, tasks, window=2 * cfg.num_proc)
+        results = ordered_imap(pool, fn, tasks, window=2 * cfg.num_proc)
         doc = first_doc
         for tokens, lengths in results:
             writer.add(tokens, lengths, doc, skip)
             n_tokens += len(tokens) - skip
             doc, skip = doc + len(lengths), 0
             progress.update(len(lengths))
-            progress.set_postfix_str(f"{n_tokens:,} tokens, {n_tokens / (time.time() - t0):,.0f} tokens/s")
+            rate = n_tokens / max(time.time() - t0, 1e-6)
+            progress.set_postfix_str(f"{n_tokens:,} tokens, {rate:,.0f} tokens/s", refresh=False)
         writer.finish(doc)
     except FinewebError:
         writer.discard()
         raise
     finally:
         progress.close()
-        if pool is not None:
-            pool.terminate()
+        pool.terminate()
     print(f"wrote {len(manifest['shards'])} shards to {cfg.out_dir}/: "
           f"{sum(s['tokens'] for s in manifest['shards']):,} tokens from {manifest['docs']:,} documents")
 
