@@ -45,7 +45,7 @@ FLAGS = dict(  # name: (default, help)
     memory_check=(True, "also run fineweb.py on the 2x corpus, and with --shard_size 10000000"),
     val_tokens=(1_000_000, "fineweb.py's --val_tokens, its first shard (the corpus must be bigger: >= ~4 MB)"),
     paras_per_doc=(1, "blank-line paragraphs per document (1 = one paragraph each, ~40 tokens)"),
-    source=("/work/shared/data/tinyshakespeare/input.txt", "text to build the corpus from"),
+    source=(os.path.normpath(os.path.join(REPO, "../shared/data/tinyshakespeare/input.txt")), "text to build the corpus from"),
     pss_interval=(0.5, "seconds between samples of the tree's PSS (a sample costs ~2 ms of CPU per process)"),
     keep=(False, "keep the temp dir (corpus, cache, shards) and print its path"),
 )
