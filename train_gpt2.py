@@ -530,9 +530,8 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def handle(self, signum, frame):
+        # No printing here: a print interrupted by a print raises "reentrant call". The loop reports it.
         self.requested = True
-        print0(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-               f"(Ctrl-C again to abort)")
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
@@ -698,11 +697,13 @@ def train(cfg, given):
             if device_type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
-            stopping = stop_value > 0
             mfu = f" | mfu {100 * flops_per_step / dt / (peak * world_size):.1f}%" if peak else ""
             print0(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | dt {1000 * dt:.0f}ms"
                    f" | tok/sec {cfg.total_batch_size / dt:,.0f}{mfu}")
             log(f"{step} train {loss_value:.6f}")
+            stopping = stop_value > 0
+            if stopping:
+                print0("stop requested (SIGTERM/SIGINT): writing a checkpoint, then exiting (Ctrl-C again to abort)")
 
     if ddp:
         dist.destroy_process_group()
