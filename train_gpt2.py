@@ -563,7 +563,7 @@ def train(cfg, given):
                          f"or --micro_batch_size")
     grad_accum_steps = cfg.total_batch_size // (B * T * world_size)
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device_type == "cuda")
-    use_compile = cfg.compile.lower() in ("1", "true") or (cfg.compile == "auto" and device_type == "cuda")
+    use_compile = cfg.compile.lower() in ("1", "true") or (cfg.compile.lower() == "auto" and device_type == "cuda")
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
 
     torch.manual_seed(cfg.seed)
@@ -635,17 +635,17 @@ def train(cfg, given):
                              f"{newest[-1] if newest else 'none'}). Lower --max_lr or check the data")
 
     def checkpoint(step, val_loss):
-        positions = [train_loader.position]
-        rng = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}]
-        if ddp:
-            positions, rng = [None] * world_size, [None] * world_size
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+        positions, rngs = [train_loader.position], [rng]
+        if ddp:  # every rank's position and RNG state, gathered to rank 0
+            positions, rngs = [None] * world_size, [None] * world_size
             dist.all_gather_object(positions, train_loader.position)
-            dist.all_gather_object(rng, {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None})
+            dist.all_gather_object(rngs, rng)
         if rank == 0:
             path = save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "model_config": dataclasses.asdict(raw_model.config),
                                     "config": dataclasses.asdict(cfg), "step": step, "val_loss": val_loss,
-                                    "loader_positions": positions, "rng_states": rng}, cfg.log_dir, cfg.keep_last)
+                                    "loader_positions": positions, "rng_states": rngs}, cfg.log_dir, cfg.keep_last)
             print0(f"wrote {path}")
 
     n_params = sum(p.numel() for p in raw_model.parameters())
