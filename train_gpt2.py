@@ -53,20 +53,48 @@ class GPTConfig:
     n_embd: int = 768
 
 
+class KVCache:
+    """The keys and values of the positions seen so far, per layer, for generation: with it, each new
+    token costs one token's forward instead of the whole prefix's."""
+
+    def __init__(self, config, batch_size):
+        self.shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k, self.v = [None] * config.n_layer, [None] * config.n_layer
+        self.pos = 0  # positions filled; GPT.forward advances it
+
+    def update(self, layer, k, v):
+        """Store k, v (B, nh, T, hs) at positions pos..pos+T-1; return the keys and values of 0..pos+T-1."""
+        if self.k[layer] is None:  # allocated at first use, in the dtype autocast gives k and v
+            self.k[layer], self.v[layer] = (torch.zeros(self.shape, dtype=k.dtype, device=k.device) for _ in "kv")
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.layer = layer
 
-    def forward(self, x):
+    def forward(self, x, kv_cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+        if kv_cache is None or kv_cache.pos == 0:
+            if kv_cache is not None:
+                kv_cache.update(self.layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+        else:  # new positions past..past+T-1 attend to every cached position and causally among themselves
+            past = kv_cache.pos
+            k, v = kv_cache.update(self.layer, k, v)
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -85,15 +113,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: the residual stream is never normalised, only each branch's input."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -105,7 +133,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -125,19 +153,24 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_cache=None):
+        """Logits (B, T, vocab_size) and the mean cross-entropy against targets (None without targets).
+        With a KVCache, idx continues the sequence the cache holds."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
         # A bad id would be a silent wrong lookup on CPU and a device-side assert on CUDA. The check
         # syncs with the GPU, so it is left out of compiled graphs (the data loader checks training data).
         if not torch.compiler.is_compiling() and ((idx < 0) | (idx >= self.config.vocab_size)).any():
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got min {int(idx.min())} "
                              f"max {int(idx.max())}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
@@ -425,6 +458,8 @@ def checkpoint_paths(log_dir):
 
 
 def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise TrainError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: loading runs no code
         missing = {"model", "optimizer", "model_config", "config", "step", "loader_positions"} - set(ckpt)
@@ -434,6 +469,17 @@ def load_checkpoint(path):
     if missing:
         raise TrainError(f"{path}: not a train_gpt2.py checkpoint (no {', '.join(sorted(missing))})")
     return ckpt
+
+
+def load_model(init_from):
+    """A GPT from GPT-2 weights (gpt2, ..., gpt2-xl, or a Hugging Face folder) or from one of our
+    checkpoints (a model_NNNNN.pt file), as generate.py and hellaswag.py take them."""
+    if init_from.endswith(".pt"):
+        ckpt = load_checkpoint(init_from)
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        return model
+    return GPT.from_pretrained(init_from)
 
 
 def save_checkpoint(ckpt, log_dir, keep_last):
