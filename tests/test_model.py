@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from train_gpt2 import GPT, GPTConfig
+from train_gpt2 import GPT, GPTConfig, KVCache
 
 TOL = 1e-4  # float32 logits
 
@@ -306,3 +306,24 @@ def test_flops_per_token_124M():
     expected = 6 * n + 12 * 12 * 1024 * 768
     assert model.flops_per_token(1024) == expected
     assert 0.84e9 < expected < 0.88e9
+
+
+# -----------------------------------------------------------------------------
+# 10. The KV cache
+
+
+def test_kv_cache_logits_equal_full_forward():
+    """Feeding a sequence in chunks through a KVCache (prefill, several tokens, one token) gives the
+    logits of one forward over the whole sequence; past block_size is a ValueError."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=4, n_embd=32)
+    model = perturb_(GPT(config), config.n_embd).eval()
+    idx = random_tokens(100, B=3, T=20)
+    cache = KVCache(config, batch_size=3)
+    with torch.no_grad():
+        full, _ = model(idx)
+        chunks = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in ((0, 7), (7, 12), (12, 13), (13, 20))]
+        assert cache.pos == 20
+        assert (torch.cat(chunks, dim=1) - full).abs().max().item() < 1e-5
+        with pytest.raises(ValueError, match="block_size"):
+            model(random_tokens(100, B=3, T=13), kv_cache=cache)
