@@ -370,6 +370,10 @@ class TrainConfig:
     device: str = dataclasses.field(default="auto", metadata={"help": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"})
     dtype: str = dataclasses.field(default="auto", metadata={"help": "auto (bfloat16 autocast on CUDA, float32 elsewhere), bfloat16 or float32"})
     compile: str = dataclasses.field(default="auto", metadata={"help": "torch.compile the model: auto (on for CUDA), 1 or 0"})
+    hellaswag: str = dataclasses.field(default="auto", metadata={"help": "HellaSwag acc_norm at every eval: auto (on for CUDA), 1 or 0"})
+    hellaswag_dir: str = dataclasses.field(default="", metadata={"help": "folder holding hellaswag_val.jsonl ('' = download it to hellaswag.py's cache)"})
+    hellaswag_limit: int = dataclasses.field(default=0, metadata={"help": "HellaSwag val examples per eval (0 = all 10042)"})
+    sample_interval: int = dataclasses.field(default=250, metadata={"help": "steps between 4 samples printed and added to samples.txt (0 = never)"})
     seed: int = dataclasses.field(default=1337, metadata={"help": "random seed for the init and the shard shuffle"})
 
 
@@ -417,7 +421,7 @@ def check_flags(cfg):
     for flag in POSITIVE_FLAGS:
         if getattr(cfg, flag) <= 0:
             bad(flag, "must be a positive integer")
-    for flag in ("warmup_steps", "keep_last", "min_lr", "weight_decay", "grad_clip"):
+    for flag in ("warmup_steps", "keep_last", "min_lr", "weight_decay", "grad_clip", "hellaswag_limit", "sample_interval"):
         if getattr(cfg, flag) < 0:
             bad(flag, "must be >= 0")
     if cfg.max_lr <= 0:
@@ -430,8 +434,9 @@ def check_flags(cfg):
         bad("device", "expected auto, cpu, cuda, cuda:N or mps")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         bad("dtype", "expected auto, bfloat16 or float32")
-    if cfg.compile.lower() not in ("auto", "1", "0", "true", "false"):
-        bad("compile", "expected auto, 1, 0, true or false")
+    for flag in ("compile", "hellaswag"):
+        if getattr(cfg, flag).lower() not in ("auto", "1", "0", "true", "false"):
+            bad(flag, "expected auto, 1, 0, true or false")
 
 
 def get_lr(step, cfg):
@@ -562,6 +567,38 @@ def build_model(cfg, given, ckpt):
     return model
 
 
+def hellaswag_share(cfg, block_size, rank, world_size):
+    """This rank's share of the HellaSwag val examples, and the longest rendered example's length."""
+    from hellaswag import data_file, iterate_examples, longest_example
+    try:
+        if rank == 0:
+            data_file("val", cfg.hellaswag_dir or None)  # downloads it on first use, once
+        if world_size > 1:
+            dist.barrier()
+        examples = list(iterate_examples("val", cfg.hellaswag_dir or None))[:cfg.hellaswag_limit or None]
+    except ValueError as e:  # hellaswag.py's errors: missing, unreachable or corrupt data
+        raise TrainError(f"--hellaswag: {e}") from None
+    longest = longest_example(examples)
+    if longest > block_size:
+        raise TrainError(f"--hellaswag: the longest HellaSwag example has {longest} tokens, more than the model's "
+                         f"block_size {block_size}; use --hellaswag 0")
+    return examples[rank::world_size], longest
+
+
+def write_samples(model, step, log_dir, device, autocast):
+    """4 samples of the default prompt (32 tokens in all, seed 42), printed and added to samples.txt."""
+    import tiktoken
+    from generate import generate
+    enc = tiktoken.get_encoding("gpt2")
+    prompt = enc.encode("Hello, I'm a language model,")
+    rows = generate(model, prompt, 4, max_new_tokens=32 - len(prompt), seed=42, device=device, autocast=autocast)
+    with open(os.path.join(log_dir, "samples.txt"), "a") as f:
+        for i, row in enumerate(rows):
+            text = enc.decode(row.tolist())
+            print0(f"step {step:5d} | sample {i}: {text}")
+            f.write(f"{step} sample {i}: {text!r}\n")
+
+
 class StopRequest:
     """While active, SIGTERM/SIGINT set a flag: the loop finishes its step, writes a checkpoint and
     exits 0. A second Ctrl-C aborts at once."""
@@ -609,7 +646,8 @@ def train(cfg, given):
                          f"or --micro_batch_size")
     grad_accum_steps = cfg.total_batch_size // (B * T * world_size)
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device_type == "cuda")
-    use_compile = cfg.compile.lower() in ("1", "true") or (cfg.compile.lower() == "auto" and device_type == "cuda")
+    use_compile, use_hellaswag = (flag.lower() in ("1", "true") or (flag.lower() == "auto" and device_type == "cuda")
+                                  for flag in (cfg.compile, cfg.hellaswag))
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
 
     torch.manual_seed(cfg.seed)
@@ -636,7 +674,10 @@ def train(cfg, given):
         print0(f"resuming from {checkpoint_paths(cfg.log_dir)[-1]} at step {start_step}")
 
     if use_compile:
-        model = torch.compile(model)
+        # One static graph per input shape (train, val, HellaSwag): with dynamic shapes, the second shape
+        # seen would recompile everything, the training step too, into a slower dynamic-shape graph.
+        model = torch.compile(model, dynamic=False)
+    eval_model = model  # compiled, without DDP: evaluations have no gradients to all-reduce
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
     autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -668,7 +709,7 @@ def train(cfg, given):
             for _ in range(cfg.val_steps):
                 x, y = val_loader.next_batch()
                 with autocast:
-                    _, loss = model(x.to(device), y.to(device))
+                    _, loss = eval_model(x.to(device), y.to(device))
                 val_loss += loss.detach() / cfg.val_steps
         return all_reduce_mean(val_loss).item()
 
@@ -694,6 +735,21 @@ def train(cfg, given):
                                     "loader_positions": positions, "rng_states": rngs}, cfg.log_dir, cfg.keep_last)
             print0(f"wrote {path}")
 
+    if use_hellaswag:
+        hella_examples, hella_len = hellaswag_share(cfg, raw_model.config.block_size, rank, world_size)
+
+    def evaluate_hellaswag():
+        """acc_norm over the val examples, each rank scoring its own share with the compiled model. Every
+        batch is padded to one shape (hella_len), so torch.compile compiles it once, not every eval."""
+        from hellaswag import score
+        counts = score(eval_model, hella_examples, device, max(1, B // 4), autocast, pad_to=hella_len)
+        counts = torch.tensor(counts, dtype=torch.long, device=device)
+        if ddp:
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        return counts[1].item() / counts[2].item()
+
+    # Samples are GPT-2 text: a model with a smaller vocabulary (a toy run) cannot read the prompt.
+    use_samples = rank == 0 and cfg.sample_interval > 0 and raw_model.config.vocab_size >= GPT2_VOCAB_SIZE
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops_per_step = raw_model.flops_per_token(T) * cfg.total_batch_size
     peak = peak_flops(device)
@@ -712,6 +768,12 @@ def train(cfg, given):
                 check_finite(step, val_loss=val_loss)
                 print0(f"step {step:5d} | val loss {val_loss:.4f}")
                 log(f"{step} val {val_loss:.4f}")
+                if use_hellaswag:
+                    acc_norm = evaluate_hellaswag()
+                    print0(f"step {step:5d} | hellaswag acc_norm {acc_norm:.4f}")
+                    log(f"{step} hella {acc_norm:.4f}")
+            if use_samples and step > start_step and (step % cfg.sample_interval == 0 or step == cfg.max_steps):
+                write_samples(raw_model, step, cfg.log_dir, device, autocast)
             if step > start_step and (step % cfg.ckpt_interval == 0 or last):
                 checkpoint(step, val_loss)
             if last:

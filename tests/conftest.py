@@ -37,12 +37,14 @@ def write_bin_shard(path, tokens):
         f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
 
 
-def run_train(*args, nproc=1, check=True, timeout=900, **kwargs):
-    """Run train_gpt2.py as a user would (torchrun when nproc > 1); returns the CompletedProcess."""
+def run_train(*args, nproc=1, check=True, timeout=900, merge_stderr=False, **kwargs):
+    """Run train_gpt2.py as a user would (torchrun when nproc > 1); returns the CompletedProcess
+    (with merge_stderr, stderr is interleaved into stdout)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
     proc = subprocess.run(launcher + [os.path.join(REPO, "train_gpt2.py"), *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, **kwargs)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+                          text=True, timeout=timeout, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"train_gpt2.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -282,6 +282,58 @@ def test_resume_errors(capsys, data, tmp_path):
     assert err.strip().count("\n") == 0
 
 
+# --- in-training HellaSwag and samples -----------------------------------------------------------------
+
+HELLA = ["--n_layer", 1, "--n_head", 2, "--n_embd", 32, "--vocab_size", 50304, "--block_size", 256, "--seq_len", 32,
+         "--micro_batch_size", 8, "--total_batch_size", 256, "--max_steps", 4, "--eval_interval", 2, "--val_steps", 2,
+         "--hellaswag", 1, "--hellaswag_limit", 40, "--sample_interval", 2]
+
+
+def hellaswag_dir():
+    return os.path.dirname(shared_file("hellaswag", "hellaswag_val.jsonl"))
+
+
+def test_in_training_hellaswag_and_samples(shakespeare_shards, tmp_path):
+    """Every eval logs `{step} hella {acc_norm}`: the acc_norm hellaswag.py gives the same weights; every
+    sample_interval steps 4 samples of the default prompt go to samples.txt."""
+    from hellaswag import iterate_examples, score
+    run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--hellaswag_dir", hellaswag_dir())
+    log = read_log(tmp_path)
+    assert sorted(log["hella"]) == [0, 2, 4]
+    ckpt = torch.load(tmp_path / "model_00004.pt", weights_only=True)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    examples = list(iterate_examples("val", hellaswag_dir()))[:40]
+    correct, correct_norm, n = score(model, examples)
+    assert n == 40 and log["hella"][4] == pytest.approx(correct_norm / n, abs=1e-4)
+    lines = (tmp_path / "samples.txt").read_text().splitlines()
+    assert [ln.split(" sample ")[0] for ln in lines] == ["2"] * 4 + ["4"] * 4
+    assert all("Hello, I'm a language model," in ln for ln in lines)
+
+
+@pytest.mark.slow
+def test_in_training_hellaswag_splits_examples_across_ranks(shakespeare_shards, tmp_path):
+    """2 ranks score 20 examples each and all-reduce the counts: the acc_norm of 1 process."""
+    args = ["--data_dir", shakespeare_shards, *HELLA, "--hellaswag_dir", hellaswag_dir(), "--sample_interval", 0,
+            "--total_batch_size", 512]
+    run_train("--log_dir", tmp_path / "ddp", *args, nproc=2)
+    run_train("--log_dir", tmp_path / "single", *args)
+    assert read_log(tmp_path / "ddp")["hella"][0] == read_log(tmp_path / "single")["hella"][0]
+
+
+@pytest.mark.slow
+def test_compiled_evals_do_not_recompile(shakespeare_shards, tmp_path):
+    """With torch.compile on, the first evaluations and the first train step compile; the later val,
+    HellaSwag and train steps reuse those graphs (TORCH_LOGS=recompiles reports any recompilation)."""
+    proc = run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--hellaswag_dir",
+                     hellaswag_dir(), "--sample_interval", 0, "--compile", 1, "--max_steps", 6,
+                     env={**os.environ, "TORCH_LOGS": "recompiles"}, merge_stderr=True)
+    out = proc.stdout
+    assert sorted(read_log(tmp_path)["hella"]) == [0, 2, 4, 6]
+    after_first_step = out[out.index("step     1 | loss"):]
+    assert "Recompiling" not in after_first_step, after_first_step
+
+
 # --- fine-tuning and the end-to-end run on real text ----------------------------------------------------
 
 
