@@ -139,15 +139,6 @@ def read_prompt(prompt, enc):
     return enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
 
 
-def load(init_from):
-    try:
-        return load_model(init_from)
-    except TrainError:
-        raise
-    except (OSError, ValueError) as e:  # from transformers: no cached weights offline, no config.json, not GPT-2
-        raise TrainError(f"--init_from {init_from}: {str(e).strip().splitlines()[0]}") from None
-
-
 def run(cfg):
     import tiktoken
     check_flags(cfg)
@@ -162,7 +153,10 @@ def run(cfg):
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device_type = "cuda" if device.startswith("cuda") else device
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device_type == "cuda")
-    model = load(cfg.init_from).to(device)
+    try:
+        model = load_model(cfg.init_from).to(device)
+    except TrainError as e:
+        raise TrainError(f"--init_from {e}") from None
     if len(tokens) > model.config.block_size:
         raise TrainError(f"--prompt: {len(tokens)} tokens, more than the model's context of {model.config.block_size} "
                          f"tokens (block_size)")

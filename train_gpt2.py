@@ -484,7 +484,10 @@ def load_model(init_from):
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         return model
-    return GPT.from_pretrained(init_from)
+    try:
+        return GPT.from_pretrained(init_from)
+    except (OSError, ValueError) as e:  # no such folder, no weights (offline), not GPT-2: transformers says which
+        raise TrainError(f"{init_from}: {str(e).strip().splitlines()[0]}") from None
 
 
 def save_checkpoint(ckpt, log_dir, keep_last):
@@ -557,7 +560,10 @@ def build_model(cfg, given, ckpt):
             model.load_state_dict(ckpt["model"])
             source = f"the checkpoint in {cfg.log_dir}"
         else:
-            model = GPT.from_pretrained(cfg.init_from)
+            try:
+                model = load_model(cfg.init_from)
+            except TrainError as e:
+                raise TrainError(f"--init_from {e}") from None
             source = cfg.init_from
         for k in MODEL_FLAGS:
             if k in given and given[k] != getattr(model.config, k):

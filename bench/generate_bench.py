@@ -111,15 +111,17 @@ def main(argv=None):
     print(f"### generate(): KV cache vs recompute, GPT-2 124M shape, random weights\n\n"
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {platform.machine()}, "
           f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads | torch {torch.__version__} | "
-          f"{device}, {cfg.dtype}\n\n`python bench/generate_bench.py {shlex.join(argv or sys.argv[1:])}`\n\n"
+          f"{device}, {cfg.dtype}\n\n`{shlex.join(['python', 'bench/generate_bench.py'] + (argv or sys.argv[1:]))}`\n\n"
           f"| sequences x new tokens | decoding | KV cache tok/s | recompute tok/s | speedup | same tokens |\n"
           f"| --- | --- | ---: | ---: | ---: | --- |")
     for r in rows:
         print(f"| {r['size']} | {r['decoding']} | {r['kv']:,.1f} | {r['full']:,.1f} | {r['speedup']:.1f}x "
               f"| {r['same_rows']}/{r['n_seq']} rows |")
-    first = rows[0]
-    print(f"\nmedian of {cfg.repeats} run(s) each. Target >= {TARGET:.0f}x at {first['size']} greedy: "
-          f"{'PASS' if first['speedup'] >= TARGET else 'FAIL'} ({first['speedup']:.1f}x)")
+    print(f"\nmedian of {cfg.repeats} run(s) each.")
+    for r in rows:
+        if r["size"] == "5 x 200" and r["decoding"] == "greedy":
+            print(f"Target >= {TARGET:.0f}x at 5 x 200 greedy: {'PASS' if r['speedup'] >= TARGET else 'FAIL'} "
+                  f"({r['speedup']:.1f}x)")
     if any(r["same_rows"] < r["n_seq"] for r in rows if r["decoding"] == "greedy"):
         print("FAIL: greedy tokens differ between the KV cache and the recompute loop")
         sys.exit(1)
