@@ -72,3 +72,15 @@ def shakespeare_shards(tmp_path_factory):
     write_npy_shard(d / "shakespeare_val_000000.npy", tokens[:n_val])
     write_npy_shard(d / "shakespeare_train_000001.npy", tokens[n_val:])
     return d
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory):
+    """A random GPT-2 (GPT-2's vocabulary, 64-token context) saved as a Hugging Face folder, standing in
+    for `gpt2`, whose weights are not reachable offline."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("hf_gpt2")
+    GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4)).save_pretrained(folder)
+    return folder

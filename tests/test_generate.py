@@ -51,16 +51,6 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    """A random GPT-2 (GPT-2's vocabulary, 64-token context) saved in Hugging Face format."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("hf_gpt2")
-    GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4)).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A model_00000.pt in train_gpt2.py's checkpoint layout around a tiny GPT (vocab 50304, context 64)."""
     net = tiny_gpt(vocab_size=50304)

@@ -337,16 +337,6 @@ def test_compiled_evals_do_not_recompile(shakespeare_shards, tmp_path):
 # --- fine-tuning and the end-to-end run on real text ----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    """A random GPT-2 (small, GPT-2's vocabulary) saved as a Hugging Face folder, standing in for `gpt2`."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("hf_gpt2")
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128)).save_pretrained(d)
-    return d
-
-
 def test_finetune_from_hugging_face_folder(shakespeare_shards, hf_folder, tmp_path):
     from transformers import GPT2LMHeadModel
     train_args = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path, "--init_from", hf_folder,
@@ -354,7 +344,7 @@ def test_finetune_from_hugging_face_folder(shakespeare_shards, hf_folder, tmp_pa
                   "--warmup_steps", 1, "--max_lr", 1e-4, "--min_lr", 1e-5, "--eval_interval", 3, "--val_steps", 2]
     run_train(*train_args)
     ckpt = torch.load(tmp_path / "model_00003.pt", weights_only=True)
-    assert ckpt["model_config"] == {"block_size": 128, "vocab_size": 50257, "n_layer": 2, "n_head": 2, "n_embd": 64}
+    assert ckpt["model_config"] == {"block_size": 64, "vocab_size": 50257, "n_layer": 2, "n_head": 4, "n_embd": 32}
     # The step-0 val loss is the Hugging Face model's own loss on the same two val micro-batches.
     hf = GPT2LMHeadModel.from_pretrained(hf_folder).eval()
     val = np.load(shakespeare_shards / "shakespeare_val_000000.npy").astype(np.int64)
