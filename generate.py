@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from train_gpt2 import GPT2_VOCAB_SIZE, PRETRAINED, KVCache, OneLineParser, TrainError, load_model, print0
+from train_gpt2 import (GPT2_VOCAB_SIZE, PRETRAINED, KVCache, OneLineParser, TrainError, auto_flag, load_model,
+                        print0, resolve_device, use_bf16)
 
 
 def flag(default, help):
@@ -148,11 +149,8 @@ def run(cfg):
         raise TrainError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, point TIKTOKEN_CACHE_DIR "
                          f"at a folder holding tiktoken's gpt2 files") from None
     tokens = read_prompt(cfg.prompt, enc)
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device_type = "cuda" if device.startswith("cuda") else device
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device_type == "cuda")
+    device = resolve_device(cfg.device)
+    device_type = device.split(":")[0]
     try:
         model = load_model(cfg.init_from).to(device)
     except TrainError as e:
@@ -164,10 +162,10 @@ def run(cfg):
     if n_new <= 0:
         raise TrainError(f"--max_length {cfg.max_length}: the prompt alone has {len(tokens)} tokens; raise it or "
                          f"give --max_new_tokens")
-    if cfg.compile.lower() in ("1", "true") or (cfg.compile.lower() == "auto" and device_type == "cuda"):
+    if auto_flag(cfg.compile, device_type):
         # dynamic: the cache's length grows every token; without it each length would be a recompile
         model = torch.compile(model, dynamic=True)
-    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16)
+    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16(cfg.dtype, device_type))
     rows = generate(model, tokens, cfg.num_return_sequences, n_new, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed,
                     device, autocast)
     # An <|endoftext|> the model samples is kept and printed as "<|endoftext|>": what follows is a new

@@ -241,22 +241,17 @@ def parse_args(argv=None):
     return cfg
 
 
-def resolve_device(flag):
-    if flag == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (flag.startswith("cuda") and not torch.cuda.is_available()) or (flag == "mps" and not torch.backends.mps.is_available()):
-        raise HellaswagError(f"--device {flag}: not available on this machine")
-    return flag
-
-
 def evaluate(cfg):
     from tqdm import tqdm
-    from train_gpt2 import TrainError, load_model
+    from train_gpt2 import TrainError, auto_flag, load_model, resolve_device, use_bf16
     # Read the data before loading weights, so a bad --data_dir fails in a second, not after a download.
     examples = list(itertools.islice(iterate_examples(cfg.split, cfg.data_dir), cfg.limit or None))
     if not examples:
         raise HellaswagError(f"{data_file(cfg.split, cfg.data_dir)}: holds no tasks")
-    device = resolve_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device)
+    except TrainError as e:
+        raise HellaswagError(str(e)) from None
     device_type = device.split(":")[0]
     try:
         model = load_model(cfg.model)
@@ -267,10 +262,9 @@ def evaluate(cfg):
     if longest > model.config.block_size:
         raise HellaswagError(f"a task has {longest} tokens, more than the model's block_size {model.config.block_size}")
     pad_to = None
-    if cfg.compile.lower() in ("1", "true") or (cfg.compile == "auto" and device_type == "cuda"):
+    if auto_flag(cfg.compile, device_type):
         model, pad_to = torch.compile(model, dynamic=False), longest  # one shape for every forward: compiled once
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device_type == "cuda")
-    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16)
+    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16(cfg.dtype, device_type))
     with tqdm(total=len(examples), desc=f"hellaswag {cfg.split}", unit="task") as bar:
         correct, correct_norm, n = score(model, examples, device, cfg.batch_size, autocast, pad_to, progress=bar)
     print(f"acc: {correct / n:.4f} acc_norm: {correct_norm / n:.4f} n: {n}", flush=True)

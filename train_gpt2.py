@@ -521,11 +521,31 @@ def trim_log(log_file, step):
 # Training
 
 
+# --device, --dtype and --compile (and train_gpt2.py's --hellaswag) mean the same in every script.
+
+
+def resolve_device(flag):
+    """auto: cuda, else mps, else cpu. A device this machine lacks is an error."""
+    if flag == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if (flag.startswith("cuda") and not torch.cuda.is_available()) or (flag == "mps" and not torch.backends.mps.is_available()):
+        raise TrainError(f"--device {flag}: not available on this machine")
+    return flag
+
+
+def use_bf16(dtype_flag, device_type):
+    """bfloat16 autocast: asked for, or auto on CUDA; float32 otherwise."""
+    return dtype_flag == "bfloat16" or (dtype_flag == "auto" and device_type == "cuda")
+
+
+def auto_flag(flag, device_type):
+    """A flag taking auto (on for CUDA), 1/true or 0/false."""
+    return flag.lower() in ("1", "true") or (flag.lower() == "auto" and device_type == "cuda")
+
+
 def setup_distributed(device_flag):
     """(ddp, rank, local_rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
-    device = device_flag
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = resolve_device(device_flag)
     ddp = "RANK" in os.environ
     if not ddp:
         return False, 0, 0, 1, device
@@ -651,9 +671,8 @@ def train(cfg, given):
                          f"world_size = {B} * {T} * {world_size} = {B * T * world_size}; change --total_batch_size "
                          f"or --micro_batch_size")
     grad_accum_steps = cfg.total_batch_size // (B * T * world_size)
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device_type == "cuda")
-    use_compile, use_hellaswag = (flag.lower() in ("1", "true") or (flag.lower() == "auto" and device_type == "cuda")
-                                  for flag in (cfg.compile, cfg.hellaswag))
+    bf16 = use_bf16(cfg.dtype, device_type)
+    use_compile, use_hellaswag = auto_flag(cfg.compile, device_type), auto_flag(cfg.hellaswag, device_type)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
 
     torch.manual_seed(cfg.seed)
@@ -686,7 +705,7 @@ def train(cfg, given):
     eval_model = model  # compiled, without DDP: evaluations have no gradients to all-reduce
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16)
+    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16)
 
     os.makedirs(cfg.log_dir, exist_ok=True)
     log_file = os.path.join(cfg.log_dir, "log.txt")
@@ -759,7 +778,7 @@ def train(cfg, given):
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops_per_step = raw_model.flops_per_token(T) * cfg.total_batch_size
     peak = peak_flops(device)
-    print0(f"{n_params:,} parameters | {world_size} process(es) on {device} | {'bfloat16' if use_bf16 else 'float32'}"
+    print0(f"{n_params:,} parameters | {world_size} process(es) on {device} | {'bfloat16' if bf16 else 'float32'}"
            f" | compile {'on' if use_compile else 'off'} | {cfg.total_batch_size:,} tokens per step = "
            f"{B} x {T} x {world_size} x {grad_accum_steps} accumulation steps")
 
