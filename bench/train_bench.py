@@ -1,0 +1,282 @@
+"""Benchmark train_gpt2.py's training step: ms/step, tokens/s, MFU against a measured matmul peak, peak memory.
+
+    python bench/train_bench.py                                   # micro-batches 16, 32, 64 and the largest that fits
+    python bench/train_bench.py --micro_batch_sizes 64 --reference bench/build-nanogpt   # side by side
+    python bench/train_bench.py --micro_batch_sizes 64 --variants ";--compile 0"        # a lever, before/after
+
+Each row is one run of the real train_gpt2.py in a process of its own: loader, gradient accumulation,
+clipping, AdamW, autocast and torch.compile as a user runs it, at the GPT-2 recipe (T=1024, 524,288 tokens
+per step) unless --train_flags say otherwise. The data are synthetic shards in the project's format (uint16
+.npy, named *_train_* and *_val_*) of uniformly random GPT-2 token ids, written once into --data_dir, or any
+real shards already there. The first --warmup steps (compilation, allocator growth) are not timed; ms/step
+is the median of the next --steps steps, from the tok/sec that the step line prints. MFU = tokens/s x FLOPs
+per token (GPT.flops_per_token: 6N + 12LTd) / the matmul rate this script measures on the same device once
+the runs are done: bfloat16 on CUDA, float32 on CPU. Peak memory is torch.cuda.max_memory_allocated on CUDA
+and the process's peak RSS on CPU, read when the run exits. A micro-batch size of `max` doubles the one
+before it until a run is out of memory (or one micro-batch is the whole batch): the largest that fits.
+
+--variants adds rows: each `;`-separated string of train_gpt2.py flags is one more run per micro-batch
+size ('' is the baseline). The loss at the last timed step is in the table, so a lever that changes the
+numbers shows; compare losses on real shards (--data_dir) before keeping one.
+
+The build-nanogpt side by side: bring a copy of karpathy/build-nanogpt into the git-ignored
+bench/build-nanogpt/ (never commit it), e.g. `git clone https://github.com/karpathy/build-nanogpt
+bench/build-nanogpt`, and pass --reference bench/build-nanogpt. Its train_gpt2.py has no flags, so this
+script writes a copy, bench_train_gpt2.py, beside it with the edits listed in REFERENCE_EDITS (data path,
+batch, step count, compile on, one val micro-batch per eval, HellaSwag and sampling off), prints them, and runs it in that folder on
+the same shards, at micro-batch --reference_micro_batch_size. Its step 0 and last step also time a val
+eval; both fall outside the timed steps. It is always GPT-2 124M, so compare it with rows of that shape.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from train_gpt2 import (GPT, MODEL_FLAGS, GPTConfig, OneLineParser, auto_flag, parse_args as parse_train_args,  # noqa: E402
+                        parse_bool)
+
+# Runs a script as __main__ and, when it exits, prints its peak memory: the same probe for both scripts.
+PEAK_PROBE = """
+import atexit, os, resource, runpy, sys, torch
+def report():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak = torch.cuda.max_memory_allocated()
+    else:  # ru_maxrss is in KiB on Linux, bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    print(f"bench: peak memory {peak} bytes", flush=True)
+atexit.register(report)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+# Both scripts' step lines: ours "step 5 | loss 10.9 | ... | tok/sec 512,345", build-nanogpt's "loss: ... tok/sec: ...".
+STEP_LINE = re.compile(r"^step\s+(\d+) \| loss:? (\S+) \|.*\| tok/sec:? ([\d,.]+)", re.MULTILINE)
+
+
+def flag(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass
+class BenchConfig:
+    micro_batch_sizes: str = flag("16,32,64,max", "comma-separated micro-batch sizes; max = double until out of memory")
+    variants: str = flag("", "';'-separated train_gpt2.py flag strings, each one more row per micro-batch ('' = baseline)")
+    train_flags: str = flag("", "train_gpt2.py flags for every run, e.g. a smaller model for a CPU check")
+    warmup: int = flag(5, "untimed steps first (compilation, allocator growth)")
+    steps: int = flag(20, "timed steps after the warm-up")
+    data_dir: str = flag("bench/data", "shards to train on; synthetic ones are written here if it has none")
+    synthetic_tokens: int = flag(20_000_000, "tokens per synthetic train shard (two are written, and one val shard)")
+    reference: str = flag("", "a build-nanogpt checkout to run side by side ('' = none)")
+    reference_micro_batch_size: int = flag(64, "build-nanogpt's micro-batch B (its default is 64)")
+    device: str = flag("auto", "auto (cuda, else cpu), cpu or cuda: where the matmul peak is measured")
+    timeout: int = flag(900, "seconds allowed for one run")
+
+
+def parse_args(argv=None):
+    parser = OneLineParser(prog="train_bench.py", description=__doc__.splitlines()[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(BenchConfig):
+        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=f.default,
+                            help=f.metadata["help"])
+    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    sizes = cfg.micro_batch_sizes.split(",")
+    numbers = sizes[:-1] if sizes[-1] == "max" else sizes
+    if not numbers or not all(s.isdigit() and int(s) > 0 for s in numbers):
+        parser.error(f"--micro_batch_sizes {cfg.micro_batch_sizes}: expected positive integers, optionally "
+                     f"ending in max, e.g. 16,32,64,max")
+    if cfg.warmup < 1 or cfg.steps < 1:
+        parser.error("--warmup and --steps must be >= 1 (step 0 compiles and is never timed)")
+    if cfg.reference and not os.path.isfile(os.path.join(cfg.reference, "train_gpt2.py")):
+        parser.error(f"--reference {cfg.reference}: no train_gpt2.py there; clone karpathy/build-nanogpt into it")
+    try:
+        train_cfg, _ = parse_train_args(shlex.split(cfg.train_flags))
+    except SystemExit:
+        parser.error(f"--train_flags {cfg.train_flags!r}: not valid train_gpt2.py flags (see above)")
+    return cfg, train_cfg
+
+
+def write_synthetic_shards(data_dir, n_tokens):
+    """Uniformly random GPT-2 token ids as uint16 .npy shards, unless data_dir already holds shards."""
+    if os.path.isdir(data_dir) and any(re.search(r"(train|val).*\.(npy|bin)$", f) for f in os.listdir(data_dir)):
+        return False
+    os.makedirs(data_dir, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("val_000000", n_tokens // 10), ("train_000001", n_tokens), ("train_000002", n_tokens)):
+        np.save(os.path.join(data_dir, f"synthetic_{name}.npy"), rng.integers(0, 50257, n, dtype=np.uint16))
+    return True
+
+
+def run(script, args, cwd, cfg, tokens_per_step):
+    """One training run: {'ms', 'tok_s', 'loss', 'peak_gb'}, or {'error': why}."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", PEAK_PROBE, script, *map(str, args)], cwd=cwd, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=cfg.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {cfg.timeout} s (--timeout)"}
+    steps = {int(s): (loss, float(tok.replace(",", ""))) for s, loss, tok in STEP_LINE.findall(proc.stdout)}
+    timed = [steps[s] for s in range(cfg.warmup, cfg.warmup + cfg.steps) if s in steps]
+    if proc.returncode != 0 or len(timed) < cfg.steps:
+        tail = [line for line in proc.stdout.strip().splitlines() if not line.startswith("bench: ")][-1:] or ["no output"]
+        if "out of memory" in proc.stdout.lower():
+            return {"error": "out of memory"}
+        return {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
+    tok_s = statistics.median(tok for _, tok in timed)
+    peak = re.search(r"^bench: peak memory (\d+) bytes", proc.stdout, re.MULTILINE)
+    return {"ms": 1000 * tokens_per_step / tok_s, "tok_s": tok_s, "loss": timed[-1][0],
+            "peak_gb": int(peak.group(1)) / 1e9 if peak else float("nan")}
+
+
+def ours(mb, variant, cfg, run_dir):
+    """train_gpt2.py at micro-batch mb: evals, HellaSwag, samples and checkpoints pushed outside the timed steps."""
+    n = cfg.warmup + cfg.steps
+    flags = shlex.split(cfg.train_flags) + shlex.split(variant) + ["--micro_batch_size", str(mb)]
+    args = ["--data_dir", os.path.abspath(cfg.data_dir), "--log_dir", run_dir, "--max_steps", n,
+            "--eval_interval", n, "--val_steps", 1, "--ckpt_interval", n, "--keep_last", 1, "--hellaswag", 0,
+            "--sample_interval", 0, *flags]
+    try:
+        return run(os.path.join(REPO, "train_gpt2.py"), args, REPO, cfg, parse_train_args(flags)[0].total_batch_size)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoint: 1.5 GB at 124M
+
+
+def reference_edits(cfg, train_cfg, device_type):
+    """(original line, edited line) pairs for build-nanogpt's train_gpt2.py; each must occur exactly once."""
+    return [('data_root = "edu_fineweb10B"', f"data_root = {os.path.abspath(cfg.data_dir)!r}"),
+            ("total_batch_size = 524288", f"total_batch_size = {train_cfg.total_batch_size}"),
+            ("B = 64 # micro batch size", f"B = {cfg.reference_micro_batch_size} # micro batch size"),
+            ("T = 1024 # sequence length", f"T = {train_cfg.seq_len} # sequence length"),
+            ("use_compile = False", f"use_compile = {auto_flag(train_cfg.compile, device_type)}"),
+            ("max_steps = 19073", f"max_steps = {cfg.warmup + cfg.steps + 1}"),
+            ("val_loss_steps = 20", "val_loss_steps = 1"),
+            # HellaSwag and sampling: off, as they already are with compile on (no download, no tokenizer).
+            ("if (step % 250 == 0 or last_step) and (not use_compile):", "if False:"),
+            ("if ((step > 0 and step % 250 == 0) or last_step) and (not use_compile):", "if False:"),
+            ('enc = tiktoken.get_encoding("gpt2")', "enc = None"),
+            ("from hellaswag import render_example, iterate_examples", "pass")]
+
+
+def write_reference(cfg, train_cfg, device_type):
+    """bench_train_gpt2.py: build-nanogpt's train_gpt2.py with reference_edits, beside it; returns the edits."""
+    src = open(os.path.join(cfg.reference, "train_gpt2.py")).read()
+    edits = reference_edits(cfg, train_cfg, device_type)
+    for old, new in edits:
+        if src.count(old) != 1:
+            sys.exit(f"train_bench.py: error: --reference {cfg.reference}: train_gpt2.py has {src.count(old)} "
+                     f"copies of {old!r}, expected 1; this script knows build-nanogpt's version of 2024-07")
+        src = src.replace(old, new)
+    with open(os.path.join(cfg.reference, "bench_train_gpt2.py"), "w") as f:
+        f.write(src)
+    return edits
+
+
+def matmul_peak(device):
+    """Measured dense matmul FLOP/s: bfloat16 on CUDA, float32 on CPU."""
+    cuda = device.startswith("cuda")
+    n, dtype, iters = (8192, torch.bfloat16, 50) if cuda else (1024, torch.float32, 20)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+
+
+def sizes_to_try(cfg, train_cfg):
+    """The micro-batch sizes, `max` expanded lazily: yields a size, is sent whether it fit."""
+    sizes = cfg.micro_batch_sizes.split(",")
+    biggest = train_cfg.total_batch_size // train_cfg.seq_len
+    for s in sizes:
+        if s != "max":
+            yield int(s), False
+            continue
+        mb = int(sizes[-2]) * 2
+        while mb <= biggest and train_cfg.total_batch_size % (mb * train_cfg.seq_len) == 0:
+            fits = yield mb, True
+            if not fits:
+                break
+            mb *= 2
+
+
+def main(argv=None):
+    cfg, train_cfg = parse_args(argv)
+    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = "cuda" if device.startswith("cuda") else device
+    if train_cfg.device == "auto":
+        cfg.train_flags += f" --device {device}"
+    edits = write_reference(cfg, train_cfg, device_type) if cfg.reference else []  # before any run: fail fast
+    wrote = write_synthetic_shards(cfg.data_dir, cfg.synthetic_tokens)
+    print(f"{'wrote synthetic shards to' if wrote else 'using the shards in'} {cfg.data_dir}", file=sys.stderr)
+    with torch.device("meta"):
+        model_cfg = GPTConfig(**{k: getattr(train_cfg, k) for k in MODEL_FLAGS})
+        flops_per_token = GPT(model_cfg).flops_per_token(train_cfg.seq_len)
+
+    rows = []
+    run_root = os.path.abspath(os.path.join(cfg.data_dir, "runs"))
+    for variant in cfg.variants.split(";"):
+        sizes = sizes_to_try(cfg, train_cfg)
+        try:
+            mb, searching = next(sizes)
+            while True:
+                row = {"name": f"train_gpt2.py {variant.strip()}".strip(), "mb": mb, "searching": searching,
+                       **ours(mb, variant, cfg, os.path.join(run_root, f"run{len(rows)}"))}
+                print(f"  {row}", file=sys.stderr, flush=True)
+                rows.append(row)
+                mb, searching = sizes.send("error" not in row)
+        except StopIteration:
+            pass
+    if cfg.reference:
+        row = run("bench_train_gpt2.py", [], os.path.abspath(cfg.reference), cfg, train_cfg.total_batch_size)
+        rows.append({"name": "build-nanogpt train_gpt2.py", "mb": cfg.reference_micro_batch_size,
+                     "searching": False, **row})
+        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+
+    peak = matmul_peak(device)
+    kind = "bfloat16" if device.startswith("cuda") else "float32"
+    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{os.cpu_count()} CPU cores"
+    ref = rows[-1] if cfg.reference and "error" not in rows[-1] else None
+    print(f"### train_gpt2.py training step, {train_cfg.n_layer}L/{train_cfg.n_head}H/{train_cfg.n_embd}d, "
+          f"T={train_cfg.seq_len}, {train_cfg.total_batch_size:,} tokens per step\n\n"
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {gpu} ({platform.machine()}) | "
+          f"torch {torch.__version__} | measured {kind} matmul peak {peak / 1e12:.1f} TFLOP/s | "
+          f"{flops_per_token / 1e9:.3f} GFLOP per token | median of {cfg.steps} steps after {cfg.warmup} warm-up\n\n"
+          f"`{shlex.join(['python', 'bench/train_bench.py'] + (sys.argv[1:] if argv is None else argv))}`\n\n"
+          f"| run | micro-batch | ms/step | tokens/s | MFU | peak GB | loss at last step | vs build-nanogpt |\n"
+          f"| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['name']} | {r['mb']} | {r['error']} | | | | | |")
+            continue
+        vs = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else ""
+        print(f"| {r['name']} | {r['mb']}{' (search)' if r['searching'] else ''} | {r['ms']:,.1f} | {r['tok_s']:,.0f} | "
+              f"{100 * r['tok_s'] * flops_per_token / peak:.1f}% | {r['peak_gb']:.1f} | {r['loss']} | {vs} |")
+    if edits:
+        print("\nbuild-nanogpt edits (bench_train_gpt2.py beside its train_gpt2.py):")
+        for old, new in edits:
+            print(f"- `{old}` -> `{new}`")
+    if any("error" in r and not (r["searching"] and r["error"] == "out of memory") for r in rows):
+        sys.exit(1)  # a failed run, other than the `max` search's last probe
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""bench/train_bench.py's CPU path: the table it prints from real train_gpt2.py runs, the `max` search,
+a failed run, and the build-nanogpt edits refusing a script they do not fit. (Its GPU numbers are issue 5.)"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+TINY = "--n_layer 2 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 --total_batch_size 512 --compile 0 --device cpu"
+
+
+def bench(*args, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(REPO, "bench", "train_bench.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def table(stdout):
+    """The table's rows as lists of cells."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("| train_gpt2.py") or line.startswith("| build-nanogpt")]
+
+
+@pytest.mark.slow
+def test_table_from_real_runs_with_max_search(tmp_path):
+    proc = bench("--micro_batch_sizes", "4,max", "--train_flags", TINY, "--warmup", "1", "--steps", "2",
+                 "--data_dir", str(tmp_path / "data"), "--synthetic_tokens", "20000", "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(os.listdir(tmp_path / "data")) == ["runs", "synthetic_train_000001.npy",
+                                                     "synthetic_train_000002.npy", "synthetic_val_000000.npy"]
+    assert os.listdir(tmp_path / "data" / "runs") == []  # each run's checkpoint is removed
+    rows = table(proc.stdout)
+    # 512 tokens per step / 32 per sequence: the search doubles 4 up to 16, one micro-batch per step.
+    assert [r[1] for r in rows] == ["4", "8 (search)", "16 (search)"]
+    for name, mb, ms, tok_s, mfu, peak_gb, loss, vs in rows:
+        ms, tok_s = float(ms.replace(",", "")), float(tok_s.replace(",", ""))
+        assert ms > 0 and abs(ms * tok_s / 1000 - 512) < 1  # ms/step and tokens/s describe the same step
+        assert 0 < float(mfu.rstrip("%")) < 100 and 0.05 < float(peak_gb) < 24
+        assert 10 < float(loss) < 11.5  # random tokens: near ln(50304) after 3 steps
+    assert re.search(r"measured float32 matmul peak [\d.]+ TFLOP/s", proc.stdout)
+
+
+@pytest.mark.slow
+def test_failed_run_is_a_row_and_exit_1(tmp_path):
+    proc = bench("--micro_batch_sizes", "4", "--train_flags", TINY, "--variants", "--max_lr 0", "--warmup", "1",
+                 "--steps", "1", "--data_dir", str(tmp_path / "data"), "--synthetic_tokens", "20000", "--device", "cpu")
+    assert proc.returncode == 1
+    [row] = table(proc.stdout)
+    assert row[0] == "train_gpt2.py --max_lr 0" and "--max_lr 0.0: must be > 0" in row[2]
+
+
+def test_reference_edits_refuse_another_script(tmp_path):
+    (tmp_path / "train_gpt2.py").write_text("print('not build-nanogpt')\n")
+    proc = bench("--micro_batch_sizes", "4", "--train_flags", TINY, "--reference", str(tmp_path), "--warmup", "1",
+                 "--steps", "1", "--data_dir", str(tmp_path / "data"), "--synthetic_tokens", "20000", "--device", "cpu")
+    assert proc.returncode == 1
+    assert "has 0 copies of 'data_root = \"edu_fineweb10B\"', expected 1" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--micro_batch_sizes", "max"], "--micro_batch_sizes max: expected positive integers"),
+    (["--micro_batch_sizes", "16,max,64"], "expected positive integers, optionally ending in max"),
+    (["--steps", "0"], "--warmup and --steps must be >= 1"),
+    (["--reference", "/nonexistent"], "--reference /nonexistent: no train_gpt2.py there"),
+    (["--train_flags", "--micro_batch_size x"], "not valid train_gpt2.py flags"),
+])
+def test_bad_flags_one_line(args, message):
+    proc = bench(*args)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
