@@ -186,9 +186,19 @@ def load_corpus(cfg):
 _worker = {}
 
 
-def init_worker(ds, text_column):
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE. The first call downloads it (to TIKTOKEN_CACHE_DIR, default a temp folder)."""
     import tiktoken
-    _worker.update(enc=tiktoken.get_encoding("gpt2"), ds=ds, text_column=text_column)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests' network errors, or a damaged cache
+        raise FinewebError(f"could not load GPT-2's BPE with tiktoken ({type(e).__name__}: {str(e)[:150]}): it "
+                           f"downloads vocab.bpe and encoder.json once; offline, set TIKTOKEN_CACHE_DIR to a "
+                           f"folder that holds tiktoken's cached copies") from None
+
+
+def init_worker(ds, text_column):
+    _worker.update(enc=gpt2_encoding(), ds=ds, text_column=text_column)
 
 
 def tokenize_texts(texts):
@@ -395,6 +405,8 @@ def tokenize(cfg):
         if manifest["shards"] else (0, 0)
     if manifest["shards"]:
         print(f"resuming after {manifest['shards'][-1]['name']} (document {first_doc:,})")
+    # Loaded here first: a pool worker whose initializer fails is replaced, again and again, a hang.
+    gpt2_encoding()
     ds = load_corpus(cfg)
     writer = ShardWriter(cfg, manifest)
     tasks = batches(ds, first_doc, cfg.text_column, cfg.streaming)

@@ -12,6 +12,7 @@ checkpoints and resume). Importing it runs nothing; generate.py and hellaswag.py
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -374,6 +375,10 @@ class TrainConfig:
     hellaswag_dir: str = dataclasses.field(default="", metadata={"help": "folder holding hellaswag_val.jsonl ('' = download it to hellaswag.py's cache)"})
     hellaswag_limit: int = dataclasses.field(default=0, metadata={"help": "HellaSwag val examples per eval (0 = all 10042)"})
     sample_interval: int = dataclasses.field(default=250, metadata={"help": "steps between 4 samples printed and added to samples.txt (0 = never)"})
+    plot: bool = dataclasses.field(default=True, metadata={"help": "redraw log_dir/loss.png at every eval (needs matplotlib)"})
+    wandb: bool = dataclasses.field(default=False, metadata={"help": "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works without network)"})
+    wandb_project: str = dataclasses.field(default="gpt2-repro", metadata={"help": "W&B project"})
+    wandb_run_name: str = dataclasses.field(default="", metadata={"help": "W&B run name ('' = W&B picks one)"})
     seed: int = dataclasses.field(default=1337, metadata={"help": "random seed for the init and the shard shuffle"})
 
 
@@ -437,6 +442,8 @@ def check_flags(cfg):
     for flag in ("compile", "hellaswag"):
         if getattr(cfg, flag).lower() not in ("auto", "1", "0", "true", "false"):
             bad(flag, "expected auto, 1, 0, true or false")
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        bad("wandb", "wandb is not installed: pip install wandb, or drop the flag")
 
 
 def get_lr(step, cfg):
@@ -470,20 +477,23 @@ def load_checkpoint(path):
         missing = {"model", "optimizer", "model_config", "config", "step", "loader_positions"} - set(ckpt)
     except Exception as e:
         raise TrainError(f"{path}: cannot read the checkpoint ({type(e).__name__}); it is corrupt or truncated: "
-                         f"move it away to resume from the one before") from None
+                         f"move it away and use the one before") from None
     if missing:
         raise TrainError(f"{path}: not a train_gpt2.py checkpoint (no {', '.join(sorted(missing))})")
     return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
 
 
 def load_model(init_from):
     """A GPT from GPT-2 weights (gpt2, ..., gpt2-xl, or a Hugging Face folder) or from one of our
     checkpoints (a model_NNNNN.pt file), as generate.py and hellaswag.py take them."""
     if init_from.endswith(".pt"):
-        ckpt = load_checkpoint(init_from)
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        return model
+        return model_from_checkpoint(load_checkpoint(init_from))
     try:
         return GPT.from_pretrained(init_from)
     except (OSError, ValueError) as e:  # no such folder, no weights (offline), not GPT-2: transformers says which
@@ -576,8 +586,7 @@ def build_model(cfg, given, ckpt):
         model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FLAGS}))
     else:
         if ckpt is not None:
-            model = GPT(GPTConfig(**ckpt["model_config"]))
-            model.load_state_dict(ckpt["model"])
+            model = model_from_checkpoint(ckpt)
             source = f"the checkpoint in {cfg.log_dir}"
         else:
             try:
@@ -715,10 +724,40 @@ def train(cfg, given):
         else:
             open(log_file, "w").close()
 
-    def log(line):
-        if rank == 0:
-            with open(log_file, "a") as f:
-                f.write(line + "\n")
+    wandb_run = None
+    if cfg.wandb and rank == 0:
+        import wandb
+        # A resumed run continues the same W&B run.
+        wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, dir=cfg.log_dir,
+                               config=dataclasses.asdict(cfg), id=ckpt.get("wandb_id") if ckpt else None,
+                               resume="allow")
+
+    def log(step, **values):
+        """Rank 0: log.txt lines in build-nanogpt's format (STEP KIND VALUE), and every value to W&B."""
+        if rank != 0:
+            return
+        with open(log_file, "a") as f:
+            for kind in ("val", "hella", "train"):
+                if kind in values:
+                    f.write(f"{step} {kind} {values[kind]:.{6 if kind == 'train' else 4}f}\n")
+        if wandb_run is not None:
+            wandb_run.log(values, step=step)
+
+    plots = rank == 0 and cfg.plot
+
+    def refresh_plot():
+        """Redraw log_dir/loss.png. Plots are optional: without matplotlib (or on any plotting error),
+        say so once and train on."""
+        nonlocal plots
+        try:
+            from plot import plot_log
+            plot_log(log_file, os.path.join(cfg.log_dir, "loss.png"))
+        except ImportError:
+            plots = False
+            print0("matplotlib is not installed, so no loss.png: pip install matplotlib, or --plot 0 to hide this")
+        except Exception as e:
+            plots = False
+            print0(f"plotting loss.png failed ({type(e).__name__}: {e}); training goes on without plots")
 
     def all_reduce_mean(t):
         if ddp:
@@ -746,7 +785,7 @@ def train(cfg, given):
                              f"diverged; stopping without a checkpoint (newest good one: "
                              f"{newest[-1] if newest else 'none'}). Lower --max_lr or check the data")
 
-    def checkpoint(step, val_loss):
+    def checkpoint(step, val_loss, hellaswag):
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
         positions, rngs = [train_loader.position], [rng]
         if ddp:  # every rank's position and RNG state, gathered to rank 0
@@ -757,6 +796,7 @@ def train(cfg, given):
             path = save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "model_config": dataclasses.asdict(raw_model.config),
                                     "config": dataclasses.asdict(cfg), "step": step, "val_loss": val_loss,
+                                    "hellaswag": hellaswag, "wandb_id": wandb_run.id if wandb_run else None,
                                     "loader_positions": positions, "rng_states": rngs}, cfg.log_dir, cfg.keep_last)
             print0(f"wrote {path}")
 
@@ -786,21 +826,22 @@ def train(cfg, given):
         stopping = False
         for step in range(start_step, cfg.max_steps + 1):
             last = step == cfg.max_steps or stopping
-            val_loss = None
+            val_loss = acc_norm = None
             resumed_here = ckpt is not None and step == start_step  # the checkpoint already holds this step's eval
             if not resumed_here and not stopping and (step % cfg.eval_interval == 0 or step % cfg.ckpt_interval == 0 or last):
                 val_loss = evaluate()
                 check_finite(step, val_loss=val_loss)
                 print0(f"step {step:5d} | val loss {val_loss:.4f}")
-                log(f"{step} val {val_loss:.4f}")
                 if use_hellaswag:
                     acc_norm = evaluate_hellaswag()
                     print0(f"step {step:5d} | hellaswag acc_norm {acc_norm:.4f}")
-                    log(f"{step} hella {acc_norm:.4f}")
+                log(step, val=val_loss, **({"hella": acc_norm} if use_hellaswag else {}))
+                if plots:
+                    refresh_plot()
             if use_samples and step > start_step and (step % cfg.sample_interval == 0 or step == cfg.max_steps):
                 write_samples(raw_model, step, cfg.log_dir, device, autocast)
             if step > start_step and (step % cfg.ckpt_interval == 0 or last):
-                checkpoint(step, val_loss)
+                checkpoint(step, val_loss, acc_norm)
             if last:
                 break
 
@@ -830,14 +871,17 @@ def train(cfg, given):
             if device_type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
-            mfu = f" | mfu {100 * flops_per_step / dt / (peak * world_size):.1f}%" if peak else ""
+            mfu = 100 * flops_per_step / dt / (peak * world_size) if peak else None
             print0(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | dt {1000 * dt:.0f}ms"
-                   f" | tok/sec {cfg.total_batch_size / dt:,.0f}{mfu}")
-            log(f"{step} train {loss_value:.6f}")
+                   f" | tok/sec {cfg.total_batch_size / dt:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu else ""))
+            log(step, train=loss_value, lr=lr, grad_norm=norm_value, tokens_per_sec=cfg.total_batch_size / dt,
+                **({"mfu": mfu} if mfu else {}))
             stopping = stop_value > 0
             if stopping:
                 print0("stop requested (SIGTERM/SIGINT): writing a checkpoint, then exiting (Ctrl-C again to abort)")
 
+    if wandb_run is not None:
+        wandb_run.finish()
     if ddp:
         dist.destroy_process_group()
 

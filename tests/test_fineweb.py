@@ -708,3 +708,34 @@ def test_readme_table_lists_every_flag_with_its_default():
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         expected = str(int(default)) if isinstance(default, bool) else "" if isinstance(default, list) else str(default)
         assert rows[f.name] == expected, f.name
+
+
+# -----------------------------------------------------------------------------
+# 6. Platforms and the network
+
+
+@pytest.mark.slow
+def test_spawn_start_method_as_on_macos_and_windows(tmp_path, reference, corpus):
+    """macOS and Windows start pool workers with spawn, not fork: each worker re-imports fineweb.py and gets
+    the dataset by pickling. The shards must be those of a forked run."""
+    script = tmp_path / "spawned.py"
+    script.write_text(f"import multiprocessing, sys\nsys.path.insert(0, {REPO!r})\nimport fineweb\n"
+                      f"if __name__ == '__main__':\n    multiprocessing.set_start_method('spawn')\n    fineweb.main()\n")
+    proc = subprocess.run([sys.executable, script, "--input", corpus, *map(str, REF), "--num_proc", "2",
+                           "--out_dir", tmp_path / "out"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_files(tmp_path / "out", reference)
+
+
+def test_unreachable_bpe_is_a_one_line_error_not_a_hang(tmp_path, small_corpus):
+    """Without tiktoken's cache and without network, loading GPT-2's BPE fails in this process, with one line:
+    in a pool worker's initializer the failure would make the pool respawn workers forever."""
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "fineweb.py"), "--input", small_corpus,
+                           *map(str, READER), "--out_dir", tmp_path / "out"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    [line] = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert line.startswith("fineweb.py: error: could not load GPT-2's BPE with tiktoken") and "TIKTOKEN_CACHE_DIR" in line
+    assert not any(n.endswith((".npy", ".bin")) for n in os.listdir(tmp_path / "out"))

@@ -306,6 +306,7 @@ def test_in_training_hellaswag_and_samples(shakespeare_shards, tmp_path):
     examples = list(iterate_examples("val", hellaswag_dir()))[:40]
     correct, correct_norm, n = score(model, examples)
     assert n == 40 and log["hella"][4] == pytest.approx(correct_norm / n, abs=1e-4)
+    assert ckpt["hellaswag"] == log["hella"][4] and ckpt["val_loss"] == pytest.approx(log["val"][4], abs=1e-4)
     lines = (tmp_path / "samples.txt").read_text().splitlines()
     assert [ln.split(" sample ")[0] for ln in lines] == ["2"] * 4 + ["4"] * 4
     assert all("Hello, I'm a language model," in ln for ln in lines)
@@ -332,6 +333,59 @@ def test_compiled_evals_do_not_recompile(shakespeare_shards, tmp_path):
     assert sorted(read_log(tmp_path)["hella"]) == [0, 2, 4, 6]
     after_first_step = out[out.index("step     1 | loss"):]
     assert "Recompiling" not in after_first_step, after_first_step
+
+
+# --- loss.png and Weights & Biases ---------------------------------------------------------------------
+
+
+def test_loss_png_is_redrawn_at_every_eval(data, tmp_path):
+    """log_dir/loss.png is drawn at every eval from log.txt: after the run it shows the whole run."""
+    pytest.importorskip("matplotlib", reason="plots are optional; pip install matplotlib to test them")
+    from plot import plot_log
+    train(data, tmp_path, "--max_steps", 8)
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    plot_log(tmp_path / "log.txt", tmp_path / "again.png")  # the same log drawn on demand: the same picture
+    assert png == (tmp_path / "again.png").read_bytes()
+
+
+def test_without_matplotlib_training_goes_on_and_says_so_once(data, tmp_path):
+    shim = tmp_path / "shim" / "matplotlib"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError(\"No module named 'matplotlib'\")\n")
+    proc = train(data, tmp_path / "log", "--max_steps", 8, env={**os.environ, "PYTHONPATH": str(shim.parent)})
+    assert proc.stdout.count("matplotlib is not installed, so no loss.png: pip install matplotlib") == 1
+    assert sorted(read_log(tmp_path / "log")["val"]) == [0, 4, 8] and not (tmp_path / "log" / "loss.png").exists()
+
+
+# --- Weights & Biases -----------------------------------------------------------------------------------
+
+
+def test_wandb_logs_the_run_and_a_resume_continues_it(data, tmp_path):
+    """--wandb 1 in W&B's offline mode: the run summary W&B prints holds the last train and val losses of
+    log.txt, and a resumed run continues the same W&B run (its id is kept in the checkpoint)."""
+    pytest.importorskip("wandb", reason="wandb is optional (not in requirements.txt); pip install wandb to test it")
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "false"}
+    proc = train(data, tmp_path, "--max_steps", 4, "--wandb", 1, "--wandb_run_name", "tiny", env=env,
+                 merge_stderr=True)
+    log = read_log(tmp_path)
+    summary = dict(re.findall(r"^wandb:\s+(\w+) ([\d.e+-]+)$", proc.stdout.split("Run summary:")[1], re.M))
+    assert float(summary["val"]) == pytest.approx(log["val"][4], abs=1e-4)
+    assert float(summary["train"]) == pytest.approx(log["train"][3], abs=1e-4)
+    assert {"lr", "grad_norm", "tokens_per_sec"} <= set(summary)
+    run_id = torch.load(tmp_path / "model_00004.pt", weights_only=True)["wandb_id"]
+    resume(tmp_path, "--max_steps", 6, env=env, merge_stderr=True)
+    runs = sorted(os.listdir(tmp_path / "wandb"))
+    assert [r.rsplit("-", 1)[1] for r in runs if r.startswith("offline-run-")] == [run_id, run_id]
+
+
+def test_wandb_missing_is_a_one_line_error(capsys, data, tmp_path, monkeypatch):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *TINY, "--wandb", 1)
+    assert code == 1 and err == "train_gpt2.py: error: --wandb True: wandb is not installed: pip install wandb, " \
+                                "or drop the flag\n"
 
 
 # --- fine-tuning and the end-to-end run on real text ----------------------------------------------------

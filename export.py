@@ -1,0 +1,253 @@
+"""Turn a train_gpt2.py checkpoint into a Hugging Face model folder: weights, GPT-2's tokenizer, a model card.
+
+    python export.py                                          # newest checkpoint in log/ -> log/hf_model_NNNNN/
+    python export.py --checkpoint log/model_19073.pt --out_dir gpt2-repro
+    python export.py --tokenizer DIR                          # offline: a folder with GPT-2's tokenizer files
+    python export.py --push_to_hub user/name                  # then upload it (token: HF_TOKEN or `hf auth login`)
+    python export.py --help                                   # every flag
+
+The folder holds config.json + model.safetensors (GPT2LMHeadModel; the vocabulary's padding rows past
+GPT-2's 50257 tokens are dropped), GPT-2's tokenizer files and a README.md model card with the run's
+step, tokens seen, val loss and HellaSwag score; transformers.pipeline("text-generation", model=folder)
+loads it. It is written to a temporary folder beside out_dir and renamed when complete, so an
+interrupted export leaves nothing half-written, and an existing non-empty out_dir is never touched.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+
+from train_gpt2 import (GPT2_VOCAB_SIZE, OneLineParser, TrainError, checkpoint_paths, load_checkpoint,
+                        model_from_checkpoint, parse_bool)
+
+EOT = "<|endoftext|>"  # GPT-2's only special token, id 50256: its bos, eos and unk token
+HF_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
+# OpenAI's GPT-2 124M evaluated the way train_gpt2.py evaluates (build-nanogpt's numbers), for the model card
+GPT2_124M_VAL_LOSS, GPT2_124M_HELLASWAG = 3.2924, 0.2955
+HELLASWAG_VAL_EXAMPLES = 10042
+CARD_FLAGS = ("data_dir", "init_from", "max_steps", "total_batch_size", "seq_len", "max_lr", "min_lr", "warmup_steps",
+              "weight_decay", "grad_clip", "shuffle", "seed")
+
+
+def flag(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = flag("log", "a train_gpt2.py checkpoint (log/model_NNNNN.pt), or a folder: its newest one")
+    out_dir: str = flag("", "the folder to write, which must not exist or be empty ('' = hf_model_NNNNN beside the "
+                            "checkpoint)")
+    tokenizer: str = flag("gpt2", "gpt2 (download GPT-2's tokenizer from the Hugging Face Hub), a Hugging Face "
+                                  "tokenizer folder, or a folder holding OpenAI's encoder.json + vocab.bpe")
+    push_to_hub: str = flag("", "then upload the folder to this Hugging Face model repo, user/name (created if "
+                                "missing); the token comes from HF_TOKEN or `hf auth login`")
+    private: bool = flag(False, "create the --push_to_hub repo as private")
+
+
+def parse_args(argv=None):
+    parser = OneLineParser(prog="export.py", description=__doc__.splitlines()[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(ExportConfig):
+        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=f.default,
+                            help=f.metadata["help"])
+    return ExportConfig(**vars(parser.parse_args(argv)))
+
+
+def reason(e):
+    """An exception as one short line: its type and the first sentence of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0].split('. ')[0].rstrip('.') if lines else ''}"
+
+
+def find_checkpoint(path):
+    """The checkpoint file: path itself, or the newest model_NNNNN.pt in the folder path."""
+    if os.path.isdir(path):
+        paths = checkpoint_paths(path)
+        if not paths:
+            raise TrainError(f"--checkpoint {path}: no model_NNNNN.pt checkpoint in this folder")
+        return paths[-1]
+    if not os.path.exists(path):
+        raise TrainError(f"--checkpoint {path}: no such file or folder")
+    return path
+
+
+def load_tokenizer(source, block_size):
+    """GPT-2's tokenizer, from the Hub ("gpt2"), a Hugging Face tokenizer folder, or OpenAI's encoder.json +
+    vocab.bpe; checked to be GPT-2's 50257 tokens, since a folder without tokenizer files loads as an
+    (almost) empty tokenizer rather than failing."""
+    from huggingface_hub import snapshot_download
+    from transformers import GPT2TokenizerFast
+    special = dict(bos_token=EOT, eos_token=EOT, unk_token=EOT, model_max_length=block_size)
+    if source == "gpt2":
+        try:
+            source = snapshot_download("gpt2", allow_patterns=HF_TOKENIZER_FILES)
+        except Exception as e:  # offline, no network, Hub errors: many exception types
+            raise TrainError(f"--tokenizer gpt2: cannot download GPT-2's tokenizer from the Hugging Face Hub "
+                             f"({reason(e)}); offline, pass --tokenizer a folder holding its files, or OpenAI's "
+                             f"encoder.json + vocab.bpe") from None
+    elif not os.path.isdir(source):
+        raise TrainError(f"--tokenizer {source}: no such folder; expected gpt2 (from the Hub), a Hugging Face "
+                         f"tokenizer folder or a folder holding OpenAI's encoder.json + vocab.bpe")
+    encoder, bpe = os.path.join(source, "encoder.json"), os.path.join(source, "vocab.bpe")
+    try:
+        if os.path.isfile(encoder) and os.path.isfile(bpe):
+            with open(encoder, encoding="utf-8") as f:
+                vocab = json.load(f)
+            with open(bpe, encoding="utf-8") as f:
+                merges = [tuple(line.split(" ")) for line in f.read().split("\n")[1:] if line]  # [0]: "#version: 0.2"
+            # The loaded vocab and merges, not their paths: GPT2TokenizerFast(vocab_file=..., merges_file=...)
+            # silently builds an empty tokenizer in transformers 5.
+            tok = GPT2TokenizerFast(vocab=vocab, merges=merges, **special)
+        else:
+            tok = GPT2TokenizerFast.from_pretrained(source, **special)
+    except Exception as e:  # corrupt files: json, tokenizers and transformers each raise their own types
+        raise TrainError(f"--tokenizer {source}: cannot read the tokenizer ({reason(e)})") from None
+    if len(tok) != GPT2_VOCAB_SIZE or tok.convert_tokens_to_ids(EOT) != GPT2_VOCAB_SIZE - 1:
+        raise TrainError(f"--tokenizer {source}: no GPT-2 tokenizer there (vocabulary of {len(tok)}, not "
+                         f"{GPT2_VOCAB_SIZE} ending in {EOT}); expected a folder holding tokenizer.json, "
+                         f"vocab.json + merges.txt, or OpenAI's encoder.json + vocab.bpe")
+    return tok
+
+
+def model_card(ckpt, model_id, checkpoint_name, n_params, vocab_size, has_tokenizer):
+    """README.md: the Hub's metadata, then what the model is, how it scores next to GPT-2 124M, and how to use it."""
+    run, c, step = ckpt["config"], ckpt["model_config"], ckpt["step"]
+    val_loss, hellaswag = ckpt.get("val_loss"), ckpt.get("hellaswag")  # None where not measured
+    val_loss = "not measured" if val_loss is None else f"{val_loss:.4f} on the val split of `{run['data_dir']}`"
+    hellaswag_n = run.get("hellaswag_limit") or HELLASWAG_VAL_EXAMPLES
+    hellaswag = "not measured" if hellaswag is None else f"{hellaswag:.4f} on {hellaswag_n:,} val examples"
+    vocab, padding = f"{vocab_size}", c["vocab_size"] - vocab_size
+    if padding:
+        vocab += f" (trained with {c['vocab_size']}; the {padding} padding rows, which no token reaches, are dropped)"
+    flags = "\n".join(f"| `--{k}` | `{run[k]}` |" for k in CARD_FLAGS if k in run)
+    if has_tokenizer:
+        usage = f"""```python
+from transformers import pipeline
+
+generator = pipeline("text-generation", model="{model_id}")
+print(generator("Hello, I'm a language model,", max_new_tokens=30, do_sample=True, top_k=50)[0]["generated_text"])
+```"""
+    else:
+        usage = (f"Its vocabulary is not GPT-2's, so it comes without a tokenizer: load it with "
+                 f'`GPT2LMHeadModel.from_pretrained("{model_id}")` and give it token ids.')
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+license: mit
+tags:
+- gpt2
+---
+
+# {os.path.basename(model_id)}
+
+A GPT-2-architecture language model ({n_params / 1e6:.1f}M parameters) trained with `train_gpt2.py`, a
+PyTorch reproduction of GPT-2 (124M): its checkpoint `{checkpoint_name}`. It is a base model: it
+continues text, with the biases of its training data, and follows no instructions.
+
+## Results
+
+| | this model | GPT-2 124M |
+| --- | --- | --- |
+| step | {step:,} of {run["max_steps"]:,} | |
+| tokens seen | {step * run["total_batch_size"]:,} ({step:,} steps x {run["total_batch_size"]:,}) | |
+| val loss | {val_loss} | {GPT2_124M_VAL_LOSS} on the FineWeb-Edu val shard |
+| HellaSwag acc_norm | {hellaswag} | {GPT2_124M_HELLASWAG} on {HELLASWAG_VAL_EXAMPLES:,} val examples |
+
+## Model
+
+GPT-2's architecture (pre-LayerNorm transformer, tanh GELU, tied input and output embeddings); it
+loads as `GPT2LMHeadModel`.
+
+| n_layer | n_head | n_embd | block_size (context) | vocab_size |
+| --- | --- | --- | --- | --- |
+| {c["n_layer"]} | {c["n_head"]} | {c["n_embd"]} | {c["block_size"]} | {vocab} |
+
+## Training
+
+| flag | value |
+| --- | --- |
+{flags}
+
+## Usage
+
+{usage}
+"""
+
+
+def push(folder, repo_id, private):
+    from huggingface_hub import HfApi
+    api = HfApi()  # the token: HF_TOKEN, or the one `hf auth login` saved
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"export.py: {os.path.basename(folder)}")
+    except Exception as e:  # offline, no network, no or bad token, no rights: many exception types
+        raise TrainError(f"--push_to_hub {repo_id}: {reason(e)}; the folder is saved in {folder}: upload it later "
+                         f"with `hf upload {repo_id} {folder}{' --private' if private else ''}`") from None
+    print(f"pushed to {url}")
+
+
+def export(cfg):
+    if cfg.push_to_hub and not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.push_to_hub):
+        raise TrainError(f"--push_to_hub {cfg.push_to_hub}: expected a Hugging Face repo id, user/name")
+    if cfg.private and not cfg.push_to_hub:
+        raise TrainError("--private: only means something with --push_to_hub user/name")
+    path = find_checkpoint(cfg.checkpoint)
+    try:
+        ckpt = load_checkpoint(path)
+    except TrainError as e:
+        raise TrainError(f"--checkpoint {e}") from None
+    out_dir = os.path.normpath(cfg.out_dir or os.path.join(os.path.dirname(path), f"hf_model_{ckpt['step']:05d}"))
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise TrainError(f"--out_dir {out_dir}: already exists and is not an empty folder; pick another --out_dir "
+                         f"or delete it")
+
+    model = model_from_checkpoint(ckpt)
+    vocab_size = min(model.config.vocab_size, GPT2_VOCAB_SIZE)  # what save_pretrained keeps
+    tokenizer = None
+    if vocab_size == GPT2_VOCAB_SIZE:
+        tokenizer = load_tokenizer(cfg.tokenizer, model.config.block_size)
+    else:
+        print(f"note: the model's vocabulary has {vocab_size} tokens, fewer than GPT-2's {GPT2_VOCAB_SIZE}, so "
+              f"GPT-2's tokenizer cannot go with it: exporting the weights without tokenizer files")
+    n_params = sum(p.numel() for p in model.parameters()) - (model.config.vocab_size - vocab_size) * model.config.n_embd
+
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(tmp)
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)  # tokenizer.json, tokenizer_config.json
+            tokenizer.backend_tokenizer.model.save(tmp)  # vocab.json + merges.txt, for tools that read those
+        card = model_card(ckpt, cfg.push_to_hub or out_dir, os.path.basename(path), n_params, vocab_size,
+                          tokenizer is not None)
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
+        os.replace(tmp, out_dir)  # replaces an empty out_dir; fails, touching nothing, on a non-empty one
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"saved {out_dir}")
+    if tokenizer is not None:
+        print(f'load it with: transformers.pipeline("text-generation", model="{out_dir}")')
+    else:
+        print(f'load it with: transformers.GPT2LMHeadModel.from_pretrained("{out_dir}")')
+    if cfg.push_to_hub:
+        push(out_dir, cfg.push_to_hub, cfg.private)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        export(cfg)
+    except TrainError as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Plot train loss, val loss and HellaSwag acc_norm against step from a train_gpt2.py log.
+
+    python plot.py                                                  # log/log.txt -> log/loss.png
+    python plot.py --log_file run2/log.txt --out run2.png --references 0
+    python plot.py --help                                           # every flag
+
+train_gpt2.py calls plot_log() at every eval, so log/loss.png follows a run as it trains (when matplotlib
+is installed). The dashed lines are OpenAI's GPT-2 124M on the same evals: val loss 3.2924 on the
+FineWeb-Edu val shard, and HellaSwag acc_norm 0.2955 (hellaswag.py --model gpt2).
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+
+from train_gpt2 import OneLineParser, parse_bool
+
+GPT2_VAL_LOSS = 3.2924
+GPT2_HELLA = 0.2955
+
+
+class PlotError(ValueError):
+    """A missing, empty or malformed log: main() prints it as one line and exits 1."""
+
+
+def read_log(log_file):
+    """log.txt's `STEP KIND VALUE` lines as {kind: ([steps], [values])}, in file order. Every kind is
+    kept, not only train, val and hella; plot_log() draws those three and ignores the rest."""
+    if not os.path.exists(log_file):
+        raise PlotError(f"{log_file} not found; pass --log_file")
+    series = {}
+    with open(log_file) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                step, kind, value = line.split()
+                step, value = int(step), float(value)
+            except ValueError:
+                raise PlotError(f"{log_file} line {n}: expected STEP KIND VALUE, e.g. '250 val 3.2924', "
+                                f"got {line.strip()!r}") from None
+            steps, values = series.setdefault(kind, ([], []))
+            steps.append(step)
+            values.append(value)
+    if not series:
+        raise PlotError(f"{log_file}: no log lines yet")
+    return series
+
+
+def plot_log(log_file, out_png, references=True):
+    """Draw log_file's losses and HellaSwag acc_norm into out_png; returns out_png. Raises PlotError for a
+    bad log, and ImportError without matplotlib (imported here, so that training runs without it)."""
+    from matplotlib.figure import Figure
+
+    series = read_log(log_file)
+    fig = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
+    last_step = max(max(steps) for steps, _ in series.values())
+    fig.suptitle(f"{log_file}, step {last_step}")
+    loss_ax, hella_ax = fig.subplots(1, 2)
+
+    if "train" in series:
+        loss_ax.plot(*series["train"], linewidth=0.8, alpha=0.7, color="C0", label="train loss")
+    if "val" in series:
+        loss_ax.plot(*series["val"], "o-", markersize=3, color="C1", label="val loss")
+    if references:
+        loss_ax.axhline(GPT2_VAL_LOSS, color="gray", linestyle="--",
+                        label=f"OpenAI GPT-2 124M val loss ({GPT2_VAL_LOSS}, FineWeb-Edu val shard)")
+    loss_ax.set(xlabel="step", ylabel="loss", title="train and val loss")
+    if loss_ax.lines:  # a log of HellaSwag lines only, drawn with references=False, has none
+        loss_ax.legend()
+
+    if "hella" in series:
+        hella_ax.plot(*series["hella"], "o-", markersize=3, color="C2", label="HellaSwag acc_norm")
+        if references:
+            hella_ax.axhline(GPT2_HELLA, color="gray", linestyle="--",
+                             label=f"OpenAI GPT-2 124M acc_norm ({GPT2_HELLA})")
+        hella_ax.legend()
+    else:
+        hella_ax.text(0.5, 0.5, "no HellaSwag evals in this log", ha="center", va="center",
+                      transform=hella_ax.transAxes)
+    hella_ax.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
+    for ax in (loss_ax, hella_ax):
+        ax.grid(alpha=0.3)
+
+    # Saved beside out_png, then renamed over it: someone viewing loss.png mid-run never sees half a file.
+    os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
+    tmp = f"{out_png}.{os.getpid()}.tmp"
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out_png)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out_png
+
+
+def flag(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PlotConfig:
+    log_file: str = flag("log/log.txt", "train_gpt2.py's log: STEP KIND VALUE lines, KIND train, val or hella")
+    out: str = flag("", "PNG to write ('' = loss.png beside --log_file)")
+    references: bool = flag(True, "draw OpenAI GPT-2 124M's val loss and acc_norm as dashed lines")
+
+
+def parse_args(argv=None):
+    parser = OneLineParser(prog="plot.py", description=__doc__.splitlines()[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(PlotConfig):
+        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=f.default,
+                            help=f.metadata["help"])
+    return PlotConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    out = cfg.out or os.path.join(os.path.dirname(cfg.log_file), "loss.png")
+    try:
+        print(plot_log(cfg.log_file, out, cfg.references))
+    except PlotError as e:
+        sys.exit(f"plot.py: error: {e}")
+    except ImportError as e:
+        sys.exit(f"plot.py: error: matplotlib could not be imported ({e}); pip install matplotlib")
+
+
+if __name__ == "__main__":
+    main()
