@@ -143,12 +143,12 @@ def run(script, args, cwd, cfg, tokens_per_step):
 
 
 def ours(mb, variant, cfg, run_dir):
-    """train_gpt2.py at micro-batch mb: evals, HellaSwag, samples and checkpoints pushed outside the timed steps."""
+    """train_gpt2.py at micro-batch mb: evals, HellaSwag, samples, plots and checkpoints outside the timed steps."""
     n = cfg.warmup + cfg.steps
     flags = shlex.split(cfg.train_flags) + shlex.split(variant) + ["--micro_batch_size", str(mb)]
     args = ["--data_dir", os.path.abspath(cfg.data_dir), "--log_dir", run_dir, "--max_steps", n,
             "--eval_interval", n, "--val_steps", 1, "--ckpt_interval", n, "--keep_last", 1, "--hellaswag", 0,
-            "--sample_interval", 0, *flags]
+            "--sample_interval", 0, "--plot", 0, *flags]
     try:
         return run(os.path.join(REPO, "train_gpt2.py"), args, REPO, cfg, parse_train_args(flags)[0].total_batch_size)
     finally:

@@ -9,10 +9,8 @@ fineweb.py runs in this process through fineweb.main (fast), except where a real
 datasets' arrow cache goes to a temporary folder (see hf_cache), never to ~/.cache.
 """
 
-import dataclasses
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -696,18 +694,6 @@ def test_damaged_manifest_is_a_one_line_error(tmp_path, reference, corpus):
     (out / "manifest.json").write_text("")
     status, message = fineweb_main("--num_proc", 1, "--input", corpus, *REF, "--out_dir", out)
     assert status == 1 and message.startswith("fineweb.py: error:")
-
-
-def test_readme_table_lists_every_flag_with_its_default():
-    with open(os.path.join(REPO, "README.md")) as f:
-        section = f.read().split("### 1. Prepare the data")[1].split("\n### ")[0]
-    rows = {name: value.strip("` ") for name, value in re.findall(r"^\| `--(\w+)` \|([^|]*)\|", section, re.M)}
-    fields = dataclasses.fields(fineweb.FinewebConfig)
-    assert set(rows) == {f.name for f in fields}
-    for f in fields:
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        expected = str(int(default)) if isinstance(default, bool) else "" if isinstance(default, list) else str(default)
-        assert rows[f.name] == expected, f.name
 
 
 # -----------------------------------------------------------------------------
