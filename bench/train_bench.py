@@ -11,7 +11,7 @@ per step) unless --train_flags say otherwise. The data are synthetic shards in t
 real shards already there. The first --warmup steps (compilation, allocator growth) are not timed; ms/step
 is the median of the next --steps steps, from the tok/sec that the step line prints. MFU = tokens/s x FLOPs
 per token (GPT.flops_per_token: 6N + 12LTd) / the matmul rate this script measures on the same device once
-the runs are done: bfloat16 on CUDA, float32 on CPU. Peak memory is torch.cuda.max_memory_allocated on CUDA
+the runs are done, in the runs' dtype (bfloat16 on CUDA by default). Peak memory is torch.cuda.max_memory_allocated on CUDA
 and the process's peak RSS on CPU, read when the run exits. A micro-batch size of `max` doubles the one
 before it until a run is out of memory (or one micro-batch is the whole batch): the largest that fits.
 
@@ -48,7 +48,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from train_gpt2 import (GPT, MODEL_FLAGS, GPTConfig, OneLineParser, auto_flag, parse_args as parse_train_args,  # noqa: E402
-                        parse_bool)
+                        parse_bool, use_bf16)
 
 # Runs a script as __main__ and, when it exits, prints its peak memory: the same probe for both scripts.
 PEAK_PROBE = """
@@ -185,10 +185,10 @@ def write_reference(cfg, train_cfg, device_type):
     return edits
 
 
-def matmul_peak(device):
-    """Measured dense matmul FLOP/s: bfloat16 on CUDA, float32 on CPU."""
+def matmul_peak(device, dtype):
+    """Measured dense matmul FLOP/s in dtype: the rate the runs' matmuls could reach at best."""
     cuda = device.startswith("cuda")
-    n, dtype, iters = (8192, torch.bfloat16, 50) if cuda else (1024, torch.float32, 20)
+    n, iters = (8192, 50) if cuda else (1024, 20)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
@@ -251,8 +251,8 @@ def main(argv=None):
                      "searching": False, **row})
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
 
-    peak = matmul_peak(device)
-    kind = "bfloat16" if device.startswith("cuda") else "float32"
+    kind = "bfloat16" if use_bf16(train_cfg.dtype, device_type) else "float32"
+    peak = matmul_peak(device, getattr(torch, kind))
     gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{os.cpu_count()} CPU cores"
     ref = rows[-1] if cfg.reference and "error" not in rows[-1] else None
     print(f"### train_gpt2.py training step, {train_cfg.n_layer}L/{train_cfg.n_head}H/{train_cfg.n_embd}d, "
