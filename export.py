@@ -13,8 +13,6 @@ loads it. It is written to a temporary folder beside out_dir and renamed when co
 interrupted export leaves nothing half-written, and an existing non-empty out_dir is never touched.
 """
 
-import argparse
-import dataclasses
 import json
 import os
 import re
@@ -22,8 +20,8 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from train_gpt2 import (GPT2_VOCAB_SIZE, OneLineParser, TrainError, checkpoint_paths, load_checkpoint,
-                        model_from_checkpoint, parse_bool)
+from train_gpt2 import (GPT2_VOCAB_SIZE, TrainError, checkpoint_paths, config_parser, flag, load_checkpoint,
+                        model_from_checkpoint)
 
 EOT = "<|endoftext|>"  # GPT-2's only special token, id 50256: its bos, eos and unk token
 HF_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
@@ -32,10 +30,6 @@ GPT2_124M_VAL_LOSS, GPT2_124M_HELLASWAG = 3.2924, 0.2955
 HELLASWAG_VAL_EXAMPLES = 10042
 CARD_FLAGS = ("data_dir", "init_from", "max_steps", "total_batch_size", "seq_len", "max_lr", "min_lr", "warmup_steps",
               "weight_decay", "grad_clip", "shuffle", "seed")
-
-
-def flag(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -51,12 +45,7 @@ class ExportConfig:
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(prog="export.py", description=__doc__.splitlines()[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(ExportConfig):
-        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=f.default,
-                            help=f.metadata["help"])
-    return ExportConfig(**vars(parser.parse_args(argv)))
+    return ExportConfig(**vars(config_parser(ExportConfig, "export.py", __doc__).parse_args(argv)))
 
 
 def reason(e):

@@ -9,9 +9,7 @@ generate() to print samples as it trains. The prompt is run through the model on
 after that each new token costs one token's forward instead of the whole sequence's.
 """
 
-import argparse
 import contextlib
-import dataclasses
 import math
 import os
 import re
@@ -20,12 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from train_gpt2 import (GPT2_VOCAB_SIZE, PRETRAINED, KVCache, OneLineParser, TrainError, auto_flag, load_model,
+from train_gpt2 import (GPT2_VOCAB_SIZE, PRETRAINED, KVCache, TrainError, auto_flag, config_parser, flag, load_model,
                         print0, resolve_device, use_bf16)
-
-
-def flag(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -103,11 +97,7 @@ def generate(model, tokens, num_return_sequences, max_new_tokens, temperature=1.
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(prog="generate.py", description=__doc__.splitlines()[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(GenerateConfig):
-        parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"])
-    return GenerateConfig(**vars(parser.parse_args(argv)))
+    return GenerateConfig(**vars(config_parser(GenerateConfig, "generate.py", __doc__).parse_args(argv)))
 
 
 def check_flags(cfg):

@@ -19,7 +19,6 @@ $HELLASWAG_DIR, by default ~/.cache/gpt2-repro/hellaswag; $HELLASWAG_URL overrid
 The test split's labels are not public, so only train and val can be scored.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import itertools
@@ -222,10 +221,8 @@ class HellaswagConfig:
 
 def parse_args(argv=None):
     # Imported here, not at the top: train_gpt2.py may import this module, and the cycle must not run at import.
-    from train_gpt2 import PRETRAINED, OneLineParser
-    parser = OneLineParser(prog="hellaswag.py", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(HellaswagConfig):
-        parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"])
+    from train_gpt2 import PRETRAINED, config_parser
+    parser = config_parser(HellaswagConfig, "hellaswag.py", __doc__)
     cfg = HellaswagConfig(**vars(parser.parse_args(argv)))
     checks = [("split", cfg.split in SCORED_SPLITS, "expected train or val (HellaSwag's test labels are not public)"),
               ("limit", cfg.limit >= 0, "must be >= 0"),

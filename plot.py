@@ -9,13 +9,11 @@ is installed). The dashed lines are OpenAI's GPT-2 124M on the same evals: val l
 FineWeb-Edu val shard, and HellaSwag acc_norm 0.2955 (hellaswag.py --model gpt2).
 """
 
-import argparse
-import dataclasses
 import os
 import sys
 from dataclasses import dataclass
 
-from train_gpt2 import OneLineParser, parse_bool
+from train_gpt2 import config_parser, flag
 
 GPT2_VAL_LOSS = 3.2924
 GPT2_HELLA = 0.2955
@@ -96,10 +94,6 @@ def plot_log(log_file, out_png, references=True):
     return out_png
 
 
-def flag(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclass
 class PlotConfig:
     log_file: str = flag("log/log.txt", "train_gpt2.py's log: STEP KIND VALUE lines, KIND train, val or hella")
@@ -108,12 +102,7 @@ class PlotConfig:
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(prog="plot.py", description=__doc__.splitlines()[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(PlotConfig):
-        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=f.default,
-                            help=f.metadata["help"])
-    return PlotConfig(**vars(parser.parse_args(argv)))
+    return PlotConfig(**vars(config_parser(PlotConfig, "plot.py", __doc__).parse_args(argv)))
 
 
 def main(argv=None):

@@ -344,42 +344,47 @@ class DataLoaderLite:
 # Run configuration: one dataclass; its fields are the command-line flags
 
 
+def flag(default, help):
+    """A field of a config dataclass: its default, and its help for the command line."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    data_dir: str = dataclasses.field(default="edu_fineweb10B", metadata={"help": "folder of *train*/*val* token shards (.npy or llm.c .bin)"})
-    log_dir: str = dataclasses.field(default="log", metadata={"help": "where log.txt and model_NNNNN.pt checkpoints go"})
-    init_from: str = dataclasses.field(default="scratch", metadata={"help": "scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder"})
-    micro_batch_size: int = dataclasses.field(default=64, metadata={"help": "sequences per forward pass per GPU; lower it if out of memory"})
-    seq_len: int = dataclasses.field(default=1024, metadata={"help": "tokens per sequence"})
-    total_batch_size: int = dataclasses.field(default=524288, metadata={"help": "tokens per optimizer step, over all GPUs (2**19, ~0.5M, as GPT-3 small)"})
-    max_steps: int = dataclasses.field(default=19073, metadata={"help": "optimizer steps (19073 x 524288 tokens = 10B tokens)"})
-    warmup_steps: int = dataclasses.field(default=715, metadata={"help": "steps of linear LR warmup (375M tokens, as GPT-3)"})
-    max_lr: float = dataclasses.field(default=6e-4, metadata={"help": "peak learning rate"})
-    min_lr: float = dataclasses.field(default=6e-5, metadata={"help": "learning rate at and after max_steps (cosine decay)"})
-    weight_decay: float = dataclasses.field(default=0.1, metadata={"help": "AdamW weight decay, on tensors of dim >= 2 only"})
-    grad_clip: float = dataclasses.field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = no clipping)"})
-    block_size: int = dataclasses.field(default=1024, metadata={"help": "model context length (scratch only; else from the weights)"})
-    n_layer: int = dataclasses.field(default=12, metadata={"help": "transformer blocks (scratch only)"})
-    n_head: int = dataclasses.field(default=12, metadata={"help": "attention heads (scratch only)"})
-    n_embd: int = dataclasses.field(default=768, metadata={"help": "model width (scratch only)"})
-    vocab_size: int = dataclasses.field(default=50304, metadata={"help": "50257 padded to a multiple of 128, for faster matmuls (scratch only)"})
-    eval_interval: int = dataclasses.field(default=250, metadata={"help": "steps between val-loss evaluations"})
-    val_steps: int = dataclasses.field(default=20, metadata={"help": "val micro-batches per rank per evaluation"})
-    ckpt_interval: int = dataclasses.field(default=5000, metadata={"help": "steps between checkpoints (one is always written at the end)"})
-    keep_last: int = dataclasses.field(default=3, metadata={"help": "checkpoints kept in log_dir, newest first (0 = keep all)"})
-    shuffle: bool = dataclasses.field(default=False, metadata={"help": "shuffle the train shard order each epoch (from the seed)"})
-    device: str = dataclasses.field(default="auto", metadata={"help": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"})
-    dtype: str = dataclasses.field(default="auto", metadata={"help": "auto (bfloat16 autocast on CUDA, float32 elsewhere), bfloat16 or float32"})
-    compile: str = dataclasses.field(default="auto", metadata={"help": "torch.compile the model: auto (on for CUDA), 1 or 0"})
-    hellaswag: str = dataclasses.field(default="auto", metadata={"help": "HellaSwag acc_norm at every eval: auto (on for CUDA), 1 or 0"})
-    hellaswag_dir: str = dataclasses.field(default="", metadata={"help": "folder holding hellaswag_val.jsonl ('' = download it to hellaswag.py's cache)"})
-    hellaswag_limit: int = dataclasses.field(default=0, metadata={"help": "HellaSwag val examples per eval (0 = all 10042)"})
-    sample_interval: int = dataclasses.field(default=250, metadata={"help": "steps between 4 samples printed and added to samples.txt (0 = never)"})
-    plot: bool = dataclasses.field(default=True, metadata={"help": "redraw log_dir/loss.png at every eval (needs matplotlib)"})
-    wandb: bool = dataclasses.field(default=False, metadata={"help": "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works without network)"})
-    wandb_project: str = dataclasses.field(default="gpt2-repro", metadata={"help": "W&B project"})
-    wandb_run_name: str = dataclasses.field(default="", metadata={"help": "W&B run name ('' = W&B picks one)"})
-    seed: int = dataclasses.field(default=1337, metadata={"help": "random seed for the init and the shard shuffle"})
+    data_dir: str = flag("edu_fineweb10B", "folder of *train*/*val* token shards (.npy or llm.c .bin)")
+    log_dir: str = flag("log", "where log.txt and model_NNNNN.pt checkpoints go")
+    init_from: str = flag("scratch", "scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder")
+    micro_batch_size: int = flag(64, "sequences per forward pass per GPU; lower it if out of memory")
+    seq_len: int = flag(1024, "tokens per sequence")
+    total_batch_size: int = flag(524288, "tokens per optimizer step, over all GPUs (2**19, ~0.5M, as GPT-3 small)")
+    max_steps: int = flag(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)")
+    warmup_steps: int = flag(715, "steps of linear LR warmup (375M tokens, as GPT-3)")
+    max_lr: float = flag(6e-4, "peak learning rate")
+    min_lr: float = flag(6e-5, "learning rate at and after max_steps (cosine decay)")
+    weight_decay: float = flag(0.1, "AdamW weight decay, on tensors of dim >= 2 only")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    block_size: int = flag(1024, "model context length (scratch only; else from the weights)")
+    n_layer: int = flag(12, "transformer blocks (scratch only)")
+    n_head: int = flag(12, "attention heads (scratch only)")
+    n_embd: int = flag(768, "model width (scratch only)")
+    vocab_size: int = flag(50304, "50257 padded to a multiple of 128, for faster matmuls (scratch only)")
+    eval_interval: int = flag(250, "steps between val-loss evaluations")
+    val_steps: int = flag(20, "val micro-batches per rank per evaluation")
+    ckpt_interval: int = flag(5000, "steps between checkpoints (one is always written at the end)")
+    keep_last: int = flag(3, "checkpoints kept in log_dir, newest first (0 = keep all)")
+    shuffle: bool = flag(False, "shuffle the train shard order each epoch (from the seed)")
+    device: str = flag("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = flag("auto", "auto (bfloat16 autocast on CUDA, float32 elsewhere), bfloat16 or float32")
+    compile: str = flag("auto", "torch.compile the model: auto (on for CUDA), 1 or 0")
+    hellaswag: str = flag("auto", "HellaSwag acc_norm at every eval: auto (on for CUDA), 1 or 0")
+    hellaswag_dir: str = flag("", "folder holding hellaswag_val.jsonl ('' = download it to hellaswag.py's cache)")
+    hellaswag_limit: int = flag(0, "HellaSwag val examples per eval (0 = all 10042)")
+    sample_interval: int = flag(250, "steps between 4 samples printed and added to samples.txt (0 = never)")
+    plot: bool = flag(True, "redraw log_dir/loss.png at every eval (needs matplotlib)")
+    wandb: bool = flag(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works without network)")
+    wandb_project: str = flag("gpt2-repro", "W&B project")
+    wandb_run_name: str = flag("", "W&B run name ('' = W&B picks one)")
+    seed: int = flag(1337, "random seed for the init and the shard shuffle")
 
 
 MODEL_FLAGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
@@ -400,11 +405,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser(with_defaults=True):
-    """Flags from TrainConfig's fields. Without defaults, parsing returns only the flags given."""
-    parser = OneLineParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def config_parser(config_class, prog, doc, with_defaults=True):
+    """A parser with one flag per field of config_class (`--name value` or `--name=value`; booleans take
+    1/0/true/false) and doc's first line as its description. Without defaults, parsing returns only
+    the flags given. Every script's flags come from here."""
+    parser = OneLineParser(prog=prog, description=doc.splitlines()[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                            argument_default=None if with_defaults else argparse.SUPPRESS)
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(config_class):
         kwargs = {"default": f.default} if with_defaults else {}
         parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type,
                             help=f.metadata["help"], **kwargs)
@@ -413,8 +421,8 @@ def build_parser(with_defaults=True):
 
 def parse_args(argv=None):
     """The run's flags, and the names of those given on the command line."""
-    cfg = TrainConfig(**vars(build_parser().parse_args(argv)))
-    given = vars(build_parser(with_defaults=False).parse_args(argv))
+    cfg = TrainConfig(**vars(config_parser(TrainConfig, "train_gpt2.py", __doc__).parse_args(argv)))
+    given = vars(config_parser(TrainConfig, "train_gpt2.py", __doc__, with_defaults=False).parse_args(argv))
     return cfg, given
 
 

@@ -16,8 +16,6 @@ each size's timings, both loops run once untimed with 8 new tokens (first-call a
 setup). Torch's default thread count is kept.
 """
 
-import argparse
-import dataclasses
 import datetime
 import os
 import platform
@@ -32,14 +30,10 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from generate import generate  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, OneLineParser, parse_bool  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, config_parser, flag  # noqa: E402
 
 PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model," in GPT-2 tokens
 TARGET = 5.0  # the KV cache's speedup we aim for at 5 x 200 on CPU
-
-
-def flag(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -52,11 +46,7 @@ class BenchConfig:
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(prog="generate_bench.py", description=__doc__.splitlines()[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(BenchConfig):
-        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=f.default,
-                            help=f.metadata["help"])
+    parser = config_parser(BenchConfig, "generate_bench.py", __doc__)
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
     try:
         sizes = [tuple(int(n) for n in size.split("x")) for size in cfg.sizes.split(",")]

@@ -28,8 +28,6 @@ the same shards, at micro-batch --reference_micro_batch_size. Its step 0 and las
 eval; both fall outside the timed steps. It is always GPT-2 124M, so compare it with rows of that shape.
 """
 
-import argparse
-import dataclasses
 import datetime
 import os
 import platform
@@ -47,8 +45,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from train_gpt2 import (GPT, MODEL_FLAGS, GPTConfig, OneLineParser, auto_flag, parse_args as parse_train_args,  # noqa: E402
-                        parse_bool, use_bf16)
+from train_gpt2 import (GPT, MODEL_FLAGS, GPTConfig, auto_flag, config_parser, flag,  # noqa: E402
+                        parse_args as parse_train_args, use_bf16)
 
 # Runs a script as __main__ and, when it exits, prints its peak memory: the same probe for both scripts.
 PEAK_PROBE = """
@@ -69,10 +67,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 STEP_LINE = re.compile(r"^step\s+(\d+) \| loss:? (\S+) \|.*\| tok/sec:? ([\d,.]+)", re.MULTILINE)
 
 
-def flag(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclass
 class BenchConfig:
     micro_batch_sizes: str = flag("16,32,64,max", "comma-separated micro-batch sizes; max = double until out of memory")
@@ -89,11 +83,7 @@ class BenchConfig:
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(prog="train_bench.py", description=__doc__.splitlines()[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(BenchConfig):
-        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=f.default,
-                            help=f.metadata["help"])
+    parser = config_parser(BenchConfig, "train_bench.py", __doc__)
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
     sizes = cfg.micro_batch_sizes.split(",")
     numbers = sizes[:-1] if sizes[-1] == "max" else sizes
