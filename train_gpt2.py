@@ -741,9 +741,10 @@ def train(cfg, given):
                                resume="allow")
 
     def log(step, **values):
-        """Rank 0: log.txt lines in build-nanogpt's format (STEP KIND VALUE), and every value to W&B."""
+        """Rank 0: log.txt lines in build-nanogpt's format (STEP KIND VALUE), and every value but None to W&B."""
         if rank != 0:
             return
+        values = {k: v for k, v in values.items() if v is not None}
         with open(log_file, "a") as f:
             for kind in ("val", "hella", "train"):
                 if kind in values:
@@ -843,7 +844,7 @@ def train(cfg, given):
                 if use_hellaswag:
                     acc_norm = evaluate_hellaswag()
                     print0(f"step {step:5d} | hellaswag acc_norm {acc_norm:.4f}")
-                log(step, val=val_loss, **({"hella": acc_norm} if use_hellaswag else {}))
+                log(step, val=val_loss, hella=acc_norm)
                 if plots:
                     refresh_plot()
             if use_samples and step > start_step and (step % cfg.sample_interval == 0 or step == cfg.max_steps):
@@ -882,8 +883,7 @@ def train(cfg, given):
             mfu = 100 * flops_per_step / dt / (peak * world_size) if peak else None
             print0(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | dt {1000 * dt:.0f}ms"
                    f" | tok/sec {cfg.total_batch_size / dt:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu else ""))
-            log(step, train=loss_value, lr=lr, grad_norm=norm_value, tokens_per_sec=cfg.total_batch_size / dt,
-                **({"mfu": mfu} if mfu else {}))
+            log(step, train=loss_value, lr=lr, grad_norm=norm_value, tokens_per_sec=cfg.total_batch_size / dt, mfu=mfu)
             stopping = stop_value > 0
             if stopping:
                 print0("stop requested (SIGTERM/SIGINT): writing a checkpoint, then exiting (Ctrl-C again to abort)")

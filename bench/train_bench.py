@@ -192,22 +192,6 @@ def matmul_peak(device, dtype):
     return 2 * n ** 3 * iters / (time.perf_counter() - t0)
 
 
-def sizes_to_try(cfg, train_cfg):
-    """The micro-batch sizes, `max` expanded lazily: yields a size, is sent whether it fit."""
-    sizes = cfg.micro_batch_sizes.split(",")
-    biggest = train_cfg.total_batch_size // train_cfg.seq_len
-    for s in sizes:
-        if s != "max":
-            yield int(s), False
-            continue
-        mb = int(sizes[-2]) * 2
-        while mb <= biggest and train_cfg.total_batch_size % (mb * train_cfg.seq_len) == 0:
-            fits = yield mb, True
-            if not fits:
-                break
-            mb *= 2
-
-
 def main(argv=None):
     cfg, train_cfg = parse_args(argv)
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
@@ -223,18 +207,24 @@ def main(argv=None):
 
     rows = []
     run_root = os.path.abspath(os.path.join(cfg.data_dir, "runs"))
+    sizes = cfg.micro_batch_sizes.split(",")
+    explicit = [int(s) for s in sizes if s != "max"]
+    biggest = train_cfg.total_batch_size // train_cfg.seq_len
+
+    def add_row(mb, variant, searching):
+        rows.append({"name": f"train_gpt2.py {variant.strip()}".strip(), "mb": mb, "searching": searching,
+                     **ours(mb, variant, cfg, os.path.join(run_root, f"run{len(rows)}"))})
+        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+
     for variant in cfg.variants.split(";"):
-        sizes = sizes_to_try(cfg, train_cfg)
-        try:
-            mb, searching = next(sizes)
-            while True:
-                row = {"name": f"train_gpt2.py {variant.strip()}".strip(), "mb": mb, "searching": searching,
-                       **ours(mb, variant, cfg, os.path.join(run_root, f"run{len(rows)}"))}
-                print(f"  {row}", file=sys.stderr, flush=True)
-                rows.append(row)
-                mb, searching = sizes.send("error" not in row)
-        except StopIteration:
-            pass
+        for mb in explicit:
+            add_row(mb, variant, False)
+        mb = explicit[-1] * 2  # `max`: double until a run is out of memory or one micro-batch is the whole batch
+        while sizes[-1] == "max" and mb <= biggest and train_cfg.total_batch_size % (mb * train_cfg.seq_len) == 0:
+            add_row(mb, variant, True)
+            if "error" in rows[-1]:
+                break
+            mb *= 2
     if cfg.reference:
         row = run("bench_train_gpt2.py", [], os.path.abspath(cfg.reference), cfg, train_cfg.total_batch_size)
         rows.append({"name": "build-nanogpt train_gpt2.py", "mb": cfg.reference_micro_batch_size,
