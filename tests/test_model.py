@@ -257,6 +257,17 @@ def test_forward_outputs_and_loss(small_model):
     torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 1000), targets.reshape(-1)))
 
 
+def test_any_targets_layout(small_model):
+    """model(x[:, :-1], x[:, 1:]): slices of one tensor, non-contiguous, give the loss of contiguous copies,
+    and so do transposed (column-major) targets."""
+    x = random_tokens(1000, B=3, T=21)
+    inputs, targets = x[:, :-1], x[:, 1:]
+    assert not targets.is_contiguous()
+    expected = small_model(inputs.contiguous(), targets.contiguous())[1]
+    assert torch.equal(small_model(inputs, targets)[1], expected)
+    assert torch.equal(small_model(inputs, targets.t().contiguous().t())[1], expected)
+
+
 def test_initial_loss_padded_vocab():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50304, block_size=64, n_layer=2, n_head=4, n_embd=64))
