@@ -2,12 +2,12 @@
 
     python export.py                                          # newest checkpoint in log/ -> log/hf_model_NNNNN/
     python export.py --checkpoint log/model_19073.pt --out_dir gpt2-repro
-    python export.py --tokenizer DIR                          # offline: a folder with GPT-2's tokenizer files
     python export.py --push_to_hub user/name                  # then upload it (token: HF_TOKEN or `hf auth login`)
     python export.py --help                                   # every flag
 
 The folder holds config.json + model.safetensors (GPT2LMHeadModel; the vocabulary's padding rows past
-GPT-2's 50257 tokens are dropped), GPT-2's tokenizer files and a README.md model card with the run's
+GPT-2's 50257 tokens are dropped), GPT-2's tokenizer files (made from OpenAI's encoder.json + vocab.bpe
+in data/, so exporting needs no network) and a README.md model card with the run's
 step, tokens seen, val loss and HellaSwag score; transformers.pipeline("text-generation", model=folder)
 loads it. It is written to a temporary folder beside out_dir and renamed when complete, so an
 interrupted export leaves nothing half-written, and an existing non-empty out_dir is never touched.
@@ -20,11 +20,10 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from train_gpt2 import (GPT2_VOCAB_SIZE, TrainError, checkpoint_paths, config_parser, flag, load_checkpoint,
-                        model_from_checkpoint)
+from train_gpt2 import (DATA_DIR, GPT2_EOT, GPT2_VOCAB_SIZE, TrainError, checkpoint_paths, config_parser, flag,
+                        load_checkpoint, model_from_checkpoint)
 
-EOT = "<|endoftext|>"  # GPT-2's only special token, id 50256: its bos, eos and unk token
-HF_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
+EOT = "<|endoftext|>"  # GPT-2's only special token, id GPT2_EOT: its bos, eos and unk token
 # OpenAI's GPT-2 124M evaluated the way train_gpt2.py evaluates (build-nanogpt's numbers), for the model card
 GPT2_124M_VAL_LOSS, GPT2_124M_HELLASWAG = 3.2924, 0.2955
 HELLASWAG_VAL_EXAMPLES = 10042
@@ -37,8 +36,8 @@ class ExportConfig:
     checkpoint: str = flag("log", "a train_gpt2.py checkpoint (log/model_NNNNN.pt), or a folder: its newest one")
     out_dir: str = flag("", "the folder to write, which must not exist or be empty ('' = hf_model_NNNNN beside the "
                             "checkpoint)")
-    tokenizer: str = flag("gpt2", "gpt2 (download GPT-2's tokenizer from the Hugging Face Hub), a Hugging Face "
-                                  "tokenizer folder, or a folder holding OpenAI's encoder.json + vocab.bpe")
+    tokenizer: str = flag("", "'' = GPT-2's, from OpenAI's encoder.json + vocab.bpe shipped in data/; or a Hugging "
+                              "Face tokenizer folder, or another folder holding encoder.json + vocab.bpe")
     push_to_hub: str = flag("", "then upload the folder to this Hugging Face model repo, user/name (created if "
                                 "missing); the token comes from HF_TOKEN or `hf auth login`")
     private: bool = flag(False, "create the --push_to_hub repo as private")
@@ -67,22 +66,15 @@ def find_checkpoint(path):
 
 
 def load_tokenizer(source, block_size):
-    """GPT-2's tokenizer, from the Hub ("gpt2"), a Hugging Face tokenizer folder, or OpenAI's encoder.json +
-    vocab.bpe; checked to be GPT-2's 50257 tokens, since a folder without tokenizer files loads as an
-    (almost) empty tokenizer rather than failing."""
-    from huggingface_hub import snapshot_download
+    """GPT-2's tokenizer for transformers, from OpenAI's encoder.json + vocab.bpe (in data/ when source is '')
+    or a Hugging Face tokenizer folder; checked to be GPT-2's 50257 tokens, since a folder without
+    tokenizer files loads as an (almost) empty tokenizer rather than failing."""
     from transformers import GPT2TokenizerFast
     special = dict(bos_token=EOT, eos_token=EOT, unk_token=EOT, model_max_length=block_size)
-    if source == "gpt2":
-        try:
-            source = snapshot_download("gpt2", allow_patterns=HF_TOKENIZER_FILES)
-        except Exception as e:  # offline, no network, Hub errors: many exception types
-            raise TrainError(f"--tokenizer gpt2: cannot download GPT-2's tokenizer from the Hugging Face Hub "
-                             f"({reason(e)}); offline, pass --tokenizer a folder holding its files, or OpenAI's "
-                             f"encoder.json + vocab.bpe") from None
-    elif not os.path.isdir(source):
-        raise TrainError(f"--tokenizer {source}: no such folder; expected gpt2 (from the Hub), a Hugging Face "
-                         f"tokenizer folder or a folder holding OpenAI's encoder.json + vocab.bpe")
+    source = source or DATA_DIR
+    if not os.path.isdir(source):
+        raise TrainError(f"--tokenizer {source}: no such folder; expected a Hugging Face tokenizer folder or a folder "
+                         f"holding OpenAI's encoder.json + vocab.bpe ('' for the ones in {DATA_DIR})")
     encoder, bpe = os.path.join(source, "encoder.json"), os.path.join(source, "vocab.bpe")
     try:
         if os.path.isfile(encoder) and os.path.isfile(bpe):
@@ -97,7 +89,7 @@ def load_tokenizer(source, block_size):
             tok = GPT2TokenizerFast.from_pretrained(source, **special)
     except Exception as e:  # corrupt files: json, tokenizers and transformers each raise their own types
         raise TrainError(f"--tokenizer {source}: cannot read the tokenizer ({reason(e)})") from None
-    if len(tok) != GPT2_VOCAB_SIZE or tok.convert_tokens_to_ids(EOT) != GPT2_VOCAB_SIZE - 1:
+    if len(tok) != GPT2_VOCAB_SIZE or tok.convert_tokens_to_ids(EOT) != GPT2_EOT:
         raise TrainError(f"--tokenizer {source}: no GPT-2 tokenizer there (vocabulary of {len(tok)}, not "
                          f"{GPT2_VOCAB_SIZE} ending in {EOT}); expected a folder holding tokenizer.json, "
                          f"vocab.json + merges.txt, or OpenAI's encoder.json + vocab.bpe")

@@ -1,7 +1,7 @@
 """Tokenize a corpus with GPT-2's BPE into uint16 token shards for train_gpt2.py.
 
     python fineweb.py                                  # FineWeb-Edu sample-10BT -> edu_fineweb10B/
-    python fineweb.py --preset shakespeare             # Tiny Shakespeare -> shakespeare/
+    python fineweb.py --preset shakespeare             # Tiny Shakespeare (in data/, no download) -> shakespeare/
     python fineweb.py --input my_texts/ --out_dir my_tokens --val_tokens 1000000
 
 Every document becomes <|endoftext|> followed by its tokens; the documents, in order, form one token
@@ -25,12 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EOT = 50256  # <|endoftext|>, GPT-2's document separator
-EOT_ARRAY = np.array([EOT], dtype=np.uint32)
 MIN_TRAIN_TOKENS = 64 * 1024 + 1  # one micro-batch of train_gpt2.py's defaults (64 x 1024, +1 for the targets)
 DOCS_PER_TASK = 256  # documents a worker tokenizes per task: big enough to amortise the IPC, small enough to balance
 READERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # datasets' builders
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+# karpathy/char-rnn's Tiny Shakespeare, shipped with the repository (data/SOURCES.md)
+TINY_SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "input.txt")
 
 PRESETS = {
     "fineweb-edu-10B": dict(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", out_dir="edu_fineweb10B",
@@ -40,7 +39,7 @@ PRESETS = {
     "fineweb-10B": dict(dataset="HuggingFaceFW/fineweb", name="sample-10BT", out_dir="fineweb10B", prefix="fineweb"),
     "openwebtext": dict(dataset="Skylion007/openwebtext", name="", out_dir="openwebtext", prefix="openwebtext"),
     # 338K tokens: the first ~10% are the val split, as in nanoGPT's Shakespeare recipes
-    "shakespeare": dict(input=[SHAKESPEARE_URL], out_dir="shakespeare", prefix="shakespeare", val_tokens=34_000),
+    "shakespeare": dict(input=[TINY_SHAKESPEARE], out_dir="shakespeare", prefix="shakespeare", val_tokens=34_000),
 }
 
 
@@ -48,7 +47,8 @@ class FinewebError(Exception):
     """Bad input or flags: main() prints it as one line and exits 1."""
 
 
-# fineweb.py does not import train_gpt2.py: that would load torch (+2 s and +200 MB in every process).
+# fineweb.py imports train_gpt2.py only for the tokenizer, in the main process: at the top, it would load
+# torch (+2 s and +200 MB) in every worker too.
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -187,29 +187,28 @@ _worker = {}
 
 
 def gpt2_encoding():
-    """tiktoken's GPT-2 BPE. The first call downloads it (to TIKTOKEN_CACHE_DIR, default a temp folder)."""
-    import tiktoken
+    """GPT-2's BPE: train_gpt2.py's tokenizer, read from the repository's data/ folder (no download)."""
+    from train_gpt2 import TrainError, gpt2_tokenizer
     try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # requests' network errors, or a damaged cache
-        raise FinewebError(f"could not load GPT-2's BPE with tiktoken ({type(e).__name__}: {str(e)[:150]}): it "
-                           f"downloads vocab.bpe and encoder.json once; offline, set TIKTOKEN_CACHE_DIR to a "
-                           f"folder that holds tiktoken's cached copies") from None
+        return gpt2_tokenizer()
+    except TrainError as e:  # data/encoder.json missing or damaged
+        raise FinewebError(str(e)) from None
 
 
-def init_worker(ds, text_column):
-    _worker.update(enc=gpt2_encoding(), ds=ds, text_column=text_column)
+def init_worker(enc, ds, text_column):
+    """A worker's state. It gets the tokenizer itself (pickled under spawn), not train_gpt2.py to build it."""
+    _worker.update(enc=enc, eot=np.array([enc.eot_token], dtype=np.uint32), ds=ds, text_column=text_column)
 
 
 def tokenize_texts(texts):
-    """(tokens, lengths): each document as EOT + its tokens, concatenated, and each one's token count."""
+    """(tokens, lengths): each document as <|endoftext|> + its tokens, concatenated, and each one's token count."""
     enc, parts, lengths = _worker["enc"], [], []
     for text in texts:
         if not isinstance(text, str):
             raise FinewebError(f"a document's --text_column {_worker['text_column']!r} is {text!r}, not text")
         # encode_ordinary(text) (no special tokens), straight into an array: ~1.7x faster than via a list
         ids = enc.encode_to_numpy(text, disallowed_special=())
-        parts += (EOT_ARRAY, ids)
+        parts += (_worker["eot"], ids)
         lengths.append(len(ids) + 1)
     return np.concatenate(parts).astype(np.uint16), np.array(lengths, dtype=np.int64)
 
@@ -355,9 +354,9 @@ def save_manifest(out_dir, manifest):
     os.replace(tmp, os.path.join(out_dir, "manifest.json"))
 
 
-def open_manifest(cfg, source):
+def open_manifest(cfg, source, enc):
     """manifest.json of out_dir, its verified shards only; a fresh one for a new out_dir."""
-    settings = dict(source=source, tokenizer=f"tiktoken gpt2, <|endoftext|> ({EOT}) before every document",
+    settings = dict(source=source, tokenizer=f"tiktoken gpt2, <|endoftext|> ({enc.eot_token}) before every document",
                     format=cfg.format, prefix=cfg.prefix, shard_size=cfg.shard_size, val_tokens=cfg.val_tokens)
     path = os.path.join(cfg.out_dir, "manifest.json")
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -396,7 +395,8 @@ def main(argv=None):
 
 def tokenize(cfg):
     from tqdm import tqdm
-    manifest = open_manifest(cfg, describe_source(cfg))
+    enc = gpt2_encoding()
+    manifest = open_manifest(cfg, describe_source(cfg), enc)
     if manifest["done"]:
         print(f"{cfg.out_dir}/ is complete: {len(manifest['shards'])} shards, "
               f"{sum(s['tokens'] for s in manifest['shards']):,} tokens")
@@ -405,13 +405,11 @@ def tokenize(cfg):
         if manifest["shards"] else (0, 0)
     if manifest["shards"]:
         print(f"resuming after {manifest['shards'][-1]['name']} (document {first_doc:,})")
-    # Loaded here first: a pool worker whose initializer fails is replaced, again and again, a hang.
-    gpt2_encoding()
     ds = load_corpus(cfg)
     writer = ShardWriter(cfg, manifest)
     tasks = batches(ds, first_doc, cfg.text_column, cfg.streaming)
     fn = tokenize_texts if cfg.streaming else tokenize_rows
-    initargs = (None if cfg.streaming else ds, cfg.text_column)
+    initargs = (enc, None if cfg.streaming else ds, cfg.text_column)
     progress = tqdm(total=None if cfg.streaming else len(ds), initial=first_doc, unit="docs",
                     desc=f"tokenizing into {cfg.out_dir}/", smoothing=0.05)
     n_tokens, t0 = 0, time.time()

@@ -12,14 +12,13 @@ after that each new token costs one token's forward instead of the whole sequenc
 import contextlib
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from train_gpt2 import (GPT2_VOCAB_SIZE, PRETRAINED, KVCache, TrainError, auto_flag, config_parser, flag, load_model,
-                        print0, resolve_device, use_bf16)
+from train_gpt2 import (GPT2_VOCAB_SIZE, PRETRAINED, KVCache, TrainError, autocast_context, config_parser, flag,
+                        gpt2_tokenizer, load_model, print0, resolve_compile, resolve_device, resolve_dtype)
 
 
 @dataclass
@@ -37,9 +36,9 @@ class GenerateConfig:
     top_k: int = flag(50, "sample among the k most likely tokens only (0 = all)")
     top_p: float = flag(1.0, "nucleus sampling: among the fewest top tokens whose probability reaches p (1 = off)")
     seed: int = flag(42, "seed of the sampling; the same flags give the same samples")
-    device: str = flag("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = flag("auto", "auto (bfloat16 autocast on CUDA, float32 elsewhere), bfloat16 or float32")
-    compile: str = flag("auto", "torch.compile the model: auto (on for CUDA), 1 or 0")
+    device: str = "auto"  # help: train_gpt2.SHARED_FLAGS_HELP
+    dtype: str = "auto"
+    compile: str = "auto"
 
 
 def sample_next(logits, temperature, top_k, top_p, generator):
@@ -108,9 +107,6 @@ def check_flags(cfg):
         "temperature": (cfg.temperature >= 0, "must be >= 0"),
         "top_k": (cfg.top_k >= 0, "must be >= 0"),
         "top_p": (0 < cfg.top_p <= 1, "must be in (0, 1]"),
-        "device": (re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device), "expected auto, cpu, cuda, cuda:N or mps"),
-        "dtype": (cfg.dtype in ("auto", "bfloat16", "float32"), "expected auto, bfloat16 or float32"),
-        "compile": (cfg.compile.lower() in ("auto", "1", "0", "true", "false"), "expected auto, 1, 0, true or false"),
         "init_from": (cfg.init_from in PRETRAINED or cfg.init_from.endswith(".pt") or os.path.isdir(cfg.init_from),
                       f"expected {', '.join(PRETRAINED)}, a Hugging Face GPT-2 folder or a model_NNNNN.pt file"),
     }
@@ -131,16 +127,11 @@ def read_prompt(prompt, enc):
 
 
 def run(cfg):
-    import tiktoken
     check_flags(cfg)
-    try:
-        enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:  # offline, tiktoken fetches its files and fails with a long chain of network errors
-        raise TrainError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, point TIKTOKEN_CACHE_DIR "
-                         f"at a folder holding tiktoken's gpt2 files") from None
-    tokens = read_prompt(cfg.prompt, enc)
     device = resolve_device(cfg.device)
-    device_type = device.split(":")[0]
+    dtype, use_compile = resolve_dtype(cfg.dtype, device), resolve_compile(cfg.compile, device)
+    enc = gpt2_tokenizer()
+    tokens = read_prompt(cfg.prompt, enc)
     try:
         model = load_model(cfg.init_from).to(device)
     except TrainError as e:
@@ -152,12 +143,11 @@ def run(cfg):
     if n_new <= 0:
         raise TrainError(f"--max_length {cfg.max_length}: the prompt alone has {len(tokens)} tokens; raise it or "
                          f"give --max_new_tokens")
-    if auto_flag(cfg.compile, device_type):
+    if use_compile:
         # dynamic: the cache's length grows every token; without it each length would be a recompile
         model = torch.compile(model, dynamic=True)
-    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16(cfg.dtype, device_type))
     rows = generate(model, tokens, cfg.num_return_sequences, n_new, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed,
-                    device, autocast)
+                    device, autocast_context(device, dtype))
     # An <|endoftext|> the model samples is kept and printed as "<|endoftext|>": what follows is a new
     # document, the way the model saw documents joined in training.
     for row in rows:

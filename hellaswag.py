@@ -10,9 +10,9 @@ everything before them. `acc` picks the ending with the lowest summed loss, `acc
 loss per token, as build-nanogpt does. The last line printed is `acc: 0.xxxx acc_norm: 0.xxxx n: N`.
 
 Reference with this scoring (build-nanogpt's published run on rowanz/hellaswag's val file): gpt2 (124M)
-acc 0.2859, acc_norm 0.2955. The offline copy the tests use (../shared/data/hellaswag) has the
-WikiHow markers ([header], [step], ...) stripped from its contexts, so GPT-2 scores close to, not
-exactly, these numbers on it.
+acc 0.2859, acc_norm 0.2955. The tests' excerpt (tests/data, the first 200 val tasks) comes from a copy
+with the WikiHow markers ([header], [step], ...) stripped from its contexts (data/SOURCES.md), so GPT-2
+scores close to, not exactly, these numbers on such a copy.
 
 The data (hellaswag_{train,val,test}.jsonl, rowanz/hellaswag on GitHub) is downloaded on first use to
 $HELLASWAG_DIR, by default ~/.cache/gpt2-repro/hellaswag; $HELLASWAG_URL overrides the download URL.
@@ -24,12 +24,10 @@ import dataclasses
 import itertools
 import json
 import os
-import re
 import sys
 import urllib.request
 from dataclasses import dataclass
 
-import tiktoken
 import torch
 import torch.nn.functional as F
 
@@ -177,18 +175,17 @@ def length_order(rendered):
     return sorted(range(len(rendered)), key=lambda i: rendered[i][0].size(1))
 
 
-def longest_example(examples):
+def longest_example(examples, enc):
     """Tokens in the longest rendered example: the pad_to that fits them all."""
-    enc = tiktoken.get_encoding("gpt2")  # cached by tiktoken after the first call
     return max((render_example(ex, enc)[0].size(1) for ex in examples), default=1)
 
 
-def score(model, examples, device="cpu", batch_size=16, autocast=contextlib.nullcontext(), pad_to=None,
+def score(model, examples, enc, device="cpu", batch_size=16, autocast=contextlib.nullcontext(), pad_to=None,
           progress=None):
-    """(n_correct, n_correct_norm, n) over the example dicts. Under DDP each rank scores its own slice
-    and the caller all-reduces the counts. progress: a tqdm bar to advance, showing the running acc_norm
-    (without pad_to the tasks are scored shortest first, so it is an estimate until the end)."""
-    enc = tiktoken.get_encoding("gpt2")  # cached by tiktoken after the first call
+    """(n_correct, n_correct_norm, n) over the example dicts, tokenized with enc (GPT-2's BPE,
+    train_gpt2.gpt2_tokenizer()). Under DDP each rank scores its own slice and the caller all-reduces the
+    counts. progress: a tqdm bar to advance, showing the running acc_norm (without pad_to the tasks are
+    scored shortest first, so it is an estimate until the end)."""
     rendered = [render_example(ex, enc) for ex in examples]
     if pad_to is None:  # batches of like lengths waste less on padding (27% fewer positions on val at batch 16)
         rendered = [rendered[i] for i in length_order(rendered)]
@@ -214,9 +211,9 @@ class HellaswagConfig:
     data_dir: str = dataclasses.field(default="", metadata={"help": "folder holding hellaswag_{split}.jsonl ('' = $HELLASWAG_DIR or ~/.cache/gpt2-repro/hellaswag, downloaded there on first use)"})
     limit: int = dataclasses.field(default=0, metadata={"help": "score the first N tasks only (0 = all)"})
     batch_size: int = dataclasses.field(default=16, metadata={"help": "tasks per forward pass (4 rows each)"})
-    device: str = dataclasses.field(default="auto", metadata={"help": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"})
-    dtype: str = dataclasses.field(default="auto", metadata={"help": "auto (bfloat16 autocast on CUDA, float32 elsewhere), bfloat16 or float32"})
-    compile: str = dataclasses.field(default="auto", metadata={"help": "torch.compile the model: auto (on for CUDA), 1 or 0"})
+    device: str = "auto"  # help: train_gpt2.SHARED_FLAGS_HELP
+    dtype: str = "auto"
+    compile: str = "auto"
 
 
 def parse_args(argv=None):
@@ -227,9 +224,6 @@ def parse_args(argv=None):
     checks = [("split", cfg.split in SCORED_SPLITS, "expected train or val (HellaSwag's test labels are not public)"),
               ("limit", cfg.limit >= 0, "must be >= 0"),
               ("batch_size", cfg.batch_size > 0, "must be a positive integer"),
-              ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device), "expected auto, cpu, cuda, cuda:N or mps"),
-              ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "expected auto, bfloat16 or float32"),
-              ("compile", cfg.compile.lower() in ("auto", "1", "0", "true", "false"), "expected auto, 1, 0, true or false"),
               ("model", cfg.model in PRETRAINED or os.path.isdir(cfg.model) or os.path.isfile(cfg.model),
                "expected " + ", ".join(PRETRAINED) + ", a Hugging Face GPT-2 folder or a model_NNNNN.pt checkpoint")]
     for flag, ok, allowed in checks:
@@ -240,30 +234,32 @@ def parse_args(argv=None):
 
 def evaluate(cfg):
     from tqdm import tqdm
-    from train_gpt2 import TrainError, auto_flag, load_model, resolve_device, use_bf16
+    from train_gpt2 import (TrainError, autocast_context, gpt2_tokenizer, load_model, resolve_compile, resolve_device,
+                            resolve_dtype)
+    try:
+        device = resolve_device(cfg.device)
+        dtype, use_compile = resolve_dtype(cfg.dtype, device), resolve_compile(cfg.compile, device)
+        enc = gpt2_tokenizer()
+    except TrainError as e:
+        raise HellaswagError(str(e)) from None
     # Read the data before loading weights, so a bad --data_dir fails in a second, not after a download.
     examples = list(itertools.islice(iterate_examples(cfg.split, cfg.data_dir), cfg.limit or None))
     if not examples:
         raise HellaswagError(f"{data_file(cfg.split, cfg.data_dir)}: holds no tasks")
     try:
-        device = resolve_device(cfg.device)
-    except TrainError as e:
-        raise HellaswagError(str(e)) from None
-    device_type = device.split(":")[0]
-    try:
         model = load_model(cfg.model)
     except TrainError as e:  # a bad checkpoint, not a GPT-2 folder, no network for the Hub
         raise HellaswagError(f"--model {e}") from None
     model.to(device).eval()
-    longest = longest_example(examples)
+    longest = longest_example(examples, enc)
     if longest > model.config.block_size:
         raise HellaswagError(f"a task has {longest} tokens, more than the model's block_size {model.config.block_size}")
     pad_to = None
-    if auto_flag(cfg.compile, device_type):
+    if use_compile:
         model, pad_to = torch.compile(model, dynamic=False), longest  # one shape for every forward: compiled once
-    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16(cfg.dtype, device_type))
     with tqdm(total=len(examples), desc=f"hellaswag {cfg.split}", unit="task") as bar:
-        correct, correct_norm, n = score(model, examples, device, cfg.batch_size, autocast, pad_to, progress=bar)
+        correct, correct_norm, n = score(model, examples, enc, device, cfg.batch_size, autocast_context(device, dtype),
+                                         pad_to, progress=bar)
     print(f"acc: {correct / n:.4f} acc_norm: {correct_norm / n:.4f} n: {n}", flush=True)
 
 

@@ -4,15 +4,19 @@
     torchrun --standalone --nproc_per_node=8 train_gpt2.py            # 8 GPUs
     python train_gpt2.py --help                                       # every flag
 
-One file, read top to bottom: the model, GPT-2 weight loading, the data loader, then the
-training loop (cosine-warmup AdamW, gradient accumulation, bf16 autocast, torch.compile, DDP,
-checkpoints and resume). Importing it runs nothing; generate.py and hellaswag.py import GPT.
+One file, read top to bottom: the model, GPT-2 weight loading, GPT-2's tokenizer (from the BPE files
+in data/, no download), the data loader, then the training loop (cosine-warmup AdamW, gradient
+accumulation, bf16 or float16 autocast, torch.compile, DDP, checkpoints and resume). Importing it runs
+nothing; the other scripts import from it.
 """
 
 import argparse
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -28,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+GPT2_EOT = GPT2_VOCAB_SIZE - 1  # <|endoftext|>, the last id: GPT-2's document separator
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
@@ -219,7 +224,7 @@ class GPT(nn.Module):
         from transformers import GPT2Config, GPT2LMHeadModel
         c = self.config
         vocab_size = min(c.vocab_size, GPT2_VOCAB_SIZE)
-        eot = GPT2_VOCAB_SIZE - 1 if vocab_size == GPT2_VOCAB_SIZE else None  # <|endoftext|>, if the vocab has it
+        eot = GPT2_EOT if vocab_size == GPT2_VOCAB_SIZE else None  # <|endoftext|>, if the vocab has it
         hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
                                         n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
                                         bos_token_id=eot, eos_token_id=eot))
@@ -239,6 +244,45 @@ class GPT(nn.Module):
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                  fused=device_type == "cuda")
+
+
+# -----------------------------------------------------------------------------
+# GPT-2's tokenizer, from OpenAI's BPE files shipped in data/: no script downloads it
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# sha256 of OpenAI's two files (encoder.json for our tokenizer, vocab.bpe too for export.py's Hugging Face
+# tokenizer): the values tiktoken checks when it downloads them for its "gpt2" encoding
+GPT2_BPE_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+                   "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
+
+
+@functools.cache
+def gpt2_tokenizer():
+    """GPT-2's BPE as a tiktoken Encoding, from data/encoder.json: the ids of tiktoken.get_encoding("gpt2"),
+    with no download. Every script tokenizes with it."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizing regex
+    contents = {}
+    for name, sha256 in GPT2_BPE_SHA256.items():
+        path = os.path.join(DATA_DIR, name)
+        try:
+            with open(path, "rb") as f:
+                contents[name] = f.read()
+        except OSError as e:
+            raise TrainError(f"{path}: cannot read GPT-2's BPE ({e.strerror}); restore it with `git checkout -- data`") from None
+        if hashlib.sha256(contents[name]).hexdigest() != sha256:
+            raise TrainError(f"{path}: damaged (not the bytes of OpenAI's file); restore it with `git checkout -- data`")
+    # encoder.json spells each token's bytes with one printable character per byte (GPT-2's bytes_to_unicode):
+    # the printable bytes as themselves, the other 68 as chr(256), chr(257), ... in byte order. Its ids are
+    # the merge ranks tiktoken uses. (tiktoken.load's reader of these files would also copy them into
+    # TIKTOKEN_CACHE_DIR, which fails where that folder is read-only.)
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+    ranks = {bytes(byte_of[c] for c in token): rank
+             for token, rank in json.loads(contents["encoder.json"]).items() if rank != GPT2_EOT}
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
 # -----------------------------------------------------------------------------
@@ -349,6 +393,17 @@ def flag(default, help):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+# --device, --dtype and --compile mean the same in every script: a config field of one of these names
+# (default "auto") gets its help here, and resolve_device, resolve_dtype and resolve_compile (below, in
+# the training section) turn them into a device, an autocast dtype and whether to compile.
+SHARED_FLAGS_HELP = {
+    "device": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps",
+    "dtype": "autocast dtype: auto (bfloat16 on CUDA GPUs that have it, float16 on older ones such as V100, T4, "
+             "RTX 20xx; float32 off CUDA), bfloat16, float16 or float32",
+    "compile": "torch.compile the model: auto (on for CUDA, where Triton can run), 1 or 0",
+}
+
+
 @dataclass
 class TrainConfig:
     data_dir: str = flag("edu_fineweb10B", "folder of *train*/*val* token shards (.npy or llm.c .bin)")
@@ -373,9 +428,9 @@ class TrainConfig:
     ckpt_interval: int = flag(5000, "steps between checkpoints (one is always written at the end)")
     keep_last: int = flag(3, "checkpoints kept in log_dir, newest first (0 = keep all)")
     shuffle: bool = flag(False, "shuffle the train shard order each epoch (from the seed)")
-    device: str = flag("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = flag("auto", "auto (bfloat16 autocast on CUDA, float32 elsewhere), bfloat16 or float32")
-    compile: str = flag("auto", "torch.compile the model: auto (on for CUDA), 1 or 0")
+    device: str = "auto"  # help: SHARED_FLAGS_HELP
+    dtype: str = "auto"
+    compile: str = "auto"
     hellaswag: str = flag("auto", "HellaSwag acc_norm at every eval: auto (on for CUDA), 1 or 0")
     hellaswag_dir: str = flag("", "folder holding hellaswag_val.jsonl ('' = download it to hellaswag.py's cache)")
     hellaswag_limit: int = flag(0, "HellaSwag val examples per eval (0 = all 10042)")
@@ -407,15 +462,16 @@ class OneLineParser(argparse.ArgumentParser):
 
 def config_parser(config_class, prog, doc, with_defaults=True):
     """A parser with one flag per field of config_class (`--name value` or `--name=value`; booleans take
-    1/0/true/false) and doc's first line as its description. Without defaults, parsing returns only
-    the flags given. Every script's flags come from here."""
+    1/0/true/false; --device, --dtype and --compile explained as SHARED_FLAGS_HELP says) and doc's first
+    line as its description. Without defaults, parsing returns only the flags given. Every script's
+    flags come from here."""
     parser = OneLineParser(prog=prog, description=doc.splitlines()[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                            argument_default=None if with_defaults else argparse.SUPPRESS)
     for f in dataclasses.fields(config_class):
         kwargs = {"default": f.default} if with_defaults else {}
         parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type,
-                            help=f.metadata["help"], **kwargs)
+                            help=f.metadata.get("help", SHARED_FLAGS_HELP.get(f.name)), **kwargs)
     return parser
 
 
@@ -443,13 +499,8 @@ def check_flags(cfg):
         bad("min_lr", f"must be <= --max_lr {cfg.max_lr}")
     if cfg.n_embd % cfg.n_head:
         bad("n_embd", f"must be divisible by --n_head {cfg.n_head}")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        bad("device", "expected auto, cpu, cuda, cuda:N or mps")
-    if cfg.dtype not in ("auto", "bfloat16", "float32"):
-        bad("dtype", "expected auto, bfloat16 or float32")
-    for flag in ("compile", "hellaswag"):
-        if getattr(cfg, flag).lower() not in ("auto", "1", "0", "true", "false"):
-            bad(flag, "expected auto, 1, 0, true or false")
+    if cfg.hellaswag.lower() not in ("auto", "1", "0", "true", "false"):
+        bad("hellaswag", "expected auto, 1, 0, true or false")
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         bad("wandb", "wandb is not installed: pip install wandb, or drop the flag")
 
@@ -539,11 +590,12 @@ def trim_log(log_file, step):
 # Training
 
 
-# --device, --dtype and --compile (and train_gpt2.py's --hellaswag) mean the same in every script.
-
+# --device, --dtype and --compile mean the same in every script: these check and resolve them.
 
 def resolve_device(flag):
-    """auto: cuda, else mps, else cpu. A device this machine lacks is an error."""
+    """--device: auto is cuda, else mps, else cpu. A device this machine lacks is an error."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", flag):
+        raise TrainError(f"--device {flag}: expected auto, cpu, cuda, cuda:N or mps")
     if flag == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if (flag.startswith("cuda") and not torch.cuda.is_available()) or (flag == "mps" and not torch.backends.mps.is_available()):
@@ -551,9 +603,20 @@ def resolve_device(flag):
     return flag
 
 
-def use_bf16(dtype_flag, device_type):
-    """bfloat16 autocast: asked for, or auto on CUDA; float32 otherwise."""
-    return dtype_flag == "bfloat16" or (dtype_flag == "auto" and device_type == "cuda")
+def resolve_dtype(flag, device):
+    """--dtype: the autocast dtype, or None for float32. bfloat16 needs an Ampere or newer GPU; older ones
+    (V100, T4, RTX 20xx) get float16, which training pairs with a GradScaler."""
+    if flag not in ("auto", "bfloat16", "float16", "float32"):
+        raise TrainError(f"--dtype {flag}: expected auto, bfloat16, float16 or float32")
+    cuda = device.startswith("cuda")
+    # including_emulation=False: emulated bfloat16 "works" on a T4, many times slower than float16
+    native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    if flag == "auto":
+        return (torch.bfloat16 if native_bf16 else torch.float16) if cuda else None
+    if flag == "bfloat16" and cuda and not native_bf16:
+        raise TrainError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 (GPUs have it from "
+                         f"Ampere on); use --dtype float16")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[flag]
 
 
 def auto_flag(flag, device_type):
@@ -561,9 +624,49 @@ def auto_flag(flag, device_type):
     return flag.lower() in ("1", "true") or (flag.lower() == "auto" and device_type == "cuda")
 
 
-def setup_distributed(device_flag):
+def cuda_compile_problem(device):
+    """Why torch.compile cannot run on this CUDA GPU, or None. It generates GPU code with Triton, which
+    ships with PyTorch's Linux wheels but not for native Windows, and needs compute capability 7.0+."""
+    if importlib.util.find_spec("triton") is None:
+        return "torch.compile needs Triton for CUDA and it is not installed (pip install triton; on Windows, use WSL)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return (f"torch.compile's Triton needs a GPU of compute capability 7.0 or newer; "
+                f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
+    return None
+
+
+def resolve_compile(flag, device):
+    """--compile: auto is on for CUDA, or off with a note where torch.compile cannot run; 1 there is an error."""
+    if flag.lower() not in ("auto", "1", "0", "true", "false"):
+        raise TrainError(f"--compile {flag}: expected auto, 1, 0, true or false")
+    wanted = auto_flag(flag, device.split(":")[0])
+    problem = cuda_compile_problem(device) if wanted and device.startswith("cuda") else None
+    if problem and flag.lower() == "auto":
+        print0(f"note: --compile auto is off: {problem}")
+        return False
+    if problem:
+        raise TrainError(f"--compile {flag}: {problem}; use --compile 0")
+    return wanted
+
+
+def autocast_context(device, dtype):
+    """Autocast to dtype (from resolve_dtype) on device; nothing for float32 (None)."""
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def ddp_backend(device):
+    """NCCL for CUDA, where this PyTorch has it (native Windows builds do not: gloo then, with a note); gloo on CPU."""
+    if not device.startswith("cuda"):
+        return "gloo"
+    if dist.is_nccl_available():
+        return "nccl"
+    print0("note: this PyTorch has no NCCL (native Windows builds have none): DDP runs on gloo, which is slower")
+    return "gloo"
+
+
+def setup_distributed(device):
     """(ddp, rank, local_rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
-    device = resolve_device(device_flag)
     ddp = "RANK" in os.environ
     if not ddp:
         return False, 0, 0, 1, device
@@ -571,21 +674,22 @@ def setup_distributed(device_flag):
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group(backend=ddp_backend(device))
     return True, rank, local_rank, world_size, device
 
 
-# Dense bf16 tensor-core peak FLOP/s from the vendors' spec sheets, for MFU. First match wins.
-GPU_PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
-                 ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12),
-                 ("RTX 3090", 71e12))
+# Dense 16-bit (bf16, or fp16 on GPUs without bf16) tensor-core peak FLOP/s from the vendors' spec
+# sheets, for MFU; bf16 and fp16 peaks are equal on the GPUs that have both. First match wins.
+GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+                  ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12),
+                  ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12))
 
 
 def peak_flops(device):
     if not device.startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_BF16 if key in name), None)
+    return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
 
 
 def build_model(cfg, given, ckpt):
@@ -621,7 +725,7 @@ def hellaswag_share(cfg, block_size, rank, world_size):
         examples = list(iterate_examples("val", cfg.hellaswag_dir or None))[:cfg.hellaswag_limit or None]
     except ValueError as e:  # hellaswag.py's errors: missing, unreachable or corrupt data
         raise TrainError(f"--hellaswag: {e}") from None
-    longest = longest_example(examples)
+    longest = longest_example(examples, gpt2_tokenizer())
     if longest > block_size:
         raise TrainError(f"--hellaswag: the longest HellaSwag example has {longest} tokens, more than the model's "
                          f"block_size {block_size}; use --hellaswag 0")
@@ -630,9 +734,8 @@ def hellaswag_share(cfg, block_size, rank, world_size):
 
 def write_samples(model, step, log_dir, device, autocast):
     """4 samples of the default prompt (32 tokens in all, seed 42), printed and added to samples.txt."""
-    import tiktoken
     from generate import generate
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     prompt = enc.encode("Hello, I'm a language model,")
     rows = generate(model, prompt, 4, max_new_tokens=32 - len(prompt), seed=42, device=device, autocast=autocast)
     with open(os.path.join(log_dir, "samples.txt"), "a") as f:
@@ -677,10 +780,12 @@ def train(cfg, given):
         raise TrainError(f"{cfg.log_dir}/ already holds checkpoints (newest {checkpoint_paths(cfg.log_dir)[-1]}): "
                          f"continue them with --init_from resume, or pick a new --log_dir")
     check_flags(cfg)
+    device = resolve_device(cfg.device)
+    dtype, use_compile = resolve_dtype(cfg.dtype, device), resolve_compile(cfg.compile, device)
     for split in ("train", "val"):  # fail on a wrong --data_dir before loading or downloading any weights
         find_shards(cfg.data_dir, split)
 
-    ddp, rank, local_rank, world_size, device = setup_distributed(cfg.device)
+    ddp, rank, local_rank, world_size, device = setup_distributed(device)
     device_type = "cuda" if device.startswith("cuda") else device
     B, T = cfg.micro_batch_size, cfg.seq_len
     if cfg.total_batch_size % (B * T * world_size):
@@ -688,8 +793,7 @@ def train(cfg, given):
                          f"world_size = {B} * {T} * {world_size} = {B * T * world_size}; change --total_batch_size "
                          f"or --micro_batch_size")
     grad_accum_steps = cfg.total_batch_size // (B * T * world_size)
-    bf16 = use_bf16(cfg.dtype, device_type)
-    use_compile, use_hellaswag = auto_flag(cfg.compile, device_type), auto_flag(cfg.hellaswag, device_type)
+    use_hellaswag = auto_flag(cfg.hellaswag, device_type)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
 
     torch.manual_seed(cfg.seed)
@@ -700,12 +804,18 @@ def train(cfg, given):
     model.to(device)
     raw_model = model
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type)
+    # float16 (GPUs without bfloat16): gradients as small as float16's 6e-8 would round to 0, so the loss
+    # is scaled up before backward and the gradients back down before clipping. A step whose gradients
+    # overflow is skipped and the scale halved; it doubles again after 2000 good steps.
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 
     start_step = 0
     train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, rank, world_size, cfg.vocab_size, cfg.shuffle, cfg.seed)
     val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, rank, world_size, cfg.vocab_size)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler.is_enabled() and ckpt.get("scaler"):  # a float16 run's loss scale (a new one after bf16/fp32)
+            scaler.load_state_dict(ckpt["scaler"])
         start_step = ckpt["step"]
         # Rank r continues at the first unread micro-batch plus r, which is also right on another GPU count.
         train_loader.position = ckpt["loader_positions"][0] + rank
@@ -722,7 +832,7 @@ def train(cfg, given):
     eval_model = model  # compiled, without DDP: evaluations have no gradients to all-reduce
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = autocast_context(device, dtype)
 
     os.makedirs(cfg.log_dir, exist_ok=True)
     log_file = os.path.join(cfg.log_dir, "log.txt")
@@ -803,6 +913,7 @@ def train(cfg, given):
             dist.all_gather_object(rngs, rng)
         if rank == 0:
             path = save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scaler": scaler.state_dict(),
                                     "model_config": dataclasses.asdict(raw_model.config),
                                     "config": dataclasses.asdict(cfg), "step": step, "val_loss": val_loss,
                                     "hellaswag": hellaswag, "wandb_id": wandb_run.id if wandb_run else None,
@@ -816,7 +927,7 @@ def train(cfg, given):
         """acc_norm over the val examples, each rank scoring its own share with the compiled model. Every
         batch is padded to one shape (hella_len), so torch.compile compiles it once, not every eval."""
         from hellaswag import score
-        counts = score(eval_model, hella_examples, device, max(1, B // 4), autocast, pad_to=hella_len)
+        counts = score(eval_model, hella_examples, gpt2_tokenizer(), device, max(1, B // 4), autocast, pad_to=hella_len)
         counts = torch.tensor(counts, dtype=torch.long, device=device)
         if ddp:
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
@@ -827,7 +938,7 @@ def train(cfg, given):
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops_per_step = raw_model.flops_per_token(T) * cfg.total_batch_size
     peak = peak_flops(device)
-    print0(f"{n_params:,} parameters | {world_size} process(es) on {device} | {'bfloat16' if bf16 else 'float32'}"
+    print0(f"{n_params:,} parameters | {world_size} process(es) on {device} | {str(dtype or torch.float32).removeprefix('torch.')}"
            f" | compile {'on' if use_compile else 'off'} | {cfg.total_batch_size:,} tokens per step = "
            f"{B} x {T} x {world_size} x {grad_accum_steps} accumulation steps")
 
@@ -867,23 +978,32 @@ def train(cfg, given):
                         _, loss = model(x.to(device), y.to(device))
                     loss = loss / grad_accum_steps  # the mean over the whole batch, not a sum of micro-batch means
                     loss_accum += loss.detach()
-                    loss.backward()
+                    scaler.scale(loss).backward()  # scaled in float16 only
             # One all-reduce and one host sync per step: the mean loss, and whether any rank was signalled.
             stats = all_reduce_mean(torch.stack([loss_accum, torch.tensor(float(stop.requested), device=device)]))
+            scaler.unscale_(optimizer)  # float16: the true gradients again, for clipping
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             loss_value, stop_value, norm_value = torch.stack([stats[0], stats[1], norm.to(stats.dtype)]).tolist()
-            check_finite(step, loss=loss_value, grad_norm=norm_value)
+            check_finite(step, loss=loss_value)
+            if not scaler.is_enabled():  # in float16, inf/nan gradients are an overflow: the scaler skips the step
+                check_finite(step, grad_norm=norm_value)
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.step()
+            loss_scale = scaler.get_scale()
+            scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
+            scaler.update()
+            skipped = scaler.get_scale() < loss_scale  # the scale is halved exactly when the step was skipped
             if device_type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
             mfu = 100 * flops_per_step / dt / (peak * world_size) if peak else None
             print0(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | dt {1000 * dt:.0f}ms"
-                   f" | tok/sec {cfg.total_batch_size / dt:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu else ""))
-            log(step, train=loss_value, lr=lr, grad_norm=norm_value, tokens_per_sec=cfg.total_batch_size / dt, mfu=mfu)
+                   f" | tok/sec {cfg.total_batch_size / dt:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu else "")
+                   + (f" | loss scale {loss_scale:g}" if scaler.is_enabled() else "")
+                   + (" | skipped: float16 gradients overflowed, loss scale halved" if skipped else ""))
+            log(step, train=loss_value, lr=lr, grad_norm=norm_value, tokens_per_sec=cfg.total_batch_size / dt, mfu=mfu,
+                loss_scale=loss_scale if scaler.is_enabled() else None)
             stopping = stop_value > 0
             if stopping:
                 print0("stop requested (SIGTERM/SIGINT): writing a checkpoint, then exiting (Ctrl-C again to abort)")

@@ -30,7 +30,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from generate import generate  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, config_parser, flag  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, autocast_context, config_parser, flag, resolve_dtype  # noqa: E402
 
 PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model," in GPT-2 tokens
 TARGET = 5.0  # the KV cache's speedup we aim for at 5 x 200 on CPU
@@ -42,7 +42,7 @@ class BenchConfig:
     repeats: int = flag(1, "timed runs of each loop per size and decoding, interleaved; the table shows the median")
     sampling: bool = flag(True, "also time sampled decoding (top_k 50), not only greedy")
     device: str = flag("cpu", "cpu, cuda, cuda:N or mps")
-    dtype: str = flag("float32", "float32, or bfloat16 (autocast)")
+    dtype: str = flag("float32", "float32, or bfloat16 or float16 (autocast)")
 
 
 def parse_args(argv=None):
@@ -53,8 +53,8 @@ def parse_args(argv=None):
         assert all(len(s) == 2 and s[0] > 0 and s[1] > 0 for s in sizes)
     except (ValueError, AssertionError):
         parser.error(f"--sizes {cfg.sizes}: expected SEQUENCESxNEW_TOKENS[,...], e.g. 5x200 or 1x500,10x500")
-    if cfg.repeats < 1 or cfg.dtype not in ("float32", "bfloat16"):
-        parser.error("--repeats must be >= 1 and --dtype float32 or bfloat16")
+    if cfg.repeats < 1 or cfg.dtype not in ("float32", "bfloat16", "float16"):
+        parser.error("--repeats must be >= 1 and --dtype float32, bfloat16 or float16")
     return cfg, sizes
 
 
@@ -93,7 +93,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50257)).to(cfg.device).eval()
     device_type = "cuda" if cfg.device.startswith("cuda") else cfg.device
-    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    autocast = autocast_context(cfg.device, resolve_dtype(cfg.dtype, cfg.device))
     rows = [bench_size(model, n_seq, n_new, decoding, cfg, autocast) for n_seq, n_new in sizes
             for decoding in ("greedy", "sampled") if decoding == "greedy" or cfg.sampling]
 

@@ -26,11 +26,10 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SHARED_HELLASWAG = os.path.normpath(os.path.join(REPO, "../shared/data/hellaswag"))
-if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(REPO, "../shared/data/tiktoken_cache")):
-    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.normpath(os.path.join(REPO, "../shared/data/tiktoken_cache"))
 
 import hellaswag  # noqa: E402
-from train_gpt2 import GPT, GPTConfig  # noqa: E402
+from train_gpt2 import (GPT, SHARED_FLAGS_HELP, GPTConfig, autocast_context, gpt2_tokenizer,  # noqa: E402
+                        resolve_compile, resolve_device, resolve_dtype)
 
 FLAGS = dict(  # name: (default, help)
     limit=(200, "val tasks to score (0 = all 10,042)"),
@@ -38,9 +37,9 @@ FLAGS = dict(  # name: (default, help)
     n_layer=(12, "model shape (the defaults are GPT-2 124M's)"),
     n_head=(12, "attention heads"),
     n_embd=(768, "model width"),
-    device=("auto", "auto (cuda, else cpu), cpu, cuda or cuda:N"),
-    dtype=("auto", "auto (bfloat16 autocast on CUDA, float32 elsewhere), bfloat16 or float32"),
-    compile=("auto", "torch.compile run B, with pad_to: auto (on for CUDA), 1 or 0"),
+    device=("auto", SHARED_FLAGS_HELP["device"]),
+    dtype=("auto", SHARED_FLAGS_HELP["dtype"]),
+    compile=("auto", "run B: " + SHARED_FLAGS_HELP["compile"] + ", with pad_to"),
     threads=(0, "torch CPU threads (0 = torch's default)"),
     data_dir=(SHARED_HELLASWAG if os.path.isdir(SHARED_HELLASWAG) else "", "folder holding hellaswag_val.jsonl ('' = the download cache)"),
     seed=(1337, "seed for the random weights"),
@@ -74,14 +73,12 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     device_type = device.split(":")[0]
-    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device_type == "cuda")
-    use_compile = args.compile in ("1", "true") or (args.compile == "auto" and device_type == "cuda")
-    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16)
+    dtype, use_compile = resolve_dtype(args.dtype, device), resolve_compile(args.compile, device)
+    autocast = autocast_context(device, dtype)
 
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     examples = hellaswag.iterate_examples("val", args.data_dir or None)
     rendered = [hellaswag.render_example(ex, enc) for i, ex in zip(range(args.limit or 10**9), examples)]
     torch.manual_seed(args.seed)
@@ -111,7 +108,7 @@ def main():
     print(f"\n{datetime.date.today()} | {where}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads | "
           f"torch {torch.__version__} | Python {platform.python_version()}")
     print(f"model: {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, {n_params / 1e6:.0f}M parameters, "
-          f"random weights | {device}, {'bfloat16 autocast' if use_bf16 else 'float32'} | {n} val tasks")
+          f"random weights | {device}, {str(dtype).removeprefix('torch.') + ' autocast' if dtype else 'float32'} | {n} val tasks")
     print(f"command: python {' '.join(sys.argv)}\n")
     print("| run | tasks per forward | forwards | compiled | seconds | tasks/s | speedup | acc | acc_norm |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -123,7 +120,7 @@ def main():
               f"{a[0] / seconds:.2f}x | {acc:.4f} | {acc_norm:.4f} |")
     print(f"\nsame predictions (acc and acc_norm choice) on {same}/{n} tasks; max |loss difference| {max_diff:.2e} "
           f"(summed losses up to {max_loss:.0f})")
-    if same != n and not use_bf16:
+    if same != n and dtype is None:
         sys.exit(1)
 
 

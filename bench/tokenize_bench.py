@@ -36,8 +36,6 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOT = 50256
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(REPO, "../shared/data/tiktoken_cache")):
-    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.normpath(os.path.join(REPO, "../shared/data/tiktoken_cache"))
 
 FLAGS = dict(  # name: (default, help)
     corpus_mb=(50, "corpus size in MB (the memory check also uses twice this)"),
@@ -45,7 +43,7 @@ FLAGS = dict(  # name: (default, help)
     memory_check=(True, "also run fineweb.py on the 2x corpus, and with --shard_size 10000000"),
     val_tokens=(1_000_000, "fineweb.py's --val_tokens, its first shard (the corpus must be bigger: >= ~4 MB)"),
     paras_per_doc=(1, "blank-line paragraphs per document (1 = one paragraph each, ~40 tokens)"),
-    source=(os.path.normpath(os.path.join(REPO, "../shared/data/tinyshakespeare/input.txt")), "text to build the corpus from"),
+    source=(os.path.join(REPO, "data", "input.txt"), "text to build the corpus from"),
     pss_interval=(0.5, "seconds between samples of the tree's PSS (a sample costs ~2 ms of CPU per process)"),
     keep=(False, "keep the temp dir (corpus, cache, shards) and print its path"),
 )
@@ -180,6 +178,15 @@ def main():
     if not args.keep:
         atexit.register(shutil.rmtree, tmp, True)
     os.environ["HF_DATASETS_CACHE"] = os.path.join(tmp, "hf_cache")  # the children inherit it
+    if "TIKTOKEN_CACHE_DIR" not in os.environ:
+        # A loads tiktoken's "gpt2" as build-nanogpt does; offline, from the repository's copies of the two
+        # files, under the names tiktoken's download cache gives them (the sha1 of their URL)
+        os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(tmp, "tiktoken_cache")
+        os.makedirs(os.environ["TIKTOKEN_CACHE_DIR"])
+        for name in ("vocab.bpe", "encoder.json"):
+            url = f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{name}"
+            shutil.copy(os.path.join(REPO, "data", name),
+                        os.path.join(os.environ["TIKTOKEN_CACHE_DIR"], hashlib.sha1(url.encode()).hexdigest()))
     datasets.config.HF_DATASETS_CACHE = os.environ["HF_DATASETS_CACHE"]
     corpora, n_docs = {1: os.path.join(tmp, "corpus.jsonl")}, {}
     if args.memory_check:

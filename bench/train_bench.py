@@ -45,8 +45,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from train_gpt2 import (GPT, MODEL_FLAGS, GPTConfig, auto_flag, config_parser, flag,  # noqa: E402
-                        parse_args as parse_train_args, use_bf16)
+from train_gpt2 import (GPT, MODEL_FLAGS, GPTConfig, config_parser, flag,  # noqa: E402
+                        parse_args as parse_train_args, resolve_compile, resolve_dtype)
 
 # Runs a script as __main__ and, when it exits, prints its peak memory: the same probe for both scripts.
 PEAK_PROBE = """
@@ -145,13 +145,13 @@ def ours(mb, variant, cfg, run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoint: 1.5 GB at 124M
 
 
-def reference_edits(cfg, train_cfg, device_type):
+def reference_edits(cfg, train_cfg, device):
     """(original line, edited line) pairs for build-nanogpt's train_gpt2.py; each must occur exactly once."""
     return [('data_root = "edu_fineweb10B"', f"data_root = {os.path.abspath(cfg.data_dir)!r}"),
             ("total_batch_size = 524288", f"total_batch_size = {train_cfg.total_batch_size}"),
             ("B = 64 # micro batch size", f"B = {cfg.reference_micro_batch_size} # micro batch size"),
             ("T = 1024 # sequence length", f"T = {train_cfg.seq_len} # sequence length"),
-            ("use_compile = False", f"use_compile = {auto_flag(train_cfg.compile, device_type)}"),
+            ("use_compile = False", f"use_compile = {resolve_compile(train_cfg.compile, device)}"),
             ("max_steps = 19073", f"max_steps = {cfg.warmup + cfg.steps + 1}"),
             ("val_loss_steps = 20", "val_loss_steps = 1"),
             # HellaSwag and sampling: off, as they already are with compile on (no download, no tokenizer).
@@ -161,10 +161,10 @@ def reference_edits(cfg, train_cfg, device_type):
             ("from hellaswag import render_example, iterate_examples", "pass")]
 
 
-def write_reference(cfg, train_cfg, device_type):
+def write_reference(cfg, train_cfg, device):
     """bench_train_gpt2.py: build-nanogpt's train_gpt2.py with reference_edits, beside it; returns the edits."""
     src = open(os.path.join(cfg.reference, "train_gpt2.py")).read()
-    edits = reference_edits(cfg, train_cfg, device_type)
+    edits = reference_edits(cfg, train_cfg, device)
     for old, new in edits:
         if src.count(old) != 1:
             sys.exit(f"train_bench.py: error: --reference {cfg.reference}: train_gpt2.py has {src.count(old)} "
@@ -195,10 +195,9 @@ def matmul_peak(device, dtype):
 def main(argv=None):
     cfg, train_cfg = parse_args(argv)
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    device_type = "cuda" if device.startswith("cuda") else device
     if train_cfg.device == "auto":
         cfg.train_flags += f" --device {device}"
-    edits = write_reference(cfg, train_cfg, device_type) if cfg.reference else []  # before any run: fail fast
+    edits = write_reference(cfg, train_cfg, device) if cfg.reference else []  # before any run: fail fast
     wrote = write_synthetic_shards(cfg.data_dir, cfg.synthetic_tokens)
     print(f"{'wrote synthetic shards to' if wrote else 'using the shards in'} {cfg.data_dir}", file=sys.stderr)
     with torch.device("meta"):
@@ -231,8 +230,9 @@ def main(argv=None):
                      "searching": False, **row})
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
 
-    kind = "bfloat16" if use_bf16(train_cfg.dtype, device_type) else "float32"
-    peak = matmul_peak(device, getattr(torch, kind))
+    dtype = resolve_dtype(train_cfg.dtype, device) or torch.float32
+    kind = str(dtype).removeprefix("torch.")
+    peak = matmul_peak(device, dtype)
     gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{os.cpu_count()} CPU cores"
     ref = rows[-1] if cfg.reference and "error" not in rows[-1] else None
     print(f"### train_gpt2.py training step, {train_cfg.n_layer}L/{train_cfg.n_head}H/{train_cfg.n_embd}d, "

@@ -1,27 +1,50 @@
+import functools
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
+# The data the tests read, all in the repository: Tiny Shakespeare and GPT-2's BPE files in data/ (what
+# the product ships), and the first 200 HellaSwag val tasks in tests/data (data/SOURCES.md).
+TINY_SHAKESPEARE = os.path.join(REPO, "data", "input.txt")
+HELLASWAG_EXCERPT = os.path.join(REPO, "tests", "data")
+# Where ../shared/data (beside the checkout) holds all 10,042 HellaSwag val tasks, one test also scores them.
+SHARED_HELLASWAG = os.path.join(os.path.dirname(REPO), "shared", "data", "hellaswag")
 
-# Never wait on the network: transformers, datasets and tiktoken must use local files only.
+# Never wait on the network: transformers and datasets must use local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
 sys.path.insert(0, REPO)
 
 
-def shared_file(*parts):
-    """A file from ../shared/data (the offline copies of public data), or skip saying why."""
-    path = os.path.join(SHARED, *parts)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not found: these tests need the shared data folder beside the checkout")
-    return path
+@functools.cache
+def tiktoken_gpt2():
+    """tiktoken's own "gpt2" encoding, the reference for train_gpt2.gpt2_tokenizer() and what the tests build
+    expected tokens with. tiktoken downloads OpenAI's two files and caches them under the sha1 of their URL;
+    here its cache is a temporary folder holding the repository's copies under those names, so it is built
+    without network, by tiktoken's own code (which also checks the files' sha256)."""
+    import tiktoken
+    from tiktoken_ext import openai_public
+    cache = tempfile.mkdtemp(prefix="tiktoken_cache_")
+    for name in ("vocab.bpe", "encoder.json"):
+        url = f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{name}"
+        shutil.copy(os.path.join(REPO, "data", name), os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()))
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache
+    try:
+        return tiktoken.Encoding(**openai_public.gpt2())
+    finally:
+        if saved is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
+        shutil.rmtree(cache)
 
 
 def write_npy_shard(path, tokens):
@@ -63,9 +86,9 @@ def read_log(log_dir):
 @pytest.fixture(scope="session")
 def shakespeare_shards(tmp_path_factory):
     """Tiny Shakespeare tokenized with GPT-2's BPE: the first 10% as the val shard, the rest as train."""
-    import tiktoken
-    text = open(shared_file("tinyshakespeare", "input.txt"), encoding="utf-8").read()
-    enc = tiktoken.get_encoding("gpt2")
+    from train_gpt2 import gpt2_tokenizer
+    text = open(TINY_SHAKESPEARE, encoding="utf-8").read()
+    enc = gpt2_tokenizer()
     tokens = np.array([enc.eot_token] + enc.encode_ordinary(text), dtype=np.uint16)
     d = tmp_path_factory.mktemp("shakespeare")
     n_val = len(tokens) // 10

@@ -2,7 +2,7 @@
 loads with the same logits and greedy tokens as our GPT, with GPT-2's tokenizer (tiktoken's ids on real
 text), a model card holding the run's numbers, and one-line errors that never leave a half-written folder.
 
-GPT-2's tokenizer comes from OpenAI's original files in ../shared/data/gpt2 (the Hub is offline here).
+GPT-2's tokenizer comes from OpenAI's original files in data/, export.py's default, so exports need no network.
 """
 
 import contextlib
@@ -15,12 +15,11 @@ import subprocess
 import sys
 
 import pytest
-import tiktoken
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, GPT2TokenizerFast, pipeline
 from transformers.utils import logging as hf_logging
 
-from conftest import REPO, run_train, shared_file
+from conftest import REPO, TINY_SHAKESPEARE, run_train, tiktoken_gpt2
 from export import ExportConfig, main, parse_args
 from generate import generate
 from train_gpt2 import GPT, GPTConfig, load_checkpoint, load_model
@@ -67,8 +66,8 @@ def assert_one_line_error(err, *expected):
 
 @pytest.fixture(scope="module")
 def gpt2_files():
-    """OpenAI's encoder.json + vocab.bpe."""
-    return os.path.dirname(shared_file("gpt2", "vocab.bpe"))
+    """A folder holding OpenAI's encoder.json + vocab.bpe, given explicitly (here: the repository's own)."""
+    return os.path.join(REPO, "data")
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +81,16 @@ def log_dir(shakespeare_shards, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(log_dir, gpt2_files):
-    """`export.py --checkpoint LOG_DIR`: the newest checkpoint, into the default out_dir. (folder, stdout)."""
-    out = cli("--checkpoint", log_dir, "--tokenizer", gpt2_files)
+def exported(log_dir):
+    """`export.py --checkpoint LOG_DIR`: the newest checkpoint, into the default out_dir, with the default
+    tokenizer (data/'s files). (folder, stdout)."""
+    out = cli("--checkpoint", log_dir)
     return log_dir / "hf_model_00004", out
 
 
 def text_sample():
     """A few thousand characters of real text, newlines and runs of spaces included, plus non-ASCII."""
-    with open(shared_file("tinyshakespeare", "input.txt"), encoding="utf-8") as f:
+    with open(TINY_SHAKESPEARE, encoding="utf-8") as f:
         text = f.read()[:4000]
     return text + "\n\n   naïve café, 日本語, emoji 🙂 and tabs\tend  "
 
@@ -138,19 +138,19 @@ def test_pipeline_greedy_continuation_equals_ours(perturbed):
     folder, path = perturbed
     generator = pipeline("text-generation", model=str(folder), device="cpu")
     prompt = "First Citizen:\nBefore we proceed any further, hear me speak."
-    ids = tiktoken.get_encoding("gpt2").encode_ordinary(prompt)
+    ids = tiktoken_gpt2().encode_ordinary(prompt)
     ours = generate(load_model(str(path)), ids, 1, max_new_tokens=10, temperature=0)[0].tolist()
     assert len(set(ours[len(ids):])) > 5  # a real continuation, not one token repeated
     got = generator(prompt, max_new_tokens=10, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
     assert list(got) == ours
     text = generator(prompt, max_new_tokens=10, do_sample=False)[0]["generated_text"]
-    assert text == tiktoken.get_encoding("gpt2").decode(ours)
+    assert text == tiktoken_gpt2().decode(ours)
 
 
 def test_tokenizer_ids_equal_tiktokens_and_every_format_loads(exported, tmp_path):
     folder = exported[0]
     text = text_sample()
-    expected = tiktoken.get_encoding("gpt2").encode_ordinary(text)
+    expected = tiktoken_gpt2().encode_ordinary(text)
     tok = AutoTokenizer.from_pretrained(folder)
     assert tok(text)["input_ids"] == expected and tok.decode(expected) == text
     assert tok.bos_token == tok.eos_token == tok.unk_token == "<|endoftext|>" and tok.eos_token_id == 50256
@@ -228,7 +228,7 @@ def test_finetuned_from_a_hugging_face_folder(shakespeare_shards, hf_folder, exp
     card = (folder / "README.md").read_text(encoding="utf-8")
     assert "| 2 | 4 | 32 | 64 | 50257 |" in card and f"| `--init_from` | `{hf_folder}` |" in card
     text = text_sample()
-    expected = tiktoken.get_encoding("gpt2").encode_ordinary(text)
+    expected = tiktoken_gpt2().encode_ordinary(text)
     assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == expected
     ours, hf = load_model(str(tmp_path / "model_00002.pt")).eval(), GPT2LMHeadModel.from_pretrained(folder).eval()
     idx = torch.randint(0, 50257, (1, 64), generator=torch.Generator().manual_seed(0))
@@ -240,7 +240,7 @@ def test_finetuned_from_a_hugging_face_folder(shakespeare_shards, hf_folder, exp
 
 
 def test_defaults_and_help(capsys):
-    assert parse_args([]) == ExportConfig(checkpoint="log", out_dir="", tokenizer="gpt2", push_to_hub="", private=False)
+    assert parse_args([]) == ExportConfig(checkpoint="log", out_dir="", tokenizer="", push_to_hub="", private=False)
     assert parse_args(["--private", "true", "--push_to_hub", "a/b"]).private is True
     with pytest.raises(SystemExit):
         main(["--help"])

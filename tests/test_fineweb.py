@@ -2,8 +2,8 @@
 
 Shard names and formats, <|endoftext|> placement, the local readers, num_proc / streaming invariance,
 resume after an interruption, one-line errors, a local folder through datasets.load_dataset, and
-train_gpt2.py training on the output. The expected token stream is always built directly with tiktoken:
-[50256] + encode_ordinary(doc) for every document, in order.
+train_gpt2.py training on the output. The expected token stream is always built directly with tiktoken's
+own gpt2 encoding (conftest.tiktoken_gpt2): [50256] + encode_ordinary(doc) for every document, in order.
 
 fineweb.py runs in this process through fineweb.main (fast), except where a real process matters (SIGKILL).
 datasets' arrow cache goes to a temporary folder (see hf_cache), never to ~/.cache.
@@ -11,6 +11,7 @@ datasets' arrow cache goes to a temporary folder (see hf_cache), never to ~/.cac
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,9 +19,8 @@ import sys
 
 import numpy as np
 import pytest
-import tiktoken
 
-from conftest import REPO, read_log, run_train, shared_file
+from conftest import REPO, TINY_SHAKESPEARE, read_log, run_train, tiktoken_gpt2
 import fineweb
 
 EOT = 50256
@@ -58,7 +58,7 @@ def tokenize(out_dir, *args, num_proc=1):
 
 def expected_stream(docs):
     """The spec's token stream: every document as <|endoftext|> followed by its GPT-2 tokens."""
-    enc = tiktoken.get_encoding("gpt2")
+    enc = tiktoken_gpt2()
     tokens = []
     for doc in docs:
         tokens.append(EOT)
@@ -176,7 +176,7 @@ def hf_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shakespeare_path():
-    return shared_file("tinyshakespeare", "input.txt")
+    return TINY_SHAKESPEARE
 
 
 @pytest.fixture(scope="module")
@@ -229,10 +229,9 @@ def shakespeare_bin(tmp_path_factory, shakespeare_path):
 
 
 @pytest.fixture(scope="module")
-def shakespeare_preset(tmp_path_factory, shakespeare_path):
-    """--preset shakespeare, with the shared copy of its file instead of the download."""
-    return tokenize(tmp_path_factory.mktemp("shakespeare_preset") / "out", "--preset", "shakespeare",
-                    "--input", shakespeare_path)
+def shakespeare_preset(tmp_path_factory):
+    """--preset shakespeare: the repository's copy of Tiny Shakespeare, no download."""
+    return tokenize(tmp_path_factory.mktemp("shakespeare_preset") / "out", "--preset", "shakespeare")
 
 
 # -----------------------------------------------------------------------------
@@ -370,7 +369,7 @@ def test_mixed_types_keep_the_given_order(tmp_path, small_docs, streaming):
 
 
 def test_shakespeare_through_input(shakespeare_bin, shakespeare):
-    n = len(tiktoken.get_encoding("gpt2").encode_ordinary(shakespeare)) + 1
+    n = len(tiktoken_gpt2().encode_ordinary(shakespeare)) + 1
     assert_stream(shakespeare_bin, [shakespeare])
     manifest = read_manifest(shakespeare_bin)
     assert sum(s["tokens"] for s in manifest["shards"]) == n == 338026
@@ -382,6 +381,7 @@ def test_shakespeare_preset(shakespeare_preset, shakespeare):
     assert shard_names(shakespeare_preset) == ["shakespeare_train_000001.npy", "shakespeare_val_000000.npy"]
     manifest = read_manifest(shakespeare_preset)
     assert manifest["prefix"] == "shakespeare" and manifest["val_tokens"] == 34000
+    assert manifest["source"]["input"] == [[TINY_SHAKESPEARE, 1115394]]
     assert [s["tokens"] for s in manifest["shards"]] == [34000, 338026 - 34000]
     assert_stream(shakespeare_preset, [shakespeare])
 
@@ -713,15 +713,54 @@ def test_spawn_start_method_as_on_macos_and_windows(tmp_path, reference, corpus)
     assert_same_files(tmp_path / "out", reference)
 
 
-def test_unreachable_bpe_is_a_one_line_error_not_a_hang(tmp_path, small_corpus):
-    """Without tiktoken's cache and without network, loading GPT-2's BPE fails in this process, with one line:
-    in a pool worker's initializer the failure would make the pool respawn workers forever."""
+def test_url_input_over_http(tmp_path, shakespeare_bin):
+    """--input http(s)://... goes through datasets' HTTP filesystem, which needs aiohttp (in requirements.txt):
+    Tiny Shakespeare served by `python -m http.server` on 127.0.0.1 gives the shards of the local file."""
+    (tmp_path / "www").mkdir()
+    shutil.copy(TINY_SHAKESPEARE, tmp_path / "www" / "input.txt")
+    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory",
+                               tmp_path / "www"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = re.search(r" port (\d+) ", server.stdout.readline()).group(1)  # "Serving HTTP on 127.0.0.1 port N ..."
+        url = f"http://127.0.0.1:{port}/input.txt"
+        # datasets' offline mode (HF_DATASETS_OFFLINE, or HF_HUB_OFFLINE) refuses every URL, a local one too
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "fineweb.py"), "--input", url, "--val_tokens",
+                               "34000", "--shard_size", "100000", "--format", "bin", "--out_dir", tmp_path / "out"],
+                              capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shards = {n: b for n, b in snapshot(tmp_path / "out").items() if n != "manifest.json"}
+    assert shards == {n: b for n, b in snapshot(shakespeare_bin).items() if n != "manifest.json"} and len(shards) == 5
+    assert read_manifest(tmp_path / "out")["source"]["input"] == [[url, None]]
+
+
+def test_no_network_and_no_tiktoken_cache_needed(tmp_path, small_corpus):
+    """GPT-2's BPE comes from the repository's data/ folder: with an empty tiktoken cache and every proxy
+    dead, a real fineweb.py process tokenizes as the in-process run does."""
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HTTPS_PROXY": "http://127.0.0.1:9",
            "HTTP_PROXY": "http://127.0.0.1:9"}
     proc = subprocess.run([sys.executable, os.path.join(REPO, "fineweb.py"), "--input", small_corpus,
                            *map(str, READER), "--out_dir", tmp_path / "out"], capture_output=True, text=True,
                           env=env, timeout=120)
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    [line] = [ln for ln in proc.stderr.splitlines() if "error" in ln]
-    assert line.startswith("fineweb.py: error: could not load GPT-2's BPE with tiktoken") and "TIKTOKEN_CACHE_DIR" in line
-    assert not any(n.endswith((".npy", ".bin")) for n in os.listdir(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_files(tmp_path / "out", tokenize(tmp_path / "in_process", "--input", small_corpus, *READER))
+    assert not os.path.exists(tmp_path / "empty_cache")  # tiktoken's cache was never touched
+
+
+def test_damaged_bpe_file_is_a_one_line_error(tmp_path, small_corpus, monkeypatch):
+    import train_gpt2
+    shutil.copytree(os.path.join(REPO, "data"), tmp_path / "data")
+    with open(tmp_path / "data" / "encoder.json", "r+b") as f:
+        f.truncate(1000)  # cut short, as by a bad copy
+    monkeypatch.setattr(train_gpt2, "DATA_DIR", str(tmp_path / "data"))
+    train_gpt2.gpt2_tokenizer.cache_clear()
+    try:
+        status, error = fineweb_main("--input", small_corpus, *READER, "--out_dir", tmp_path / "out")
+    finally:
+        train_gpt2.gpt2_tokenizer.cache_clear()
+    assert status == 1 and error == (f"fineweb.py: error: {tmp_path}/data/encoder.json: damaged (not the bytes of "
+                                     f"OpenAI's file); restore it with `git checkout -- data`")
+    assert not os.path.exists(tmp_path / "out")

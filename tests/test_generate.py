@@ -12,15 +12,14 @@ import subprocess
 import sys
 
 import pytest
-import tiktoken
 import torch
 
 import generate as gen
-from conftest import REPO, run_train
+from conftest import REPO, run_train, tiktoken_gpt2
 from generate import GenerateConfig, generate, main, parse_args, sample_next
 from train_gpt2 import GPT, GPTConfig, TrainError
 
-ENC = tiktoken.get_encoding("gpt2")
+ENC = tiktoken_gpt2()
 PROMPT = "Hello, I'm a language model,"
 
 
@@ -207,6 +206,15 @@ def test_prints_each_sample_as_prompt_and_continuation(capsys, hf_folder):
     assert out.out.endswith("".join(f"> {ENC.decode(row.tolist())}\n" for row in rows))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_autocast_samples(capsys, hf_folder, dtype):
+    """--dtype float16 (GPUs without bfloat16) and bfloat16 run on CPU too: 16-bit logits, the same prompt."""
+    out = cli(capsys, "--init_from", hf_folder, "--num_return_sequences", 2, "--max_new_tokens", 6, "--dtype", dtype,
+              "--device", "cpu")
+    texts = samples(out.out)
+    assert len(texts) == 2 and all(t.startswith(PROMPT) and len(t) > len(PROMPT) for t in texts)
+
+
 def test_same_flags_same_output_other_seed_other_output(capsys, hf_folder):
     args = ["--init_from", hf_folder, "--num_return_sequences", 3, "--max_new_tokens", 10, "--top_p", 0.95]
     first, again, other = (cli(capsys, *args, "--seed", s).out for s in (1, 1, 2))
@@ -272,7 +280,7 @@ def test_checkpoint_with_padded_vocab(capsys, checkpoint, rows):
     ("max_length within the prompt", ["--max_length", "5"], "--max_length 5: the prompt alone has 8 tokens"),
     ("negative max_new_tokens", ["--max_new_tokens", "-3"], "--max_new_tokens -3"),
     ("bad device", ["--device", "tpu"], "--device tpu"),
-    ("bad dtype", ["--dtype", "float16"], "--dtype float16"),
+    ("bad dtype", ["--dtype", "float8"], "--dtype float8"),
     ("bad compile", ["--compile", "maybe"], "--compile maybe"),
     ("not a number", ["--top_k", "ten"], "--top_k"),
     ("unknown flag", ["--beam_width", "4"], "--beam_width"),

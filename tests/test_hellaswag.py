@@ -2,7 +2,8 @@
 download and every bad-input error, and torch.compile (no recompiles with pad_to).
 
 No GPT-2 weights are reachable offline, so the model is a random tiny GPT2LMHeadModel saved as a Hugging
-Face folder; scoring is checked against transformers' own logits on real HellaSwag val tasks.
+Face folder; scoring is checked against transformers' own logits on real HellaSwag val tasks, the first
+200 of which are in tests/data.
 """
 
 import json
@@ -12,17 +13,16 @@ import subprocess
 import sys
 
 import pytest
-import tiktoken
 import torch
 import torch._dynamo
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import hellaswag
-from conftest import REPO, shared_file
+from conftest import HELLASWAG_EXCERPT, REPO, SHARED_HELLASWAG, tiktoken_gpt2
 from hellaswag import (HellaswagError, example_losses, iterate_examples, iterate_losses, longest_example,
                        main, render_example, score)
-from train_gpt2 import load_model
+from train_gpt2 import gpt2_tokenizer, load_model
 
 TOL = 1e-4  # float32 losses
 LAST_LINE = re.compile(r"acc: (\d\.\d{4}) acc_norm: (\d\.\d{4}) n: (\d+)")
@@ -40,7 +40,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def data_dir():
-    return os.path.dirname(shared_file("hellaswag", "hellaswag_val.jsonl"))
+    return HELLASWAG_EXCERPT
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def examples(data_dir):
 
 @pytest.fixture(scope="module")
 def enc():
-    return tiktoken.get_encoding("gpt2")
+    return gpt2_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +134,8 @@ def test_losses_and_predictions_match_transformers(tiny, examples, enc):
         assert (ref_sums.sort().values.diff() > 1e-3).all()  # no near-ties: predictions are well defined
         correct += int(ref_sums.argmin()) == label
         correct_norm += int(ref_means.argmin()) == label
-    assert score(ours, examples) == (correct, correct_norm, len(examples))
-    assert score(hf, examples) == (correct, correct_norm, len(examples))  # transformers' model scores alike
+    assert score(ours, examples, enc) == (correct, correct_norm, len(examples))
+    assert score(hf, examples, enc) == (correct, correct_norm, len(examples))  # transformers' model scores alike
     assert correct != correct_norm or correct not in (0, len(examples))  # a non-trivial check, not all right or wrong
 
 
@@ -150,10 +150,10 @@ def test_batched_equals_one_example_per_forward(tiny, examples, enc, batch_size,
         torch.testing.assert_close(sums, ref_sums, atol=TOL, rtol=0)
         torch.testing.assert_close(means, ref_means, atol=TOL, rtol=0)
         assert (sums.argmin(), means.argmin()) == (ref_sums.argmin(), ref_means.argmin())
-    assert score(ours, examples, batch_size=batch_size, pad_to=pad_to) == score(ours, examples, batch_size=1)
+    assert score(ours, examples, enc, batch_size=batch_size, pad_to=pad_to) == score(ours, examples, enc, batch_size=1)
 
 
-def test_pad_to_gives_every_forward_one_shape(tiny, examples):
+def test_pad_to_gives_every_forward_one_shape(tiny, examples, enc):
     _, ours, _ = tiny
     shapes = []
 
@@ -161,23 +161,50 @@ def test_pad_to_gives_every_forward_one_shape(tiny, examples):
         shapes.append(tuple(idx.shape))
         return ours(idx)
 
-    longest = longest_example(examples)
+    longest = longest_example(examples, enc)
     assert longest < 80
-    score(recording, examples, batch_size=5, pad_to=80)  # 12 tasks: batches of 5, 5, and 2 plus 3 dummies
+    score(recording, examples, enc, batch_size=5, pad_to=80)  # 12 tasks: batches of 5, 5, and 2 plus 3 dummies
     assert shapes == [(20, 80)] * 3
     shapes.clear()
-    score(recording, examples, batch_size=5)  # without pad_to: each batch as wide as its longest task
+    score(recording, examples, enc, batch_size=5)  # without pad_to: each batch as wide as its longest task
     assert len(shapes) == 3 and shapes[-1][0] == 8 and max(s[1] for s in shapes) == longest
     with pytest.raises(HellaswagError, match="longer than pad_to=10"):
-        score(ours, examples, pad_to=10)
+        score(ours, examples, enc, pad_to=10)
 
 
-def test_ranks_slices_add_up_to_the_whole(tiny, examples):
+# The excerpt's 200 tasks; where ../shared/data is beside the checkout, all 10,042 val tasks as well, with the
+# label counts its SOURCES.md gives.
+VAL_FILES = [(HELLASWAG_EXCERPT, {0: 53, 1: 47, 2: 58, 3: 42})] + \
+    [(SHARED_HELLASWAG, {0: 2515, 1: 2485, 2: 2584, 3: 2458})] * os.path.isfile(os.path.join(SHARED_HELLASWAG, "hellaswag_val.jsonl"))
+
+
+@pytest.mark.parametrize("folder, labels", VAL_FILES, ids=[f"{sum(c.values())}-tasks" for _, c in VAL_FILES])
+def test_every_task_of_the_file_renders_and_a_spread_of_them_scores(tiny, enc, folder, labels):
+    """Every task parses and renders to tiktoken's own tokens (ctx, then " " + each ending), within GPT-2's
+    context; ~25 tasks spread from the first line to the last score batched and padded to the longest
+    task (as in training) as one task per forward does. (Scoring all 10,042 on this 2-core CPU would take
+    about 9 minutes: bench/hellaswag_bench.py --limit 0 does that, on a GPU.)"""
+    examples = list(iterate_examples("val", folder))
+    assert len(examples) == sum(labels.values())
+    assert {k: sum(ex["label"] == k for ex in examples) for k in range(4)} == labels
+    reference = tiktoken_gpt2()
+    for ex in examples:
+        tokens, mask, label = render_example(ex, enc)
+        ctx, ending = reference.encode(ex["ctx"]), reference.encode(" " + ex["endings"][label])
+        assert tokens[label, :len(ctx) + len(ending)].tolist() == ctx + ending and int(mask[label].sum()) == len(ending)
+    _, ours, _ = tiny
+    longest = longest_example(examples, enc)
+    assert longest <= ours.config.block_size  # 256 here, and so within GPT-2's 1024
+    spread = examples[::len(examples) // 25]  # ~25 tasks, from the first to the last
+    assert score(ours, spread, enc, batch_size=16, pad_to=longest) == score(ours, spread, enc, batch_size=1)
+
+
+def test_ranks_slices_add_up_to_the_whole(tiny, examples, enc):
     """Under DDP each rank scores examples[rank::world_size]; the counts sum to one process's."""
     _, ours, _ = tiny
-    parts = [score(ours, examples[r::3], batch_size=2) for r in range(3)]
-    assert tuple(map(sum, zip(*parts))) == score(ours, examples)
-    assert score(ours, []) == (0, 0, 0)
+    parts = [score(ours, examples[r::3], enc, batch_size=2) for r in range(3)]
+    assert tuple(map(sum, zip(*parts))) == score(ours, examples, enc)
+    assert score(ours, [], enc) == (0, 0, 0)
 
 
 # -----------------------------------------------------------------------------
@@ -195,12 +222,25 @@ def test_cli_limit_and_last_line(tiny, data_dir):
     assert "acc_norm=" in proc.stderr  # the progress bar's running acc_norm
 
 
-def test_cli_counts_equal_score(tiny, examples, data_dir, capsys):
+def test_cli_counts_equal_score(tiny, examples, enc, data_dir, capsys):
     code, out, _ = run_main(capsys, "--model", tiny[2], "--data_dir", data_dir, "--limit", 7, "--batch_size=3",
                             "--device", "cpu", "--dtype", "float32", "--compile", "0")
     assert code == 0
-    correct, correct_norm, n = score(tiny[1], examples[:7])
+    correct, correct_norm, n = score(tiny[1], examples[:7], enc)
     assert out.splitlines()[-1] == f"acc: {correct / 7:.4f} acc_norm: {correct_norm / 7:.4f} n: 7"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_autocast_scores_like_float32(tiny, data_dir, capsys, dtype):
+    """--dtype float16 (GPUs without bfloat16) and bfloat16, run on CPU: the endings' losses lie ~1 nat apart,
+    far more than 16-bit rounding, so the counts equal float32's."""
+    lines = []
+    for d in ("float32", dtype):
+        code, out, _ = run_main(capsys, "--model", tiny[2], "--data_dir", data_dir, "--limit", 12, "--batch_size", 4,
+                                "--device", "cpu", "--dtype", d, "--compile", "0")
+        assert code == 0
+        lines.append(out.splitlines()[-1])
+    assert lines[0] == lines[1]
 
 
 def test_import_runs_nothing_and_needs_no_train_gpt2():
@@ -227,7 +267,7 @@ def test_help_lists_every_flag(capsys):
     (["--model", "nonexistent"], "--model nonexistent"),
     (["--model", "log/model_99999.pt"], "--model log/model_99999.pt"),
     (["--device", "tpu"], "--device tpu"),
-    (["--dtype", "float16"], "--dtype float16"),
+    (["--dtype", "float8"], "--dtype float8"),
     (["--compile", "maybe"], "--compile maybe"),
     (["--bogus", "1"], "--bogus"),
 ])
@@ -336,7 +376,7 @@ def test_empty_file(capsys, tmp_path):
 # torch.compile
 
 
-def test_pad_to_compiles_once(tiny, examples):
+def test_pad_to_compiles_once(tiny, examples, enc):
     """Every graph dynamo compiles goes through the backend, so counting the backend's calls counts
     compilations (torch._dynamo.utils.counters["stats"]["unique_graphs"] counts the same in torch 2.13);
     error_on_recompile additionally makes any recompile during the second pass raise. The backend
@@ -350,14 +390,14 @@ def test_pad_to_compiles_once(tiny, examples):
 
     torch._dynamo.reset()
     compiled = torch.compile(ours, backend=counting_backend)
-    expected = score(ours, examples, batch_size=5)
-    assert score(compiled, examples[:7], batch_size=5, pad_to=80) == score(ours, examples[:7], batch_size=5)
+    expected = score(ours, examples, enc, batch_size=5)
+    assert score(compiled, examples[:7], enc, batch_size=5, pad_to=80) == score(ours, examples[:7], enc, batch_size=5)
     assert len(graphs) == 1
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert score(compiled, examples, batch_size=5, pad_to=80) == expected  # other lengths, same shape
+        assert score(compiled, examples, enc, batch_size=5, pad_to=80) == expected  # other lengths, same shape
     assert len(graphs) == 1
     # the control: without pad_to, batches of other shapes do recompile, and the count shows it
-    score(compiled, examples, batch_size=5)
+    score(compiled, examples, enc, batch_size=5)
     assert len(graphs) > 1
     torch._dynamo.reset()
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, read_log, run_train, shared_file
+from conftest import REPO, read_log, run_train
 
 # The README's recipe is for GPT-2 124M on a GPU; the random stand-in for `gpt2` has a 64-token context,
 # so the shape, batch and step counts shrink. Later flags win, so these override the README's.
@@ -32,10 +32,10 @@ def test_finetune_recipe_end_to_end(tmp_path, hf_folder):
     assert prepare == ["python", "fineweb.py", "--preset", "shakespeare"]
     assert finetune[:4] == ["python", "train_gpt2.py", "--init_from", "gpt2"] and export[1] == "export.py"
 
-    # fineweb.py's preset, reading the shared copy of the file it would download
+    # fineweb.py's preset reads the repository's Tiny Shakespeare: no download
     data = tmp_path / "shakespeare"
-    subprocess.run([sys.executable, os.path.join(REPO, "fineweb.py"), *prepare[2:], "--input",
-                    shared_file("tinyshakespeare", "input.txt"), "--out_dir", data], check=True, capture_output=True)
+    subprocess.run([sys.executable, os.path.join(REPO, "fineweb.py"), *prepare[2:], "--out_dir", data], check=True,
+                   capture_output=True)
     log_dir = tmp_path / "log_shakespeare"
     proc = run_train(*finetune[2:], "--init_from", hf_folder, "--data_dir", data, "--log_dir", log_dir, *CPU_SCALE)
     val = read_log(log_dir)["val"]
@@ -46,7 +46,7 @@ def test_finetune_recipe_end_to_end(tmp_path, hf_folder):
 
     out = tmp_path / "gpt2-shakespeare"
     subprocess.run([sys.executable, os.path.join(REPO, "export.py"), *export[2:], "--checkpoint", log_dir,
-                    "--out_dir", out, "--tokenizer", os.path.dirname(shared_file("gpt2", "vocab.bpe"))],
+                    "--out_dir", out],
                    check=True, capture_output=True)
     assert f"{val[60]:.4f}" in (out / "README.md").read_text()
     generator = pipeline("text-generation", model=str(out))

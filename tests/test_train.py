@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, read_log, run_train, shared_file, write_npy_shard
-from train_gpt2 import GPT, GPTConfig, TrainConfig, get_lr, main, parse_args
+from conftest import HELLASWAG_EXCERPT, REPO, read_log, run_train, write_npy_shard
+from train_gpt2 import GPT, GPTConfig, TrainConfig, get_lr, gpt2_tokenizer, main, parse_args
 
 # A tiny model on a 256-token vocabulary: each step takes milliseconds, so the tests exercise the real
 # loop (loader, accumulation, AdamW, checkpoints) rather than a toy copy of it.
@@ -99,7 +99,7 @@ def test_import_has_no_side_effects():
     (["--total_batch_size", "1000"], "--total_batch_size"),
     (["--n_embd", "30", "--n_head", "4"], "--n_embd"),
     (["--device", "tpu"], "--device"),
-    (["--dtype", "float16"], "--dtype"),
+    (["--dtype", "float8"], "--dtype"),
     (["--compile", "maybe"], "--compile"),
     (["--max_stepz", "3"], "--max_stepz"),
     (["--max_steps", "ten"], "--max_steps"),
@@ -116,6 +116,85 @@ def test_errors_from_torchrun_are_one_line_and_nonzero(data, tmp_path):
     proc = train(data, tmp_path, "--min_lr", 1.0, nproc=1, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "train_gpt2.py: error: --min_lr 1.0: must be <= --max_lr 0.003"
+
+
+# --- platforms: what each GPU and PyTorch build can do, simulated on this CPU machine ------------------
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Pretend to be a CUDA GPU: set(name, bf16) names it and says whether it has bfloat16 natively."""
+    def set_gpu(name, bf16):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
+    return set_gpu
+
+
+def test_dtype_auto_is_bfloat16_where_the_gpu_has_it_else_float16(gpu):
+    from train_gpt2 import TrainError, resolve_dtype
+    assert resolve_dtype("auto", "cpu") is None and resolve_dtype("auto", "mps") is None  # float32
+    assert resolve_dtype("float16", "cpu") == torch.float16 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    gpu("NVIDIA H100 80GB HBM3", bf16=True)
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype("float32", "cuda:1") is None
+    gpu("Tesla T4", bf16=False)  # Turing: emulated bfloat16 only, which must not count
+    assert resolve_dtype("auto", "cuda") == resolve_dtype("float16", "cuda") == torch.float16
+    with pytest.raises(TrainError, match=r"^--dtype bfloat16: Tesla T4 has no bfloat16 .*; use --dtype float16$"):
+        resolve_dtype("bfloat16", "cuda")
+
+
+def test_autocast_context_computes_in_the_resolved_dtype():
+    from train_gpt2 import autocast_context
+    linear, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    for dtype in (torch.float16, torch.bfloat16, None):
+        with autocast_context("cpu", dtype):
+            assert linear(x).dtype == (dtype or torch.float32)
+
+
+def test_mfu_peaks_of_float16_gpus(gpu):
+    from train_gpt2 import peak_flops
+    for name, peak in (("Tesla V100-SXM2-16GB", 125e12), ("Tesla T4", 65e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce RTX 2080 Ti", None)):
+        gpu(name, bf16=False)
+        assert peak_flops("cuda:0") == peak, name
+    assert peak_flops("cpu") is None
+
+
+def test_compile_auto_is_off_with_a_note_where_triton_cannot_run(monkeypatch, capsys):
+    """No Triton (native Windows), or a GPU older than compute capability 7.0: --compile auto is off and
+    says why in one line; --compile 1 is a one-line error."""
+    import importlib.util
+    from train_gpt2 import TrainError, resolve_compile
+    find_spec, triton = importlib.util.find_spec, {"installed": False}
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (find_spec("math") if triton["installed"] else None) if name == "triton"
+                        else find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    assert resolve_compile("auto", "cuda") is False
+    assert capsys.readouterr().out == "note: --compile auto is off: torch.compile needs Triton for CUDA and it is " \
+                                      "not installed (pip install triton; on Windows, use WSL)\n"
+    with pytest.raises(TrainError, match=r"^--compile 1: torch.compile needs Triton .*; use --compile 0$"):
+        resolve_compile("1", "cuda")
+    triton["installed"] = True
+    assert resolve_compile("auto", "cuda:0") is False
+    assert "compute capability 7.0 or newer; Tesla P100-PCIE-16GB is 6.0" in capsys.readouterr().out
+    with pytest.raises(TrainError, match="^--compile true: .* is 6.0; use --compile 0$"):
+        resolve_compile("true", "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert resolve_compile("auto", "cuda") is True and resolve_compile("0", "cuda") is False
+    assert resolve_compile("auto", "cpu") is False and resolve_compile("1", "cpu") is True  # CPU: no Triton needed
+    assert capsys.readouterr().out == ""
+
+
+def test_ddp_uses_gloo_with_a_note_where_pytorch_has_no_nccl(monkeypatch, capsys):
+    import torch.distributed as dist
+    from train_gpt2 import ddp_backend
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    assert (ddp_backend("cuda:3"), ddp_backend("cpu")) == ("nccl", "gloo")
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)  # native Windows builds
+    assert ddp_backend("cuda:0") == "gloo"
+    assert capsys.readouterr().out == "note: this PyTorch has no NCCL (native Windows builds have none): DDP runs " \
+                                      "on gloo, which is slower\n"
 
 
 # --- schedule, accumulation, DDP ----------------------------------------------------------------------
@@ -199,10 +278,12 @@ def test_checkpoints_are_safe_and_complete(data, tmp_path):
     assert read_log(tmp_path)["val"][9] == pytest.approx(ckpt["val_loss"], abs=1e-4)
 
 
-def test_resume_after_crash_equals_uninterrupted_run(data, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_resume_after_crash_equals_uninterrupted_run(data, tmp_path, dtype):
     """A 12-step run, and the same run crashed after its step-6 checkpoint and resumed: identical losses
-    (float32, no compile), and the lines the crashed run logged after its checkpoint are replaced."""
-    args = ["--max_steps", 12, "--ckpt_interval", 6]
+    (no compile; float16 with its GradScaler state restored), and the lines the crashed run logged after
+    its checkpoint are replaced."""
+    args = ["--max_steps", 12, "--ckpt_interval", 6, "--dtype", dtype]
     train(data, tmp_path / "full", *args)
     train(data, tmp_path / "crashed", *args)
     os.remove(tmp_path / "crashed" / "model_00012.pt")  # as if it died before step 12
@@ -213,6 +294,61 @@ def test_resume_after_crash_equals_uninterrupted_run(data, tmp_path):
     a = torch.load(tmp_path / "full" / "model_00012.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "crashed" / "model_00012.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- float16, for GPUs without bfloat16 (V100, T4, RTX 20xx): autocast and GradScaler run on CPU too ----
+
+
+def step_lines(stdout):
+    return [ln for ln in stdout.splitlines() if re.match(r"step +\d+ \| loss ", ln)]
+
+
+def test_float16_run_learns_like_float32_and_its_checkpoint_holds_the_scaler(data, tmp_path):
+    fp32 = train(data, tmp_path / "fp32", "--max_steps", 8)
+    fp16 = train(data, tmp_path / "fp16", "--max_steps", 8, "--dtype", "float16")
+    assert "| float32 |" in fp32.stdout and "| float16 |" in fp16.stdout  # --dtype auto is float32 off CUDA
+    assert all(ln.endswith(" | loss scale 65536") for ln in step_lines(fp16.stdout)) and len(step_lines(fp16.stdout)) == 8
+    assert "loss scale" not in fp32.stdout
+    a, b = read_log(tmp_path / "fp32"), read_log(tmp_path / "fp16")
+    assert b["val"][8] < b["val"][0] - 0.3  # it learns ...
+    for step in range(8):  # ... what float32 learns, to float16's precision
+        assert b["train"][step] == pytest.approx(a["train"][step], abs=0.02)
+    ckpt = torch.load(tmp_path / "fp16" / "model_00008.pt", weights_only=True)
+    assert ckpt["scaler"] == {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                              "_growth_tracker": 8}
+    assert torch.load(tmp_path / "fp32" / "model_00008.pt", weights_only=True)["scaler"] == {}
+    assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {8}
+
+
+def test_float16_overflow_skips_exactly_one_step(data, tmp_path, monkeypatch, capsys):
+    """Step 3's gradients made inf (a hook on its first micro-batch's loss, whose value stays finite): the
+    GradScaler skips that update and halves the loss scale, the step line says so, and the run goes on."""
+    forward, calls = GPT.forward, []
+
+    def overflowing_forward(self, idx, targets=None, kv_cache=None):
+        logits, loss = forward(self, idx, targets, kv_cache)
+        if self.training:
+            calls.append(len(calls))
+            if len(calls) == 7:  # 2 micro-batches a step: the first of step 3
+                loss.register_hook(lambda grad: grad * math.inf)
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", overflowing_forward)
+    main([str(a) for a in ["--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 8, "--dtype", "float16"]])
+    lines = step_lines(capsys.readouterr().out)
+    assert len(calls) == 16 and len(lines) == 8
+    skipped = [ln for ln in lines if "skipped" in ln]
+    assert len(skipped) == 1 and skipped[0].startswith("step     3 |"), "\n".join(lines)
+    assert "| norm inf |" in skipped[0] or "| norm nan |" in skipped[0]
+    assert skipped[0].endswith("| loss scale 65536 | skipped: float16 gradients overflowed, loss scale halved")
+    assert all(ln.endswith("| loss scale 65536") for ln in lines[:3])
+    assert all(ln.endswith("| loss scale 32768") for ln in lines[4:])
+    log = read_log(tmp_path)
+    assert sorted(log["train"]) == list(range(8)) and all(math.isfinite(v) for v in log["train"].values())
+    assert log["val"][8] < log["val"][0]
+    ckpt = torch.load(tmp_path / "model_00008.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] == 32768.0
+    assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {7}  # 8 steps, one skipped
 
 
 def test_n_steps_then_n_more_equals_2n_steps(data, tmp_path):
@@ -290,7 +426,7 @@ HELLA = ["--n_layer", 1, "--n_head", 2, "--n_embd", 32, "--vocab_size", 50304, "
 
 
 def hellaswag_dir():
-    return os.path.dirname(shared_file("hellaswag", "hellaswag_val.jsonl"))
+    return HELLASWAG_EXCERPT
 
 
 def test_in_training_hellaswag_and_samples(shakespeare_shards, tmp_path):
@@ -304,7 +440,7 @@ def test_in_training_hellaswag_and_samples(shakespeare_shards, tmp_path):
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     examples = list(iterate_examples("val", hellaswag_dir()))[:40]
-    correct, correct_norm, n = score(model, examples)
+    correct, correct_norm, n = score(model, examples, gpt2_tokenizer())
     assert n == 40 and log["hella"][4] == pytest.approx(correct_norm / n, abs=1e-4)
     assert ckpt["hellaswag"] == log["hella"][4] and ckpt["val_loss"] == pytest.approx(log["val"][4], abs=1e-4)
     lines = (tmp_path / "samples.txt").read_text().splitlines()
