@@ -20,8 +20,9 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from train_gpt2 import (DATA_DIR, GPT2_EOT, GPT2_VOCAB_SIZE, TrainError, checkpoint_paths, config_parser, flag,
-                        load_checkpoint, model_from_checkpoint)
+from fineweb import DATA_DIR
+from train_gpt2 import (GPT2_EOT, GPT2_VOCAB_SIZE, TrainError, checkpoint_paths, config_parser, flag, load_checkpoint,
+                        model_from_checkpoint)
 
 EOT = "<|endoftext|>"  # GPT-2's only special token, id GPT2_EOT: its bos, eos and unk token
 # OpenAI's GPT-2 124M evaluated the way train_gpt2.py evaluates (build-nanogpt's numbers), for the model card

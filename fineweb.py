@@ -14,7 +14,9 @@ stopped and produces the same bytes as an uninterrupted one.
 import argparse
 import collections
 import dataclasses
+import functools
 import glob
+import hashlib
 import itertools
 import json
 import multiprocessing as mp
@@ -28,8 +30,13 @@ import numpy as np
 MIN_TRAIN_TOKENS = 64 * 1024 + 1  # one micro-batch of train_gpt2.py's defaults (64 x 1024, +1 for the targets)
 DOCS_PER_TASK = 256  # documents a worker tokenizes per task: big enough to amortise the IPC, small enough to balance
 READERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # datasets' builders
-# karpathy/char-rnn's Tiny Shakespeare, shipped with the repository (data/SOURCES.md)
-TINY_SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "input.txt")
+# Shipped with the repository (data/SOURCES.md): GPT-2's BPE files and karpathy/char-rnn's Tiny Shakespeare
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+TINY_SHAKESPEARE = os.path.join(DATA_DIR, "input.txt")
+# sha256 of OpenAI's two BPE files (encoder.json makes our tokenizer, export.py's Hugging Face tokenizer
+# needs vocab.bpe too): the values tiktoken checks when it downloads them for its "gpt2" encoding
+GPT2_BPE_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+                   "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
 
 PRESETS = {
     "fineweb-edu-10B": dict(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", out_dir="edu_fineweb10B",
@@ -43,12 +50,12 @@ PRESETS = {
 }
 
 
-class FinewebError(Exception):
+class FinewebError(ValueError):
     """Bad input or flags: main() prints it as one line and exits 1."""
 
 
-# fineweb.py imports train_gpt2.py only for the tokenizer, in the main process: at the top, it would load
-# torch (+2 s and +200 MB) in every worker too.
+# fineweb.py imports nothing from train_gpt2.py, which would load torch (+2 s and +200 MB in every process);
+# the other scripts take GPT-2's tokenizer from here.
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -186,17 +193,38 @@ def load_corpus(cfg):
 _worker = {}
 
 
-def gpt2_encoding():
-    """GPT-2's BPE: train_gpt2.py's tokenizer, read from the repository's data/ folder (no download)."""
-    from train_gpt2 import TrainError, gpt2_tokenizer
-    try:
-        return gpt2_tokenizer()
-    except TrainError as e:  # data/encoder.json missing or damaged
-        raise FinewebError(str(e)) from None
+@functools.cache
+def gpt2_tokenizer():
+    """GPT-2's BPE as a tiktoken Encoding, from data/encoder.json: the ids of tiktoken.get_encoding("gpt2"),
+    with no download. Every script tokenizes with it."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizing regex
+    contents = {}
+    for name, sha256 in GPT2_BPE_SHA256.items():
+        path = os.path.join(DATA_DIR, name)
+        try:
+            with open(path, "rb") as f:
+                contents[name] = f.read()
+        except OSError as e:
+            raise FinewebError(f"{path}: cannot read GPT-2's BPE ({e.strerror}); restore it with `git checkout -- data`") from None
+        if hashlib.sha256(contents[name]).hexdigest() != sha256:
+            raise FinewebError(f"{path}: damaged (not the bytes of OpenAI's file); restore it with `git checkout -- data`")
+    # encoder.json spells each token's bytes with one printable character per byte (GPT-2's bytes_to_unicode):
+    # the printable bytes as themselves, the other 68 as chr(256), chr(257), ... in byte order. Its ids are
+    # the merge ranks tiktoken uses. (tiktoken.load's reader of these files would also copy them into
+    # TIKTOKEN_CACHE_DIR, which fails where that folder is read-only.)
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+    encoder = json.loads(contents["encoder.json"])
+    eot = encoder.pop("<|endoftext|>")  # 50256, GPT-2's only special token: the document separator
+    ranks = {bytes(byte_of[c] for c in token): rank for token, rank in encoder.items()}
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": eot}, explicit_n_vocab=len(ranks) + 1)
 
 
 def init_worker(enc, ds, text_column):
-    """A worker's state. It gets the tokenizer itself (pickled under spawn), not train_gpt2.py to build it."""
+    """A worker's state. It gets the tokenizer from the main process (pickled under spawn): built once."""
     _worker.update(enc=enc, eot=np.array([enc.eot_token], dtype=np.uint32), ds=ds, text_column=text_column)
 
 
@@ -395,7 +423,7 @@ def main(argv=None):
 
 def tokenize(cfg):
     from tqdm import tqdm
-    enc = gpt2_encoding()
+    enc = gpt2_tokenizer()
     manifest = open_manifest(cfg, describe_source(cfg), enc)
     if manifest["done"]:
         print(f"{cfg.out_dir}/ is complete: {len(manifest['shards'])} shards, "

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from train_gpt2 import (GPT2_VOCAB_SIZE, PRETRAINED, KVCache, TrainError, autocast_context, config_parser, flag,
-                        gpt2_tokenizer, load_model, print0, resolve_compile, resolve_device, resolve_dtype)
+                        load_model, load_tokenizer, print0, resolve_compile, resolve_device, resolve_dtype)
 
 
 @dataclass
@@ -130,7 +130,7 @@ def run(cfg):
     check_flags(cfg)
     device = resolve_device(cfg.device)
     dtype, use_compile = resolve_dtype(cfg.dtype, device), resolve_compile(cfg.compile, device)
-    enc = gpt2_tokenizer()
+    enc = load_tokenizer()
     tokens = read_prompt(cfg.prompt, enc)
     try:
         model = load_model(cfg.init_from).to(device)

@@ -183,7 +183,7 @@ def longest_example(examples, enc):
 def score(model, examples, enc, device="cpu", batch_size=16, autocast=contextlib.nullcontext(), pad_to=None,
           progress=None):
     """(n_correct, n_correct_norm, n) over the example dicts, tokenized with enc (GPT-2's BPE,
-    train_gpt2.gpt2_tokenizer()). Under DDP each rank scores its own slice and the caller all-reduces the
+    fineweb.gpt2_tokenizer()). Under DDP each rank scores its own slice and the caller all-reduces the
     counts. progress: a tqdm bar to advance, showing the running acc_norm (without pad_to the tasks are
     scored shortest first, so it is an estimate until the end)."""
     rendered = [render_example(ex, enc) for ex in examples]
@@ -234,12 +234,12 @@ def parse_args(argv=None):
 
 def evaluate(cfg):
     from tqdm import tqdm
-    from train_gpt2 import (TrainError, autocast_context, gpt2_tokenizer, load_model, resolve_compile, resolve_device,
+    from train_gpt2 import (TrainError, autocast_context, load_model, load_tokenizer, resolve_compile, resolve_device,
                             resolve_dtype)
     try:
         device = resolve_device(cfg.device)
         dtype, use_compile = resolve_dtype(cfg.dtype, device), resolve_compile(cfg.compile, device)
-        enc = gpt2_tokenizer()
+        enc = load_tokenizer()
     except TrainError as e:
         raise HellaswagError(str(e)) from None
     # Read the data before loading weights, so a bad --data_dir fails in a second, not after a download.

@@ -4,19 +4,15 @@
     torchrun --standalone --nproc_per_node=8 train_gpt2.py            # 8 GPUs
     python train_gpt2.py --help                                       # every flag
 
-One file, read top to bottom: the model, GPT-2 weight loading, GPT-2's tokenizer (from the BPE files
-in data/, no download), the data loader, then the training loop (cosine-warmup AdamW, gradient
-accumulation, bf16 or float16 autocast, torch.compile, DDP, checkpoints and resume). Importing it runs
-nothing; the other scripts import from it.
+One file, read top to bottom: the model, GPT-2 weight loading, the data loader, then the training
+loop (cosine-warmup AdamW, gradient accumulation, bf16 or float16 autocast, torch.compile, DDP,
+checkpoints and resume). Importing it runs nothing; the other scripts import from it.
 """
 
 import argparse
 import contextlib
 import dataclasses
-import functools
-import hashlib
 import importlib.util
-import json
 import math
 import os
 import re
@@ -244,45 +240,6 @@ class GPT(nn.Module):
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                  fused=device_type == "cuda")
-
-
-# -----------------------------------------------------------------------------
-# GPT-2's tokenizer, from OpenAI's BPE files shipped in data/: no script downloads it
-
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-# sha256 of OpenAI's two files (encoder.json for our tokenizer, vocab.bpe too for export.py's Hugging Face
-# tokenizer): the values tiktoken checks when it downloads them for its "gpt2" encoding
-GPT2_BPE_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-                   "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
-
-
-@functools.cache
-def gpt2_tokenizer():
-    """GPT-2's BPE as a tiktoken Encoding, from data/encoder.json: the ids of tiktoken.get_encoding("gpt2"),
-    with no download. Every script tokenizes with it."""
-    import tiktoken
-    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizing regex
-    contents = {}
-    for name, sha256 in GPT2_BPE_SHA256.items():
-        path = os.path.join(DATA_DIR, name)
-        try:
-            with open(path, "rb") as f:
-                contents[name] = f.read()
-        except OSError as e:
-            raise TrainError(f"{path}: cannot read GPT-2's BPE ({e.strerror}); restore it with `git checkout -- data`") from None
-        if hashlib.sha256(contents[name]).hexdigest() != sha256:
-            raise TrainError(f"{path}: damaged (not the bytes of OpenAI's file); restore it with `git checkout -- data`")
-    # encoder.json spells each token's bytes with one printable character per byte (GPT-2's bytes_to_unicode):
-    # the printable bytes as themselves, the other 68 as chr(256), chr(257), ... in byte order. Its ids are
-    # the merge ranks tiktoken uses. (tiktoken.load's reader of these files would also copy them into
-    # TIKTOKEN_CACHE_DIR, which fails where that folder is read-only.)
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    others = [b for b in range(256) if b not in printable]
-    byte_of = {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
-    ranks = {bytes(byte_of[c] for c in token): rank
-             for token, rank in json.loads(contents["encoder.json"]).items() if rank != GPT2_EOT}
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
 # -----------------------------------------------------------------------------
@@ -714,7 +671,17 @@ def build_model(cfg, given, ckpt):
     return model
 
 
-def hellaswag_share(cfg, block_size, rank, world_size):
+def load_tokenizer():
+    """GPT-2's tokenizer, for samples and HellaSwag: fineweb.py's, built from the BPE files in data/ (fineweb.py
+    imports no torch, so that its tokenizing processes start fast and small)."""
+    from fineweb import gpt2_tokenizer
+    try:
+        return gpt2_tokenizer()
+    except ValueError as e:  # data/'s files missing or damaged
+        raise TrainError(str(e)) from None
+
+
+def hellaswag_share(cfg, enc, block_size, rank, world_size):
     """This rank's share of the HellaSwag val examples, and the longest rendered example's length."""
     from hellaswag import data_file, iterate_examples, longest_example
     try:
@@ -725,17 +692,16 @@ def hellaswag_share(cfg, block_size, rank, world_size):
         examples = list(iterate_examples("val", cfg.hellaswag_dir or None))[:cfg.hellaswag_limit or None]
     except ValueError as e:  # hellaswag.py's errors: missing, unreachable or corrupt data
         raise TrainError(f"--hellaswag: {e}") from None
-    longest = longest_example(examples, gpt2_tokenizer())
+    longest = longest_example(examples, enc)
     if longest > block_size:
         raise TrainError(f"--hellaswag: the longest HellaSwag example has {longest} tokens, more than the model's "
                          f"block_size {block_size}; use --hellaswag 0")
     return examples[rank::world_size], longest
 
 
-def write_samples(model, step, log_dir, device, autocast):
+def write_samples(model, enc, step, log_dir, device, autocast):
     """4 samples of the default prompt (32 tokens in all, seed 42), printed and added to samples.txt."""
     from generate import generate
-    enc = gpt2_tokenizer()
     prompt = enc.encode("Hello, I'm a language model,")
     rows = generate(model, prompt, 4, max_new_tokens=32 - len(prompt), seed=42, device=device, autocast=autocast)
     with open(os.path.join(log_dir, "samples.txt"), "a") as f:
@@ -920,21 +886,22 @@ def train(cfg, given):
                                     "loader_positions": positions, "rng_states": rngs}, cfg.log_dir, cfg.keep_last)
             print0(f"wrote {path}")
 
+    # Samples are GPT-2 text: a model with a smaller vocabulary (a toy run) cannot read the prompt.
+    use_samples = rank == 0 and cfg.sample_interval > 0 and raw_model.config.vocab_size >= GPT2_VOCAB_SIZE
+    enc = load_tokenizer() if use_samples or use_hellaswag else None
     if use_hellaswag:
-        hella_examples, hella_len = hellaswag_share(cfg, raw_model.config.block_size, rank, world_size)
+        hella_examples, hella_len = hellaswag_share(cfg, enc, raw_model.config.block_size, rank, world_size)
 
     def evaluate_hellaswag():
         """acc_norm over the val examples, each rank scoring its own share with the compiled model. Every
         batch is padded to one shape (hella_len), so torch.compile compiles it once, not every eval."""
         from hellaswag import score
-        counts = score(eval_model, hella_examples, gpt2_tokenizer(), device, max(1, B // 4), autocast, pad_to=hella_len)
+        counts = score(eval_model, hella_examples, enc, device, max(1, B // 4), autocast, pad_to=hella_len)
         counts = torch.tensor(counts, dtype=torch.long, device=device)
         if ddp:
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         return counts[1].item() / counts[2].item()
 
-    # Samples are GPT-2 text: a model with a smaller vocabulary (a toy run) cannot read the prompt.
-    use_samples = rank == 0 and cfg.sample_interval > 0 and raw_model.config.vocab_size >= GPT2_VOCAB_SIZE
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops_per_step = raw_model.flops_per_token(T) * cfg.total_batch_size
     peak = peak_flops(device)
@@ -959,7 +926,7 @@ def train(cfg, given):
                 if plots:
                     refresh_plot()
             if use_samples and step > start_step and (step % cfg.sample_interval == 0 or step == cfg.max_steps):
-                write_samples(raw_model, step, cfg.log_dir, device, autocast)
+                write_samples(raw_model, enc, step, cfg.log_dir, device, autocast)
             if step > start_step and (step % cfg.ckpt_interval == 0 or last):
                 checkpoint(step, val_loss, acc_norm)
             if last:

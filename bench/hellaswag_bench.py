@@ -28,8 +28,9 @@ sys.path.insert(0, REPO)
 SHARED_HELLASWAG = os.path.normpath(os.path.join(REPO, "../shared/data/hellaswag"))
 
 import hellaswag  # noqa: E402
-from train_gpt2 import (GPT, SHARED_FLAGS_HELP, GPTConfig, autocast_context, gpt2_tokenizer,  # noqa: E402
-                        resolve_compile, resolve_device, resolve_dtype)
+from fineweb import gpt2_tokenizer  # noqa: E402
+from train_gpt2 import (GPT, SHARED_FLAGS_HELP, GPTConfig, autocast_context, resolve_compile,  # noqa: E402
+                        resolve_device, resolve_dtype)
 
 FLAGS = dict(  # name: (default, help)
     limit=(200, "val tasks to score (0 = all 10,042)"),

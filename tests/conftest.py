@@ -25,7 +25,7 @@ sys.path.insert(0, REPO)
 
 @functools.cache
 def tiktoken_gpt2():
-    """tiktoken's own "gpt2" encoding, the reference for train_gpt2.gpt2_tokenizer() and what the tests build
+    """tiktoken's own "gpt2" encoding, the reference for fineweb.gpt2_tokenizer() and what the tests build
     expected tokens with. tiktoken downloads OpenAI's two files and caches them under the sha1 of their URL;
     here its cache is a temporary folder holding the repository's copies under those names, so it is built
     without network, by tiktoken's own code (which also checks the files' sha256)."""
@@ -86,7 +86,7 @@ def read_log(log_dir):
 @pytest.fixture(scope="session")
 def shakespeare_shards(tmp_path_factory):
     """Tiny Shakespeare tokenized with GPT-2's BPE: the first 10% as the val shard, the rest as train."""
-    from train_gpt2 import gpt2_tokenizer
+    from fineweb import gpt2_tokenizer
     text = open(TINY_SHAKESPEARE, encoding="utf-8").read()
     enc = gpt2_tokenizer()
     tokens = np.array([enc.eot_token] + enc.encode_ordinary(text), dtype=np.uint16)

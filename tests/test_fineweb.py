@@ -751,16 +751,15 @@ def test_no_network_and_no_tiktoken_cache_needed(tmp_path, small_corpus):
 
 
 def test_damaged_bpe_file_is_a_one_line_error(tmp_path, small_corpus, monkeypatch):
-    import train_gpt2
     shutil.copytree(os.path.join(REPO, "data"), tmp_path / "data")
     with open(tmp_path / "data" / "encoder.json", "r+b") as f:
         f.truncate(1000)  # cut short, as by a bad copy
-    monkeypatch.setattr(train_gpt2, "DATA_DIR", str(tmp_path / "data"))
-    train_gpt2.gpt2_tokenizer.cache_clear()
+    monkeypatch.setattr(fineweb, "DATA_DIR", str(tmp_path / "data"))
+    fineweb.gpt2_tokenizer.cache_clear()
     try:
         status, error = fineweb_main("--input", small_corpus, *READER, "--out_dir", tmp_path / "out")
     finally:
-        train_gpt2.gpt2_tokenizer.cache_clear()
+        fineweb.gpt2_tokenizer.cache_clear()
     assert status == 1 and error == (f"fineweb.py: error: {tmp_path}/data/encoder.json: damaged (not the bytes of "
                                      f"OpenAI's file); restore it with `git checkout -- data`")
     assert not os.path.exists(tmp_path / "out")

@@ -22,7 +22,8 @@ import hellaswag
 from conftest import HELLASWAG_EXCERPT, REPO, SHARED_HELLASWAG, tiktoken_gpt2
 from hellaswag import (HellaswagError, example_losses, iterate_examples, iterate_losses, longest_example,
                        main, render_example, score)
-from train_gpt2 import gpt2_tokenizer, load_model
+from fineweb import gpt2_tokenizer
+from train_gpt2 import load_model
 
 TOL = 1e-4  # float32 losses
 LAST_LINE = re.compile(r"acc: (\d\.\d{4}) acc_norm: (\d\.\d{4}) n: (\d+)")

@@ -1,17 +1,20 @@
 """The data the repository ships (data/: GPT-2's BPE files and Tiny Shakespeare; tests/data: a HellaSwag
-excerpt), and train_gpt2.gpt2_tokenizer(), the one GPT-2 tokenizer every script uses: built from those
-files with no network, it equals tiktoken's own "gpt2" encoding."""
+excerpt), and fineweb.gpt2_tokenizer(), the one GPT-2 tokenizer every script uses: built from those
+files with no network and without torch, it equals tiktoken's own "gpt2" encoding."""
 import hashlib
 import json
 import os
 import pickle
 import shutil
 
+import subprocess
+import sys
+
 import pytest
 
-import train_gpt2
+import fineweb
 from conftest import HELLASWAG_EXCERPT, REPO, SHARED_HELLASWAG, TINY_SHAKESPEARE, tiktoken_gpt2
-from train_gpt2 import GPT2_BPE_SHA256, TrainError, gpt2_tokenizer
+from fineweb import GPT2_BPE_SHA256, FinewebError, gpt2_tokenizer
 
 
 def sha256(path):
@@ -95,6 +98,18 @@ def test_built_without_network_or_tiktokens_cache(tmp_path, monkeypatch):
     assert os.listdir(cache) == []
 
 
+def test_fineweb_tokenizes_without_loading_torch(tmp_path):
+    """The tokenizer lives in fineweb.py, which never imports torch (+2 s and +200 MB a process): a whole
+    fineweb.py run, workers included, leaves torch unloaded."""
+    code = ("import sys; import fineweb; fineweb.main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print('no torch')")
+    proc = subprocess.run([sys.executable, "-c", code, "--preset", "shakespeare", "--num_proc", "2", "--out_dir",
+                           str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.endswith("no torch\n"), proc.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["manifest.json", "shakespeare_train_000001.npy",
+                                                    "shakespeare_val_000000.npy"]
+
+
 def test_pickles_whole_for_spawned_workers():
     """fineweb.py hands the Encoding itself to its workers (pickled under spawn): it must arrive whole,
     not as a name a worker would look up (and download) in tiktoken's registry."""
@@ -116,10 +131,10 @@ def test_missing_or_damaged_file_is_a_one_line_error(tmp_path, monkeypatch, name
     else:
         with open(path, "r+b") as f:
             f.truncate(path.stat().st_size - 1)
-    monkeypatch.setattr(train_gpt2, "DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(fineweb, "DATA_DIR", str(tmp_path / "data"))
     gpt2_tokenizer.cache_clear()
     try:
-        with pytest.raises(TrainError) as e:
+        with pytest.raises(FinewebError) as e:
             gpt2_tokenizer()
     finally:
         gpt2_tokenizer.cache_clear()

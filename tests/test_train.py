@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import HELLASWAG_EXCERPT, REPO, read_log, run_train, write_npy_shard
-from train_gpt2 import GPT, GPTConfig, TrainConfig, get_lr, gpt2_tokenizer, main, parse_args
+from fineweb import gpt2_tokenizer
+from train_gpt2 import GPT, GPTConfig, TrainConfig, get_lr, main, parse_args
 
 # A tiny model on a 256-token vocabulary: each step takes milliseconds, so the tests exercise the real
 # loop (loader, accumulation, AdamW, checkpoints) rather than a toy copy of it.
