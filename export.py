@@ -20,13 +20,11 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from fineweb import DATA_DIR
-from train_gpt2 import (GPT2_EOT, GPT2_VOCAB_SIZE, TrainError, checkpoint_paths, config_parser, flag, load_checkpoint,
-                        model_from_checkpoint)
+from fineweb import DATA_DIR, GPT2_EOT, GPT2_VOCAB_SIZE
+from plot import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS
+from train_gpt2 import TrainError, checkpoint_paths, config_parser, load_checkpoint, model_from_checkpoint, option
 
 EOT = "<|endoftext|>"  # GPT-2's only special token, id GPT2_EOT: its bos, eos and unk token
-# OpenAI's GPT-2 124M evaluated the way train_gpt2.py evaluates (build-nanogpt's numbers), for the model card
-GPT2_124M_VAL_LOSS, GPT2_124M_HELLASWAG = 3.2924, 0.2955
 HELLASWAG_VAL_EXAMPLES = 10042
 CARD_FLAGS = ("data_dir", "init_from", "max_steps", "total_batch_size", "seq_len", "max_lr", "min_lr", "warmup_steps",
               "weight_decay", "grad_clip", "shuffle", "seed")
@@ -34,14 +32,14 @@ CARD_FLAGS = ("data_dir", "init_from", "max_steps", "total_batch_size", "seq_len
 
 @dataclass
 class ExportConfig:
-    checkpoint: str = flag("log", "a train_gpt2.py checkpoint (log/model_NNNNN.pt), or a folder: its newest one")
-    out_dir: str = flag("", "the folder to write, which must not exist or be empty ('' = hf_model_NNNNN beside the "
-                            "checkpoint)")
-    tokenizer: str = flag("", "'' = GPT-2's, from OpenAI's encoder.json + vocab.bpe shipped in data/; or a Hugging "
-                              "Face tokenizer folder, or another folder holding encoder.json + vocab.bpe")
-    push_to_hub: str = flag("", "then upload the folder to this Hugging Face model repo, user/name (created if "
-                                "missing); the token comes from HF_TOKEN or `hf auth login`")
-    private: bool = flag(False, "create the --push_to_hub repo as private")
+    checkpoint: str = option("log", "a train_gpt2.py checkpoint (log/model_NNNNN.pt), or a folder: its newest one")
+    out_dir: str = option("", "the folder to write, which must not exist or be empty ('' = hf_model_NNNNN beside the "
+                              "checkpoint)")
+    tokenizer: str = option("", "'' = GPT-2's, from OpenAI's encoder.json + vocab.bpe shipped in data/; or a Hugging "
+                                "Face tokenizer folder, or another folder holding encoder.json + vocab.bpe")
+    push_to_hub: str = option("", "then upload the folder to this Hugging Face model repo, user/name (created if "
+                                  "missing); the token comes from HF_TOKEN or `hf auth login`")
+    private: bool = option(False, "create the --push_to_hub repo as private")
 
 
 def parse_args(argv=None):

@@ -37,6 +37,10 @@ TINY_SHAKESPEARE = os.path.join(DATA_DIR, "input.txt")
 # needs vocab.bpe too): the values tiktoken checks when it downloads them for its "gpt2" encoding
 GPT2_BPE_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
                    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
+GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+GPT2_EOT = GPT2_VOCAB_SIZE - 1  # <|endoftext|>, the last id: GPT-2's only special token, the document separator
+# llm.c's .bin shards: a header of 256 int32 (magic, version, token count, then zeros), then uint16 tokens
+LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_INTS = 20240520, 1, 256
 
 PRESETS = {
     "fineweb-edu-10B": dict(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", out_dir="edu_fineweb10B",
@@ -55,8 +59,10 @@ class FinewebError(ValueError):
 
 
 # fineweb.py imports nothing from train_gpt2.py, which would load torch (+2 s and +200 MB in every process);
-# the other scripts take GPT-2's tokenizer from here.
+# train_gpt2.py takes GPT-2's tokenizer, its constants, the shard format's and these two from here.
 class OneLineParser(argparse.ArgumentParser):
+    """Bad flags are one line, `prog: error: ...`, without the usage block."""
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -217,10 +223,10 @@ def gpt2_tokenizer():
     others = [b for b in range(256) if b not in printable]
     byte_of = {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
     encoder = json.loads(contents["encoder.json"])
-    eot = encoder.pop("<|endoftext|>")  # 50256, GPT-2's only special token: the document separator
+    eot = encoder.pop("<|endoftext|>")  # GPT2_EOT: the files' sha256 are checked above
     ranks = {bytes(byte_of[c] for c in token): rank for token, rank in encoder.items()}
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": eot}, explicit_n_vocab=len(ranks) + 1)
+                             special_tokens={"<|endoftext|>": eot}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
 def init_worker(enc, ds, text_column):
@@ -289,8 +295,8 @@ def write_shard(path, tokens, fmt):
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         if fmt == "bin":
-            header = np.zeros(256, dtype=np.int32)
-            header[:3] = (20240520, 1, len(tokens))  # llm.c: magic, version, token count
+            header = np.zeros(LLMC_HEADER_INTS, dtype=np.int32)
+            header[:3] = (LLMC_MAGIC, LLMC_VERSION, len(tokens))
             f.write(header.tobytes())
             f.write(tokens.tobytes())
         else:

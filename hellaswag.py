@@ -217,7 +217,8 @@ class HellaswagConfig:
 
 
 def parse_args(argv=None):
-    # Imported here, not at the top: train_gpt2.py may import this module, and the cycle must not run at import.
+    # Imported here, not at the top: train_gpt2.py imports this module's data and scoring for its evals, and
+    # a module-level import back would load a second copy of a train_gpt2.py run as __main__.
     from train_gpt2 import PRETRAINED, config_parser
     parser = config_parser(HellaswagConfig, "hellaswag.py", __doc__)
     cfg = HellaswagConfig(**vars(parser.parse_args(argv)))
@@ -226,19 +227,17 @@ def parse_args(argv=None):
               ("batch_size", cfg.batch_size > 0, "must be a positive integer"),
               ("model", cfg.model in PRETRAINED or os.path.isdir(cfg.model) or os.path.isfile(cfg.model),
                "expected " + ", ".join(PRETRAINED) + ", a Hugging Face GPT-2 folder or a model_NNNNN.pt checkpoint")]
-    for flag, ok, allowed in checks:
+    for name, ok, allowed in checks:
         if not ok:
-            parser.error(f"--{flag} {getattr(cfg, flag)}: {allowed}")
+            parser.error(f"--{name} {getattr(cfg, name)}: {allowed}")
     return cfg
 
 
 def evaluate(cfg):
     from tqdm import tqdm
-    from train_gpt2 import (TrainError, autocast_context, load_model, load_tokenizer, resolve_compile, resolve_device,
-                            resolve_dtype)
+    from train_gpt2 import TrainError, autocast_context, load_model, load_tokenizer, resolve_system
     try:
-        device = resolve_device(cfg.device)
-        dtype, use_compile = resolve_dtype(cfg.dtype, device), resolve_compile(cfg.compile, device)
+        device, dtype, use_compile = resolve_system(cfg.device, cfg.dtype, cfg.compile)
         enc = load_tokenizer()
     except TrainError as e:
         raise HellaswagError(str(e)) from None

@@ -27,8 +27,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
-GPT2_EOT = GPT2_VOCAB_SIZE - 1  # <|endoftext|>, the last id: GPT-2's document separator
+# fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format and the flag parsing; it imports
+# no torch, so that its tokenizing processes start fast and small
+from fineweb import (GPT2_EOT, GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, OneLineParser,
+                     gpt2_tokenizer, parse_bool)
+
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
@@ -241,11 +244,65 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                  fused=device_type == "cuda")
 
+    @torch.no_grad()
+    def generate(self, tokens, num_return_sequences, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0, seed=42,
+                 autocast=contextlib.nullcontext(), recompute=False):
+        """num_return_sequences continuations of the prompt `tokens` (a list of ids), as a LongTensor
+        (num_return_sequences, len(tokens) + n_new) on the model's device: the prompt, then n_new =
+        max_new_tokens new tokens, or fewer where block_size comes first. The prompt runs through the model
+        once, filling a KVCache; after that each new token costs one token's forward. Seeded: the same
+        arguments give the same tokens. recompute=True is the baseline without the cache: every new token
+        runs the whole sequence. After `model.compile()` the forwards here are the compiled ones."""
+        block_size = self.config.block_size
+        if not 0 < len(tokens) <= block_size:
+            raise TrainError(f"the prompt has {len(tokens)} tokens; the model takes 1 to {block_size} "
+                             f"(its context, block_size)")
+        n_new = min(max_new_tokens, block_size - len(tokens))
+        if n_new < max_new_tokens:
+            print0(f"note: stopping at the model's context of {block_size} tokens: {n_new} new tokens, "
+                   f"not {max_new_tokens}")
+        device = self.lm_head.weight.device
+        was_training = self.training
+        self.eval()
+        generator = torch.Generator(device=device).manual_seed(seed)
+        seq = torch.as_tensor(tokens, dtype=torch.long, device=device).repeat(num_return_sequences, 1)
+        cache = None if recompute else KVCache(self.config, num_return_sequences)
+        new = seq  # what the cached forward reads next: the whole prompt once, then only the newest token
+        try:
+            for _ in range(n_new):
+                with autocast:
+                    logits, _ = self(seq if recompute else new, kv_cache=cache)
+                logits = logits[:, -1, :].float()
+                # Rows past GPT-2's 50257 (a 50304-row model's padding) are no token; tiktoken cannot decode them.
+                logits[:, GPT2_VOCAB_SIZE:] = -math.inf
+                new = sample_next(logits, temperature, top_k, top_p, generator)
+                seq = torch.cat([seq, new], dim=1)
+        finally:
+            self.train(was_training)
+        return seq
+
+
+def sample_next(logits, temperature, top_k, top_p, generator):
+    """The next token of each row of logits (B, V), as a (B, 1) tensor: the argmax at temperature 0,
+    else a draw from the softmax restricted to the top_k tokens, then to the nucleus of top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        values, indices = torch.topk(logits, top_k, dim=-1)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, indices, values)
+    if top_p < 1.0:
+        sorted_logits, indices = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the tokens ranked above it reach p: what is left is the smallest set whose
+        # probability reaches p, and never empty (nothing ranks above the first token).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, indices, sorted_logits.masked_fill(drop, -math.inf))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
 
 # -----------------------------------------------------------------------------
 # The data: uint16 token shards, as fineweb.py (.npy) or llm.c (.bin) writes them
-
-LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_INTS = 20240520, 1, 256
 
 
 def open_shard(path):
@@ -345,14 +402,13 @@ class DataLoaderLite:
 # Run configuration: one dataclass; its fields are the command-line flags
 
 
-def flag(default, help):
+def option(default, help):
     """A field of a config dataclass: its default, and its help for the command line."""
     return dataclasses.field(default=default, metadata={"help": help})
 
 
 # --device, --dtype and --compile mean the same in every script: a config field of one of these names
-# (default "auto") gets its help here, and resolve_device, resolve_dtype and resolve_compile (below, in
-# the training section) turn them into a device, an autocast dtype and whether to compile.
+# (default "auto") gets its help here, and resolve_system (in the training section) checks and resolves them.
 SHARED_FLAGS_HELP = {
     "device": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps",
     "dtype": "autocast dtype: auto (bfloat16 on CUDA GPUs that have it, float16 on older ones such as V100, T4, "
@@ -363,65 +419,60 @@ SHARED_FLAGS_HELP = {
 
 @dataclass
 class TrainConfig:
-    data_dir: str = flag("edu_fineweb10B", "folder of *train*/*val* token shards (.npy or llm.c .bin)")
-    log_dir: str = flag("log", "where log.txt and model_NNNNN.pt checkpoints go")
-    init_from: str = flag("scratch", "scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder")
-    micro_batch_size: int = flag(64, "sequences per forward pass per GPU; lower it if out of memory")
-    seq_len: int = flag(1024, "tokens per sequence")
-    total_batch_size: int = flag(524288, "tokens per optimizer step, over all GPUs (2**19, ~0.5M, as GPT-3 small)")
-    max_steps: int = flag(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)")
-    warmup_steps: int = flag(715, "steps of linear LR warmup (375M tokens, as GPT-3)")
-    max_lr: float = flag(6e-4, "peak learning rate")
-    min_lr: float = flag(6e-5, "learning rate at and after max_steps (cosine decay)")
-    weight_decay: float = flag(0.1, "AdamW weight decay, on tensors of dim >= 2 only")
-    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = no clipping)")
-    block_size: int = flag(1024, "model context length (scratch only; else from the weights)")
-    n_layer: int = flag(12, "transformer blocks (scratch only)")
-    n_head: int = flag(12, "attention heads (scratch only)")
-    n_embd: int = flag(768, "model width (scratch only)")
-    vocab_size: int = flag(50304, "50257 padded to a multiple of 128, for faster matmuls (scratch only)")
-    eval_interval: int = flag(250, "steps between val-loss evaluations")
-    val_steps: int = flag(20, "val micro-batches per rank per evaluation")
-    ckpt_interval: int = flag(5000, "steps between checkpoints (one is always written at the end)")
-    keep_last: int = flag(3, "checkpoints kept in log_dir, newest first (0 = keep all)")
-    shuffle: bool = flag(False, "shuffle the train shard order each epoch (from the seed)")
+    # I/O: where the run starts from, where it writes
+    log_dir: str = option("log", "where log.txt and model_NNNNN.pt checkpoints go")
+    init_from: str = option("scratch", "scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder")
+    ckpt_interval: int = option(5000, "steps between checkpoints (one is always written at the end)")
+    keep_last: int = option(3, "checkpoints kept in log_dir, newest first (0 = keep all)")
+    # data
+    data_dir: str = option("edu_fineweb10B", "folder of *train*/*val* token shards (.npy or llm.c .bin)")
+    micro_batch_size: int = option(64, "sequences per forward pass per GPU; lower it if out of memory")
+    seq_len: int = option(1024, "tokens per sequence")
+    total_batch_size: int = option(524288, "tokens per optimizer step, over all GPUs (2**19, ~0.5M, as GPT-3 small)")
+    shuffle: bool = option(False, "shuffle the train shard order each epoch (from the seed)")
+    # model: GPT-2 124M (the shape of a run from scratch; weights and checkpoints bring their own)
+    block_size: int = option(1024, "model context length (scratch only; else from the weights)")
+    n_layer: int = option(12, "transformer blocks (scratch only)")
+    n_head: int = option(12, "attention heads (scratch only)")
+    n_embd: int = option(768, "model width (scratch only)")
+    vocab_size: int = option(50304, "50257 padded to a multiple of 128, for faster matmuls (scratch only)")
+    # optimizer: AdamW, linear warmup then cosine decay
+    max_steps: int = option(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)")
+    warmup_steps: int = option(715, "steps of linear LR warmup (375M tokens, as GPT-3)")
+    max_lr: float = option(6e-4, "peak learning rate")
+    min_lr: float = option(6e-5, "learning rate at and after max_steps (cosine decay)")
+    weight_decay: float = option(0.1, "AdamW weight decay, on tensors of dim >= 2 only")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    # evaluation: val loss, HellaSwag, samples
+    eval_interval: int = option(250, "steps between val-loss evaluations")
+    val_steps: int = option(20, "val micro-batches per rank per evaluation")
+    hellaswag: str = option("auto", "HellaSwag acc_norm at every eval: auto (on for CUDA), 1 or 0")
+    hellaswag_dir: str = option("", "folder holding hellaswag_val.jsonl ('' = download it to hellaswag.py's cache)")
+    hellaswag_limit: int = option(0, "HellaSwag val examples per eval (0 = all 10042)")
+    sample_interval: int = option(250, "steps between 4 samples printed and added to samples.txt (0 = never)")
+    # system
     device: str = "auto"  # help: SHARED_FLAGS_HELP
     dtype: str = "auto"
     compile: str = "auto"
-    hellaswag: str = flag("auto", "HellaSwag acc_norm at every eval: auto (on for CUDA), 1 or 0")
-    hellaswag_dir: str = flag("", "folder holding hellaswag_val.jsonl ('' = download it to hellaswag.py's cache)")
-    hellaswag_limit: int = flag(0, "HellaSwag val examples per eval (0 = all 10042)")
-    sample_interval: int = flag(250, "steps between 4 samples printed and added to samples.txt (0 = never)")
-    plot: bool = flag(True, "redraw log_dir/loss.png at every eval (needs matplotlib)")
-    wandb: bool = flag(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works without network)")
-    wandb_project: str = flag("gpt2-repro", "W&B project")
-    wandb_run_name: str = flag("", "W&B run name ('' = W&B picks one)")
-    seed: int = flag(1337, "random seed for the init and the shard shuffle")
-
+    seed: int = option(1337, "random seed for the init and the shard shuffle")
+    # logging
+    plot: bool = option(True, "redraw log_dir/loss.png at every eval (needs matplotlib)")
+    wandb: bool = option(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works without network)")
+    wandb_project: str = option("gpt2-repro", "W&B project")
+    wandb_run_name: str = option("", "W&B run name ('' = W&B picks one)")
 
 MODEL_FLAGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 POSITIVE_FLAGS = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "eval_interval", "val_steps",
                   "ckpt_interval") + MODEL_FLAGS
-
-
-def parse_bool(s):
-    if s.lower() in ("1", "true"):
-        return True
-    if s.lower() in ("0", "false"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 1, 0, true or false, got {s!r}")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+NON_NEGATIVE_FLAGS = ("warmup_steps", "keep_last", "min_lr", "weight_decay", "grad_clip", "hellaswag_limit",
+                      "sample_interval")
 
 
 def config_parser(config_class, prog, doc, with_defaults=True):
     """A parser with one flag per field of config_class (`--name value` or `--name=value`; booleans take
     1/0/true/false; --device, --dtype and --compile explained as SHARED_FLAGS_HELP says) and doc's first
     line as its description. Without defaults, parsing returns only the flags given. Every script's
-    flags come from here."""
+    flags but fineweb.py's and plot.py's (which import no torch) come from here."""
     parser = OneLineParser(prog=prog, description=doc.splitlines()[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                            argument_default=None if with_defaults else argparse.SUPPRESS)
@@ -439,27 +490,25 @@ def parse_args(argv=None):
     return cfg, given
 
 
-def check_flags(cfg):
-    def bad(flag, allowed):
-        raise TrainError(f"--{flag} {getattr(cfg, flag)}: {allowed}")
-    if not (cfg.init_from in ("scratch", "resume") + PRETRAINED or os.path.isdir(cfg.init_from)):
-        bad("init_from", "expected scratch, resume, " + ", ".join(PRETRAINED) + " or a Hugging Face GPT-2 folder")
-    for flag in POSITIVE_FLAGS:
-        if getattr(cfg, flag) <= 0:
-            bad(flag, "must be a positive integer")
-    for flag in ("warmup_steps", "keep_last", "min_lr", "weight_decay", "grad_clip", "hellaswag_limit", "sample_interval"):
-        if getattr(cfg, flag) < 0:
-            bad(flag, "must be >= 0")
-    if cfg.max_lr <= 0:
-        bad("max_lr", "must be > 0")
-    if cfg.min_lr > cfg.max_lr:
-        bad("min_lr", f"must be <= --max_lr {cfg.max_lr}")
-    if cfg.n_embd % cfg.n_head:
-        bad("n_embd", f"must be divisible by --n_head {cfg.n_head}")
-    if cfg.hellaswag.lower() not in ("auto", "1", "0", "true", "false"):
-        bad("hellaswag", "expected auto, 1, 0, true or false")
-    if cfg.wandb and importlib.util.find_spec("wandb") is None:
-        bad("wandb", "wandb is not installed: pip install wandb, or drop the flag")
+def check_flags(cfg, checks):
+    """A TrainError for the first (name, ok, why) of checks whose ok is False: `--name value: why`."""
+    for name, ok, why in checks:
+        if not ok:
+            raise TrainError(f"--{name} {getattr(cfg, name)}: {why}")
+
+
+def check_train_flags(cfg):
+    check_flags(cfg, [("init_from", cfg.init_from in ("scratch", "resume") + PRETRAINED or os.path.isdir(cfg.init_from),
+                       "expected scratch, resume, " + ", ".join(PRETRAINED) + " or a Hugging Face GPT-2 folder")]
+                + [(name, getattr(cfg, name) > 0, "must be a positive integer") for name in POSITIVE_FLAGS]
+                + [(name, getattr(cfg, name) >= 0, "must be >= 0") for name in NON_NEGATIVE_FLAGS]
+                + [("max_lr", cfg.max_lr > 0, "must be > 0"),
+                   ("min_lr", cfg.min_lr <= cfg.max_lr, f"must be <= --max_lr {cfg.max_lr}"),
+                   ("n_embd", cfg.n_embd % cfg.n_head == 0, f"must be divisible by --n_head {cfg.n_head}"),
+                   ("hellaswag", cfg.hellaswag.lower() in ("auto", "1", "0", "true", "false"),
+                    "expected auto, 1, 0, true or false"),
+                   ("wandb", not cfg.wandb or importlib.util.find_spec("wandb") is not None,
+                    "wandb is not installed: pip install wandb, or drop the flag")])
 
 
 def get_lr(step, cfg):
@@ -516,6 +565,22 @@ def load_model(init_from):
         raise TrainError(f"{init_from}: {str(e).strip().splitlines()[0]}") from None
 
 
+def checkpoint_state(model, optimizer, scaler, cfg, step, val_loss, hellaswag, wandb_id, train_loader, device_type,
+                     world_size):
+    """What a resume needs, after `step` optimizer steps: weights, optimizer and loss scale, the flags, and
+    every rank's data position and RNG state. Under DDP every rank calls it (the last two are gathered)."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+    positions, rngs = [train_loader.position], [rng]
+    if world_size > 1:
+        positions, rngs = [None] * world_size, [None] * world_size
+        dist.all_gather_object(positions, train_loader.position)
+        dist.all_gather_object(rngs, rng)
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "model_config": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg), "step": step,
+            "val_loss": val_loss, "hellaswag": hellaswag, "wandb_id": wandb_id, "loader_positions": positions,
+            "rng_states": rngs}
+
+
 def save_checkpoint(ckpt, log_dir, keep_last):
     """Write atomically (temp file, fsync, rename), then delete all but the newest keep_last."""
     path = os.path.join(log_dir, f"model_{ckpt['step']:05d}.pt")
@@ -531,54 +596,146 @@ def save_checkpoint(ckpt, log_dir, keep_last):
     return path
 
 
-def trim_log(log_file, step):
-    """On resume at `step`, drop log lines the crashed run wrote after its checkpoint."""
-    if not os.path.exists(log_file):
-        return
-    with open(log_file) as f:
-        lines = [ln.split() for ln in f if ln.strip()]
-    with open(log_file, "w") as f:
-        for n, kind, value in lines:
-            if int(n) < step or (int(n) == step and kind != "train"):  # train line N is the update after N
-                f.write(f"{n} {kind} {value}\n")
+def resume_config(cfg, given):
+    """(flags, checkpoint): with --init_from resume, the newest checkpoint in log_dir and its flags as the
+    defaults, so `--init_from resume` alone continues the same run; else (cfg, None), refusing a log_dir
+    that already holds checkpoints."""
+    paths = checkpoint_paths(cfg.log_dir)
+    if cfg.init_from != "resume":
+        if paths:
+            raise TrainError(f"{cfg.log_dir}/ already holds checkpoints (newest {paths[-1]}): continue them with "
+                             f"--init_from resume, or pick a new --log_dir")
+        return cfg, None
+    if not paths:
+        raise TrainError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
+    ckpt = load_checkpoint(paths[-1])
+    saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**{**saved, **given, "init_from": "resume"})
+    for k in MODEL_FLAGS:
+        setattr(cfg, k, ckpt["model_config"][k])
+    return cfg, ckpt
+
+
+def restore_state(ckpt, optimizer, scaler, train_loader, rank, world_size, device_type):
+    """Load a checkpoint's optimizer, loss scale, data position and RNG state; returns its step."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt.get("scaler"):  # a float16 run's loss scale (a new one after bf16/fp32)
+        scaler.load_state_dict(ckpt["scaler"])
+    # Rank r continues at the first unread micro-batch plus r, which is also right on another GPU count.
+    train_loader.position = ckpt["loader_positions"][0] + rank
+    if len(ckpt["rng_states"]) == world_size:
+        torch.set_rng_state(ckpt["rng_states"][rank]["cpu"])
+        if device_type == "cuda" and ckpt["rng_states"][rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng_states"][rank]["cuda"])
+    return ckpt["step"]
 
 
 # -----------------------------------------------------------------------------
-# Training
+# Logs: log.txt (build-nanogpt's STEP KIND VALUE lines), loss.png, W&B; rank 0 only
 
 
-# --device, --dtype and --compile mean the same in every script: these check and resolve them.
+def start_log(log_dir, resume_step):
+    """log_dir/log.txt, new; or, resuming at resume_step, without the lines a crashed run wrote after
+    its checkpoint (train line N is the update after N)."""
+    os.makedirs(log_dir, exist_ok=True)
+    log_file = os.path.join(log_dir, "log.txt")
+    lines = []
+    if resume_step is not None and os.path.exists(log_file):
+        with open(log_file) as f:
+            lines = [ln.split() for ln in f if ln.strip()]
+    with open(log_file, "w") as f:
+        for n, kind, value in lines:
+            if int(n) < resume_step or (int(n) == resume_step and kind != "train"):
+                f.write(f"{n} {kind} {value}\n")
+    return log_file
 
-def resolve_device(flag):
+
+class NoWandb:
+    """Stands in for a W&B run where there is none (--wandb 0, and ranks but 0): logs nothing."""
+    id = None
+
+    def log(self, values, step):
+        pass
+
+    def finish(self):
+        pass
+
+
+def start_wandb(cfg, ckpt):
+    """A W&B run for this run; a resumed run continues the checkpoint's W&B run."""
+    import wandb
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, dir=cfg.log_dir,
+                      config=dataclasses.asdict(cfg), id=ckpt.get("wandb_id") if ckpt else None, resume="allow")
+
+
+def log_values(log_file, wandb_run, step, **values):
+    """The val, hella and train values as log.txt lines (log_file None, on ranks but 0: none), and every
+    value but None to W&B."""
+    values = {k: v for k, v in values.items() if v is not None}
+    if log_file is not None:
+        with open(log_file, "a") as f:
+            for kind in ("val", "hella", "train"):
+                if kind in values:
+                    f.write(f"{step} {kind} {values[kind]:.{6 if kind == 'train' else 4}f}\n")
+    wandb_run.log(values, step=step)
+
+
+def step_line(step, loss, lr, norm, dt, tokens, mfu, loss_scale, skipped):
+    """The line printed after each optimizer step (loss_scale None: not float16)."""
+    return (f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.0f}ms"
+            f" | tok/sec {tokens / dt:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu else "")
+            + (f" | loss scale {loss_scale:g}" if loss_scale is not None else "")
+            + (" | skipped: float16 gradients overflowed, loss scale halved" if skipped else ""))
+
+
+def refresh_plot(log_file, out_png):
+    """Redraw out_png from log_file; whether to go on plotting. Plots are optional: without matplotlib (or
+    on any plotting error) this says so, once, and training goes on."""
+    try:
+        from plot import plot_log
+        plot_log(log_file, out_png)
+        return True
+    except ImportError:
+        print0("matplotlib is not installed, so no loss.png: pip install matplotlib, or --plot 0 to hide this")
+    except Exception as e:
+        print0(f"plotting loss.png failed ({type(e).__name__}: {e}); training goes on without plots")
+    return False
+
+
+# -----------------------------------------------------------------------------
+# The machine: --device, --dtype and --compile (every script's), DDP, peak FLOP/s
+
+
+def resolve_device(value):
     """--device: auto is cuda, else mps, else cpu. A device this machine lacks is an error."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", flag):
-        raise TrainError(f"--device {flag}: expected auto, cpu, cuda, cuda:N or mps")
-    if flag == "auto":
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise TrainError(f"--device {value}: expected auto, cpu, cuda, cuda:N or mps")
+    if value == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (flag.startswith("cuda") and not torch.cuda.is_available()) or (flag == "mps" and not torch.backends.mps.is_available()):
-        raise TrainError(f"--device {flag}: not available on this machine")
-    return flag
+    if (value.startswith("cuda") and not torch.cuda.is_available()) or (value == "mps" and not torch.backends.mps.is_available()):
+        raise TrainError(f"--device {value}: not available on this machine")
+    return value
 
 
-def resolve_dtype(flag, device):
+def resolve_dtype(value, device):
     """--dtype: the autocast dtype, or None for float32. bfloat16 needs an Ampere or newer GPU; older ones
     (V100, T4, RTX 20xx) get float16, which training pairs with a GradScaler."""
-    if flag not in ("auto", "bfloat16", "float16", "float32"):
-        raise TrainError(f"--dtype {flag}: expected auto, bfloat16, float16 or float32")
+    if value not in ("auto", "bfloat16", "float16", "float32"):
+        raise TrainError(f"--dtype {value}: expected auto, bfloat16, float16 or float32")
     cuda = device.startswith("cuda")
     # including_emulation=False: emulated bfloat16 "works" on a T4, many times slower than float16
     native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-    if flag == "auto":
+    if value == "auto":
         return (torch.bfloat16 if native_bf16 else torch.float16) if cuda else None
-    if flag == "bfloat16" and cuda and not native_bf16:
+    if value == "bfloat16" and cuda and not native_bf16:
         raise TrainError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 (GPUs have it from "
                          f"Ampere on); use --dtype float16")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[flag]
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[value]
 
 
-def auto_flag(flag, device_type):
+def auto_flag(value, device_type):
     """A flag taking auto (on for CUDA), 1/true or 0/false."""
-    return flag.lower() in ("1", "true") or (flag.lower() == "auto" and device_type == "cuda")
+    return value.lower() in ("1", "true") or (value.lower() == "auto" and device_type == "cuda")
 
 
 def cuda_compile_problem(device):
@@ -593,22 +750,29 @@ def cuda_compile_problem(device):
     return None
 
 
-def resolve_compile(flag, device):
+def resolve_compile(value, device):
     """--compile: auto is on for CUDA, or off with a note where torch.compile cannot run; 1 there is an error."""
-    if flag.lower() not in ("auto", "1", "0", "true", "false"):
-        raise TrainError(f"--compile {flag}: expected auto, 1, 0, true or false")
-    wanted = auto_flag(flag, device.split(":")[0])
+    if value.lower() not in ("auto", "1", "0", "true", "false"):
+        raise TrainError(f"--compile {value}: expected auto, 1, 0, true or false")
+    wanted = auto_flag(value, device.split(":")[0])
     problem = cuda_compile_problem(device) if wanted and device.startswith("cuda") else None
-    if problem and flag.lower() == "auto":
+    if problem and value.lower() == "auto":
         print0(f"note: --compile auto is off: {problem}")
         return False
     if problem:
-        raise TrainError(f"--compile {flag}: {problem}; use --compile 0")
+        raise TrainError(f"--compile {value}: {problem}; use --compile 0")
     return wanted
 
 
+def resolve_system(device, dtype, compile):
+    """Every script's --device, --dtype and --compile, checked: (device, autocast dtype or None for float32,
+    whether to torch.compile)."""
+    device = resolve_device(device)
+    return device, resolve_dtype(dtype, device), resolve_compile(compile, device)
+
+
 def autocast_context(device, dtype):
-    """Autocast to dtype (from resolve_dtype) on device; nothing for float32 (None)."""
+    """Autocast to dtype (from resolve_system) on device; nothing for float32 (None)."""
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
 
 
@@ -635,6 +799,14 @@ def setup_distributed(device):
     return True, rank, local_rank, world_size, device
 
 
+def all_reduce_mean(t, world_size):
+    """t averaged over the ranks, in place (gloo has no AVG: a sum, divided)."""
+    if world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= world_size
+    return t
+
+
 # Dense 16-bit (bf16, or fp16 on GPUs without bf16) tensor-core peak FLOP/s from the vendors' spec
 # sheets, for MFU; bf16 and fp16 peaks are equal on the GPUs that have both. First match wins.
 GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
@@ -647,6 +819,10 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
+
+
+# -----------------------------------------------------------------------------
+# What the loop calls: the model, evaluations, samples, and a stop on SIGTERM/SIGINT
 
 
 def build_model(cfg, given, ckpt):
@@ -671,25 +847,55 @@ def build_model(cfg, given, ckpt):
     return model
 
 
+def accumulation_steps(total_batch_size, B, T, world_size):
+    """Micro-steps per optimizer step, on each rank: total_batch_size tokens in all."""
+    if total_batch_size % (B * T * world_size):
+        raise TrainError(f"--total_batch_size {total_batch_size} must be divisible by micro_batch_size * seq_len * "
+                         f"world_size = {B} * {T} * {world_size} = {B * T * world_size}; change --total_batch_size "
+                         f"or --micro_batch_size")
+    return total_batch_size // (B * T * world_size)
+
+
+def estimate_val_loss(model, val_loader, val_steps, device, autocast, world_size):
+    """The mean loss over val_steps val micro-batches per rank, the same ones at every eval."""
+    model.eval()
+    val_loader.reset()
+    val_loss = torch.zeros((), device=device)
+    with torch.no_grad():
+        for _ in range(val_steps):
+            x, y = val_loader.next_batch()
+            with autocast:
+                _, loss = model(x.to(device), y.to(device))
+            val_loss += loss.detach() / val_steps
+    return all_reduce_mean(val_loss, world_size).item()
+
+
+def check_finite(step, log_dir, **values):
+    """A NaN/inf loss stops the run before it can overwrite a good checkpoint."""
+    if not all(math.isfinite(v) for v in values.values()):
+        newest = checkpoint_paths(log_dir)
+        raise TrainError(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in values.items()) + ": the run "
+                         f"diverged; stopping without a checkpoint (newest good one: "
+                         f"{newest[-1] if newest else 'none'}). Lower --max_lr or check the data")
+
+
 def load_tokenizer():
-    """GPT-2's tokenizer, for samples and HellaSwag: fineweb.py's, built from the BPE files in data/ (fineweb.py
-    imports no torch, so that its tokenizing processes start fast and small)."""
-    from fineweb import gpt2_tokenizer
+    """GPT-2's tokenizer, for samples and HellaSwag: fineweb.py's, built from the BPE files in data/."""
     try:
         return gpt2_tokenizer()
     except ValueError as e:  # data/'s files missing or damaged
         raise TrainError(str(e)) from None
 
 
-def hellaswag_share(cfg, enc, block_size, rank, world_size):
+def hellaswag_share(data_dir, limit, enc, block_size, rank, world_size):
     """This rank's share of the HellaSwag val examples, and the longest rendered example's length."""
     from hellaswag import data_file, iterate_examples, longest_example
     try:
         if rank == 0:
-            data_file("val", cfg.hellaswag_dir or None)  # downloads it on first use, once
+            data_file("val", data_dir or None)  # downloads it on first use, once
         if world_size > 1:
             dist.barrier()
-        examples = list(iterate_examples("val", cfg.hellaswag_dir or None))[:cfg.hellaswag_limit or None]
+        examples = list(iterate_examples("val", data_dir or None))[:limit or None]
     except ValueError as e:  # hellaswag.py's errors: missing, unreachable or corrupt data
         raise TrainError(f"--hellaswag: {e}") from None
     longest = longest_example(examples, enc)
@@ -699,11 +905,36 @@ def hellaswag_share(cfg, enc, block_size, rank, world_size):
     return examples[rank::world_size], longest
 
 
-def write_samples(model, enc, step, log_dir, device, autocast):
-    """4 samples of the default prompt (32 tokens in all, seed 42), printed and added to samples.txt."""
-    from generate import generate
-    prompt = enc.encode("Hello, I'm a language model,")
-    rows = generate(model, prompt, 4, max_new_tokens=32 - len(prompt), seed=42, device=device, autocast=autocast)
+def hellaswag_acc_norm(model, examples, enc, device, batch_size, autocast, pad_to, world_size):
+    """acc_norm over the val examples, each rank scoring its own share. Every batch is padded to one shape
+    (pad_to), so that torch.compile compiles it once, not at every eval."""
+    from hellaswag import score
+    counts = torch.tensor(score(model, examples, enc, device, batch_size, autocast, pad_to=pad_to), device=device)
+    if world_size > 1:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return counts[1].item() / counts[2].item()
+
+
+SAMPLE_PROMPT = "Hello, I'm a language model,"
+
+
+def sample_prompt(sample_interval, model_config, rank):
+    """The token ids of the samples' prompt; None where no samples are written: on ranks but 0, with
+    --sample_interval 0, for a model that cannot read GPT-2 text (a toy vocabulary), and for one whose
+    context cannot hold the prompt (with a note)."""
+    if rank != 0 or sample_interval == 0 or model_config.vocab_size < GPT2_VOCAB_SIZE:
+        return None
+    prompt = load_tokenizer().encode(SAMPLE_PROMPT)
+    if len(prompt) >= model_config.block_size:
+        print0(f"note: no samples: their prompt has {len(prompt)} tokens and the model's context (block_size) "
+               f"{model_config.block_size}; --sample_interval 0 hides this note")
+        return None
+    return prompt
+
+
+def write_samples(model, prompt, enc, step, log_dir, autocast):
+    """4 samples of the prompt (32 tokens in all, seed 42), printed and added to samples.txt."""
+    rows = model.generate(prompt, 4, max_new_tokens=32 - len(prompt), seed=42, autocast=autocast)
     with open(os.path.join(log_dir, "samples.txt"), "a") as f:
         for i, row in enumerate(rows):
             text = enc.decode(row.tolist())
@@ -730,208 +961,96 @@ class StopRequest:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# -----------------------------------------------------------------------------
+# TRAINING SECTION: the set-up, then the loop
+
+
 def train(cfg, given):
-    ckpt = None
-    if cfg.init_from == "resume":
-        paths = checkpoint_paths(cfg.log_dir)
-        if not paths:
-            raise TrainError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
-        ckpt = load_checkpoint(paths[-1])
-        # The checkpoint's flags are the defaults: `--init_from resume` alone continues the same run.
-        saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
-        cfg = TrainConfig(**{**saved, **given, "init_from": "resume"})
-        for k in MODEL_FLAGS:
-            setattr(cfg, k, ckpt["model_config"][k])
-    elif checkpoint_paths(cfg.log_dir):
-        raise TrainError(f"{cfg.log_dir}/ already holds checkpoints (newest {checkpoint_paths(cfg.log_dir)[-1]}): "
-                         f"continue them with --init_from resume, or pick a new --log_dir")
-    check_flags(cfg)
-    device = resolve_device(cfg.device)
-    dtype, use_compile = resolve_dtype(cfg.dtype, device), resolve_compile(cfg.compile, device)
+    cfg, ckpt = resume_config(cfg, given)
+    check_train_flags(cfg)
+    device, dtype, use_compile = resolve_system(cfg.device, cfg.dtype, cfg.compile)
     for split in ("train", "val"):  # fail on a wrong --data_dir before loading or downloading any weights
         find_shards(cfg.data_dir, split)
-
     ddp, rank, local_rank, world_size, device = setup_distributed(device)
     device_type = "cuda" if device.startswith("cuda") else device
     B, T = cfg.micro_batch_size, cfg.seq_len
-    if cfg.total_batch_size % (B * T * world_size):
-        raise TrainError(f"--total_batch_size {cfg.total_batch_size} must be divisible by micro_batch_size * seq_len * "
-                         f"world_size = {B} * {T} * {world_size} = {B * T * world_size}; change --total_batch_size "
-                         f"or --micro_batch_size")
-    grad_accum_steps = cfg.total_batch_size // (B * T * world_size)
+    grad_accum_steps = accumulation_steps(cfg.total_batch_size, B, T, world_size)
     use_hellaswag = auto_flag(cfg.hellaswag, device_type)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
 
+    # The model, its optimizer and the data; on resume, all as the checkpoint left them
     torch.manual_seed(cfg.seed)
     torch.cuda.manual_seed(cfg.seed)
-    model = build_model(cfg, given, ckpt)
+    raw_model = build_model(cfg, given, ckpt).to(device)
     for k in MODEL_FLAGS:  # record the shape the run really has (from weights or checkpoint)
-        setattr(cfg, k, getattr(model.config, k))
-    model.to(device)
-    raw_model = model
+        setattr(cfg, k, getattr(raw_model.config, k))
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type)
     # float16 (GPUs without bfloat16): gradients as small as float16's 6e-8 would round to 0, so the loss
     # is scaled up before backward and the gradients back down before clipping. A step whose gradients
     # overflow is skipped and the scale halved; it doubles again after 2000 good steps.
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-
-    start_step = 0
     train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, rank, world_size, cfg.vocab_size, cfg.shuffle, cfg.seed)
     val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, rank, world_size, cfg.vocab_size)
+    start_step = 0
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt.get("scaler"):  # a float16 run's loss scale (a new one after bf16/fp32)
-            scaler.load_state_dict(ckpt["scaler"])
-        start_step = ckpt["step"]
-        # Rank r continues at the first unread micro-batch plus r, which is also right on another GPU count.
-        train_loader.position = ckpt["loader_positions"][0] + rank
-        if len(ckpt["rng_states"]) == world_size:
-            torch.set_rng_state(ckpt["rng_states"][rank]["cpu"])
-            if device_type == "cuda" and ckpt["rng_states"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(ckpt["rng_states"][rank]["cuda"])
+        start_step = restore_state(ckpt, optimizer, scaler, train_loader, rank, world_size, device_type)
         print0(f"resuming from {checkpoint_paths(cfg.log_dir)[-1]} at step {start_step}")
-
-    if use_compile:
-        # One static graph per input shape (train, val, HellaSwag): with dynamic shapes, the second shape
-        # seen would recompile everything, the training step too, into a slower dynamic-shape graph.
-        model = torch.compile(model, dynamic=False)
-    eval_model = model  # compiled, without DDP: evaluations have no gradients to all-reduce
+    # One static graph per input shape (train, val, HellaSwag): with dynamic shapes, the second shape
+    # seen would recompile everything, the training step too, into a slower dynamic-shape graph.
+    eval_model = torch.compile(raw_model, dynamic=False) if use_compile else raw_model
+    model = eval_model  # DDP wraps it only for training: evaluations have no gradients to all-reduce
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
     autocast = autocast_context(device, dtype)
 
-    os.makedirs(cfg.log_dir, exist_ok=True)
-    log_file = os.path.join(cfg.log_dir, "log.txt")
-    if rank == 0:
-        if ckpt is not None:
-            trim_log(log_file, start_step)
-        else:
-            open(log_file, "w").close()
-
-    wandb_run = None
-    if cfg.wandb and rank == 0:
-        import wandb
-        # A resumed run continues the same W&B run.
-        wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, dir=cfg.log_dir,
-                               config=dataclasses.asdict(cfg), id=ckpt.get("wandb_id") if ckpt else None,
-                               resume="allow")
-
-    def log(step, **values):
-        """Rank 0: log.txt lines in build-nanogpt's format (STEP KIND VALUE), and every value but None to W&B."""
-        if rank != 0:
-            return
-        values = {k: v for k, v in values.items() if v is not None}
-        with open(log_file, "a") as f:
-            for kind in ("val", "hella", "train"):
-                if kind in values:
-                    f.write(f"{step} {kind} {values[kind]:.{6 if kind == 'train' else 4}f}\n")
-        if wandb_run is not None:
-            wandb_run.log(values, step=step)
-
+    # What the loop writes (log.txt, loss.png, W&B, samples) and scores (HellaSwag)
+    log_file = start_log(cfg.log_dir, start_step if ckpt else None) if rank == 0 else None
+    wandb_run = start_wandb(cfg, ckpt) if cfg.wandb and rank == 0 else NoWandb()
     plots = rank == 0 and cfg.plot
-
-    def refresh_plot():
-        """Redraw log_dir/loss.png. Plots are optional: without matplotlib (or on any plotting error),
-        say so once and train on."""
-        nonlocal plots
-        try:
-            from plot import plot_log
-            plot_log(log_file, os.path.join(cfg.log_dir, "loss.png"))
-        except ImportError:
-            plots = False
-            print0("matplotlib is not installed, so no loss.png: pip install matplotlib, or --plot 0 to hide this")
-        except Exception as e:
-            plots = False
-            print0(f"plotting loss.png failed ({type(e).__name__}: {e}); training goes on without plots")
-
-    def all_reduce_mean(t):
-        if ddp:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)  # gloo has no AVG
-            t /= world_size
-        return t
-
-    def evaluate():
-        model.eval()
-        val_loader.reset()
-        val_loss = torch.zeros((), device=device)
-        with torch.no_grad():
-            for _ in range(cfg.val_steps):
-                x, y = val_loader.next_batch()
-                with autocast:
-                    _, loss = eval_model(x.to(device), y.to(device))
-                val_loss += loss.detach() / cfg.val_steps
-        return all_reduce_mean(val_loss).item()
-
-    def check_finite(step, **values):
-        """A NaN/inf loss stops the run before it can overwrite a good checkpoint."""
-        if not all(math.isfinite(v) for v in values.values()):
-            newest = checkpoint_paths(cfg.log_dir)
-            raise TrainError(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in values.items()) + ": the run "
-                             f"diverged; stopping without a checkpoint (newest good one: "
-                             f"{newest[-1] if newest else 'none'}). Lower --max_lr or check the data")
-
-    def checkpoint(step, val_loss, hellaswag):
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
-        positions, rngs = [train_loader.position], [rng]
-        if ddp:  # every rank's position and RNG state, gathered to rank 0
-            positions, rngs = [None] * world_size, [None] * world_size
-            dist.all_gather_object(positions, train_loader.position)
-            dist.all_gather_object(rngs, rng)
-        if rank == 0:
-            path = save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scaler": scaler.state_dict(),
-                                    "model_config": dataclasses.asdict(raw_model.config),
-                                    "config": dataclasses.asdict(cfg), "step": step, "val_loss": val_loss,
-                                    "hellaswag": hellaswag, "wandb_id": wandb_run.id if wandb_run else None,
-                                    "loader_positions": positions, "rng_states": rngs}, cfg.log_dir, cfg.keep_last)
-            print0(f"wrote {path}")
-
-    # Samples are GPT-2 text: a model with a smaller vocabulary (a toy run) cannot read the prompt.
-    use_samples = rank == 0 and cfg.sample_interval > 0 and raw_model.config.vocab_size >= GPT2_VOCAB_SIZE
-    enc = load_tokenizer() if use_samples or use_hellaswag else None
-    if use_hellaswag:
-        hella_examples, hella_len = hellaswag_share(cfg, enc, raw_model.config.block_size, rank, world_size)
-
-    def evaluate_hellaswag():
-        """acc_norm over the val examples, each rank scoring its own share with the compiled model. Every
-        batch is padded to one shape (hella_len), so torch.compile compiles it once, not every eval."""
-        from hellaswag import score
-        counts = score(eval_model, hella_examples, enc, device, max(1, B // 4), autocast, pad_to=hella_len)
-        counts = torch.tensor(counts, dtype=torch.long, device=device)
-        if ddp:
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        return counts[1].item() / counts[2].item()
-
-    n_params = sum(p.numel() for p in raw_model.parameters())
+    prompt = sample_prompt(cfg.sample_interval, raw_model.config, rank)
+    enc = load_tokenizer() if prompt or use_hellaswag else None
+    hella_examples, hella_len = hellaswag_share(cfg.hellaswag_dir, cfg.hellaswag_limit, enc, raw_model.config.block_size,
+                                                rank, world_size) if use_hellaswag else ([], None)
     flops_per_step = raw_model.flops_per_token(T) * cfg.total_batch_size
     peak = peak_flops(device)
-    print0(f"{n_params:,} parameters | {world_size} process(es) on {device} | {str(dtype or torch.float32).removeprefix('torch.')}"
-           f" | compile {'on' if use_compile else 'off'} | {cfg.total_batch_size:,} tokens per step = "
-           f"{B} x {T} x {world_size} x {grad_accum_steps} accumulation steps")
+    print0(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world_size} process(es) on {device} | "
+           f"{str(dtype or torch.float32).removeprefix('torch.')} | compile {'on' if use_compile else 'off'} | "
+           f"{cfg.total_batch_size:,} tokens per step = {B} x {T} x {world_size} x {grad_accum_steps} accumulation steps")
 
     with StopRequest() as stop:
         stopping = False
         for step in range(start_step, cfg.max_steps + 1):
+            # At each step: evaluate, sample and checkpoint the model as `step` updates left it, then update it.
+            # A resumed run's first step was evaluated before its checkpoint; a stop request only checkpoints.
             last = step == cfg.max_steps or stopping
+            do_eval = (step % cfg.eval_interval == 0 or step % cfg.ckpt_interval == 0 or last) and not stopping \
+                and not (ckpt is not None and step == start_step)
+            do_samples = prompt is not None and step > start_step and (step % cfg.sample_interval == 0 or step == cfg.max_steps)
+            do_checkpoint = step > start_step and (step % cfg.ckpt_interval == 0 or last)
+
             val_loss = acc_norm = None
-            resumed_here = ckpt is not None and step == start_step  # the checkpoint already holds this step's eval
-            if not resumed_here and not stopping and (step % cfg.eval_interval == 0 or step % cfg.ckpt_interval == 0 or last):
-                val_loss = evaluate()
-                check_finite(step, val_loss=val_loss)
+            if do_eval:
+                val_loss = estimate_val_loss(eval_model, val_loader, cfg.val_steps, device, autocast, world_size)
+                check_finite(step, cfg.log_dir, val_loss=val_loss)
                 print0(f"step {step:5d} | val loss {val_loss:.4f}")
                 if use_hellaswag:
-                    acc_norm = evaluate_hellaswag()
+                    acc_norm = hellaswag_acc_norm(eval_model, hella_examples, enc, device, max(1, B // 4), autocast,
+                                                  hella_len, world_size)
                     print0(f"step {step:5d} | hellaswag acc_norm {acc_norm:.4f}")
-                log(step, val=val_loss, hella=acc_norm)
+                log_values(log_file, wandb_run, step, val=val_loss, hella=acc_norm)
                 if plots:
-                    refresh_plot()
-            if use_samples and step > start_step and (step % cfg.sample_interval == 0 or step == cfg.max_steps):
-                write_samples(raw_model, enc, step, cfg.log_dir, device, autocast)
-            if step > start_step and (step % cfg.ckpt_interval == 0 or last):
-                checkpoint(step, val_loss, acc_norm)
+                    plots = refresh_plot(log_file, os.path.join(cfg.log_dir, "loss.png"))
+            if do_samples:
+                write_samples(raw_model, prompt, enc, step, cfg.log_dir, autocast)
+            if do_checkpoint:
+                state = checkpoint_state(raw_model, optimizer, scaler, cfg, step, val_loss, acc_norm, wandb_run.id,
+                                         train_loader, device_type, world_size)
+                if rank == 0:
+                    print0(f"wrote {save_checkpoint(state, cfg.log_dir, cfg.keep_last)}")
             if last:
                 break
 
+            # One optimizer step: total_batch_size tokens, grad_accum_steps micro-batches on each rank
             t0 = time.time()
             model.train()
             optimizer.zero_grad(set_to_none=True)
@@ -947,36 +1066,33 @@ def train(cfg, given):
                     loss_accum += loss.detach()
                     scaler.scale(loss).backward()  # scaled in float16 only
             # One all-reduce and one host sync per step: the mean loss, and whether any rank was signalled.
-            stats = all_reduce_mean(torch.stack([loss_accum, torch.tensor(float(stop.requested), device=device)]))
+            stats = all_reduce_mean(torch.stack([loss_accum, torch.tensor(float(stop.requested), device=device)]),
+                                    world_size)
             scaler.unscale_(optimizer)  # float16: the true gradients again, for clipping
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             loss_value, stop_value, norm_value = torch.stack([stats[0], stats[1], norm.to(stats.dtype)]).tolist()
-            check_finite(step, loss=loss_value)
+            check_finite(step, cfg.log_dir, loss=loss_value)
             if not scaler.is_enabled():  # in float16, inf/nan gradients are an overflow: the scaler skips the step
-                check_finite(step, grad_norm=norm_value)
+                check_finite(step, cfg.log_dir, grad_norm=norm_value)
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_scale = scaler.get_scale()
+            loss_scale = scaler.get_scale() if scaler.is_enabled() else None
             scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
             scaler.update()
-            skipped = scaler.get_scale() < loss_scale  # the scale is halved exactly when the step was skipped
+            skipped = scaler.is_enabled() and scaler.get_scale() < loss_scale  # halved exactly when it skipped
             if device_type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
             mfu = 100 * flops_per_step / dt / (peak * world_size) if peak else None
-            print0(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | dt {1000 * dt:.0f}ms"
-                   f" | tok/sec {cfg.total_batch_size / dt:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu else "")
-                   + (f" | loss scale {loss_scale:g}" if scaler.is_enabled() else "")
-                   + (" | skipped: float16 gradients overflowed, loss scale halved" if skipped else ""))
-            log(step, train=loss_value, lr=lr, grad_norm=norm_value, tokens_per_sec=cfg.total_batch_size / dt, mfu=mfu,
-                loss_scale=loss_scale if scaler.is_enabled() else None)
+            print0(step_line(step, loss_value, lr, norm_value, dt, cfg.total_batch_size, mfu, loss_scale, skipped))
+            log_values(log_file, wandb_run, step, train=loss_value, lr=lr, grad_norm=norm_value,
+                       tokens_per_sec=cfg.total_batch_size / dt, mfu=mfu, loss_scale=loss_scale)
             stopping = stop_value > 0
             if stopping:
                 print0("stop requested (SIGTERM/SIGINT): writing a checkpoint, then exiting (Ctrl-C again to abort)")
 
-    if wandb_run is not None:
-        wandb_run.finish()
+    wandb_run.finish()
     if ddp:
         dist.destroy_process_group()
 

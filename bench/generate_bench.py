@@ -1,4 +1,4 @@
-"""Benchmark generate()'s KV cache against the loop it replaces, which recomputes the whole sequence per token.
+"""Benchmark GPT.generate()'s KV cache against the loop it replaces, which recomputes the whole sequence per token.
 
     python bench/generate_bench.py                                      # 5 x 200 new tokens, greedy and sampled
     python bench/generate_bench.py --sizes 1x500,10x500 --device cuda   # the GPU sizes
@@ -29,8 +29,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from generate import generate  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, autocast_context, config_parser, flag, resolve_dtype  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, autocast_context, config_parser, option, resolve_dtype  # noqa: E402
 
 PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model," in GPT-2 tokens
 TARGET = 5.0  # the KV cache's speedup we aim for at 5 x 200 on CPU
@@ -38,11 +37,11 @@ TARGET = 5.0  # the KV cache's speedup we aim for at 5 x 200 on CPU
 
 @dataclass
 class BenchConfig:
-    sizes: str = flag("5x200", "comma-separated SEQUENCESxNEW_TOKENS, e.g. 1x500,10x500")
-    repeats: int = flag(1, "timed runs of each loop per size and decoding, interleaved; the table shows the median")
-    sampling: bool = flag(True, "also time sampled decoding (top_k 50), not only greedy")
-    device: str = flag("cpu", "cpu, cuda, cuda:N or mps")
-    dtype: str = flag("float32", "float32, or bfloat16 or float16 (autocast)")
+    sizes: str = option("5x200", "comma-separated SEQUENCESxNEW_TOKENS, e.g. 1x500,10x500")
+    repeats: int = option(1, "timed runs of each loop per size and decoding, interleaved; the table shows the median")
+    sampling: bool = option(True, "also time sampled decoding (top_k 50), not only greedy")
+    device: str = option("cpu", "cpu, cuda, cuda:N or mps")
+    dtype: str = option("float32", "float32, or bfloat16 or float16 (autocast)")
 
 
 def parse_args(argv=None):
@@ -63,8 +62,7 @@ def timed(model, n_seq, n_new, temperature, recompute, device, autocast):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = generate(model, PROMPT, n_seq, n_new, temperature=temperature, device=device, autocast=autocast,
-                   recompute=recompute)
+    out = model.generate(PROMPT, n_seq, n_new, temperature=temperature, autocast=autocast, recompute=recompute)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return n_seq * n_new / (time.perf_counter() - t0), out
@@ -74,7 +72,7 @@ def bench_size(model, n_seq, n_new, decoding, cfg, autocast):
     """One table row: the median tokens/s of each loop, and whether their tokens agree."""
     temperature = 0.0 if decoding == "greedy" else 1.0
     for recompute in (False, True):  # untimed: first-call allocations and kernel setup for this batch size
-        generate(model, PROMPT, n_seq, 8, device=cfg.device, autocast=autocast, recompute=recompute)
+        model.generate(PROMPT, n_seq, 8, autocast=autocast, recompute=recompute)
     rates, outs = {False: [], True: []}, {}
     for _ in range(cfg.repeats):
         for recompute in (False, True):  # interleaved, so that a burst of load hits both alike
@@ -91,7 +89,7 @@ def bench_size(model, n_seq, n_new, decoding, cfg, autocast):
 def main(argv=None):
     cfg, sizes = parse_args(argv)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50257)).to(cfg.device).eval()
+    model = GPT(GPTConfig()).to(cfg.device).eval()
     device_type = "cuda" if cfg.device.startswith("cuda") else cfg.device
     autocast = autocast_context(cfg.device, resolve_dtype(cfg.dtype, cfg.device))
     rows = [bench_size(model, n_seq, n_new, decoding, cfg, autocast) for n_seq, n_new in sizes

@@ -34,7 +34,8 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EOT = 50256
+sys.path.insert(0, REPO)
+from fineweb import GPT2_EOT  # noqa: E402
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
 FLAGS = dict(  # name: (default, help)
@@ -57,7 +58,7 @@ _enc = None  # the GPT-2 encoder, loaded in the parent before the pool forks (as
 
 
 def tokenize_doc(doc):
-    tokens = np.array([EOT] + _enc.encode_ordinary(doc["text"]))
+    tokens = np.array([GPT2_EOT] + _enc.encode_ordinary(doc["text"]))
     assert (0 <= tokens).all() and (tokens < 2**16).all(), "token dictionary too large for uint16"
     return tokens.astype(np.uint16)
 
@@ -231,7 +232,7 @@ def main():
                                                             args.pss_interval)
             digest = hashlib.sha1(stream.tobytes()).hexdigest()
             if c["corpus"] not in reference:
-                assert (stream == EOT).sum() == n_docs[c["corpus"]] and stream[0] == EOT, "not one EOT per document"
+                assert (stream == GPT2_EOT).sum() == n_docs[c["corpus"]] and stream[0] == GPT2_EOT, "not one EOT per document"
                 reference[c["corpus"]] = digest
             runs[key(c)].append(dict(seconds=seconds, cpu=cpu, rss=rss, pss=pss, anon=anon, tokens=len(stream),
                                      same=digest == reference[c["corpus"]]))

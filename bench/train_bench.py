@@ -45,7 +45,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from train_gpt2 import (GPT, MODEL_FLAGS, GPTConfig, config_parser, flag,  # noqa: E402
+from train_gpt2 import (GPT, GPT2_VOCAB_SIZE, MODEL_FLAGS, GPTConfig, config_parser, option,  # noqa: E402
                         parse_args as parse_train_args, resolve_compile, resolve_dtype)
 
 # Runs a script as __main__ and, when it exits, prints its peak memory: the same probe for both scripts.
@@ -69,17 +69,17 @@ STEP_LINE = re.compile(r"^step\s+(\d+) \| loss:? (\S+) \|.*\| tok/sec:? ([\d,.]+
 
 @dataclass
 class BenchConfig:
-    micro_batch_sizes: str = flag("16,32,64,max", "comma-separated micro-batch sizes; max = double until out of memory")
-    variants: str = flag("", "';'-separated train_gpt2.py flag strings, each one more row per micro-batch ('' = baseline)")
-    train_flags: str = flag("", "train_gpt2.py flags for every run, e.g. a smaller model for a CPU check")
-    warmup: int = flag(5, "untimed steps first (compilation, allocator growth)")
-    steps: int = flag(20, "timed steps after the warm-up")
-    data_dir: str = flag("bench/data", "shards to train on; synthetic ones are written here if it has none")
-    synthetic_tokens: int = flag(20_000_000, "tokens per synthetic train shard (two are written, and one val shard)")
-    reference: str = flag("", "a build-nanogpt checkout to run side by side ('' = none)")
-    reference_micro_batch_size: int = flag(64, "build-nanogpt's micro-batch B (its default is 64)")
-    device: str = flag("auto", "auto (cuda, else cpu), cpu or cuda: where the matmul peak is measured")
-    timeout: int = flag(900, "seconds allowed for one run")
+    micro_batch_sizes: str = option("16,32,64,max", "comma-separated micro-batch sizes; max = double until out of memory")
+    variants: str = option("", "';'-separated train_gpt2.py flag strings, each one more row per micro-batch ('' = baseline)")
+    train_flags: str = option("", "train_gpt2.py flags for every run, e.g. a smaller model for a CPU check")
+    warmup: int = option(5, "untimed steps first (compilation, allocator growth)")
+    steps: int = option(20, "timed steps after the warm-up")
+    data_dir: str = option("bench/data", "shards to train on; synthetic ones are written here if it has none")
+    synthetic_tokens: int = option(20_000_000, "tokens per synthetic train shard (two are written, and one val shard)")
+    reference: str = option("", "a build-nanogpt checkout to run side by side ('' = none)")
+    reference_micro_batch_size: int = option(64, "build-nanogpt's micro-batch B (its default is 64)")
+    device: str = option("auto", "auto (cuda, else cpu), cpu or cuda: where the matmul peak is measured")
+    timeout: int = option(900, "seconds allowed for one run")
 
 
 def parse_args(argv=None):
@@ -108,7 +108,7 @@ def write_synthetic_shards(data_dir, n_tokens):
     os.makedirs(data_dir, exist_ok=True)
     rng = np.random.default_rng(0)
     for name, n in (("val_000000", n_tokens // 10), ("train_000001", n_tokens), ("train_000002", n_tokens)):
-        np.save(os.path.join(data_dir, f"synthetic_{name}.npy"), rng.integers(0, 50257, n, dtype=np.uint16))
+        np.save(os.path.join(data_dir, f"synthetic_{name}.npy"), rng.integers(0, GPT2_VOCAB_SIZE, n, dtype=np.uint16))
     return True
 
 

@@ -21,7 +21,6 @@ from transformers.utils import logging as hf_logging
 
 from conftest import REPO, TINY_SHAKESPEARE, run_train, tiktoken_gpt2
 from export import ExportConfig, main, parse_args
-from generate import generate
 from train_gpt2 import GPT, GPTConfig, load_checkpoint, load_model
 
 TOL = 1e-4  # float32 logits
@@ -139,7 +138,7 @@ def test_pipeline_greedy_continuation_equals_ours(perturbed):
     generator = pipeline("text-generation", model=str(folder), device="cpu")
     prompt = "First Citizen:\nBefore we proceed any further, hear me speak."
     ids = tiktoken_gpt2().encode_ordinary(prompt)
-    ours = generate(load_model(str(path)), ids, 1, max_new_tokens=10, temperature=0)[0].tolist()
+    ours = load_model(str(path)).generate(ids, 1, max_new_tokens=10, temperature=0)[0].tolist()
     assert len(set(ours[len(ids):])) > 5  # a real continuation, not one token repeated
     got = generator(prompt, max_new_tokens=10, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
     assert list(got) == ours

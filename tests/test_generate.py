@@ -1,11 +1,12 @@
-"""generate.py: the KV-cache loop against the recompute-everything baseline, sampling (seeded, top-k,
-top-p), the command line's output and flags, its one-line errors, and end-to-end runs on a Hugging Face
+"""GPT.generate() and generate.py: the KV-cache loop against the recompute-everything baseline, sampling
+(seeded, top-k, top-p), the command line's output and flags, its one-line errors, and end-to-end runs on a Hugging Face
 folder and on a checkpoint from a tiny train_gpt2.py run.
 
 Small random models stand in for GPT-2's weights (not reachable offline): the cache and sampling code
 do not care what the weights are.
 """
 
+import copy
 import dataclasses
 import os
 import subprocess
@@ -14,10 +15,10 @@ import sys
 import pytest
 import torch
 
-import generate as gen
+import train_gpt2
 from conftest import REPO, run_train, tiktoken_gpt2
-from generate import GenerateConfig, generate, main, parse_args, sample_next
-from train_gpt2 import GPT, GPTConfig, TrainError
+from generate import GenerateConfig, main, parse_args
+from train_gpt2 import GPT, GPTConfig, TrainError, sample_next
 
 ENC = tiktoken_gpt2()
 PROMPT = "Hello, I'm a language model,"
@@ -82,8 +83,8 @@ def samples(stdout):
 @pytest.mark.parametrize("n_new", [10, 60])
 def test_kv_cache_greedy_equals_recompute_greedy(model, n_new):
     prompt = [5, 17, 42, 3]
-    cached = generate(model, prompt, 3, n_new, temperature=0)
-    baseline = generate(model, prompt, 3, n_new, temperature=0, recompute=True)
+    cached = model.generate(prompt, 3, n_new, temperature=0)
+    baseline = model.generate(prompt, 3, n_new, temperature=0, recompute=True)
     assert cached.shape == (3, len(prompt) + n_new) and cached.dtype == torch.long
     assert torch.equal(cached, baseline)
     assert cached[:, :4].tolist() == [prompt] * 3
@@ -97,8 +98,8 @@ def test_kv_cache_logits_equal_recompute_logits_at_every_step(model, monkeypatch
         def record(logits, *args, recompute=recompute):
             seen[recompute].append(logits.clone())
             return sample_next(logits, *args)
-        monkeypatch.setattr(gen, "sample_next", record)
-        generate(model, [1, 2, 3], 2, 40, top_k=0, seed=7, recompute=recompute)
+        monkeypatch.setattr(train_gpt2, "sample_next", record)
+        model.generate([1, 2, 3], 2, 40, top_k=0, seed=7, recompute=recompute)
     assert len(seen[False]) == len(seen[True]) == 40
     for a, b in zip(seen[False], seen[True]):
         assert (a - b).abs().max().item() < 1e-5
@@ -109,7 +110,7 @@ def test_kv_cache_logits_equal_recompute_logits_at_every_step(model, monkeypatch
 
 @pytest.mark.parametrize("top_k, top_p", [(50, 1.0), (0, 0.9), (20, 0.8), (0, 1.0)])
 def test_seeded_sampling_is_reproducible(model, top_k, top_p):
-    run = lambda seed: generate(model, [1, 2, 3], 4, 20, top_k=top_k, top_p=top_p, seed=seed)
+    run = lambda seed: model.generate([1, 2, 3], 4, 20, top_k=top_k, top_p=top_p, seed=seed)
     assert torch.equal(run(42), run(42))
     assert not torch.equal(run(42), run(43))
     assert len({tuple(row) for row in run(42).tolist()}) > 1  # the sequences of one call differ too
@@ -117,8 +118,8 @@ def test_seeded_sampling_is_reproducible(model, top_k, top_p):
 
 @pytest.mark.parametrize("kwargs", [dict(top_p=1e-6), dict(top_k=1), dict(top_k=1, top_p=0.5, temperature=3.0)])
 def test_tiny_top_p_or_top_k_1_is_greedy(model, kwargs):
-    greedy = generate(model, [1, 2, 3], 3, 30, temperature=0)
-    assert torch.equal(generate(model, [1, 2, 3], 3, 30, seed=1, **kwargs), greedy)
+    greedy = model.generate([1, 2, 3], 3, 30, temperature=0)
+    assert torch.equal(model.generate([1, 2, 3], 3, 30, seed=1, **kwargs), greedy)
 
 
 def support(logits, **kwargs):
@@ -148,29 +149,29 @@ def test_vocab_padding_rows_are_never_sampled():
         net.transformer.ln_f.bias.fill_(1.0)  # every position's final hidden state is all ones
         net.lm_head.weight[50257:] = 10.0  # so the padding rows win by far
     for kwargs in (dict(temperature=0), dict(top_k=0), dict(top_k=5, top_p=0.9)):
-        assert generate(net, [1, 2], 2, 10, **kwargs)[:, 2:].max().item() < 50257
+        assert net.generate([1, 2], 2, 10, **kwargs)[:, 2:].max().item() < 50257
 
 
 def test_stops_at_block_size_with_one_note(model, capsys):
-    out = generate(model, list(range(60)), 2, 100)
+    out = model.generate(list(range(60)), 2, 100)
     assert out.shape == (2, 64)
     assert capsys.readouterr().out.count("note: stopping at the model's context of 64 tokens") == 1
-    assert generate(model, list(range(64)), 2, 5).shape == (2, 64)  # a full prompt: nothing to add
+    assert model.generate(list(range(64)), 2, 5).shape == (2, 64)  # a full prompt: nothing to add
 
 
 def test_prompt_longer_than_context_is_an_error(model):
     with pytest.raises(TrainError, match="65 tokens.*block_size"):
-        generate(model, list(range(65)), 2, 5)
+        model.generate(list(range(65)), 2, 5)
 
 
 def test_restores_training_mode_and_accepts_a_tensor_prompt(model):
     model.train()
     try:
-        out = generate(model, torch.tensor([1, 2, 3]), 2, 5, temperature=0)
+        out = model.generate(torch.tensor([1, 2, 3]), 2, 5, temperature=0)
         assert model.training
     finally:
         model.eval()
-    assert torch.equal(out, generate(model, [1, 2, 3], 2, 5, temperature=0))
+    assert torch.equal(out, model.generate([1, 2, 3], 2, 5, temperature=0))
 
 
 # --- the command line ---------------------------------------------------------------------------------
@@ -200,9 +201,9 @@ def test_prints_each_sample_as_prompt_and_continuation(capsys, hf_folder):
     out = cli(capsys, "--init_from", hf_folder, "--num_return_sequences", 4, "--max_length", 20, "--device", "cpu")
     texts = samples(out.out)
     assert len(texts) == 4 and all(t.startswith(PROMPT) for t in texts)
-    # Exactly the decoded rows of generate() with the same settings.
+    # Exactly the decoded rows of GPT.generate() with the same settings.
     from train_gpt2 import load_model
-    rows = generate(load_model(str(hf_folder)), ENC.encode(PROMPT), 4, 20 - len(ENC.encode(PROMPT)))
+    rows = load_model(str(hf_folder)).generate(ENC.encode(PROMPT), 4, 20 - len(ENC.encode(PROMPT)))
     assert out.out.endswith("".join(f"> {ENC.decode(row.tolist())}\n" for row in rows))
 
 
@@ -223,9 +224,10 @@ def test_same_flags_same_output_other_seed_other_output(capsys, hf_folder):
 
 @pytest.fixture
 def rows(monkeypatch):
-    """The tensors main() gets from generate(), recorded."""
+    """The tensors main() gets from GPT.generate(), recorded."""
     seen = []
-    monkeypatch.setattr(gen, "generate", lambda *a, **k: seen.append(generate(*a, **k)) or seen[-1])
+    real = GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     return seen
 
 
@@ -334,7 +336,11 @@ def test_end_to_end_on_a_checkpoint_from_train_gpt2(shakespeare_shards, tmp_path
 
 @pytest.mark.slow
 def test_compiled_model_generates_the_same_tokens(model):
-    """torch.compile(dynamic=True), as --compile 1 does: the same greedy tokens as eager."""
-    compiled = torch.compile(model, dynamic=True)
-    assert torch.equal(generate(compiled, [1, 2, 3], 2, 20, temperature=0),
-                       generate(model, [1, 2, 3], 2, 20, temperature=0))
+    """model.compile(dynamic=True), as --compile 1 does: generate()'s forwards go through torch.compile, and
+    give the same greedy tokens as eager."""
+    compiled = copy.deepcopy(model)
+    compiled.compile(dynamic=True)
+    torch._dynamo.reset()
+    tokens = compiled.generate([1, 2, 3], 2, 20, temperature=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the forwards were compiled
+    assert torch.equal(tokens, model.generate([1, 2, 3], 2, 20, temperature=0))

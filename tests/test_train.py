@@ -1,4 +1,6 @@
-"""The training loop as a user runs it: flags, gradient accumulation, DDP, checkpoints, resume, errors."""
+"""The training loop as a user runs it: flags, gradient accumulation, DDP, checkpoints, resume, errors; and the
+loop's parts (val loss, log lines, checkpoint state) in-process."""
+import contextlib
 import math
 import os
 import re
@@ -211,6 +213,71 @@ def test_lr_schedule():
     assert get_lr(10**6, cfg) == pytest.approx(6e-5)
     lrs = [get_lr(s, cfg) for s in range(715, 19073)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay after warmup
+
+
+# --- the loop's parts, in-process ------------------------------------------------------------------------
+
+
+def test_val_loss_estimate_is_the_mean_over_the_same_val_batches(data):
+    from train_gpt2 import DataLoaderLite, estimate_val_loss
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
+    loader = DataLoaderLite(str(data), "val", 4, 32, vocab_size=256)
+    loader.next_batch()  # the estimate starts from the val split's first micro-batch all the same
+    tokens = np.load(data / "synth_val_000000.npy").astype(np.int64)
+    with torch.no_grad():
+        expected = np.mean([model(torch.from_numpy(tokens[i * 128:(i + 1) * 128]).view(4, 32),
+                                  torch.from_numpy(tokens[i * 128 + 1:(i + 1) * 128 + 1]).view(4, 32))[1].item()
+                            for i in range(3)])
+    first = estimate_val_loss(model, loader, 3, "cpu", contextlib.nullcontext(), world_size=1)
+    assert first == pytest.approx(expected, abs=1e-6) and not model.training
+    assert estimate_val_loss(model, loader, 3, "cpu", contextlib.nullcontext(), world_size=1) == first
+
+
+def test_log_lines_and_the_do_nothing_wandb(tmp_path):
+    from train_gpt2 import NoWandb, log_values, start_log, step_line
+    log_file = start_log(tmp_path / "run", resume_step=None)
+    logged = []
+    wandb_run = type("Recorder", (), {"log": lambda self, values, step: logged.append((step, values))})()
+    log_values(log_file, wandb_run, 0, val=10.98765, hella=None)
+    log_values(log_file, wandb_run, 0, train=10.1234567, lr=6e-5, mfu=None)
+    log_values(None, NoWandb(), 1, train=9.0)  # a rank but 0: nothing written
+    assert open(log_file).read() == "0 val 10.9877\n0 train 10.123457\n"
+    assert logged == [(0, {"val": 10.98765}), (0, {"train": 10.1234567, "lr": 6e-5})]
+    assert NoWandb().id is None and NoWandb().finish() is None
+    assert step_line(7, 3.25, 6e-4, 0.5, 0.25, 524288, None, None, False) == \
+        "step     7 | loss 3.250000 | lr 6.0000e-04 | norm 0.5000 | dt 250ms | tok/sec 2,097,152"
+    assert step_line(7, 3.25, 6e-4, 0.5, 0.25, 524288, 41.5, 65536.0, True).endswith(
+        " | mfu 41.5% | loss scale 65536 | skipped: float16 gradients overflowed, loss scale halved")
+    with open(log_file, "a") as f:  # a crashed run's lines after its step-1 checkpoint, then resumed there
+        f.write("1 val 9.5000\n1 train 9.000000\n2 train 8.000000\n")
+    start_log(tmp_path / "run", resume_step=1)
+    assert open(log_file).read() == "0 val 10.9877\n0 train 10.123457\n1 val 9.5000\n"
+
+
+def test_checkpoint_state_restores_into_a_new_run(data, tmp_path):
+    """What checkpoint_state() saves, restore_state() puts back: optimizer, loss scale, data position, RNG."""
+    from train_gpt2 import DataLoaderLite, checkpoint_state, load_checkpoint, restore_state, save_checkpoint
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
+    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    loader = DataLoaderLite(str(data), "train", 4, 32, vocab_size=256)
+    x, y = loader.next_batch()
+    scaler.scale(model(x, y)[1]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    state = checkpoint_state(model, optimizer, scaler, TrainConfig(), 1, 5.5, None, None, loader, "cpu", 1)
+    path = save_checkpoint(state, tmp_path, keep_last=3)
+    rng_after_save = torch.rand(3)
+    model2 = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
+    optimizer2, scaler2 = model2.configure_optimizers(0.1, 1e-3, "cpu"), torch.amp.GradScaler("cpu", enabled=True)
+    loader2 = DataLoaderLite(str(data), "train", 4, 32, vocab_size=256)
+    ckpt = load_checkpoint(path)
+    assert restore_state(ckpt, optimizer2, scaler2, loader2, 0, 1, "cpu") == 1 and loader2.position == 1
+    assert torch.equal(torch.rand(3), rng_after_save) and scaler2.state_dict() == scaler.state_dict()
+    assert optimizer2.state_dict()["state"][0]["step"] == 1 and ckpt["val_loss"] == 5.5
+    assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
 
 
 def test_grad_accumulation_equals_one_big_batch(data, tmp_path):
@@ -447,6 +514,32 @@ def test_in_training_hellaswag_and_samples(shakespeare_shards, tmp_path):
     lines = (tmp_path / "samples.txt").read_text().splitlines()
     assert [ln.split(" sample ")[0] for ln in lines] == ["2"] * 4 + ["4"] * 4
     assert all("Hello, I'm a language model," in ln for ln in lines)
+
+
+def test_run_as_a_script_never_loads_a_second_train_gpt2(shakespeare_shards, tmp_path):
+    """`python train_gpt2.py` runs as __main__; with samples, HellaSwag and plots on, the modules it imports
+    for them (hellaswag, plot) must not import `train_gpt2` back, which would load the whole script a second
+    time with its own TrainError. `-X importtime` lists every module a process imports."""
+    args = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--max_steps", 2, "--hellaswag_limit", 8,
+            "--hellaswag_dir", hellaswag_dir(), "--plot", 1]
+    proc = subprocess.run([sys.executable, "-X", "importtime", "train_gpt2.py", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)$", proc.stderr, re.M)
+    assert {"hellaswag", "plot", "fineweb"} <= set(imported)  # what the evals, samples and plots need
+    assert "train_gpt2" not in imported
+    assert (tmp_path / "samples.txt").exists() and (tmp_path / "loss.png").exists() and read_log(tmp_path)["hella"]
+
+
+def test_context_shorter_than_the_sample_prompt_skips_the_samples_with_a_note(shakespeare_shards, tmp_path):
+    """The samples' prompt is 8 tokens: a 4-token context cannot hold it. The run says so once and trains on
+    to its checkpoint, rather than failing at the first sample_interval."""
+    proc = run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, "--n_layer", 1, "--n_head", 2,
+                     "--n_embd", 32, "--block_size", 4, "--seq_len", 4, "--micro_batch_size", 4, "--total_batch_size",
+                     16, "--max_steps", 3, "--warmup_steps", 1, "--eval_interval", 2, "--val_steps", 1,
+                     "--sample_interval", 2)
+    assert proc.stdout.count("note: no samples: their prompt has 8 tokens and the model's context (block_size) 4") == 1
+    assert not (tmp_path / "samples.txt").exists() and (tmp_path / "model_00003.pt").exists()
 
 
 @pytest.mark.slow
