@@ -111,9 +111,9 @@ def parse_args(argv=None):
         cfg.val_tokens = cfg.shard_size
     if cfg.num_proc == 0:
         cfg.num_proc = os.cpu_count()
-    for flag in ("shard_size", "val_tokens", "num_proc"):
-        if getattr(cfg, flag) < 1:
-            parser.error(f"--{flag} {getattr(cfg, flag)}: must be a positive integer")
+    for name in ("shard_size", "val_tokens", "num_proc"):
+        if getattr(cfg, name) < 1:
+            parser.error(f"--{name} {getattr(cfg, name)}: must be a positive integer")
     if cfg.format not in ("npy", "bin"):
         parser.error(f"--format {cfg.format}: expected npy or bin")
     return cfg

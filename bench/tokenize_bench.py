@@ -205,10 +205,10 @@ def main():
                     cmd=[sys.executable, os.path.abspath(__file__), "--_run_a", corpora[1], "{out}", str(nprocs)])
 
     def b(nprocs=None, corpus=1, shard=100_000_000):  # nprocs None: fineweb.py's default, all cores
-        flag = ["--num_proc", str(nprocs)] if nprocs else []
+        num_proc = ["--num_proc", str(nprocs)] if nprocs else []
         return dict(name="B fineweb.py", procs=nprocs or cores, corpus=corpus, shard=shard,
                     cmd=[sys.executable, "fineweb.py", "--input", corpora[corpus], "--out_dir", "{out}", "--val_tokens",
-                         str(args.val_tokens), "--shard_size", str(shard), *flag])
+                         str(args.val_tokens), "--shard_size", str(shard), *num_proc])
 
     def key(c):
         return c["name"], c["procs"], c["corpus"], c["shard"]
@@ -232,7 +232,8 @@ def main():
                                                             args.pss_interval)
             digest = hashlib.sha1(stream.tobytes()).hexdigest()
             if c["corpus"] not in reference:
-                assert (stream == GPT2_EOT).sum() == n_docs[c["corpus"]] and stream[0] == GPT2_EOT, "not one EOT per document"
+                assert (stream == GPT2_EOT).sum() == n_docs[c["corpus"]] and stream[0] == GPT2_EOT, \
+                    "not one EOT per document"
                 reference[c["corpus"]] = digest
             runs[key(c)].append(dict(seconds=seconds, cpu=cpu, rss=rss, pss=pss, anon=anon, tokens=len(stream),
                                      same=digest == reference[c["corpus"]]))
