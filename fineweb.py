@@ -393,7 +393,10 @@ def open_manifest(cfg, source, enc):
     settings = dict(source=source, tokenizer=f"tiktoken gpt2, <|endoftext|> ({enc.eot_token}) before every document",
                     format=cfg.format, prefix=cfg.prefix, shard_size=cfg.shard_size, val_tokens=cfg.val_tokens)
     path = os.path.join(cfg.out_dir, "manifest.json")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:  # a file of that name, or under a file; a read-only disk
+        raise FinewebError(f"--out_dir {cfg.out_dir}: cannot make that folder ({e.strerror}); pick another") from None
     if not os.path.exists(path):
         shards = [n for n in os.listdir(cfg.out_dir) if n.endswith((".npy", ".bin"))]
         if shards:

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 
 from train_gpt2 import (PRETRAINED, SAMPLE_PROMPT, TrainError, autocast_context, check_flags, config_parser,
-                        load_model, load_tokenizer, option, resolve_system)
+                        load_model, load_tokenizer, option, require_gpt2_vocab, resolve_system)
 
 
 @dataclass
@@ -61,7 +61,10 @@ def read_prompt(prompt, enc):
         try:
             with open(prompt[5:], encoding="utf-8") as f:
                 prompt = f.read()
-        except (OSError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise TrainError(f"--prompt {prompt}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                             f"{e.start})") from None
+        except OSError as e:
             raise TrainError(f"--prompt {prompt}: cannot read the file ({e.strerror or e})") from None
     return enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
 
@@ -72,7 +75,7 @@ def run(cfg):
     enc = load_tokenizer()
     tokens = read_prompt(cfg.prompt, enc)
     try:
-        model = load_model(cfg.init_from).to(device)
+        model = require_gpt2_vocab(load_model(cfg.init_from), cfg.init_from).to(device)
     except TrainError as e:
         raise TrainError(f"--init_from {e}") from None
     if len(tokens) > model.config.block_size:

@@ -235,7 +235,8 @@ def parse_args(argv=None):
 
 def evaluate(cfg):
     from tqdm import tqdm
-    from train_gpt2 import TrainError, autocast_context, load_model, load_tokenizer, resolve_system
+    from train_gpt2 import (TrainError, autocast_context, load_model, load_tokenizer, require_gpt2_vocab,
+                            resolve_system)
     try:
         device, dtype, use_compile = resolve_system(cfg.device, cfg.dtype, cfg.compile)
         enc = load_tokenizer()
@@ -246,7 +247,7 @@ def evaluate(cfg):
     if not examples:
         raise HellaswagError(f"{data_file(cfg.split, cfg.data_dir)}: holds no tasks")
     try:
-        model = load_model(cfg.model)
+        model = require_gpt2_vocab(load_model(cfg.model), cfg.model)
     except TrainError as e:  # a bad checkpoint, not a GPT-2 folder, no network for the Hub
         raise HellaswagError(f"--model {e}") from None
     model.to(device).eval()

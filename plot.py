@@ -30,20 +30,26 @@ def read_log(log_file):
     kept, not only train, val and hella; plot_log() draws those three and ignores the rest."""
     if not os.path.exists(log_file):
         raise PlotError(f"{log_file} not found; pass --log_file")
+    if os.path.isdir(log_file):
+        raise PlotError(f"{log_file} is a folder; pass --log_file its log.txt")
+    with open(log_file, "rb") as f:
+        try:
+            text = f.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PlotError(f"{log_file}: not a text log (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     series = {}
-    with open(log_file) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                step, kind, value = line.split()
-                step, value = int(step), float(value)
-            except ValueError:
-                raise PlotError(f"{log_file} line {n}: expected STEP KIND VALUE, e.g. '250 val 3.2924', "
-                                f"got {line.strip()!r}") from None
-            steps, values = series.setdefault(kind, ([], []))
-            steps.append(step)
-            values.append(value)
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            step, kind, value = line.split()
+            step, value = int(step), float(value)
+        except ValueError:
+            raise PlotError(f"{log_file} line {n}: expected STEP KIND VALUE, e.g. '250 val 3.2924', "
+                            f"got {line.strip()!r}") from None
+        steps, values = series.setdefault(kind, ([], []))
+        steps.append(step)
+        values.append(value)
     if not series:
         raise PlotError(f"{log_file}: no log lines yet")
     return series
@@ -54,6 +60,8 @@ def plot_log(log_file, out_png, references=True):
     bad log, and ImportError without matplotlib (imported here, so that training runs without it)."""
     from matplotlib.figure import Figure
 
+    if os.path.isdir(out_png):
+        raise PlotError(f"{out_png} is a folder; pass --out a .png file's path")
     series = read_log(log_file)
     fig = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
     last_step = max(max(steps) for steps, _ in series.values())

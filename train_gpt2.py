@@ -13,8 +13,10 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import math
 import os
+import pickle
 import re
 import signal
 import sys
@@ -198,7 +200,24 @@ class GPT(nn.Module):
         or a local folder in Hugging Face GPT-2 format (config.json + model.safetensors or .bin)."""
         from transformers import GPT2LMHeadModel
         print0(f"loading GPT-2 weights from {name_or_dir}")
-        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        config_file = os.path.join(name_or_dir, "config.json")
+        if os.path.isfile(config_file):  # a folder: transformers would load another model type as a random GPT-2
+            with open(config_file) as f:
+                model_type = json.load(f).get("model_type")
+            if model_type != "gpt2":
+                raise ValueError(f"{name_or_dir}: a {model_type} model, not GPT-2 (config.json's model_type)")
+        from transformers.utils import logging as hf_logging
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its table of missing tensors: the one line below says it
+        try:
+            hf, info = GPT2LMHeadModel.from_pretrained(name_or_dir, output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if problems:  # transformers fills missing tensors with random ones: that would be no fine-tune at all
+            kind, keys = next(iter(problems.items()))
+            raise ValueError(f"{name_or_dir}: not a complete GPT-2 checkpoint: {len(keys)} {kind.replace('_', ' ')} "
+                             f"(e.g. {sorted(map(str, keys))[0]})")
         c = hf.config
         architecture = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "n_inner": (None, 4 * c.n_embd),
                         "layer_norm_epsilon": (1e-5,), "scale_attn_weights": (True,),
@@ -334,6 +353,16 @@ def open_shard(path):
 def find_shards(data_dir, split):
     if not os.path.isdir(data_dir):
         raise TrainError(f"--data_dir {data_dir}: no such folder; make token shards with `python fineweb.py`")
+    manifest = os.path.join(data_dir, "manifest.json")  # fineweb.py's record of its run; llm.c's folders have none
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest) as f:
+                done = json.load(f).get("done")
+        except (OSError, ValueError, AttributeError):
+            raise TrainError(f"{manifest}: unreadable; rerun the fineweb.py command that made {data_dir}/") from None
+        if not done:
+            raise TrainError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its manifest.json says "
+                             f"so); rerun the same fineweb.py command, which resumes where it stopped")
     # `val` as a word of the name, so that a prefix like "eval" does not make every shard a val shard
     names = sorted(n for n in os.listdir(data_dir)
                    if re.search(rf"(?<![a-z]){split}(?![a-z])", n) and n.endswith((".npy", ".bin")))
@@ -468,9 +497,16 @@ NON_NEGATIVE_FLAGS = ("warmup_steps", "keep_last", "min_lr", "weight_decay", "gr
                       "sample_interval")
 
 
+def finite_float(s):
+    value = float(s)  # argparse turns a ValueError into "invalid finite_float value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return value
+
+
 def config_parser(config_class, prog, doc, with_defaults=True):
     """A parser with one flag per field of config_class (`--name value` or `--name=value`; booleans take
-    1/0/true/false; --device, --dtype and --compile explained as SHARED_FLAGS_HELP says) and doc's first
+    1/0/true/false, numbers must be finite; --device, --dtype and --compile explained as SHARED_FLAGS_HELP says) and doc's first
     line as its description. Without defaults, parsing returns only the flags given. Every script's
     flags but fineweb.py's and plot.py's (which import no torch) come from here."""
     parser = OneLineParser(prog=prog, description=doc.splitlines()[0],
@@ -478,7 +514,7 @@ def config_parser(config_class, prog, doc, with_defaults=True):
                            argument_default=None if with_defaults else argparse.SUPPRESS)
     for f in dataclasses.fields(config_class):
         kwargs = {"default": f.default} if with_defaults else {}
-        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type,
+        parser.add_argument(f"--{f.name}", type={bool: parse_bool, float: finite_float}.get(f.type, f.type),
                             help=f.metadata.get("help", SHARED_FLAGS_HELP.get(f.name)), **kwargs)
     return parser
 
@@ -494,7 +530,8 @@ def check_flags(cfg, checks):
     """A TrainError for the first (name, ok, why) of checks whose ok is False: `--name value: why`."""
     for name, ok, why in checks:
         if not ok:
-            raise TrainError(f"--{name} {getattr(cfg, name)}: {why}")
+            value = getattr(cfg, name)
+            raise TrainError(f"--{name} {int(value) if isinstance(value, bool) else value}: {why}")
 
 
 def check_train_flags(cfg):
@@ -541,6 +578,10 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: loading runs no code
         missing = {"model", "optimizer", "model_config", "config", "step", "loader_positions"} - set(ckpt)
     except Exception as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if isinstance(e, pickle.UnpicklingError) and found:  # weights_only met pickled objects, maybe code
+            raise TrainError(f"{path}: holds objects that are not plain tensors and data ({found[1]}), so it was "
+                             f"refused without loading it") from None
         raise TrainError(f"{path}: cannot read the checkpoint ({type(e).__name__}); it is corrupt or truncated: "
                          f"move it away and use the one before") from None
     if missing:
@@ -563,6 +604,15 @@ def load_model(init_from):
         return GPT.from_pretrained(init_from)
     except (OSError, ValueError) as e:  # no such folder, no weights (offline), not GPT-2: transformers says which
         raise TrainError(f"{init_from}: {str(e).strip().splitlines()[0]}") from None
+
+
+def require_gpt2_vocab(model, source):
+    """A model for GPT-2 text (generate.py, hellaswag.py) needs all of GPT-2's token ids."""
+    if model.config.vocab_size < GPT2_VOCAB_SIZE:
+        raise TrainError(f"{source}: its vocabulary has {model.config.vocab_size} tokens, fewer than GPT-2's "
+                         f"{GPT2_VOCAB_SIZE}, so it cannot read GPT-2 tokens (it was trained with a smaller "
+                         f"--vocab_size)")
+    return model
 
 
 def checkpoint_state(model, optimizer, scaler, cfg, step, val_loss, hellaswag, wandb_id, train_loader, device_type,
@@ -613,6 +663,9 @@ def resume_config(cfg, given):
     cfg = TrainConfig(**{**saved, **given, "init_from": "resume"})
     for k in MODEL_FLAGS:
         setattr(cfg, k, ckpt["model_config"][k])
+    if cfg.max_steps < ckpt["step"]:
+        raise TrainError(f"--max_steps {cfg.max_steps}: {paths[-1]} is at step {ckpt['step']} already, so there is "
+                         f"nothing to train; give --max_steps above {ckpt['step']}")
     return cfg, ckpt
 
 
@@ -634,19 +687,39 @@ def restore_state(ckpt, optimizer, scaler, train_loader, rank, world_size, devic
 # Logs: log.txt (build-nanogpt's STEP KIND VALUE lines), loss.png, W&B; rank 0 only
 
 
+def read_log_lines(log_file):
+    """log.txt's well-formed `STEP KIND VALUE` lines as (step, kind, text), and the numbers of the damaged
+    ones (a line torn by a crash mid-write, bytes that are not text)."""
+    lines, damaged = [], []
+    with open(log_file, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                step, kind, value = raw.decode("utf-8").split()
+                float(value)
+                lines.append((int(step), kind, f"{step} {kind} {value}\n"))
+            except ValueError:  # UnicodeDecodeError is one too
+                if raw.strip():
+                    damaged.append(n)
+    return lines, damaged
+
+
 def start_log(log_dir, resume_step):
     """log_dir/log.txt, new; or, resuming at resume_step, without the lines a crashed run wrote after
-    its checkpoint (train line N is the update after N)."""
-    os.makedirs(log_dir, exist_ok=True)
+    its checkpoint (train line N is the update after N). Damaged lines are dropped, with a note; the file
+    is rewritten atomically, so a crash here loses nothing."""
     log_file = os.path.join(log_dir, "log.txt")
-    lines = []
-    if resume_step is not None and os.path.exists(log_file):
-        with open(log_file) as f:
-            lines = [ln.split() for ln in f if ln.strip()]
-    with open(log_file, "w") as f:
-        for n, kind, value in lines:
-            if int(n) < resume_step or (int(n) == resume_step and kind != "train"):
-                f.write(f"{n} {kind} {value}\n")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        lines, damaged = read_log_lines(log_file) if resume_step is not None and os.path.exists(log_file) else ([], [])
+        with open(log_file + ".tmp", "w") as f:
+            f.writelines(text for n, kind, text in lines if n < resume_step or (n == resume_step and kind != "train"))
+        os.replace(log_file + ".tmp", log_file)
+    except OSError as e:  # a file where the folder should be, a read-only disk
+        raise TrainError(f"--log_dir {log_dir}: cannot write {log_file} there ({e.strerror}); pick another "
+                         f"--log_dir") from None
+    if damaged:
+        print0(f"note: {log_file}: dropped {len(damaged)} damaged line(s) (line {', '.join(map(str, damaged[:5]))}"
+               f"{', ...' if len(damaged) > 5 else ''}), e.g. torn by a crash mid-write; every other line is kept")
     return log_file
 
 
@@ -856,6 +929,16 @@ def accumulation_steps(total_batch_size, B, T, world_size):
     return total_batch_size // (B * T * world_size)
 
 
+def distinct_val_steps(val_steps, val_loader):
+    """val_steps, or fewer (with a note) where the val split holds fewer distinct micro-batches per rank:
+    more would re-read the same ones."""
+    distinct = max(1, val_loader.batches_per_epoch // val_loader.num_processes)
+    if val_steps > distinct:
+        print0(f"note: --val_steps {val_steps}: the val split holds {distinct} distinct micro-batches of "
+               f"{val_loader.B}x{val_loader.T} per rank, so each eval reads those {distinct}")
+    return min(val_steps, distinct)
+
+
 def estimate_val_loss(model, val_loader, val_steps, device, autocast, world_size):
     """The mean loss over val_steps val micro-batches per rank, the same ones at every eval."""
     model.eval()
@@ -991,6 +1074,7 @@ def train(cfg, given):
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, rank, world_size, cfg.vocab_size, cfg.shuffle, cfg.seed)
     val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, rank, world_size, cfg.vocab_size)
+    val_steps = distinct_val_steps(cfg.val_steps, val_loader)
     start_step = 0
     if ckpt is not None:
         start_step = restore_state(ckpt, optimizer, scaler, train_loader, rank, world_size, device_type)
@@ -1030,7 +1114,7 @@ def train(cfg, given):
 
             val_loss = acc_norm = None
             if do_eval:
-                val_loss = estimate_val_loss(eval_model, val_loader, cfg.val_steps, device, autocast, world_size)
+                val_loss = estimate_val_loss(eval_model, val_loader, val_steps, device, autocast, world_size)
                 check_finite(step, cfg.log_dir, val_loss=val_loss)
                 print0(f"step {step:5d} | val loss {val_loss:.4f}")
                 if use_hellaswag:

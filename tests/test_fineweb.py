@@ -580,6 +580,15 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, request, case):
     assert not [n for n in after if n.endswith(".tmp")]
 
 
+def test_out_dir_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, small_corpus):
+    (tmp_path / "afile").write_text("not a folder")
+    for out, why in [(tmp_path / "afile", "File exists"), (tmp_path / "afile" / "out", "Not a directory")]:
+        status, message = fineweb_main("--num_proc", 1, "--input", small_corpus, "--out_dir", out)
+        assert status == 1 and message == f"fineweb.py: error: --out_dir {out}: cannot make that folder ({why}); " \
+                                          f"pick another"
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_smallest_trainable_corpus(tmp_path, small_corpus, small_docs):
     """Exactly val_tokens plus one training micro-batch is enough (one token fewer is corpus_too_small)."""
     n = len(expected_stream(small_docs))

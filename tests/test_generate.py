@@ -286,9 +286,18 @@ def test_checkpoint_with_padded_vocab(capsys, checkpoint, rows):
     ("bad compile", ["--compile", "maybe"], "--compile maybe"),
     ("not a number", ["--top_k", "ten"], "--top_k"),
     ("unknown flag", ["--beam_width", "4"], "--beam_width"),
+    ("FILE: not UTF-8", ["--prompt", "FILE:{tmp}/latin1.txt"], "--prompt FILE:{tmp}/latin1.txt: not UTF-8 text (byte 0xe9"),
+    ("vocabulary smaller than GPT-2's", ["--init_from", "{tmp}/model_00001.pt"],
+     "its vocabulary has 1000 tokens, fewer than GPT-2's 50257, so it cannot read GPT-2 tokens"),
+    ("infinite temperature", ["--temperature", "inf"], "--temperature: expected a finite number, got 'inf'"),
 ])
 def test_bad_input_is_a_one_line_error(capsys, tmp_path, checkpoint, case, argv, expected):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "latin1.txt").write_bytes("Un café, s'il vous plaît".encode("latin-1"))
+    net = tiny_gpt(vocab_size=1000)  # a checkpoint of a run with --vocab_size 1000
+    torch.save({"model": net.state_dict(), "optimizer": {}, "model_config": dataclasses.asdict(net.config),
+                "config": {}, "step": 1, "loader_positions": [0]}, tmp_path / "model_00001.pt")
+    expected = expected.replace("{tmp}", str(tmp_path))
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     code, err = cli_error(capsys, "--init_from", checkpoint, *argv)
     assert code != 0

@@ -319,6 +319,10 @@ def test_bad_models_are_one_line_errors(capsys, data_dir, tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=16)).save_pretrained(tmp_path / "short")
     code, _, err = run_main(capsys, "--model", tmp_path / "short", "--data_dir", data_dir, "--limit", 3)
     assert_one_line_error(code, err, "block_size 16")
+    # a model of a run with a vocabulary smaller than GPT-2's: GPT-2 token ids past it would be read as garbage
+    GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_layer=1, n_head=2, n_embd=8)).save_pretrained(tmp_path / "small_vocab")
+    code, _, err = run_main(capsys, "--model", tmp_path / "small_vocab", "--data_dir", data_dir, "--limit", 1)
+    assert_one_line_error(code, err, "fewer than GPT-2's 50257, so it cannot read GPT-2 tokens")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -109,6 +109,18 @@ def test_cli_errors_are_one_line(tmp_path):
         read_log(str(log))
 
 
+def test_binary_log_and_folders_are_one_line_errors(tmp_path):
+    (tmp_path / "log.bin").write_bytes(b"0 val 10.98\n\x80\x04\x95 pickled\n")
+    (tmp_path / "out.png").mkdir()
+    log = write_log(tmp_path / "log.txt")
+    for args, says in [(["--log_file", tmp_path / "log.bin"], "not a text log (byte 0x80 at offset 12)"),
+                       (["--log_file", tmp_path], "is a folder; pass --log_file its log.txt"),
+                       (["--log_file", log, "--out", tmp_path / "out.png"], "is a folder; pass --out a .png")]:
+        proc = plot_cli(*args)
+        assert proc.returncode == 1 and proc.stderr.startswith("plot.py: error: ") and says in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1
+
+
 def test_without_matplotlib(tmp_path):
     shim = tmp_path / "shim" / "matplotlib"
     shim.mkdir(parents=True)

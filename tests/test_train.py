@@ -115,6 +115,15 @@ def test_bad_flags_are_one_line_errors(capsys, data, tmp_path, argv, flag):
     assert err.strip().count("\n") == 0, err
 
 
+@pytest.mark.parametrize("flag, value", [("--max_lr", "nan"), ("--max_lr", "inf"), ("--weight_decay", "nan"),
+                                         ("--min_lr", "-inf")])
+def test_non_finite_numbers_are_refused_at_parse_time(capsys, data, tmp_path, flag, value):
+    """nan passes every comparison (`nan <= 0` is False) and trained until the loss was nan; refused before
+    anything is loaded."""
+    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, TINY), f"{flag}={value}")
+    assert code == 2 and err == f"train_gpt2.py: error: argument {flag}: expected a finite number, got {value!r}\n"
+
+
 def test_errors_from_torchrun_are_one_line_and_nonzero(data, tmp_path):
     proc = train(data, tmp_path, "--min_lr", 1.0, nproc=1, check=False)
     assert proc.returncode == 1
@@ -484,6 +493,105 @@ def test_resume_errors(capsys, data, tmp_path):
     code, err = run_main(capsys, *base, "--init_from", "resume")
     assert code == 1 and str(path) in err and "corrupt or truncated" in err
     assert err.strip().count("\n") == 0
+
+
+# --- faults and bad input: nothing lost, nothing silent --------------------------------------------------
+
+
+def test_resume_keeps_every_well_formed_log_line(data, tmp_path, capsys):
+    """A torn line (a crash mid-write) or bytes that are not text in log.txt: resume drops just those, with a
+    note, and keeps every other line; before, it crashed after reopening the log and lost the rest."""
+    train(data, tmp_path, "--max_steps", 4, "--ckpt_interval", 4)
+    log_file = tmp_path / "log.txt"
+    good = log_file.read_bytes().splitlines(keepends=True)
+    log_file.write_bytes(b"".join(good[:3]) + b"1 tra\n" + b"\xff\xfe 2 val\n" + b"".join(good[3:]))
+    proc = resume(tmp_path, "--max_steps", 6)
+    assert "dropped 2 damaged line(s) (line 4, 5)" in proc.stdout
+    after = log_file.read_bytes().splitlines(keepends=True)
+    assert after[:len(good)] == good and len(after) > len(good)
+    assert not (tmp_path / "log.txt.tmp").exists()
+
+
+def test_log_dir_that_cannot_be_a_folder_is_one_line(capsys, data, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    for log_dir, why in [(tmp_path / "afile", "File exists"), (tmp_path / "afile" / "run", "Not a directory")]:
+        code, err = run_main(capsys, "--data_dir", data, "--log_dir", log_dir, *map(str, TINY), "--max_steps", 1)
+        assert code == 1 and err.startswith(f"train_gpt2.py: error: --log_dir {log_dir}: cannot write") and why in err
+        assert err.count("\n") == 1
+
+
+def test_unfinished_data_preparation_is_refused(capsys, data, tmp_path):
+    """fineweb.py killed partway leaves shards and a manifest.json saying done: false; training on them
+    would silently train on part of the corpus."""
+    import shutil
+    shutil.copytree(data, tmp_path / "data")
+    (tmp_path / "data" / "manifest.json").write_text('{"shards": [], "done": false}')
+    code, err = run_main(capsys, "--data_dir", tmp_path / "data", "--log_dir", tmp_path / "log", *map(str, TINY))
+    assert code == 1 and "fineweb.py has not finished writing it" in err and "rerun the same fineweb.py" in err
+    (tmp_path / "data" / "manifest.json").write_text('{"shards": [], "done": true}')
+    run_main_ok = train(tmp_path / "data", tmp_path / "log", "--max_steps", 1)
+    assert run_main_ok.returncode == 0
+
+
+def test_resume_to_fewer_steps_than_the_checkpoint_is_an_error(capsys, data, tmp_path):
+    train(data, tmp_path, "--max_steps", 4)
+    code, err = run_main(capsys, "--log_dir", tmp_path, "--init_from", "resume", "--max_steps", 2)
+    assert code == 1 and "--max_steps 2:" in err and "at step 4 already" in err
+
+
+def test_val_steps_past_the_val_split_are_capped_with_a_note(data, tmp_path):
+    """The val shard (4000 tokens) holds 31 micro-batches of 4x32: asking for 50 re-read 19 of them."""
+    proc = train(data, tmp_path, "--max_steps", 1, "--val_steps", 50)
+    assert proc.stdout.count("note: --val_steps 50: the val split holds 31 distinct micro-batches of 4x32") == 1
+    capped = read_log(tmp_path)["val"][0]
+    train(data, tmp_path / "31", "--max_steps", 1, "--val_steps", 31)
+    assert read_log(tmp_path / "31")["val"][0] == capped
+
+
+def test_messages_name_the_right_thing(capsys, data, tmp_path, monkeypatch):
+    """A boolean flag is echoed as the user typed it (1, not True); a checkpoint holding pickled objects is
+    refused unloaded and said to be so, not called corrupt."""
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path / "w", *map(str, TINY), "--wandb", "1")
+    assert code == 1 and "--wandb 1: wandb is not installed" in err
+    train(data, tmp_path, "--max_steps", 2)
+    ckpt = torch.load(tmp_path / "model_00002.pt", weights_only=True)
+    ckpt["config"] = TrainConfig()  # an object, pickled as code that loading would run
+    torch.save(ckpt, tmp_path / "model_00002.pt")
+    code, err = run_main(capsys, "--log_dir", tmp_path, "--init_from", "resume")
+    assert code == 1 and "holds objects that are not plain tensors" in err and "corrupt" not in err
+
+
+@pytest.fixture(scope="module")
+def broken_hf_folders(tmp_path_factory):
+    """A GPT-2 folder whose model.safetensors lacks block 1's tensors, and a (tied-embedding) Llama folder."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    root = tmp_path_factory.mktemp("broken_hf")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=4)).save_pretrained(root / "gpt2")
+    weights = load_file(root / "gpt2" / "model.safetensors")
+    save_file({k: w for k, w in weights.items() if ".h.1." not in k}, root / "gpt2" / "model.safetensors",
+              metadata={"format": "pt"})
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+                     ).save_pretrained(root / "llama")
+    return root
+
+
+@pytest.mark.parametrize("folder, says", [("gpt2", "not a complete GPT-2 checkpoint: 12 missing keys"),
+                                          ("llama", "a llama model, not GPT-2")])
+def test_fine_tune_from_an_incomplete_or_foreign_folder_is_refused(capsys, data, tmp_path, broken_hf_folders,
+                                                                   folder, says):
+    """transformers fills what it cannot load with random tensors and says so in a table: training on would be
+    a "fine-tune" of partly random weights, exit 0."""
+    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, "--seq_len", 32, "--micro_batch_size", 4,
+                         "--total_batch_size", 256, "--init_from", broken_hf_folders / folder)
+    last = err.splitlines()[-1]  # after transformers' "Loading weights" progress bar
+    assert code == 1 and last.startswith("train_gpt2.py: error: --init_from ") and says in last, err
+    assert "MISSING" not in err and "Traceback" not in err and not (tmp_path / "log.txt").exists()
 
 
 # --- in-training HellaSwag and samples -----------------------------------------------------------------
