@@ -357,10 +357,10 @@ def find_shards(data_dir, split):
     if os.path.isfile(manifest):
         try:
             with open(manifest) as f:
-                done = json.load(f).get("done")
-        except (OSError, ValueError, AttributeError):
+                record = json.load(f)
+        except (OSError, ValueError):
             raise TrainError(f"{manifest}: unreadable; rerun the fineweb.py command that made {data_dir}/") from None
-        if not done:
+        if isinstance(record, dict) and record.get("done") is False:  # fineweb.py's, of a run stopped partway
             raise TrainError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its manifest.json says "
                              f"so); rerun the same fineweb.py command, which resumes where it stopped")
     # `val` as a word of the name, so that a prefix like "eval" does not make every shard a val shard
