@@ -529,8 +529,8 @@ def test_unfinished_data_preparation_is_refused(capsys, data, tmp_path):
     code, err = run_main(capsys, "--data_dir", tmp_path / "data", "--log_dir", tmp_path / "log", *map(str, TINY))
     assert code == 1 and "fineweb.py has not finished writing it" in err and "rerun the same fineweb.py" in err
     (tmp_path / "data" / "manifest.json").write_text('{"shards": [], "done": true}')
-    run_main_ok = train(tmp_path / "data", tmp_path / "log", "--max_steps", 1)
-    assert run_main_ok.returncode == 0
+    finished = train(tmp_path / "data", tmp_path / "log", "--max_steps", 1)
+    assert finished.returncode == 0 and (tmp_path / "log" / "model_00001.pt").exists()
 
 
 def test_resume_to_fewer_steps_than_the_checkpoint_is_an_error(capsys, data, tmp_path):
