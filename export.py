@@ -20,7 +20,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from fineweb import DATA_DIR, GPT2_EOT, GPT2_VOCAB_SIZE
+from fineweb import DATA_DIR, GPT2_EOT, GPT2_VOCAB_SIZE, disk_full
 from plot import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS
 from train_gpt2 import TrainError, checkpoint_paths, config_parser, load_checkpoint, model_from_checkpoint, option
 
@@ -209,6 +209,11 @@ def export(cfg):
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
         os.replace(tmp, out_dir)  # replaces an empty out_dir; fails, touching nothing, on a non-empty one
+    except Exception as e:
+        if disk_full(e):
+            raise TrainError(f"disk full in {os.path.dirname(os.path.abspath(out_dir))}: {out_dir} was not written; "
+                             f"free space and export again") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"saved {out_dir}")

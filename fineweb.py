@@ -12,8 +12,11 @@ stopped and produces the same bytes as an uninterrupted one.
 """
 
 import argparse
+import codecs
 import collections
+import contextlib
 import dataclasses
+import errno
 import functools
 import glob
 import hashlib
@@ -27,7 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MIN_TRAIN_TOKENS = 64 * 1024 + 1  # one micro-batch of train_gpt2.py's defaults (64 x 1024, +1 for the targets)
+MIN_TRAIN_TOKENS = 2  # the smallest train split: one token and its target
+DEFAULT_MICRO_BATCH_TOKENS = 64 * 1024 + 1  # one micro-batch of train_gpt2.py's defaults (64 x 1024, +1 for the targets)
 DOCS_PER_TASK = 256  # documents a worker tokenizes per task: big enough to amortise the IPC, small enough to balance
 READERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # datasets' builders
 # Shipped with the repository (data/SOURCES.md): GPT-2's BPE files and karpathy/char-rnn's Tiny Shakespeare
@@ -143,8 +147,49 @@ def input_files(patterns):
             if os.path.splitext(p)[1] not in READERS:
                 raise FinewebError(f"--input {p}: cannot read {os.path.splitext(p)[1] or 'extensionless'} files; "
                                    f"expected .txt (one document per file), .jsonl/.json or .parquet")
+            if READERS[os.path.splitext(p)[1]] != "text" and os.path.getsize(p) == 0:
+                raise FinewebError(f"--input {p}: an empty file, which holds no documents; fill it or leave it out")
         files += [p for p in found if p not in files]
     return files
+
+
+def non_utf8_file(files):
+    """(path, offset, byte) of the first byte that is not UTF-8 in the local text and JSON files, or None."""
+    for path in files:
+        if "://" in path or READERS[os.path.splitext(path)[1]] == "parquet":
+            continue
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    return path, offset + e.start, chunk[e.start]
+                offset += len(chunk)
+
+
+def unreadable(cfg, e, doing):
+    """The error for data datasets could not read; a file that is not UTF-8 is named, with its bad byte."""
+    found = non_utf8_file(input_files(cfg.input)) if cfg.input and isinstance(e, UnicodeDecodeError) else None
+    if found:
+        path, offset, byte = found
+        return FinewebError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); convert it to UTF-8 "
+                            f"or leave it out of --input")
+    return FinewebError(f"{doing}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def document_source(cfg, doc):
+    """Where document doc (counted from 0 over all of --input) comes from, as "row R of FILE"."""
+    if not cfg.input:
+        return f"row {doc + 1:,} of --dataset {cfg.dataset}"
+    import datasets
+    for path in input_files(cfg.input):
+        reader = READERS[os.path.splitext(path)[1]]
+        rows = 1 if reader == "text" else sum(1 for _ in datasets.load_dataset(
+            reader, data_files=[path if "://" in path else glob.escape(path)], split="train", streaming=True))
+        if doc < rows:
+            return f"row {doc + 1:,} of {path}"
+        doc -= rows
 
 
 def describe_source(cfg):
@@ -181,9 +226,7 @@ def load_corpus(cfg):
             where = f"--dataset {cfg.dataset}"
         first = next(iter(ds), None) if cfg.streaming else (ds[0] if len(ds) else None)
     except Exception as e:  # network, missing files, unreadable data: datasets says what
-        cause = e.__cause__ or e
-        raise FinewebError(f"cannot load {', '.join(cfg.input) or cfg.dataset}: {type(cause).__name__}: "
-                           f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
+        raise unreadable(cfg, e.__cause__ or e, f"cannot load {', '.join(cfg.input) or cfg.dataset}") from None
     if first is None:
         raise FinewebError(f"{where} holds no documents")
     columns = list(first)
@@ -197,6 +240,10 @@ def load_corpus(cfg):
 # Tokenizing: worker processes turn batches of documents into one uint16 array each
 
 _worker = {}
+
+
+class NotText(Exception):
+    """A worker met a document whose text is not a string: (its index in the task, its repr)."""
 
 
 @functools.cache
@@ -239,7 +286,7 @@ def tokenize_texts(texts):
     enc, parts, lengths = _worker["enc"], [], []
     for text in texts:
         if not isinstance(text, str):
-            raise FinewebError(f"a document's --text_column {_worker['text_column']!r} is {text!r}, not text")
+            raise NotText(len(lengths), repr(text))
         # encode_ordinary(text) (no special tokens), straight into an array: ~1.7x faster than via a list
         ids = enc.encode_to_numpy(text, disallowed_special=())
         parts += (_worker["eot"], ids)
@@ -264,9 +311,9 @@ def ordered_imap(pool, fn, tasks, window):
         yield pending.popleft().get()
 
 
-def batches(ds, first_doc, text_column, streaming):
+def batches(ds, first_doc, cfg):
     """Tasks from document first_doc on: row ranges of a Dataset, or lists of texts of a stream."""
-    if not streaming:
+    if not cfg.streaming:
         for start in range(first_doc, len(ds), DOCS_PER_TASK):
             yield start, min(start + DOCS_PER_TASK, len(ds))
         return
@@ -277,9 +324,8 @@ def batches(ds, first_doc, text_column, streaming):
         except StopIteration:
             break
         except Exception as e:  # a stream is parsed as it is read, so bad data surfaces here
-            raise FinewebError(f"reading document {doc:,} failed: {type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
-        texts.append(row[text_column])
+            raise unreadable(cfg, e, f"reading document {doc:,} failed") from None
+        texts.append(row[cfg.text_column])
         if len(texts) == DOCS_PER_TASK:
             yield texts
             texts = []
@@ -291,9 +337,33 @@ def batches(ds, first_doc, text_column, streaming):
 # Writing: cut the token stream into shards, each written atomically and recorded in the manifest
 
 
+def disk_full(e):
+    """Whether an exception comes from a full disk: an OSError ENOSPC, also as the cause or context of
+    the error torch.save raises ("unexpected pos"), or in safetensors' message ("os error 28")."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "os error 28" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def write_synced(path, write):
+    """Write a new file with write(f), then flush it to the disk. Whatever goes wrong, a full disk or
+    Ctrl-C, nothing is left at path."""
+    try:
+        with open(path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
+
+
 def write_shard(path, tokens, fmt):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    """Write a shard under path + ".tmp", renamed once manifest.json lists it; returns that name."""
+    def write(f):
         if fmt == "bin":
             header = np.zeros(LLMC_HEADER_INTS, dtype=np.int32)
             header[:3] = (LLMC_MAGIC, LLMC_VERSION, len(tokens))
@@ -301,14 +371,14 @@ def write_shard(path, tokens, fmt):
             f.write(tokens.tobytes())
         else:
             np.save(f, tokens)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = path + ".tmp"
+    write_synced(tmp, write)
     return tmp
 
 
 class ShardWriter:
     """Fills one shard buffer from the token stream; a full buffer becomes the next shard. Until the
-    corpus has shown it holds the val shard plus one training micro-batch, shards wait under their
+    corpus has shown it holds the val shard plus the smallest train split, shards wait under their
     temporary names, so a corpus too small to train on leaves nothing behind."""
 
     def __init__(self, cfg, manifest):
@@ -354,11 +424,12 @@ class ShardWriter:
         """Record the pending shards in the manifest and rename them to their final names. In that order:
         a shard the manifest lists but that is missing on a rerun is redone, while a final-named shard
         the manifest did not list would block the rerun."""
-        for tmp, entry in self.pending:
+        while self.pending:
+            tmp, entry = self.pending[0]
+            save_manifest(self.cfg.out_dir, dict(self.manifest, shards=self.manifest["shards"] + [entry]))
             self.manifest["shards"].append(entry)
-            save_manifest(self.cfg.out_dir, self.manifest)
             os.replace(tmp, tmp[:-len(".tmp")])
-        self.pending = []
+            self.pending.pop(0)
 
     def discard(self):
         for tmp, _ in self.pending:
@@ -370,21 +441,24 @@ class ShardWriter:
         if not self.big_enough:
             total = self.fill + sum(entry["tokens"] for _, entry in self.pending)
             self.discard()
-            raise FinewebError(f"the corpus has {total:,} tokens, fewer than --val_tokens {self.cfg.val_tokens:,} plus "
-                               f"one training micro-batch ({MIN_TRAIN_TOKENS:,} tokens); lower --val_tokens or add text")
+            raise FinewebError(f"the corpus has {total:,} tokens, too few for --val_tokens {self.cfg.val_tokens:,} and a "
+                               f"train split of at least {MIN_TRAIN_TOKENS} tokens (a token and its target); set "
+                               f"--val_tokens to at most {total - MIN_TRAIN_TOKENS:,} or add text")
         if self.fill:
             self.flush(n_docs, 0)
         self.finalize()
         self.manifest.update(docs=n_docs, done=True)
         save_manifest(self.cfg.out_dir, self.manifest)
+        largest = max(s["tokens"] for s in self.manifest["shards"] if s["split"] == "train")
+        if largest < DEFAULT_MICRO_BATCH_TOKENS:  # train_gpt2.py slices micro-batches from one shard at a time
+            print(f"note: the largest train shard has {largest:,} tokens, fewer than one micro-batch of "
+                  f"train_gpt2.py's defaults (64 x 1024 + 1 = {DEFAULT_MICRO_BATCH_TOKENS:,}): train with "
+                  f"--micro_batch_size B and --seq_len T such that B x T + 1 <= {largest:,}")
 
 
 def save_manifest(out_dir, manifest):
     tmp = os.path.join(out_dir, "manifest.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(tmp, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     os.replace(tmp, os.path.join(out_dir, "manifest.json"))
 
 
@@ -444,7 +518,7 @@ def tokenize(cfg):
         print(f"resuming after {manifest['shards'][-1]['name']} (document {first_doc:,})")
     ds = load_corpus(cfg)
     writer = ShardWriter(cfg, manifest)
-    tasks = batches(ds, first_doc, cfg.text_column, cfg.streaming)
+    tasks = batches(ds, first_doc, cfg)
     fn = tokenize_texts if cfg.streaming else tokenize_rows
     initargs = (enc, None if cfg.streaming else ds, cfg.text_column)
     progress = tqdm(total=None if cfg.streaming else len(ds), initial=first_doc, unit="docs",
@@ -463,8 +537,14 @@ def tokenize(cfg):
             rate = n_tokens / max(time.time() - t0, 1e-6)
             progress.set_postfix_str(f"{n_tokens:,} tokens, {rate:,.0f} tokens/s", refresh=False)
         writer.finish(doc)
-    except FinewebError:
+    except Exception as e:
         writer.discard()
+        if isinstance(e, NotText):  # in the task that starts at document doc
+            raise FinewebError(f"{document_source(cfg, doc + e.args[0])}: its --text_column {cfg.text_column!r} is "
+                               f"{e.args[1]}, not text") from None
+        if disk_full(e):
+            raise FinewebError(f"disk full in {cfg.out_dir}/: the {len(manifest['shards'])} shards manifest.json lists "
+                               f"are kept; free space, then rerun this command, which resumes after them") from None
         raise
     finally:
         progress.close()

@@ -29,10 +29,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format and the flag parsing; it imports
+# fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing and the disk writes; it imports
 # no torch, so that its tokenizing processes start fast and small
 from fineweb import (GPT2_EOT, GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, OneLineParser,
-                     gpt2_tokenizer, parse_bool)
+                     disk_full, gpt2_tokenizer, parse_bool, write_synced)
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -634,12 +634,14 @@ def checkpoint_state(model, optimizer, scaler, cfg, step, val_loss, hellaswag, w
 def save_checkpoint(ckpt, log_dir, keep_last):
     """Write atomically (temp file, fsync, rename), then delete all but the newest keep_last."""
     path = os.path.join(log_dir, f"model_{ckpt['step']:05d}.pt")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write_synced(path + ".tmp", lambda f: torch.save(ckpt, f))
+    except Exception as e:
+        if disk_full(e):
+            raise TrainError(f"disk full in {log_dir}: {os.path.basename(path)} was not written and the checkpoints "
+                             f"before it are untouched; free space, then continue with --init_from resume") from None
+        raise
+    os.replace(path + ".tmp", path)
     old = checkpoint_paths(log_dir)
     for p in old[:-keep_last] if keep_last else []:
         os.remove(p)

@@ -1,5 +1,6 @@
 import functools
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -110,3 +111,46 @@ def hf_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf_gpt2")
     GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4)).save_pretrained(folder)
     return folder
+
+
+# Runs inside a private mount namespace (see on_small_disk): mounts the tmpfs, then does the steps.
+SMALL_DISK_STEPS = r"""
+import json, os, shutil, subprocess, sys
+mount, size, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mount], check=True)
+filler, results = os.path.join(mount, "filler"), []
+for kind, *args in steps:
+    if kind == "fill":  # leave args[0] bytes free
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        with open(filler, "wb") as f:
+            f.write(bytes(max(0, free - args[0])))
+    elif kind == "free":
+        os.remove(filler)
+    elif kind == "run":
+        proc = subprocess.run([str(a) for a in args[0]], capture_output=True, text=True)
+        results.append(dict(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr,
+                            files=sorted(os.path.relpath(os.path.join(d, n), mount)
+                                         for d, _, names in os.walk(mount) for n in names if n != "filler")))
+    elif kind == "save":  # copy the disk's files out before it goes
+        shutil.copytree(mount, args[0], ignore=lambda d, names: ["filler"])
+print(json.dumps(results))
+"""
+
+
+def on_small_disk(mount_dir, size, steps):
+    """Do steps on a tmpfs of `size` (e.g. "8m") mounted at mount_dir, a disk that fills up for real
+    (ENOSPC from the kernel). It lives in a private mount namespace (unshare: no root needed, nothing
+    else sees it, gone at the end). Steps: ("fill", bytes_left_free), ("free",) to remove the filling,
+    ("run", argv), ("save", folder) to copy the disk's files out. Returns, per "run", its returncode,
+    stdout, stderr and the files then on the disk."""
+    os.makedirs(mount_dir, exist_ok=True)
+    cmd = ["unshare", "--map-root-user", "--mount", sys.executable, "-c", SMALL_DISK_STEPS, str(mount_dir), size,
+           json.dumps(steps, default=str)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        pytest.skip("needs util-linux's unshare to mount a small disk")
+    if proc.returncode != 0 and "unshare failed" in proc.stderr:
+        pytest.skip(f"this kernel allows no private mount namespace ({proc.stderr.strip()})")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)

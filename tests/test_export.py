@@ -19,7 +19,7 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, GPT2TokenizerFast, pipeline
 from transformers.utils import logging as hf_logging
 
-from conftest import REPO, TINY_SHAKESPEARE, run_train, tiktoken_gpt2
+from conftest import REPO, TINY_SHAKESPEARE, on_small_disk, run_train, tiktoken_gpt2
 from export import ExportConfig, main, parse_args
 from train_gpt2 import GPT, GPTConfig, load_checkpoint, load_model
 
@@ -298,3 +298,18 @@ def test_push_to_an_unreachable_hub_is_one_line(log_dir, gpt2_files, tmp_path):
     assert proc.returncode == 1
     assert_one_line_error(proc.stderr, "--push_to_hub someone/tiny-gpt: ", f"the folder is saved in {tmp_path / 'out'}")
     assert proc.stdout.startswith(f"saved {tmp_path / 'out'}\n")
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(log_dir, tmp_path):
+    """The weights (6.4 MB) do not fit: one line naming the folder, no half-written or temporary folder;
+    with the space freed, the same export works. Before, a SafetensorError traceback."""
+    disk = tmp_path / "disk"
+    run = ["run", [sys.executable, os.path.join(REPO, "export.py"), "--checkpoint", log_dir, "--out_dir",
+                   disk / "gpt2-repro"]]
+    full, freed = on_small_disk(disk, "16m", [("fill", 2_000_000), run, ("free",), run])
+    assert full["returncode"] == 1 and full["files"] == []
+    assert "Traceback" not in full["stderr"]  # before it, only transformers' progress bar
+    assert full["stderr"].splitlines()[-1] == f"export.py: error: disk full in {disk}: {disk / 'gpt2-repro'} was not " \
+                                              f"written; free space and export again"
+    assert freed["returncode"] == 0, freed["stderr"][-3000:]
+    assert {"model.safetensors", "config.json", "README.md"} <= {os.path.basename(n) for n in freed["files"]}

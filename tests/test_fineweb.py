@@ -20,11 +20,11 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_SHAKESPEARE, read_log, run_train, tiktoken_gpt2
+from conftest import REPO, TINY_SHAKESPEARE, on_small_disk, read_log, run_train, tiktoken_gpt2
 import fineweb
 
 EOT = 50256
-MIN_TRAIN_TOKENS = 64 * 1024 + 1  # the spec: val_tokens plus one micro-batch of train_gpt2.py's defaults
+MIN_TRAIN_TOKENS = 2  # the spec: a corpus of val_tokens plus 2 tokens (a token and its target) has a train split
 
 # The many-document corpus: small shards, so documents cross shard boundaries and several tasks of 256
 # documents each run in parallel. 12,345 is not a document boundary, so the last val document runs on
@@ -421,7 +421,7 @@ fineweb.main(sys.argv[2:])
 """
 
 
-@pytest.mark.parametrize("kill_at", [2, 9], ids=["before-the-first-manifest", "mid-run"])
+@pytest.mark.parametrize("kill_at", [1, 9], ids=["before-the-first-manifest", "mid-run"])
 def test_resume_after_sigkill(tmp_path, capsys, reference, corpus, paragraphs, kill_at):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", DYING_RUN, str(kill_at), "--input", str(corpus), *map(str, REF),
@@ -429,7 +429,7 @@ def test_resume_after_sigkill(tmp_path, capsys, reference, corpus, paragraphs, k
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert any(n.endswith(".tmp") for n in os.listdir(out))  # the half-written shard
-    if kill_at == 2:  # the val shard waits under its temporary name until the corpus proves big enough
+    if kill_at == 1:  # the val shard itself, which waits under its temporary name until train tokens follow it
         assert shard_names(out) == [] and not os.path.exists(out / "manifest.json")
         resumed_after = None
     else:
@@ -517,7 +517,15 @@ def folder_without_corpus_files(tmp_path, request):
 
 def empty_jsonl(tmp_path, request):
     (tmp_path / "empty.jsonl").write_text("")
-    return ["--input", tmp_path / "empty.jsonl", "--val_tokens", 1000], ["empty.jsonl"]
+    return ["--input", tmp_path / "empty.jsonl", "--val_tokens", 1000], [f"--input {tmp_path / 'empty.jsonl'}: an empty file"]
+
+
+def non_utf8_file_in_a_folder(tmp_path, request):
+    """Named with its bad byte, not as the folder's UnicodeDecodeError."""
+    write_text(tmp_path / "docs" / "a.txt", "fine text " * 100)
+    (tmp_path / "docs" / "b.txt").write_bytes("caf\u00e9 ".encode("latin-1") * 100)
+    return ["--input", tmp_path / "docs", "--val_tokens", 1000], \
+        [f"{tmp_path / 'docs' / 'b.txt'}: not UTF-8 text (byte 0xe9 at offset 3)"]
 
 
 def csv_file(tmp_path, request):
@@ -531,10 +539,10 @@ def missing_text_column(tmp_path, request):
 
 
 def corpus_too_small(tmp_path, request):
-    """One token short of val_tokens plus a training micro-batch."""
+    """One token short of val_tokens plus the smallest train split; the message says what --val_tokens works."""
     n = len(expected_stream(request.getfixturevalue("small_docs")))
     return ["--input", request.getfixturevalue("small_corpus"), "--val_tokens", n - MIN_TRAIN_TOKENS + 1, "--shard_size", 5000], \
-        ["--val_tokens"]
+        [f"--val_tokens {n - MIN_TRAIN_TOKENS + 1:,}", f"set --val_tokens to at most {n - MIN_TRAIN_TOKENS:,}"]
 
 
 def out_dir_of_another_corpus(tmp_path, request):
@@ -555,7 +563,8 @@ def bad_flag(*flag):
     return case
 
 
-ERRORS = [missing_file, folder_without_corpus_files, empty_jsonl, csv_file, missing_text_column, corpus_too_small,
+ERRORS = [missing_file, folder_without_corpus_files, empty_jsonl, non_utf8_file_in_a_folder, csv_file,
+          missing_text_column, corpus_too_small,
           out_dir_of_another_corpus, out_dir_with_shards_but_no_manifest,
           bad_flag("--shard_size", 0), bad_flag("--format", "zip"), bad_flag("--preset", "nope")]
 
@@ -570,7 +579,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, request, case):
     status, message = fineweb_main("--num_proc", 1, *args, "--out_dir", out)
     err = capsys.readouterr().err + (message + "\n" if message else "")
     assert status != 0
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "StopIteration" not in err and "UnicodeDecodeError" not in err
     lines = [line for line in err.splitlines() if line.startswith("fineweb.py: error:")]
     assert len(lines) == 1, err[-3000:]
     for text in expected:
@@ -589,13 +598,52 @@ def test_out_dir_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, small_cor
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_disk_full_keeps_the_shards_written_and_the_rerun_finishes(tmp_path, reference, corpus):
+    """Room for a few shards: one line naming the folder, no .tmp left, the listed shards kept; after
+    freeing space, the same command resumes and ends byte-identical. Before, an OSError traceback and a
+    .tmp were left."""
+    disk = tmp_path / "disk"
+    run = ["run", [sys.executable, os.path.join(REPO, "fineweb.py"), "--num_proc", 1, "--input", corpus, *REF,
+                   "--out_dir", disk / "out"]]
+    full, rerun = on_small_disk(disk, "4m", [("fill", 200_000), run, ("free",), run, ("save", tmp_path / "saved")])
+    assert full["returncode"] == 1 and "Traceback" not in full["stderr"]
+    errors = [line for line in full["stderr"].splitlines() if line.startswith("fineweb.py: error:")]
+    assert len(errors) == 1 and re.fullmatch(
+        rf"fineweb.py: error: disk full in {re.escape(str(disk / 'out'))}/: the (\d+) shards manifest.json lists "
+        r"are kept; free space, then rerun this command, which resumes after them", errors[0]), errors
+    kept = int(re.search(r"the (\d+) shards", errors[0])[1])
+    assert kept > 1 and not [n for n in full["files"] if n.endswith(".tmp")]
+    assert len([n for n in full["files"] if n.endswith(".npy")]) == kept
+    assert rerun["returncode"] == 0, rerun["stderr"][-3000:]
+    assert f"resuming after data_train_{kept - 1:06d}.npy" in rerun["stdout"]
+    assert_same_files(tmp_path / "saved" / "out", reference)
+
+
 def test_smallest_trainable_corpus(tmp_path, small_corpus, small_docs):
-    """Exactly val_tokens plus one training micro-batch is enough (one token fewer is corpus_too_small)."""
+    """Exactly val_tokens plus 2 tokens is enough (one token fewer is corpus_too_small)."""
     n = len(expected_stream(small_docs))
     out = tokenize(tmp_path / "out", "--input", small_corpus, "--val_tokens", n - MIN_TRAIN_TOKENS, "--shard_size", 5000)
     assert_stream(out, small_docs)
     sizes = [s["tokens"] for s in read_manifest(out)["shards"]]
     assert sizes[0] == n - MIN_TRAIN_TOKENS and sum(sizes[1:]) == MIN_TRAIN_TOKENS
+
+
+def test_corpus_smaller_than_a_default_micro_batch_tokenizes_with_a_note(tmp_path, capsys, small_docs):
+    """10,853 tokens with --val_tokens 1,000: refused before (65,537 train tokens were required whatever the
+    flags); now it is tokenized, with a note on the micro-batch it fits, and train_gpt2.py trains on it."""
+    docs = small_docs[:260]
+    path = write_jsonl(tmp_path / "small.jsonl", [{"text": d} for d in docs])
+    n = len(expected_stream(docs))
+    assert n == 10853
+    out = tokenize(tmp_path / "out", "--input", path, "--val_tokens", 1000)
+    assert_stream(out, docs)
+    assert f"note: the largest train shard has {n - 1000:,} tokens, fewer than one micro-batch of train_gpt2.py's " \
+           f"defaults (64 x 1024 + 1 = 65,537): train with --micro_batch_size B and --seq_len T such that B x T + 1 " \
+           f"<= {n - 1000:,}" in capsys.readouterr().out
+    run_train("--data_dir", out, "--log_dir", tmp_path / "log", "--n_layer", 1, "--n_head", 2, "--n_embd", 32,
+              "--block_size", 32, "--seq_len", 32, "--micro_batch_size", 4, "--total_batch_size", 128,
+              "--max_steps", 2, "--val_steps", 2, "--device", "cpu")
+    assert sorted(read_log(tmp_path / "log")["train"]) == [0, 1]
 
 
 # -----------------------------------------------------------------------------
@@ -681,13 +729,19 @@ def test_streaming_malformed_jsonl_is_a_one_line_error(tmp_path):
     assert status == 1 and message.startswith("fineweb.py: error:")
 
 
-@pytest.mark.parametrize("num_proc", [1, 2])
-def test_null_document_is_a_one_line_error(tmp_path, small_docs, num_proc):
-    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": None}] + [{"text": d} for d in small_docs])
-    status, message = fineweb_main("--num_proc", num_proc, "--input", path, "--val_tokens", 1000,
-                                   "--out_dir", tmp_path / "out")
-    assert status == 1 and message.startswith("fineweb.py: error:") and "None" in message
-    assert not [n for n in os.listdir(tmp_path / "out") if n != "manifest.json"]  # no shard, no .tmp
+@pytest.mark.parametrize("num_proc, streaming", [(1, 0), (2, 0), (2, 1)])
+def test_null_document_is_a_one_line_error_naming_file_and_row(tmp_path, small_docs, num_proc, streaming):
+    """The null is row 301 of the second file, in the second task of 256 documents."""
+    first = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in small_docs[:100]])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"text": d} for d in small_docs[100:400]] + [{"text": None}]
+                         + [{"text": d} for d in small_docs[400:]])
+    status, message = fineweb_main("--num_proc", num_proc, "--streaming", streaming, "--input", first, second,
+                                   "--val_tokens", 1000, "--out_dir", tmp_path / "out")
+    assert (status, message) == (1, f"fineweb.py: error: row 301 of {second}: its --text_column 'text' is None, "
+                                    f"not text")
+    manifest = read_manifest(tmp_path / "out")  # the val shard was done before the second task
+    assert not manifest["done"] and shard_names(tmp_path / "out") == [s["name"] for s in manifest["shards"]]
+    assert not [n for n in os.listdir(tmp_path / "out") if n.endswith(".tmp")]
 
 
 def test_input_file_with_brackets_in_its_name(tmp_path, small_docs):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HELLASWAG_EXCERPT, REPO, read_log, run_train, write_npy_shard
+from conftest import HELLASWAG_EXCERPT, REPO, on_small_disk, read_log, run_train, write_npy_shard
 from fineweb import gpt2_tokenizer
 from train_gpt2 import GPT, GPTConfig, TrainConfig, get_lr, main, parse_args
 
@@ -510,6 +510,31 @@ def test_resume_keeps_every_well_formed_log_line(data, tmp_path, capsys):
     after = log_file.read_bytes().splitlines(keepends=True)
     assert after[:len(good)] == good and len(after) > len(good)
     assert not (tmp_path / "log.txt.tmp").exists()
+
+
+def test_disk_full_while_checkpointing_loses_nothing(data, tmp_path):
+    """On a disk with room for one checkpoint, not two: the step-4 checkpoint fails as one line, its .tmp
+    is removed, step 2's is untouched; freed, the resumed run ends as an uninterrupted one. Before, a
+    torch traceback and a multi-MB .tmp were left."""
+    args = [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--data_dir", data, *TINY, "--max_steps", 4,
+            "--ckpt_interval", 2, "--plot", 0]
+    train(data, tmp_path / "full", "--max_steps", 4, "--ckpt_interval", 2, "--plot", 0)
+    size = os.path.getsize(tmp_path / "full" / "model_00002.pt")
+    disk = tmp_path / "disk"
+    full, resumed = on_small_disk(disk, "8m", [
+        ("fill", size * 3 // 2), ("run", args + ["--log_dir", disk / "log"]), ("free",),
+        ("run", [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--log_dir", disk / "log", "--init_from",
+                 "resume"]), ("save", tmp_path / "saved")])
+    assert full["returncode"] == 1, full["stderr"][-3000:]
+    assert full["stderr"] == f"train_gpt2.py: error: disk full in {disk / 'log'}: model_00004.pt was not written " \
+                             f"and the checkpoints before it are untouched; free space, then continue with " \
+                             f"--init_from resume\n"
+    assert full["files"] == ["log/log.txt", "log/model_00002.pt"]
+    assert resumed["returncode"] == 0, resumed["stderr"][-3000:]
+    assert read_log(tmp_path / "saved" / "log") == read_log(tmp_path / "full")
+    a = torch.load(tmp_path / "full" / "model_00004.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "saved" / "log" / "model_00004.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_log_dir_that_cannot_be_a_folder_is_one_line(capsys, data, tmp_path):
