@@ -126,6 +126,8 @@ for kind, *args in steps:
             f.write(bytes(max(0, free - args[0])))
     elif kind == "free":
         os.remove(filler)
+    elif kind == "readonly":
+        subprocess.run(["mount", "-o", "remount,ro", mount], check=True)
     elif kind == "run":
         proc = subprocess.run([str(a) for a in args[0]], capture_output=True, text=True)
         results.append(dict(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr,
@@ -141,7 +143,7 @@ def on_small_disk(mount_dir, size, steps):
     """Do steps on a tmpfs of `size` (e.g. "8m") mounted at mount_dir, a disk that fills up for real
     (ENOSPC from the kernel). It lives in a private mount namespace (unshare: no root needed, nothing
     else sees it, gone at the end). Steps: ("fill", bytes_left_free), ("free",) to remove the filling,
-    ("run", argv), ("save", folder) to copy the disk's files out. Returns, per "run", its returncode,
+    ("readonly",) to remount it read-only, ("run", argv), ("save", folder) to copy the disk's files out. Returns, per "run", its returncode,
     stdout, stderr and the files then on the disk."""
     os.makedirs(mount_dir, exist_ok=True)
     cmd = ["unshare", "--map-root-user", "--mount", sys.executable, "-c", SMALL_DISK_STEPS, str(mount_dir), size,

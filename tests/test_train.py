@@ -545,6 +545,21 @@ def test_log_dir_that_cannot_be_a_folder_is_one_line(capsys, data, tmp_path):
         assert err.count("\n") == 1
 
 
+def test_read_only_log_dir_is_one_line_for_a_new_run_and_a_resume(data, tmp_path):
+    disk = tmp_path / "disk"
+    script = [sys.executable, os.path.join(REPO, "train_gpt2.py")]
+    args = script + ["--data_dir", data, *TINY, "--max_steps", 2, "--plot", 0]
+    first, resumed, fresh = on_small_disk(disk, "8m", [
+        ("run", args + ["--log_dir", disk / "log"]), ("readonly",),
+        ("run", script + ["--log_dir", disk / "log", "--init_from", "resume", "--max_steps", 4]),
+        ("run", args + ["--log_dir", disk / "new"])])
+    assert first["returncode"] == 0, first["stderr"][-3000:]
+    for proc, log_dir in ((resumed, disk / "log"), (fresh, disk / "new")):
+        assert proc["returncode"] == 1 and proc["stderr"] == f"train_gpt2.py: error: --log_dir {log_dir}: cannot " \
+            f"write {log_dir / 'log.txt'} there (Read-only file system); pick another --log_dir\n"
+    assert resumed["files"] == first["files"] == ["log/log.txt", "log/model_00002.pt"]
+
+
 def test_unfinished_data_preparation_is_refused(capsys, data, tmp_path):
     """fineweb.py killed partway leaves shards and a manifest.json saying done: false; training on them
     would silently train on part of the corpus."""
