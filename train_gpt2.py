@@ -35,6 +35,7 @@ from fineweb import (GPT2_EOT, GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LL
                      disk_full, gpt2_tokenizer, parse_bool, write_synced)
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+LOSS_CHUNK_TOKENS = 256  # ChunkedCrossEntropy's chunk: 256 x 50304 float32 logits are 52 MB
 
 
 def print0(*args, **kwargs):
@@ -133,6 +134,42 @@ class Block(nn.Module):
         return x
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The mean cross-entropy of logits h @ weight.T (h: N x C, weight: V x C) against targets, made
+    chunk tokens at a time, so the N x V logits and their gradient never exist whole: at GPT-2's
+    vocabulary they are most of a training step's memory, and on CPU their allocation most of its time.
+    Each chunk's gradients (softmax minus one-hot, times weight or h) are computed in the forward pass,
+    while its logits exist, and only scaled in backward, so nothing is recomputed (the way Liger-Kernel's
+    fused linear cross-entropy works)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, with_grads):
+        n = h.size(0)
+        grad_h = torch.empty_like(h) if with_grads else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, n, chunk):
+            hc, y = h[start:start + chunk], targets[start:start + chunk]
+            logits = (hc @ weight.t()).float()  # under autocast the matmul runs in its dtype, the softmax in float32
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if not with_grads:  # evaluation, under torch.no_grad()
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g.scatter_add_(1, y[:, None], torch.full((y.size(0), 1), -1.0, dtype=g.dtype, device=g.device))
+            g.div_(n)
+            grad_h[start:start + chunk] = g @ weight  # autocast's dtype, as the unchunked backward's matmul
+            grad_w.addmm_(g.t(), hc)  # in float32: in-place ops are not autocast
+        if with_grads:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -145,6 +182,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.chunked_loss = False  # the loss through ChunkedCrossEntropy (train_gpt2.py's --chunked_loss)
         self.apply(self._init_weights)
         # Each block adds two branches (attn, mlp) to the residual stream; scaling their output
         # projections by 1/sqrt(2*n_layer) keeps the stream's variance from growing with depth (GPT-2 paper).
@@ -160,9 +198,10 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, kv_cache=None):
-        """Logits (B, T, vocab_size) and the mean cross-entropy against targets (None without targets).
-        With a KVCache, idx continues the sequence the cache holds."""
+    def forward(self, idx, targets=None, kv_cache=None, return_logits=False):
+        """(logits (B, T, vocab_size), the mean cross-entropy against targets, None without targets). With
+        chunked_loss on and targets given, the logits are never made whole and come back as None, unless
+        asked for. With a KVCache, idx continues the sequence the cache holds."""
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -178,7 +217,11 @@ class GPT(nn.Module):
             x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
-        logits = self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        if targets is not None and self.chunked_loss and not return_logits:
+            return None, ChunkedCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                                   LOSS_CHUNK_TOKENS, torch.is_grad_enabled())
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))  # any layout, e.g. x[:, 1:]
@@ -483,6 +526,8 @@ class TrainConfig:
     device: str = "auto"  # help: SHARED_FLAGS_HELP
     dtype: str = "auto"
     compile: str = "auto"
+    chunked_loss: str = option("auto", "the loss chunk by chunk, never holding the B x T x vocab logits: auto (on for "
+                                       "CPU, where it is measured faster; off elsewhere until measured), 1 or 0")
     seed: int = option(1337, "random seed for the init and the shard shuffle")
     # logging
     plot: bool = option(True, "redraw log_dir/loss.png at every eval (needs matplotlib)")
@@ -543,6 +588,8 @@ def check_train_flags(cfg):
                    ("min_lr", cfg.min_lr <= cfg.max_lr, f"must be <= --max_lr {cfg.max_lr}"),
                    ("n_embd", cfg.n_embd % cfg.n_head == 0, f"must be divisible by --n_head {cfg.n_head}"),
                    ("hellaswag", cfg.hellaswag.lower() in ("auto", "1", "0", "true", "false"),
+                    "expected auto, 1, 0, true or false"),
+                   ("chunked_loss", cfg.chunked_loss.lower() in ("auto", "1", "0", "true", "false"),
                     "expected auto, 1, 0, true or false"),
                    ("wandb", not cfg.wandb or importlib.util.find_spec("wandb") is not None,
                     "wandb is not installed: pip install wandb, or drop the flag")])
@@ -808,9 +855,9 @@ def resolve_dtype(value, device):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[value]
 
 
-def auto_flag(value, device_type):
-    """A flag taking auto (on for CUDA), 1/true or 0/false."""
-    return value.lower() in ("1", "true") or (value.lower() == "auto" and device_type == "cuda")
+def auto_flag(value, device_type, auto_on=("cuda",)):
+    """A flag taking auto (on for the device types auto_on), 1/true or 0/false."""
+    return value.lower() in ("1", "true") or (value.lower() == "auto" and device_type in auto_on)
 
 
 def cuda_compile_problem(device):
@@ -1067,6 +1114,7 @@ def train(cfg, given):
     torch.manual_seed(cfg.seed)
     torch.cuda.manual_seed(cfg.seed)
     raw_model = build_model(cfg, given, ckpt).to(device)
+    raw_model.chunked_loss = auto_flag(cfg.chunked_loss, device_type, auto_on=("cpu",))
     for k in MODEL_FLAGS:  # record the shape the run really has (from weights or checkpoint)
         setattr(cfg, k, getattr(raw_model.config, k))
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type)
@@ -1101,7 +1149,7 @@ def train(cfg, given):
     peak = peak_flops(device)
     print0(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world_size} process(es) on {device} | "
            f"{str(dtype or torch.float32).removeprefix('torch.')} | compile {'on' if use_compile else 'off'} | "
-           f"{cfg.total_batch_size:,} tokens per step = {B} x {T} x {world_size} x {grad_accum_steps} accumulation steps")
+           f"chunked loss {'on' if raw_model.chunked_loss else 'off'} | {cfg.total_batch_size:,} tokens per step = {B} x {T} x {world_size} x {grad_accum_steps} accumulation steps")
 
     with StopRequest() as stop:
         stopping = False

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from train_gpt2 import GPT, GPTConfig, KVCache
+from train_gpt2 import GPT, LOSS_CHUNK_TOKENS, GPTConfig, KVCache
 
 TOL = 1e-4  # float32 logits
 
@@ -266,6 +266,43 @@ def test_any_targets_layout(small_model):
     expected = small_model(inputs.contiguous(), targets.contiguous())[1]
     assert torch.equal(small_model(inputs, targets)[1], expected)
     assert torch.equal(small_model(inputs, targets.t().contiguous().t())[1], expected)
+
+
+def loss_and_grads(model, idx, targets, chunked, dtype=None):
+    model.chunked_loss = chunked
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        logits, loss = model(idx, targets)
+    loss.backward()
+    return logits, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype, tol", [(None, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)],
+                         ids=["float32", "bfloat16", "float16"])
+def test_chunked_loss_equals_the_full_one(dtype, tol):
+    """Loss and every gradient (the tied wte/lm_head's too), over 2 full chunks and a ragged one; under
+    autocast within the dtype's rounding (bfloat16 keeps 8 bits of mantissa). Gradients are compared
+    relative to each tensor's largest."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=1000, n_layer=2, n_head=2, n_embd=32))
+    idx, targets = random_tokens(1000, B=3, T=200), random_tokens(1000, B=3, T=200, seed=2)
+    assert 2 * LOSS_CHUNK_TOKENS < idx.numel() < 3 * LOSS_CHUNK_TOKENS
+    full_logits, full, full_grads = loss_and_grads(model, idx, targets, False, dtype)
+    logits, chunked, grads = loss_and_grads(model, idx, targets, True, dtype)
+    assert logits is None and full_logits.shape == (3, 200, 1000)  # the whole logits are never made
+    assert chunked == pytest.approx(full, abs=1e-5 if dtype is None else 1e-3)
+    for name, g in full_grads.items():
+        assert (grads[name] - g).abs().max() <= tol * g.abs().max(), name
+
+
+def test_chunked_loss_without_gradients_and_with_logits_asked_for(small_model):
+    idx, targets = random_tokens(1000, B=3, T=20), random_tokens(1000, B=3, T=20, seed=2)
+    full_logits, full = small_model(idx, targets)
+    small_model.chunked_loss = True
+    with torch.no_grad():  # evaluation: the loss only
+        assert small_model(idx, targets)[1].item() == pytest.approx(full.item(), abs=1e-6)
+    logits, loss = small_model(idx, targets, return_logits=True)
+    assert torch.equal(logits, full_logits) and torch.equal(loss, full)
 
 
 def test_initial_loss_padded_vocab():

@@ -104,6 +104,7 @@ def test_import_has_no_side_effects():
     (["--device", "tpu"], "--device"),
     (["--dtype", "float8"], "--dtype"),
     (["--compile", "maybe"], "--compile"),
+    (["--chunked_loss", "maybe"], "--chunked_loss"),
     (["--max_stepz", "3"], "--max_stepz"),
     (["--max_steps", "ten"], "--max_steps"),
 ])
