@@ -58,7 +58,7 @@ class TwoNodes:
                     [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                      "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
                      os.path.join(REPO, "train_gpt2.py"), *map(str, args)],
-                    cwd=cwd, stdout=out, stderr=err, start_new_session=True))
+                    cwd=cwd, stdout=out, stderr=err))
             if node == 0:
                 wait_for(lambda: self.listening(port), 60, f"rendezvous on port {port}")
 
@@ -79,7 +79,9 @@ class TwoNodes:
     def __exit__(self, *exc):
         for proc in self.procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                for pid in children(proc):  # torchrun starts each worker in a session of its own
+                    os.kill(pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait()
 
 
