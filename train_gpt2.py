@@ -420,10 +420,12 @@ class DataLoaderLite:
 
     The shards, in sorted order, form one stream of micro-batches: micro-batch i of a shard is its
     tokens [i*B*T, (i+1)*B*T + 1), x the first B*T and y the same shifted by one. After the last
-    shard the stream wraps around; each pass is an epoch, in shard order shuffled per epoch from the
-    seed if asked. Rank r of W reads micro-batches r, r+W, r+2W, ..., so W ranks each accumulating A
-    micro-batches read exactly what one process accumulating W*A reads. `position` (the index of the
-    next micro-batch this rank reads) is the whole state; save and restore it to resume.
+    shard the stream wraps around; each pass is an epoch. With shuffle, each epoch reads the shards in
+    a new order and each shard's micro-batches in a new order (as llm.c does), both drawn from the seed
+    and the epoch: every micro-batch is still read once per epoch. Rank r of W reads micro-batches r,
+    r+W, r+2W, ..., so W ranks each accumulating A micro-batches read exactly what one process
+    accumulating W*A reads. `position` (the index of the next micro-batch this rank reads) is the whole
+    state; save and restore it to resume.
     """
 
     def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, vocab_size=50304,
@@ -440,6 +442,7 @@ class DataLoaderLite:
                              f"(largest has {max(len(s) for s in self.shards)}); lower --micro_batch_size or --seq_len")
         self.checked = set()  # shards whose token ids were checked against vocab_size
         self.order_epoch, self.order = None, None
+        self.batch_order_of, self.batch_order = None, None
         self.reset()
 
     def reset(self):
@@ -451,6 +454,14 @@ class DataLoaderLite:
             self.order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else range(n)
             self.order_epoch = epoch
         return self.order
+
+    def shard_batch_order(self, epoch, shard):
+        """The order of shard's micro-batches in this epoch (shuffle only); cached, as a rank reads one
+        shard's micro-batches one after another."""
+        if (epoch, shard) != self.batch_order_of:
+            self.batch_order = np.random.default_rng([self.seed, epoch, shard]).permutation(self.counts[shard])
+            self.batch_order_of = (epoch, shard)
+        return self.batch_order
 
     def next_batch(self):
         B, T = self.B, self.T
@@ -465,6 +476,8 @@ class DataLoaderLite:
                 raise TrainError(f"{self.paths[i]}: token id {top} is >= the model's vocab_size {self.vocab_size}; "
                                  f"the shard was made with another tokenizer")
             self.checked.add(i)
+        if self.shuffle:
+            index = self.shard_batch_order(epoch, i)[index]
         buf = torch.from_numpy(self.shards[i][index * B * T: (index + 1) * B * T + 1].astype(np.int64))
         self.position += self.num_processes
         return buf[:-1].view(B, T), buf[1:].view(B, T)
@@ -501,7 +514,7 @@ class TrainConfig:
     micro_batch_size: int = option(64, "sequences per forward pass per GPU; lower it if out of memory")
     seq_len: int = option(1024, "tokens per sequence")
     total_batch_size: int = option(524288, "tokens per optimizer step, over all GPUs (2**19, ~0.5M, as GPT-3 small)")
-    shuffle: bool = option(False, "shuffle the train shard order each epoch (from the seed)")
+    shuffle: bool = option(False, "shuffle the train shard order and each shard's micro-batch order, each epoch (from the seed)")
     # model: GPT-2 124M (the shape of a run from scratch; weights and checkpoints bring their own)
     block_size: int = option(1024, "model context length (scratch only; else from the weights)")
     n_layer: int = option(12, "transformer blocks (scratch only)")
@@ -528,7 +541,7 @@ class TrainConfig:
     compile: str = "auto"
     chunked_loss: str = option("auto", "the loss chunk by chunk, never holding the B x T x vocab logits: auto (on for "
                                        "CPU, where it is measured faster; off elsewhere until measured), 1 or 0")
-    seed: int = option(1337, "random seed for the init and the shard shuffle")
+    seed: int = option(1337, "random seed for the init and the data shuffle")
     # logging
     plot: bool = option(True, "redraw log_dir/loss.png at every eval (needs matplotlib)")
     wandb: bool = option(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works without network)")

@@ -73,6 +73,11 @@ def assert_same(got, want):
         assert np.array_equal(gy, wy), f"y of micro-batch {i}: {gy.tolist()} != {wy.tolist()}"
 
 
+def key(batch):
+    """A micro-batch (x, y) as something hashable and sortable, to compare batches as multisets."""
+    return batch[0].tobytes(), batch[1].tobytes()
+
+
 def loader(data_dir, split="train", **kwargs):
     return DataLoaderLite(str(data_dir), split, B, T, **kwargs)
 
@@ -215,7 +220,6 @@ def test_ranks_with_accumulation_see_the_tokens_of_one_process_with_world_times_
     for step in range(steps):
         one = read(single, world * accum)
         many = [b for dl in ranks for b in read(dl, accum)]
-        key = lambda b: (b[0].tobytes(), b[1].tobytes())  # noqa: E731
         assert sorted(map(key, many)) == sorted(map(key, one)), f"step {step}: the ranks saw other tokens"
 
 
@@ -262,6 +266,13 @@ def test_reset_goes_back_to_the_ranks_first_micro_batch(tmp_path, world, rank):
 
 
 EIGHT_SHARDS = {f"edufineweb_train_{i:06d}.npy": (1 + i % 3) * BT + 1 + i for i in range(8)}  # 1, 2 or 3 each
+# Shards of 9, 6, 9 and 12 micro-batches (33 per epoch): room for in-shard orders to differ, and two shards
+# of equal size, whose orders must differ too.
+LONG_SHARDS = {f"edufineweb_train_{i:06d}.npy": n * BT + 1 + i for i, n in enumerate((9, 6, 9, 12))}
+
+
+def batch_counts(shards):
+    return {n: (len(tokens) - 1) // BT for n, tokens in shards.items()}
 
 
 def epochs_of(shards, batches_per_epoch, got):
@@ -277,29 +288,54 @@ def epochs_of(shards, batches_per_epoch, got):
     return out
 
 
-def test_shuffle_visits_every_micro_batch_once_per_epoch_in_a_new_shard_order(tmp_path):
-    shards = make_dir(tmp_path, EIGHT_SHARDS)
-    per_epoch = len(sorted_stream(shards))
+@pytest.mark.parametrize("layout", [EIGHT_SHARDS, LONG_SHARDS])
+def test_shuffle_visits_every_micro_batch_once_per_epoch_shard_by_shard(tmp_path, layout):
+    shards = make_dir(tmp_path, layout)
+    counts = batch_counts(shards)
+    unshuffled_epoch = sorted_stream(shards)
+    per_epoch = len(unshuffled_epoch)
     dl = loader(tmp_path, shuffle=True, seed=1337)
     assert dl.batches_per_epoch == per_epoch
     got = read(dl, 4 * per_epoch)
-    epochs = epochs_of(shards, per_epoch, got)
-    want_visits = sorted((n, i) for n in shards for i in range((len(shards[n]) - 1) // BT))
-    for order, visits in epochs:
+    want_visits = sorted((n, i) for n in shards for i in range(counts[n]))
+    for e, (order, visits) in enumerate(epochs_of(shards, per_epoch, got)):
         assert sorted(order) == sorted(shards), f"shard order {order} is not a permutation (each shard once)"
         assert sorted(visits) == want_visits  # every micro-batch exactly once
-        assert visits == [(n, i) for n in order for i in range((len(shards[n]) - 1) // BT)]  # in order within a shard
-    orders = [order for order, _ in epochs]
-    assert any(order != sorted(shards) for order in orders), "shuffle=True never shuffled"
-    for e in range(1, len(orders)):
-        assert orders[e] != orders[e - 1], f"epochs {e - 1} and {e} have the same shard order"
+        epoch = got[e * per_epoch:(e + 1) * per_epoch]
+        assert sorted(map(key, epoch)) == sorted(map(key, unshuffled_epoch))  # the same (x, y) pairs, reordered
     # The batches themselves are the shards' micro-batches, x and y as in the unshuffled stream.
-    unshuffled = {shard_of(shards, b): b for b in sorted_stream(shards)}
+    unshuffled = {shard_of(shards, b): b for b in unshuffled_epoch}
     assert_same(got, [unshuffled[shard_of(shards, b)] for b in got])
 
 
-def test_shuffle_is_deterministic_from_the_seed(tmp_path):
+def test_shuffle_draws_a_new_shard_order_every_epoch(tmp_path):
     shards = make_dir(tmp_path, EIGHT_SHARDS)
+    per_epoch = len(sorted_stream(shards))
+    orders = [order for order, _ in epochs_of(shards, per_epoch, read(loader(tmp_path, shuffle=True), 4 * per_epoch))]
+    assert any(order != sorted(shards) for order in orders), "shuffle=True never shuffled the shards"
+    for e in range(1, len(orders)):
+        assert orders[e] != orders[e - 1], f"epochs {e - 1} and {e} have the same shard order"
+
+
+def test_shuffle_permutes_the_micro_batches_within_each_shard_every_epoch(tmp_path):
+    shards = make_dir(tmp_path, LONG_SHARDS)
+    counts = batch_counts(shards)
+    per_epoch = sum(counts.values())
+    epochs = epochs_of(shards, per_epoch, read(loader(tmp_path, shuffle=True, seed=1337), 3 * per_epoch))
+    within = [{n: [i for m, i in visits if m == n] for n in shards} for _, visits in epochs]  # per epoch, per shard
+    for e, orders in enumerate(within):
+        for n, order in orders.items():
+            assert order != list(range(counts[n])), f"epoch {e}: {n}'s micro-batches in their unshuffled order"
+            if e:
+                assert order != within[e - 1][n], f"epochs {e - 1} and {e} read {n}'s micro-batches in one order"
+        a, b = (orders[n] for n in sorted(shards) if counts[n] == 9)
+        assert a != b, f"epoch {e}: the two 9-micro-batch shards share one order"
+
+
+@pytest.mark.parametrize("layout", [EIGHT_SHARDS, {"edufineweb_train_000000.npy": 20 * BT + 1}])
+def test_shuffle_is_deterministic_from_the_seed(tmp_path, layout):
+    # With one shard, only the order within it can tell two seeds apart.
+    shards = make_dir(tmp_path, layout)
     n = 3 * len(sorted_stream(shards))
     a = read(loader(tmp_path, shuffle=True, seed=7), n)
     assert_same(read(loader(tmp_path, shuffle=True, seed=7), n), a)
@@ -307,32 +343,46 @@ def test_shuffle_is_deterministic_from_the_seed(tmp_path):
     assert any(not np.array_equal(x, ox) for (x, _), (ox, _) in zip(a, other)), "seeds 7 and 8 gave the same order"
 
 
+def test_shuffle_draws_each_shards_order_once_per_epoch(tmp_path, monkeypatch):
+    # Not once per micro-batch: a FineWeb shard holds ~1500 micro-batches of 64 x 1024.
+    shards = make_dir(tmp_path, LONG_SHARDS)
+    per_epoch = len(sorted_stream(shards))
+    dl = loader(tmp_path, shuffle=True)
+    draws, default_rng = [], np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda seed: draws.append(seed) or default_rng(seed))
+    read(dl, 2 * per_epoch)
+    assert len(draws) == 2 * (1 + len(shards))  # per epoch: the shard order, then each shard's order
+
+
 def test_shuffle_is_off_by_default_so_val_keeps_sorted_order_every_epoch(tmp_path):
     # The trainer builds the val loader with the default shuffle=False: its order never changes.
-    shards = make_dir(tmp_path, {k.replace("train", "val"): v for k, v in EIGHT_SHARDS.items()})
+    shards = make_dir(tmp_path, {k.replace("train", "val"): v for k, v in LONG_SHARDS.items()})
     want = sorted_stream(shards)
     assert_same(read(loader(tmp_path, "val"), 3 * len(want)), want * 3)
     assert_same(read(loader(tmp_path, "val", seed=99), 3 * len(want)), want * 3)
+    assert_same(read(loader(tmp_path, "val", shuffle=False), 3 * len(want)), want * 3)
 
 
-@pytest.mark.parametrize("world,rank", [(1, 0), (2, 1)])
-def test_shuffled_position_restored_mid_epoch_2_continues_identically(tmp_path, world, rank):
-    shards = make_dir(tmp_path, EIGHT_SHARDS)
+@pytest.mark.parametrize("world,rank", [(1, 0), (2, 1), (3, 2)])
+def test_shuffled_position_restored_anywhere_continues_identically(tmp_path, world, rank):
+    shards = make_dir(tmp_path, LONG_SHARDS)
     per_epoch = len(sorted_stream(shards))
-    original = loader(tmp_path, shuffle=True, seed=3, process_rank=rank, num_processes=world)
-    read(original, (per_epoch + per_epoch // 2) // world)  # mid epoch 2 (epoch index 1)
-    assert original.position // per_epoch == 1
-    restored = loader(tmp_path, shuffle=True, seed=3, process_rank=rank, num_processes=world)
-    restored.position = original.position
-    assert_same(read(restored, 2 * per_epoch), read(original, 2 * per_epoch))
+    for k in (0, 5, per_epoch // world + 3, (per_epoch + per_epoch // 2) // world, 3 * per_epoch // world):
+        original = loader(tmp_path, shuffle=True, seed=3, process_rank=rank, num_processes=world)
+        read(original, k)  # mid shard, mid epoch 2, past epochs
+        restored = loader(tmp_path, shuffle=True, seed=3, process_rank=rank, num_processes=world)
+        read(restored, 2 * per_epoch)  # elsewhere first: what it cached must not leak into the restored stream
+        restored.position = original.position
+        assert_same(read(restored, 2 * per_epoch), read(original, 2 * per_epoch))
 
 
-def test_shuffled_ranks_interleave_into_the_single_process_stream(tmp_path):
-    make_dir(tmp_path, EIGHT_SHARDS)
-    n = 40
-    single = read(loader(tmp_path, shuffle=True, seed=5), 2 * n)
-    ranks = [read(loader(tmp_path, shuffle=True, seed=5, process_rank=r, num_processes=2), n) for r in range(2)]
-    assert_same([ranks[r][k] for k in range(n) for r in range(2)], single)
+@pytest.mark.parametrize("world", [2, 3])
+def test_shuffled_ranks_interleave_into_the_single_process_stream(tmp_path, world):
+    shards = make_dir(tmp_path, LONG_SHARDS)
+    n = 2 * len(sorted_stream(shards)) + 1
+    single = read(loader(tmp_path, shuffle=True, seed=5), world * n)
+    ranks = [read(loader(tmp_path, shuffle=True, seed=5, process_rank=r, num_processes=world), n) for r in range(world)]
+    assert_same([ranks[r][k] for k in range(n) for r in range(world)], single)
 
 
 # -----------------------------------------------------------------------------

@@ -302,8 +302,10 @@ def test_grad_accumulation_equals_one_big_batch(data, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(data, tmp_path):
     """2 gloo ranks accumulating 2 micro-batches each == 1 process accumulating 4, step for step; and the
-    2-rank checkpoint resumes on 1 process with the same token stream."""
-    common = ["--max_steps", 6, "--ckpt_interval", 3, "--micro_batch_size", 2, "--total_batch_size", 256]
+    2-rank checkpoint resumes on 1 process with the same token stream. Shuffled, so that the ranks must
+    agree on the order of the micro-batches within a shard too (test_multinode runs the default order)."""
+    common = ["--max_steps", 6, "--ckpt_interval", 3, "--micro_batch_size", 2, "--total_batch_size", 256,
+              "--shuffle", 1]
     train(data, tmp_path / "ddp", *common, nproc=2)
     train(data, tmp_path / "single", *common)
     ddp, single = read_log(tmp_path / "ddp"), read_log(tmp_path / "single")
@@ -356,12 +358,12 @@ def test_checkpoints_are_safe_and_complete(data, tmp_path):
     assert read_log(tmp_path)["val"][9] == pytest.approx(ckpt["val_loss"], abs=1e-4)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_resume_after_crash_equals_uninterrupted_run(data, tmp_path, dtype):
+@pytest.mark.parametrize("dtype,shuffle", [("float32", 0), ("float16", 0), ("float32", 1)])
+def test_resume_after_crash_equals_uninterrupted_run(data, tmp_path, dtype, shuffle):
     """A 12-step run, and the same run crashed after its step-6 checkpoint and resumed: identical losses
-    (no compile; float16 with its GradScaler state restored), and the lines the crashed run logged after
-    its checkpoint are replaced."""
-    args = ["--max_steps", 12, "--ckpt_interval", 6, "--dtype", dtype]
+    (no compile; float16 with its GradScaler state restored; shuffled, the same order of micro-batches),
+    and the lines the crashed run logged after its checkpoint are replaced."""
+    args = ["--max_steps", 12, "--ckpt_interval", 6, "--dtype", dtype, "--shuffle", shuffle]
     train(data, tmp_path / "full", *args)
     train(data, tmp_path / "crashed", *args)
     os.remove(tmp_path / "crashed" / "model_00012.pt")  # as if it died before step 12
