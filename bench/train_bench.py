@@ -24,8 +24,9 @@ bench/build-nanogpt/ (never commit it), e.g. `git clone https://github.com/karpa
 bench/build-nanogpt`, and pass --reference bench/build-nanogpt. Its train_gpt2.py has no flags, so this
 script writes a copy, bench_train_gpt2.py, beside it with the edits listed in REFERENCE_EDITS (data path,
 batch, step count, compile on, one val micro-batch per eval, HellaSwag and sampling off), prints them, and runs it in that folder on
-the same shards, at micro-batch --reference_micro_batch_size. Its step 0 and last step also time a val
-eval; both fall outside the timed steps. It is always GPT-2 124M, so compare it with rows of that shape.
+the same shards, at micro-batch --reference_micro_batch_size, with the model shape of --train_flags and
+autocast in the runs' dtype (build-nanogpt autocasts to bfloat16 even on CPU). Its step 0 and last step
+also time a val eval; both fall outside the timed steps.
 """
 
 import datetime
@@ -80,6 +81,8 @@ class BenchConfig:
     reference_micro_batch_size: int = option(64, "build-nanogpt's micro-batch B (its default is 64)")
     device: str = option("auto", "auto (cuda, else cpu), cpu or cuda: where the matmul peak is measured")
     timeout: int = option(900, "seconds allowed for one run")
+    repeats: int = option(1, "run every row this many times, interleaved (all rows, then all rows again, ...), so that "
+                             "the machine's drift hits them alike; each row reports the median")
 
 
 def parse_args(argv=None):
@@ -90,6 +93,8 @@ def parse_args(argv=None):
     if not numbers or not all(s.isdigit() and int(s) > 0 for s in numbers):
         parser.error(f"--micro_batch_sizes {cfg.micro_batch_sizes}: expected positive integers, optionally "
                      f"ending in max, e.g. 16,32,64,max")
+    if cfg.repeats < 1:
+        parser.error(f"--repeats {cfg.repeats}: must be >= 1")
     if cfg.warmup < 1 or cfg.steps < 1:
         parser.error("--warmup and --steps must be >= 1 (step 0 compiles and is never timed)")
     if cfg.reference and not os.path.isfile(os.path.join(cfg.reference, "train_gpt2.py")):
@@ -154,6 +159,12 @@ def reference_edits(cfg, train_cfg, device):
             ("use_compile = False", f"use_compile = {resolve_compile(train_cfg.compile, device)}"),
             ("max_steps = 19073", f"max_steps = {cfg.warmup + cfg.steps + 1}"),
             ("val_loss_steps = 20", "val_loss_steps = 1"),
+            ("model = GPT(GPTConfig(vocab_size=50304))",
+             "model = GPT(GPTConfig(" + ", ".join(f"{k}={getattr(train_cfg, k)}" for k in MODEL_FLAGS) + "))"),
+            # the training step's autocast (the evals' are indented deeper): in the runs' dtype, as ours
+            ("        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):\n            logits, loss",
+             f"        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled="
+             f"{resolve_dtype(train_cfg.dtype, device) == torch.bfloat16}):\n            logits, loss"),
             # HellaSwag and sampling: off, as they already are with compile on (no download, no tokenizer).
             ("if (step % 250 == 0 or last_step) and (not use_compile):", "if False:"),
             ("if ((step > 0 and step % 250 == 0) or last_step) and (not use_compile):", "if False:"),
@@ -212,8 +223,11 @@ def main(argv=None):
 
     def add_row(mb, variant, searching):
         rows.append({"name": f"train_gpt2.py {variant.strip()}".strip(), "mb": mb, "searching": searching,
-                     **ours(mb, variant, cfg, os.path.join(run_root, f"run{len(rows)}"))})
-        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+                     "variant": variant, "runs": [ours(mb, variant, cfg, os.path.join(run_root, f"run{len(rows)}"))]})
+        print(f"  {rows[-1]['name']} {mb}: {rows[-1]['runs'][-1]}", file=sys.stderr, flush=True)
+
+    def reference_run():
+        return run("bench_train_gpt2.py", [], os.path.abspath(cfg.reference), cfg, train_cfg.total_batch_size)
 
     for variant in cfg.variants.split(";"):
         for mb in explicit:
@@ -221,14 +235,27 @@ def main(argv=None):
         mb = explicit[-1] * 2  # `max`: double until a run is out of memory or one micro-batch is the whole batch
         while sizes[-1] == "max" and mb <= biggest and train_cfg.total_batch_size % (mb * train_cfg.seq_len) == 0:
             add_row(mb, variant, True)
-            if "error" in rows[-1]:
+            if "error" in rows[-1]["runs"][0]:
                 break
             mb *= 2
     if cfg.reference:
-        row = run("bench_train_gpt2.py", [], os.path.abspath(cfg.reference), cfg, train_cfg.total_batch_size)
-        rows.append({"name": "build-nanogpt train_gpt2.py", "mb": cfg.reference_micro_batch_size,
-                     "searching": False, **row})
-        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+        rows.append({"name": "build-nanogpt train_gpt2.py", "mb": cfg.reference_micro_batch_size, "searching": False,
+                     "variant": None, "runs": [reference_run()]})
+        print(f"  {rows[-1]['name']}: {rows[-1]['runs'][-1]}", file=sys.stderr, flush=True)
+    for repeat in range(1, cfg.repeats):  # every row again, in the same order
+        for i, r in enumerate(rows):
+            if "error" not in r["runs"][0]:
+                r["runs"].append(reference_run() if r["variant"] is None else
+                                 ours(r["mb"], r["variant"], cfg, os.path.join(run_root, f"run{i}")))
+                print(f"  {r['name']} {r['mb']} (repeat {repeat + 1}): {r['runs'][-1]}", file=sys.stderr, flush=True)
+    for r in rows:
+        runs = r.pop("runs")
+        failed = [x for x in runs if "error" in x]
+        if failed:
+            r.update(failed[0])
+            continue
+        r.update(tok_s=statistics.median(x["tok_s"] for x in runs), ms=statistics.median(x["ms"] for x in runs),
+                 peak_gb=max(x["peak_gb"] for x in runs), loss=runs[0]["loss"])
 
     dtype = resolve_dtype(train_cfg.dtype, device) or torch.float32
     kind = str(dtype).removeprefix("torch.")
@@ -239,7 +266,8 @@ def main(argv=None):
           f"T={train_cfg.seq_len}, {train_cfg.total_batch_size:,} tokens per step\n\n"
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {gpu} ({platform.machine()}) | "
           f"torch {torch.__version__} | measured {kind} matmul peak {peak / 1e12:.1f} TFLOP/s | "
-          f"{flops_per_token / 1e9:.3f} GFLOP per token | median of {cfg.steps} steps after {cfg.warmup} warm-up\n\n"
+          f"{flops_per_token / 1e9:.3f} GFLOP per token | median of {cfg.steps} steps after {cfg.warmup} warm-up"
+          f"{f', median of {cfg.repeats} interleaved runs' if cfg.repeats > 1 else ''}\n\n"
           f"`{shlex.join(['python', 'bench/train_bench.py'] + (sys.argv[1:] if argv is None else argv))}`\n\n"
           f"| run | micro-batch | ms/step | tokens/s | MFU | peak GB | loss at last step | vs build-nanogpt |\n"
           f"| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -43,6 +43,21 @@ def test_table_from_real_runs_with_max_search(tmp_path):
 
 
 @pytest.mark.slow
+def test_repeats_interleave_the_rows_and_report_the_median(tmp_path):
+    proc = bench("--micro_batch_sizes", "4", "--train_flags", TINY, "--variants", ";--chunked_loss 0", "--warmup", "1",
+                 "--steps", "2", "--repeats", "2", "--data_dir", str(tmp_path / "data"), "--synthetic_tokens", "20000",
+                 "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    order = re.findall(r"^  (train_gpt2.py[^:]*?) 4(?: \(repeat (\d)\))?:", proc.stderr, re.M)
+    assert order == [("train_gpt2.py", ""), ("train_gpt2.py --chunked_loss 0", ""), ("train_gpt2.py", "2"),
+                     ("train_gpt2.py --chunked_loss 0", "2")]
+    assert "median of 2 interleaved runs" in proc.stdout
+    rows = table(proc.stdout)
+    assert [r[0] for r in rows] == ["train_gpt2.py", "train_gpt2.py --chunked_loss 0"]
+    assert float(rows[0][6]) == pytest.approx(float(rows[1][6]), abs=1e-4)  # the same loss, chunked or not
+
+
+@pytest.mark.slow
 def test_failed_run_is_a_row_and_exit_1(tmp_path):
     proc = bench("--micro_batch_sizes", "4", "--train_flags", TINY, "--variants", "--max_lr 0", "--warmup", "1",
                  "--steps", "1", "--data_dir", str(tmp_path / "data"), "--synthetic_tokens", "20000", "--device", "cpu")
