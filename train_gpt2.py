@@ -6,7 +6,8 @@
 
 One file, read top to bottom: the model, GPT-2 weight loading, the data loader, then the training
 loop (cosine-warmup AdamW, gradient accumulation, bf16 or float16 autocast, torch.compile, DDP or FSDP,
-activation checkpointing, checkpoints and resume). Importing it runs nothing; the other scripts import from it.
+activation checkpointing, checkpoints and resume). Importing it runs nothing; the other scripts import
+from it.
 """
 
 import argparse
@@ -644,17 +645,19 @@ def optimizer_state(model, optimizer):
     named = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
     if not named:  # ranks but 0
         return {}
-    ids = {name: i for i, name in enumerate(n for group in named["param_groups"] for n in group["params"])}
+    groups = named["param_groups"]
+    ids = {name: i for i, name in enumerate(n for group in groups for n in group["params"])}
     return {"state": {ids[name]: v for name, v in named["state"].items()},
-            "param_groups": [{**group, "params": [ids[n] for n in group["params"]]} for group in named["param_groups"]]}
+            "param_groups": [{**group, "params": [ids[n] for n in group["params"]]} for group in groups]}
 
 
 def load_optimizer_state(model, optimizer, state):
     """optimizer_state's dict back into optimizer, into this rank's shards under FSDP."""
     names = {p: name for name, p in model.named_parameters()}
     order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    groups = state["param_groups"]
     named = {"state": {order[i]: v for i, v in state["state"].items()},
-             "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]]}
+             "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in groups]}
     set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
 
 
@@ -671,8 +674,8 @@ def checkpoint_state(model, optimizer, scaler, cfg, step, val_loss, hellaswag, w
         dist.all_gather_object(rngs, rng)
     return {"model": get_model_state_dict(model, options=FULL_STATE), "optimizer": optimizer_state(model, optimizer),
             "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(model.config),
-            "config": dataclasses.asdict(cfg), "step": step, "val_loss": val_loss, "hellaswag": hellaswag, "wandb_id": wandb_id, "loader_positions": positions,
-            "rng_states": rngs}
+            "config": dataclasses.asdict(cfg), "step": step, "val_loss": val_loss, "hellaswag": hellaswag,
+            "wandb_id": wandb_id, "loader_positions": positions, "rng_states": rngs}
 
 
 def save_checkpoint(ckpt, log_dir, keep_last):
@@ -918,8 +921,8 @@ def setup_distributed(device):
 
 def shard_model(model, dtype, device_type, world_size):
     """FSDP2, in place: each Block, then the root, which holds the rest (wte, wpe, ln_f, and lm_head, whose
-    weight is wte's: one parameter, sharded once, so the tying survives). Each rank's shards move to its
-    device, the rest of the model never does. Under autocast the weights are all-gathered in its dtype and
+    weight is wte's: one parameter, sharded once, so the tying survives). Each module's weights go to the
+    device as it is sharded, so the whole model is never there at once. Under autocast the weights are all-gathered in its dtype and
     the gradients reduced in float32."""
     mesh = init_device_mesh(device_type, (world_size,))
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
@@ -929,7 +932,9 @@ def shard_model(model, dtype, device_type, world_size):
 
 
 def format_bytes(n):
-    return next(f"{n / 10 ** e:.3g} {unit}" for e, unit in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "bytes")) if n >= 10 ** e or e == 0)
+    """n bytes to 3 significant digits: 498 MB, 1.99 GB."""
+    e, unit = next((e, unit) for e, unit in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "bytes")) if n >= 10 ** e or e == 0)
+    return f"{n / 10 ** e:.3g} {unit}"
 
 
 def state_memory_line(model, fsdp, world_size):
