@@ -33,8 +33,10 @@ from bench.train_bench import write_synthetic_shards  # noqa: E402
 from train_gpt2 import config_parser, option  # noqa: E402
 
 SHAPES = {"124M": (12, 12, 768), "gpt2-medium": (24, 16, 1024)}  # n_layer, n_head, n_embd
-VARIANTS = (("full state", 1, []), ("full state, activation checkpointing", 1, ["--activation_checkpointing", 1]),
-            ("FSDP", 2, ["--fsdp", 1]), ("FSDP, activation checkpointing", 2, ["--fsdp", 1, "--activation_checkpointing", 1]))
+VARIANTS = (("full state", 1, []),  # name, ranks, flags
+            ("full state, activation checkpointing", 1, ["--activation_checkpointing", 1]),
+            ("FSDP", 2, ["--fsdp", 1]),
+            ("FSDP, activation checkpointing", 2, ["--fsdp", 1, "--activation_checkpointing", 1]))
 PEAK_LINE = re.compile(r"^peak memory after the first step: ([\d.]+ \w+)", re.M)
 STATE_LINE = re.compile(r"^memory per rank: .* = ([\d.]+ \w+),", re.M)
 STEP_1 = re.compile(r"^step +1 \| loss .*\| dt (\d+)ms", re.M)
