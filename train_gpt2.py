@@ -1183,7 +1183,10 @@ def train(cfg, given):
         print0(f"resuming from {checkpoint_paths(cfg.log_dir)[-1]} at step {start_step}")
     # One static graph per input shape (train, val, HellaSwag): with dynamic shapes, the second shape
     # seen would recompile everything, the training step too, into a slower dynamic-shape graph.
-    eval_model = torch.compile(raw_model, dynamic=False) if use_compile else raw_model
+    eval_model = torch.compile(raw_model, dynamic=False) if use_compile and not cfg.fsdp else raw_model
+    if use_compile and cfg.fsdp:  # the root's FSDP hooks would send its whole forward back to eager: block by block
+        for block in raw_model.transformer.h:
+            block.compile(dynamic=False)
     model = eval_model  # DDP wraps it only for training: evaluations have no gradients to all-reduce
     if ddp and not cfg.fsdp:  # FSDP's modules reduce their gradients themselves
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
