@@ -5,8 +5,9 @@
     python train_gpt2.py --help                                       # every flag
 
 One file, read top to bottom: the model, GPT-2 weight loading, the data loader, then the training
-loop (cosine-warmup AdamW, gradient accumulation, bf16 or float16 autocast, torch.compile, DDP,
-checkpoints and resume). Importing it runs nothing; the other scripts import from it.
+loop (cosine-warmup AdamW, gradient accumulation, bf16 or float16 autocast, torch.compile, DDP or FSDP,
+activation checkpointing, checkpoints and resume). Importing it runs nothing; the other scripts import
+from it.
 """
 
 import argparse
@@ -28,6 +29,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 # fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing and the disk writes; it imports
 # no torch, so that its tokenizing processes start fast and small
@@ -160,8 +167,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 continue
             g = e.div_(total * n)  # d(mean loss)/d(logits): softmax / n, minus 1/n at each target
             g.scatter_add_(1, y[:, None], torch.full((y.size(0), 1), -1.0 / n, dtype=g.dtype, device=g.device))
-            grad_h[start:start + chunk] = g @ weight  # autocast's dtype, as the unchunked backward's matmul
-            grad_w.addmm_(g.t(), hc)  # in float32: in-place ops are not autocast
+            grad_h[start:start + chunk] = g.to(weight.dtype) @ weight  # in autocast's dtype where it is on
+            grad_w.addmm_(g.t(), hc.float())  # in float32: in-place ops are not autocast
         if with_grads:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss / n
@@ -185,6 +192,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.chunked_loss = False  # the loss through ChunkedCrossEntropy (train_gpt2.py's --chunked_loss)
+        # A training-run setting (--activation_checkpointing), not the model's shape: not in GPTConfig, so
+        # checkpoints' model_config and the scripts that read them do not change.
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # Each block adds two branches (attn, mlp) to the residual stream; scaling their output
         # projections by 1/sqrt(2*n_layer) keeps the stream's variance from growing with depth (GPT-2 paper).
@@ -216,7 +226,10 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            if self.activation_checkpointing and self.training:  # keep only each block's input; redo it in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
@@ -543,6 +556,10 @@ class TrainConfig:
     compile: str = "auto"
     chunked_loss: str = option("auto", "the loss chunk by chunk, never holding the B x T x vocab logits: auto (on for "
                                        "CPU, where it is measured faster; off elsewhere until measured), 1 or 0")
+    fsdp: bool = option(False, "shard weights, gradients and AdamW state over the ranks (FSDP2; needs torchrun), "
+                               "for models whose 16 bytes per parameter do not fit one GPU")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward: less memory, "
+                                                   "more time")
     seed: int = option(1337, "random seed for the init and the data shuffle")
     # logging
     plot: bool = option(True, "redraw log_dir/loss.png at every eval (needs matplotlib)")
@@ -606,6 +623,9 @@ def check_train_flags(cfg):
                     "expected auto, 1, 0, true or false"),
                    ("chunked_loss", cfg.chunked_loss.lower() in ("auto", "1", "0", "true", "false"),
                     "expected auto, 1, 0, true or false"),
+                   ("fsdp", not cfg.fsdp or "RANK" in os.environ,
+                    "shards over the ranks of a torchrun launch (torchrun --standalone --nproc_per_node=N "
+                    "train_gpt2.py --fsdp 1 ...); without torchrun, --fsdp 0"),
                    ("wandb", not cfg.wandb or importlib.util.find_spec("wandb") is not None,
                     "wandb is not installed: pip install wandb, or drop the flag")])
 
@@ -677,20 +697,47 @@ def require_gpt2_vocab(model, source):
     return model
 
 
+# Whole tensors, on the CPU, on rank 0 (other ranks get none): under FSDP they are gathered from the shards.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def optimizer_state(model, optimizer):
+    """The whole optimizer state in optimizer.state_dict()'s format (parameters numbered in param_groups
+    order), however the model is sharded; torch.distributed.checkpoint names them instead."""
+    named = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+    if not named:  # ranks but 0
+        return {}
+    groups = named["param_groups"]
+    ids = {name: i for i, name in enumerate(n for group in groups for n in group["params"])}
+    return {"state": {ids[name]: v for name, v in named["state"].items()},
+            "param_groups": [{**group, "params": [ids[n] for n in group["params"]]} for group in groups]}
+
+
+def load_optimizer_state(model, optimizer, state):
+    """optimizer_state's dict back into optimizer, into this rank's shards under FSDP."""
+    names = {p: name for name, p in model.named_parameters()}
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    groups = state["param_groups"]
+    named = {"state": {order[i]: v for i, v in state["state"].items()},
+             "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in groups]}
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
 def checkpoint_state(model, optimizer, scaler, cfg, step, val_loss, hellaswag, wandb_id, train_loader, device_type,
                      world_size):
     """What a resume needs, after `step` optimizer steps: weights, optimizer and loss scale, the flags, and
-    every rank's data position and RNG state. Under DDP every rank calls it (the last two are gathered)."""
+    every rank's data position and RNG state. Under DDP or FSDP every rank calls it (and only rank 0's is
+    whole: weights and optimizer state are gathered there, positions and RNG states from every rank)."""
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
     positions, rngs = [train_loader.position], [rng]
     if world_size > 1:
         positions, rngs = [None] * world_size, [None] * world_size
         dist.all_gather_object(positions, train_loader.position)
         dist.all_gather_object(rngs, rng)
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "model_config": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg), "step": step,
-            "val_loss": val_loss, "hellaswag": hellaswag, "wandb_id": wandb_id, "loader_positions": positions,
-            "rng_states": rngs}
+    return {"model": get_model_state_dict(model, options=FULL_STATE), "optimizer": optimizer_state(model, optimizer),
+            "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "config": dataclasses.asdict(cfg), "step": step, "val_loss": val_loss, "hellaswag": hellaswag,
+            "wandb_id": wandb_id, "loader_positions": positions, "rng_states": rngs}
 
 
 def save_checkpoint(ckpt, log_dir, keep_last):
@@ -733,9 +780,9 @@ def resume_config(cfg, given):
     return cfg, ckpt
 
 
-def restore_state(ckpt, optimizer, scaler, train_loader, rank, world_size, device_type):
+def restore_state(ckpt, model, optimizer, scaler, train_loader, rank, world_size, device_type):
     """Load a checkpoint's optimizer, loss scale, data position and RNG state; returns its step."""
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer_state(model, optimizer, ckpt["optimizer"])
     if scaler.is_enabled() and ckpt.get("scaler"):  # a float16 run's loss scale (a new one after bf16/fp32)
         scaler.load_state_dict(ckpt["scaler"])
     # Rank r continues at the first unread micro-batch plus r, which is also right on another GPU count.
@@ -936,6 +983,44 @@ def setup_distributed(device):
     return True, rank, local_rank, world_size, device
 
 
+def shard_model(model, dtype, device_type, world_size):
+    """FSDP2, in place: each Block, then the root, which holds the rest (wte, wpe, ln_f, and lm_head, whose
+    weight is wte's: one parameter, sharded once, so the tying survives). Each module's weights go to the
+    device as it is sharded, so the whole model is never there at once. Under autocast the weights are all-gathered in its dtype and
+    the gradients reduced in float32."""
+    mesh = init_device_mesh(device_type, (world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def format_bytes(n):
+    """n bytes to 3 significant digits: 498 MB, 1.99 GB."""
+    e, unit = next((e, unit) for e, unit in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "bytes")) if n >= 10 ** e or e == 0)
+    return f"{n / 10 ** e:.3g} {unit}"
+
+
+def state_memory_line(model, fsdp, world_size):
+    """What training keeps per rank before any activation: weights, gradients (as many) and AdamW's two
+    float32 moments per parameter, counted from this rank's own tensors (its shards under FSDP)."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    weights = sum(t.numel() * t.element_size() for t in local)
+    adamw = sum(2 * t.numel() * 4 for t in local)
+    return (f"memory per rank: weights {format_bytes(weights)}, gradients {format_bytes(weights)}, AdamW state "
+            f"{format_bytes(adamw)} = {format_bytes(2 * weights + adamw)}, "
+            + (f"sharded over {world_size} ranks" if fsdp else "a full copy on every rank") + ", before activations")
+
+
+def peak_memory_line(device_type):
+    """This process's peak memory so far: the CUDA allocator's peak, or the peak RSS on CPU."""
+    if device_type == "cuda":
+        return f"peak memory after the first step: {format_bytes(torch.cuda.max_memory_allocated())} (CUDA, rank 0)"
+    import resource  # Unix; ru_maxrss is in KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return f"peak memory after the first step: {format_bytes(rss)} (peak RSS of rank 0)"
+
+
 def all_reduce_mean(t, world_size):
     """t averaged over the ranks, in place (gloo has no AVG: a sum, divided)."""
     if world_size > 1:
@@ -1056,7 +1141,15 @@ def hellaswag_acc_norm(model, examples, enc, device, batch_size, autocast, pad_t
     """acc_norm over the val examples, each rank scoring its own share. Every batch is padded to one shape
     (pad_to), so that torch.compile compiles it once, not at every eval."""
     from hellaswag import score
+    # Under FSDP every forward all-gathers the weights, which every rank must join: a rank whose share is
+    # one example short may be a batch short, and then runs that batch on padding.
+    most = torch.tensor(len(examples), device=device)
+    if world_size > 1:
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
     counts = torch.tensor(score(model, examples, enc, device, batch_size, autocast, pad_to=pad_to), device=device)
+    for _ in range(-(-most.item() // batch_size) - -(-len(examples) // batch_size)):
+        with torch.no_grad(), autocast:
+            model(torch.zeros(4 * batch_size, pad_to, dtype=torch.long, device=device))
     if world_size > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     return counts[1].item() / counts[2].item()
@@ -1065,11 +1158,11 @@ def hellaswag_acc_norm(model, examples, enc, device, batch_size, autocast, pad_t
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 
 
-def sample_prompt(sample_interval, model_config, rank):
-    """The token ids of the samples' prompt; None where no samples are written: on ranks but 0, with
-    --sample_interval 0, for a model that cannot read GPT-2 text (a toy vocabulary), and for one whose
-    context cannot hold the prompt (with a note)."""
-    if rank != 0 or sample_interval == 0 or model_config.vocab_size < GPT2_VOCAB_SIZE:
+def sample_prompt(sample_interval, model_config):
+    """The token ids of the samples' prompt; None where no samples are written: with --sample_interval 0,
+    for a model that cannot read GPT-2 text (a toy vocabulary), and for one whose context cannot hold the
+    prompt (with a note)."""
+    if sample_interval == 0 or model_config.vocab_size < GPT2_VOCAB_SIZE:
         return None
     prompt = load_tokenizer().encode(SAMPLE_PROMPT)
     if len(prompt) >= model_config.block_size:
@@ -1079,9 +1172,13 @@ def sample_prompt(sample_interval, model_config, rank):
     return prompt
 
 
-def write_samples(model, prompt, enc, step, log_dir, autocast):
-    """4 samples of the prompt (32 tokens in all, seed 42), printed and added to samples.txt."""
+def write_samples(model, prompt, enc, step, log_dir, autocast, rank):
+    """4 samples of the prompt (32 tokens in all, seed 42), printed and added to samples.txt. Every rank
+    generates them, the same (seeded), since under FSDP each forward all-gathers the weights, which every
+    rank must join; rank 0 writes them."""
     rows = model.generate(prompt, 4, max_new_tokens=32 - len(prompt), seed=42, autocast=autocast)
+    if rank != 0:
+        return
     with open(os.path.join(log_dir, "samples.txt"), "a") as f:
         for i, row in enumerate(rows):
             text = enc.decode(row.tolist())
@@ -1128,10 +1225,15 @@ def train(cfg, given):
     # The model, its optimizer and the data; on resume, all as the checkpoint left them
     torch.manual_seed(cfg.seed)
     torch.cuda.manual_seed(cfg.seed)
-    raw_model = build_model(cfg, given, ckpt).to(device)
+    raw_model = build_model(cfg, given, ckpt)
     raw_model.chunked_loss = auto_flag(cfg.chunked_loss, device_type, auto_on=("cpu",))
     for k in MODEL_FLAGS:  # record the shape the run really has (from weights or checkpoint)
         setattr(cfg, k, getattr(raw_model.config, k))
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.fsdp:  # before the optimizer, which then holds this rank's shards only
+        shard_model(raw_model, dtype, device_type, world_size)
+    else:
+        raw_model.to(device)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type)
     # float16 (GPUs without bfloat16): gradients as small as float16's 6e-8 would round to 0, so the loss
     # is scaled up before backward and the gradients back down before clipping. A step whose gradients
@@ -1142,13 +1244,16 @@ def train(cfg, given):
     val_steps = distinct_val_steps(cfg.val_steps, val_loader)
     start_step = 0
     if ckpt is not None:
-        start_step = restore_state(ckpt, optimizer, scaler, train_loader, rank, world_size, device_type)
+        start_step = restore_state(ckpt, raw_model, optimizer, scaler, train_loader, rank, world_size, device_type)
         print0(f"resuming from {checkpoint_paths(cfg.log_dir)[-1]} at step {start_step}")
     # One static graph per input shape (train, val, HellaSwag): with dynamic shapes, the second shape
     # seen would recompile everything, the training step too, into a slower dynamic-shape graph.
-    eval_model = torch.compile(raw_model, dynamic=False) if use_compile else raw_model
+    eval_model = torch.compile(raw_model, dynamic=False) if use_compile and not cfg.fsdp else raw_model
+    if use_compile and cfg.fsdp:  # the root's FSDP hooks would send its whole forward back to eager: block by block
+        for block in raw_model.transformer.h:
+            block.compile(dynamic=False)
     model = eval_model  # DDP wraps it only for training: evaluations have no gradients to all-reduce
-    if ddp:
+    if ddp and not cfg.fsdp:  # FSDP's modules reduce their gradients themselves
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
     autocast = autocast_context(device, dtype)
 
@@ -1156,7 +1261,7 @@ def train(cfg, given):
     log_file = start_log(cfg.log_dir, start_step if ckpt else None) if rank == 0 else None
     wandb_run = start_wandb(cfg, ckpt) if cfg.wandb and rank == 0 else NoWandb()
     plots = rank == 0 and cfg.plot
-    prompt = sample_prompt(cfg.sample_interval, raw_model.config, rank)
+    prompt = sample_prompt(cfg.sample_interval, raw_model.config)
     enc = load_tokenizer() if prompt or use_hellaswag else None
     hella_examples, hella_len = hellaswag_share(cfg.hellaswag_dir, cfg.hellaswag_limit, enc, raw_model.config.block_size,
                                                 rank, world_size) if use_hellaswag else ([], None)
@@ -1164,7 +1269,9 @@ def train(cfg, given):
     peak = peak_flops(device)
     print0(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world_size} process(es) on {device} | "
            f"{str(dtype or torch.float32).removeprefix('torch.')} | compile {'on' if use_compile else 'off'} | "
-           f"chunked loss {'on' if raw_model.chunked_loss else 'off'} | {cfg.total_batch_size:,} tokens per step = {B} x {T} x {world_size} x {grad_accum_steps} accumulation steps")
+           f"chunked loss {'on' if raw_model.chunked_loss else 'off'} | {cfg.total_batch_size:,} tokens per step = "
+           f"{B} x {T} x {world_size} x {grad_accum_steps} accumulation steps")
+    print0(state_memory_line(raw_model, cfg.fsdp, world_size))
 
     with StopRequest() as stop:
         stopping = False
@@ -1190,7 +1297,7 @@ def train(cfg, given):
                 if plots:
                     plots = refresh_plot(log_file, os.path.join(cfg.log_dir, "loss.png"))
             if do_samples:
-                write_samples(raw_model, prompt, enc, step, cfg.log_dir, autocast)
+                write_samples(raw_model, prompt, enc, step, cfg.log_dir, autocast, rank)
             if do_checkpoint:
                 state = checkpoint_state(raw_model, optimizer, scaler, cfg, step, val_loss, acc_norm, wandb_run.id,
                                          train_loader, device_type, world_size)
@@ -1206,9 +1313,11 @@ def train(cfg, given):
             loss_accum = torch.zeros((), device=device)
             for micro_step in range(grad_accum_steps):
                 x, y = train_loader.next_batch()
-                # Under DDP, all-reduce the gradients only after the last micro-step's backward.
+                # Under DDP or FSDP, reduce the gradients only after the last micro-step's backward.
                 sync = not ddp or micro_step == grad_accum_steps - 1
-                with contextlib.nullcontext() if sync else model.no_sync():
+                if cfg.fsdp:
+                    raw_model.set_requires_gradient_sync(sync)
+                with contextlib.nullcontext() if sync or cfg.fsdp else model.no_sync():
                     with autocast:
                         _, loss = model(x.to(device), y.to(device))
                     loss = loss / grad_accum_steps  # the mean over the whole batch, not a sum of micro-batch means
@@ -1219,6 +1328,8 @@ def train(cfg, given):
                                     world_size)
             scaler.unscale_(optimizer)  # float16: the true gradients again, for clipping
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            if isinstance(norm, DTensor):  # FSDP: each rank's part of the norm of its gradient shards
+                norm = norm.full_tensor()
             loss_value, stop_value, norm_value = torch.stack([stats[0], stats[1], norm.to(stats.dtype)]).tolist()
             check_finite(step, cfg.log_dir, loss=loss_value)
             if not scaler.is_enabled():  # in float16, inf/nan gradients are an overflow: the scaler skips the step
@@ -1235,6 +1346,8 @@ def train(cfg, given):
             dt = time.time() - t0
             mfu = 100 * flops_per_step / dt / (peak * world_size) if peak else None
             print0(step_line(step, loss_value, lr, norm_value, dt, cfg.total_batch_size, mfu, loss_scale, skipped))
+            if step == start_step:
+                print0(peak_memory_line(device_type))
             log_values(log_file, wandb_run, step, train=loss_value, lr=lr, grad_norm=norm_value,
                        tokens_per_sec=cfg.total_batch_size / dt, mfu=mfu, loss_scale=loss_scale)
             stopping = stop_value > 0

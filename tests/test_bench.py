@@ -1,5 +1,6 @@
 """bench/train_bench.py's CPU path: the table it prints from real train_gpt2.py runs, the `max` search,
-a failed run, and the build-nanogpt edits refusing a script they do not fit. (Its GPU numbers are issue 5.)"""
+a failed run, and the build-nanogpt edits refusing a script they do not fit (its GPU numbers are issue 5);
+bench/memory_bench.py's table on a tiny shape."""
 import os
 import re
 import subprocess
@@ -84,3 +85,23 @@ def test_reference_edits_refuse_another_script(tmp_path):
 def test_bad_flags_one_line(args, message):
     proc = bench(*args)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
+
+
+@pytest.mark.slow
+def test_memory_bench_table_from_real_runs(tmp_path):
+    """bench/memory_bench.py on a tiny shape: a row per variant, FSDP's state per rank half the full state,
+    each run stopped after its second step with nothing left behind."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "memory_bench.py"), "--shapes", "2x2x32",
+                           "--seq_len", "32", "--micro_batch_size", "2", "--data_dir", str(tmp_path / "data"),
+                           "--synthetic_tokens", "20000"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith("| 2x2x32 |")]
+    assert [(r[1], r[2]) for r in rows] == [("full state", "1"), ("full state, activation checkpointing", "1"),
+                                            ("FSDP", "2"), ("FSDP, activation checkpointing", "2")]
+    state = [float(r[3].removesuffix(" MB")) for r in rows]
+    # 2 layers of 32 wide and the 50304 x 32 embedding: ~1.67M parameters, 16 bytes each
+    assert state[0] == state[1] == pytest.approx(26.7, abs=0.1) and state[2] == state[3] == pytest.approx(13.3, abs=0.1)
+    for r in rows:
+        assert 50 < float(r[4].removesuffix(" MB")) < 4000 and int(r[5].replace(",", "")) > 0
+    assert os.listdir(tmp_path / "data" / "runs") == []

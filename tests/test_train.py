@@ -284,7 +284,7 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path):
     optimizer2, scaler2 = model2.configure_optimizers(0.1, 1e-3, "cpu"), torch.amp.GradScaler("cpu", enabled=True)
     loader2 = DataLoaderLite(str(data), "train", 4, 32, vocab_size=256)
     ckpt = load_checkpoint(path)
-    assert restore_state(ckpt, optimizer2, scaler2, loader2, 0, 1, "cpu") == 1 and loader2.position == 1
+    assert restore_state(ckpt, model2, optimizer2, scaler2, loader2, 0, 1, "cpu") == 1 and loader2.position == 1
     assert torch.equal(torch.rand(3), rng_after_save) and scaler2.state_dict() == scaler.state_dict()
     assert optimizer2.state_dict()["state"][0]["step"] == 1 and ckpt["val_loss"] == 5.5
     assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])

@@ -1,0 +1,164 @@
+"""--fsdp 1 (FSDP2 over 2 gloo ranks on CPU) and --activation_checkpointing 1: the same training as one process,
+checkpoints in the one format every script reads (resumed with or without FSDP, exported), evaluations and
+samples under FSDP, and the memory lines at start-up."""
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+from conftest import HELLASWAG_EXCERPT, read_log, run_train
+from fineweb import gpt2_tokenizer
+from test_train import HELLA, TINY, data, resume, run_main, train  # noqa: F401 (data: the fixture)
+from train_gpt2 import GPT, GPTConfig, SAMPLE_PROMPT, load_checkpoint, model_from_checkpoint
+
+# 2 ranks x 2 micro-batches = 1 process x 4; a clip below the norms (~0.8-1.0), so clipping over the
+# sharded gradients changes every step.
+COMMON = ["--max_steps", 6, "--ckpt_interval", 3, "--micro_batch_size", 2, "--total_batch_size", 256,
+          "--grad_clip", 0.5, "--plot", 0]
+TOL = 2e-4
+
+
+def assert_same_losses(a, b, steps):
+    for step in steps:
+        assert a["train"][step] == pytest.approx(b["train"][step], abs=TOL), step
+
+
+def memory_line(stdout):
+    """The start-up line's weights, gradients and AdamW state, in bytes, and how it says they are held."""
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("memory per rank: "))
+    units = {"bytes": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+    sizes = [float(n) * units[u] for n, u in re.findall(r"([\d.]+) (bytes|kB|MB|GB)", line)]
+    return sizes, line.split(", ")[-2]
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """The same 6 steps as 2 FSDP ranks and as 1 process, checkpoints at steps 3 and 6: (root, stdouts)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    fsdp = train(data, root / "fsdp", *COMMON, "--fsdp", 1, nproc=2)
+    single = train(data, root / "single", *COMMON)
+    return root, fsdp.stdout, single.stdout
+
+
+@pytest.mark.slow
+def test_two_fsdp_ranks_equal_one_process(runs):
+    root, _, _ = runs
+    fsdp, single = read_log(root / "fsdp"), read_log(root / "single")
+    assert sorted(fsdp["train"]) == list(range(6))
+    assert_same_losses(fsdp, single, range(6))
+    a, b = (torch.load(root / run / "model_00006.pt", weights_only=True) for run in ("fsdp", "single"))
+    assert a["loader_positions"] == [24, 25] and b["loader_positions"] == [24]
+    assert set(a["model"]) == set(b["model"])
+    for k in a["model"]:  # gathered whole onto rank 0, tied wte/lm_head included
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
+    # The optimizer state in optimizer.state_dict()'s format (parameters by number), whichever way it was written.
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys() == set(range(28))
+    for i, state in b["optimizer"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(a["optimizer"]["state"][i][k], state[k], atol=1e-6, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_in_one_process_and_exports(runs, tmp_path):
+    """The 2-rank FSDP run's step-3 checkpoint, resumed by one process without FSDP: the uninterrupted
+    run's losses; its final checkpoint exports to a folder transformers loads with our logits."""
+    from transformers import GPT2LMHeadModel
+    from export import main as export_main
+    root, _, _ = runs
+    shutil.copytree(root / "fsdp", tmp_path / "run")
+    os.remove(tmp_path / "run" / "model_00006.pt")
+    proc = resume(tmp_path / "run", "--fsdp", 0)
+    assert "model_00003.pt at step 3" in proc.stdout and "a full copy on every rank" in proc.stdout
+    assert_same_losses(read_log(tmp_path / "run"), read_log(root / "single"), range(3, 6))
+
+    export_main(["--checkpoint", str(root / "fsdp" / "model_00006.pt"), "--out_dir", str(tmp_path / "hf")])
+    ours = model_from_checkpoint(load_checkpoint(root / "fsdp" / "model_00006.pt")).eval()
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_plain_checkpoint_resumes_under_fsdp_with_activation_checkpointing(runs, tmp_path):
+    """The 1-process run's step-3 checkpoint, resumed on 2 FSDP ranks recomputing every block in backward:
+    the uninterrupted run's losses."""
+    root, _, _ = runs
+    shutil.copytree(root / "single", tmp_path / "run")
+    os.remove(tmp_path / "run" / "model_00006.pt")
+    proc = resume(tmp_path / "run", "--fsdp", 1, "--activation_checkpointing", 1, nproc=2)
+    assert "model_00003.pt at step 3" in proc.stdout and "sharded over 2 ranks" in proc.stdout
+    assert_same_losses(read_log(tmp_path / "run"), read_log(root / "single"), range(3, 6))
+
+
+@pytest.mark.slow
+def test_memory_lines_count_the_state_per_rank(runs):
+    """Weights and gradients 4 bytes per parameter, AdamW 8; under FSDP each of 2 ranks holds half."""
+    _, fsdp_out, single_out = runs
+    n = int(re.search(r"^([\d,]+) parameters \|", single_out, re.M)[1].replace(",", ""))
+    (weights, grads, adamw, total), how = memory_line(single_out)
+    assert how == "a full copy on every rank"
+    assert weights == grads == pytest.approx(4 * n, rel=5e-3) and adamw == pytest.approx(8 * n, rel=5e-3)
+    assert total == pytest.approx(16 * n, rel=5e-3)
+    sharded, how = memory_line(fsdp_out)
+    assert how == "sharded over 2 ranks"
+    for per_rank, whole in zip(sharded, (weights, grads, adamw, total)):
+        assert per_rank == pytest.approx(whole / 2, rel=0.02)
+    for out in (fsdp_out, single_out):
+        peak = re.search(r"^peak memory after the first step: ([\d.]+) MB \(peak RSS of rank 0\)$", out, re.M)
+        assert peak and 50 < float(peak[1]) < 4000, out
+        assert out.index("peak memory after") > out.index("step     0 | loss")
+
+
+def test_activation_checkpointing_recomputes_the_blocks_with_the_same_gradients():
+    """In training, each block runs again in backward; the loss and every gradient are those without."""
+    grads, calls = [], []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+        model.activation_checkpointing = on
+        hook = model.transformer.h[0].register_forward_pre_hook(lambda *_: calls.append(on))
+        idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+        _, loss = model(idx, idx)
+        loss.backward()
+        hook.remove()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert calls == [False, True, True]  # once without; forward and recompute with
+    assert grads[0][0] == grads[1][0]
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_trains_like_without(runs, data, tmp_path):
+    root, _, _ = runs
+    train(data, tmp_path, *COMMON, "--activation_checkpointing", 1)
+    assert_same_losses(read_log(tmp_path), read_log(root / "single"), range(6))
+
+
+@pytest.mark.slow
+def test_hellaswag_and_samples_under_fsdp(tmp_path, shakespeare_shards):
+    """41 HellaSwag examples over 2 FSDP ranks (21 and 20, one per forward: rank 1 runs one padding batch)
+    give the acc_norm hellaswag.py gives the checkpoint's weights; the samples every rank generated are
+    those of the checkpoint's model."""
+    from hellaswag import iterate_examples, score
+    run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--max_steps", 2,
+              "--micro_batch_size", 4, "--hellaswag_limit", 41, "--hellaswag_dir", HELLASWAG_EXCERPT, "--plot", 0,
+              "--fsdp", 1, nproc=2)
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "model_00002.pt")).eval()
+    enc = gpt2_tokenizer()
+    _, correct_norm, n = score(model, list(iterate_examples("val", HELLASWAG_EXCERPT))[:41], enc)
+    assert n == 41 and read_log(tmp_path)["hella"][2] == pytest.approx(correct_norm / n, abs=1e-4)
+    prompt = enc.encode(SAMPLE_PROMPT)
+    rows = model.generate(prompt, 4, max_new_tokens=32 - len(prompt), seed=42)
+    expected = [f"2 sample {i}: {enc.decode(row.tolist())!r}" for i, row in enumerate(rows)]
+    assert (tmp_path / "samples.txt").read_text().splitlines() == expected
+
+
+def test_fsdp_without_torchrun_is_a_one_line_error(capsys, data, tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, TINY), "--fsdp", "1")
+    assert code == 1 and err.startswith("train_gpt2.py: error: --fsdp 1: ") and "torchrun" in err
+    assert err.count("\n") == 1 and not (tmp_path / "log.txt").exists()
