@@ -17,7 +17,7 @@ from test_train import TINY, data  # noqa: F401 (data: the synthetic-shards fixt
 pytestmark = pytest.mark.slow
 
 # The parallelisms every case runs under, each as the extra train_gpt2.py flags that choose it.
-PARALLEL_FLAGS = [pytest.param([], id="ddp")]
+PARALLEL_FLAGS = [pytest.param([], id="ddp"), pytest.param(["--fsdp", "1"], id="fsdp")]
 
 
 def free_port():
@@ -87,12 +87,12 @@ class TwoNodes:
 
 @pytest.mark.parametrize("flags", PARALLEL_FLAGS)
 def test_two_nodes_train_like_one_process_and_only_rank_0_writes(data, tmp_path, flags):  # noqa: F811
-    args = [*TINY, "--max_steps", 5, "--ckpt_interval", 4, "--micro_batch_size", 2, "--total_batch_size", 256, *flags]
+    args = [*TINY, "--max_steps", 5, "--ckpt_interval", 4, "--micro_batch_size", 2, "--total_batch_size", 256]
     log_dir = tmp_path / "log"
-    with TwoNodes(tmp_path, "--data_dir", data, "--log_dir", log_dir, *args) as nodes:
+    with TwoNodes(tmp_path, "--data_dir", data, "--log_dir", log_dir, *args, *flags) as nodes:
         for node in range(2):
             assert nodes.wait(node) == 0, nodes.output(node, "err")[-3000:]
-    # TINY's 2 val micro-batches per rank: the 2 ranks' 4 are the 4 of one process
+    # One plain process (FSDP needs ranks); TINY's 2 val micro-batches per rank: the 2 ranks' 4 are its 4
     run_train("--data_dir", data, "--log_dir", tmp_path / "single", *args, "--val_steps", 4)
 
     two, one = read_log(log_dir), read_log(tmp_path / "single")
