@@ -325,16 +325,6 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path):
         assert resumed["train"][step] == pytest.approx(single["train"][step], abs=2e-5)
 
 
-@pytest.mark.slow
-def test_compiled_model_trains_like_eager(data, tmp_path):
-    """--compile 1 (on by default on CUDA) runs the same training as eager mode, here on CPU."""
-    train(data, tmp_path / "eager", "--max_steps", 3, "--compile", 0)
-    train(data, tmp_path / "compiled", "--max_steps", 3, "--compile", 1)
-    eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
-    for kind in ("train", "val"):
-        assert compiled[kind] == pytest.approx(eager[kind], abs=1e-4)
-
-
 # --- checkpoints and resume ----------------------------------------------------------------------------
 
 
@@ -442,12 +432,23 @@ def test_n_steps_then_n_more_equals_2n_steps(data, tmp_path):
     assert full["train"] == parts["train"]
 
 
+SIGNALLED_RUN = [*TINY, "--max_steps", 60, "--ckpt_interval", 1000]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_train_losses(data, tmp_path_factory):
+    """The train losses of SIGNALLED_RUN run to its end, never signalled (one run for both signals)."""
+    log_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_train("--data_dir", data, "--log_dir", log_dir, *SIGNALLED_RUN)
+    return read_log(log_dir)["train"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_writes_checkpoint_and_resume_continues(data, tmp_path, sig):
+def test_signal_writes_checkpoint_and_resume_continues(data, tmp_path, sig, uninterrupted_train_losses):
     """Preemption or Ctrl-C: the step finishes, a checkpoint is written, exit 0; resuming then gives
     exactly the losses of a run that was never interrupted."""
-    args = ["--data_dir", data, *TINY, "--max_steps", 60, "--ckpt_interval", 1000]
-    proc = subprocess.Popen([sys.executable, "train_gpt2.py", "--log_dir", tmp_path / "run", *map(str, args)],
+    proc = subprocess.Popen([sys.executable, "train_gpt2.py", "--data_dir", str(data), "--log_dir", str(tmp_path / "run"),
+                             *map(str, SIGNALLED_RUN)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log_file = tmp_path / "run" / "log.txt"
     deadline = time.time() + 120
@@ -463,8 +464,7 @@ def test_signal_writes_checkpoint_and_resume_continues(data, tmp_path, sig):
     assert sorted(read_log(tmp_path / "run")["train"]) == list(range(step))
 
     resume(tmp_path / "run")
-    run_train("--log_dir", tmp_path / "full", *args)
-    assert read_log(tmp_path / "run")["train"] == read_log(tmp_path / "full")["train"]
+    assert read_log(tmp_path / "run")["train"] == uninterrupted_train_losses
 
 
 def test_diverged_run_stops_without_touching_the_good_checkpoint(data, tmp_path):
@@ -699,16 +699,22 @@ def test_in_training_hellaswag_splits_examples_across_ranks(shakespeare_shards, 
 
 
 @pytest.mark.slow
-def test_compiled_evals_do_not_recompile(shakespeare_shards, tmp_path):
-    """With torch.compile on, the first evaluations and the first train step compile; the later val,
-    HellaSwag and train steps reuse those graphs (TORCH_LOGS=recompiles reports any recompilation)."""
-    proc = run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--hellaswag_dir",
-                     hellaswag_dir(), "--sample_interval", 0, "--compile", 1, "--max_steps", 6,
+def test_compiled_run_trains_like_eager_and_its_evals_do_not_recompile(shakespeare_shards, tmp_path):
+    """--compile 1 (on by default on CUDA) gives the train, val and HellaSwag numbers of eager mode, here on
+    CPU. The first evaluations and the first train step compile; the later val, HellaSwag and train steps
+    reuse those graphs (TORCH_LOGS=recompiles reports any recompilation). One test, so one compilation."""
+    args = ["--data_dir", shakespeare_shards, *HELLA, "--hellaswag_dir", hellaswag_dir(), "--sample_interval", 0,
+            "--max_steps", 6]
+    proc = run_train("--log_dir", tmp_path / "compiled", *args, "--compile", 1,
                      env={**os.environ, "TORCH_LOGS": "recompiles"}, merge_stderr=True)
     out = proc.stdout
-    assert sorted(read_log(tmp_path)["hella"]) == [0, 2, 4, 6]
     after_first_step = out[out.index("step     1 | loss"):]
     assert "Recompiling" not in after_first_step, after_first_step
+    run_train("--log_dir", tmp_path / "eager", *args, "--compile", 0)
+    compiled, eager = read_log(tmp_path / "compiled"), read_log(tmp_path / "eager")
+    assert sorted(compiled["hella"]) == [0, 2, 4, 6]
+    for kind in ("train", "val", "hella"):
+        assert compiled[kind] == pytest.approx(eager[kind], abs=1e-4), kind
 
 
 # --- loss.png and Weights & Biases ---------------------------------------------------------------------
