@@ -83,14 +83,15 @@ def test_fsdp_checkpoint_resumes_in_one_process_and_exports(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_plain_checkpoint_resumes_under_fsdp_with_activation_checkpointing(runs, tmp_path):
-    """The 1-process run's step-3 checkpoint, resumed on 2 FSDP ranks recomputing every block in backward:
-    the uninterrupted run's losses."""
+def test_plain_checkpoint_resumes_under_fsdp_with_activation_checkpointing_and_compile(runs, tmp_path):
+    """The 1-process run's step-3 checkpoint, resumed on 2 FSDP ranks recomputing every block in backward,
+    each block compiled (as --compile 1 does under FSDP): the uninterrupted eager run's losses."""
     root, _, _ = runs
     shutil.copytree(root / "single", tmp_path / "run")
     os.remove(tmp_path / "run" / "model_00006.pt")
-    proc = resume(tmp_path / "run", "--fsdp", 1, "--activation_checkpointing", 1, nproc=2)
+    proc = resume(tmp_path / "run", "--fsdp", 1, "--activation_checkpointing", 1, "--compile", 1, nproc=2)
     assert "model_00003.pt at step 3" in proc.stdout and "sharded over 2 ranks" in proc.stdout
+    assert "compile on" in proc.stdout
     assert_same_losses(read_log(tmp_path / "run"), read_log(root / "single"), range(3, 6))
 
 
@@ -132,9 +133,12 @@ def test_activation_checkpointing_recomputes_the_blocks_with_the_same_gradients(
 
 
 @pytest.mark.slow
-def test_activation_checkpointing_trains_like_without(runs, data, tmp_path):
+def test_activation_checkpointing_under_ddp_and_compile_trains_like_one_plain_process(runs, data, tmp_path):
+    """Recomputed blocks composed with DDP's gradient hooks and with torch.compile (which traces through
+    torch.utils.checkpoint): 2 DDP ranks, compiled, recomputing every block, give 1 eager process's losses."""
     root, _, _ = runs
-    train(data, tmp_path, *COMMON, "--activation_checkpointing", 1)
+    proc = train(data, tmp_path, *COMMON, "--activation_checkpointing", 1, "--compile", 1, nproc=2)
+    assert "2 process(es) on cpu | float32 | compile on" in proc.stdout and "a full copy on every rank" in proc.stdout
     assert_same_losses(read_log(tmp_path), read_log(root / "single"), range(6))
 
 
