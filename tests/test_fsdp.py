@@ -133,12 +133,12 @@ def test_activation_checkpointing_recomputes_the_blocks_with_the_same_gradients(
 
 
 @pytest.mark.slow
-def test_activation_checkpointing_under_ddp_and_compile_trains_like_one_plain_process(runs, data, tmp_path):
-    """Recomputed blocks composed with DDP's gradient hooks and with torch.compile (which traces through
-    torch.utils.checkpoint): 2 DDP ranks, compiled, recomputing every block, give 1 eager process's losses."""
+def test_activation_checkpointing_under_ddp_trains_like_one_plain_process(runs, data, tmp_path):
+    """Recomputed blocks composed with DDP's gradient hooks: 2 DDP ranks recomputing every block give
+    1 plain process's losses."""
     root, _, _ = runs
-    proc = train(data, tmp_path, *COMMON, "--activation_checkpointing", 1, "--compile", 1, nproc=2)
-    assert "2 process(es) on cpu | float32 | compile on" in proc.stdout and "a full copy on every rank" in proc.stdout
+    proc = train(data, tmp_path, *COMMON, "--activation_checkpointing", 1, nproc=2)
+    assert "2 process(es) on cpu" in proc.stdout and "a full copy on every rank" in proc.stdout
     assert_same_losses(read_log(tmp_path), read_log(root / "single"), range(6))
 
 
