@@ -22,6 +22,7 @@ import re
 import signal
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -420,6 +421,16 @@ def open_shard(path):
 def find_shards(data_dir, split):
     if not os.path.isdir(data_dir):
         raise TrainError(f"--data_dir {data_dir}: no such folder; make token shards with `python fineweb.py`")
+    # A shard's split is the word right before its number, as fineweb.py ({prefix}_{split}_000001.npy) and llm.c
+    # (fineweb_train_000001.bin, tiny_shakespeare_val.bin) write it; a word is not next to a letter ("eval")
+    splits = {}
+    for n in sorted(os.listdir(data_dir)):
+        found = re.search(r"(?<![a-z])(train|val)(?:[_.-]?\d+)?\.(?:npy|bin)$", n)
+        if found and len(set(re.findall(r"(?<![a-z])(train|val)(?![a-z])", n))) > 1:
+            raise TrainError(f"{os.path.join(data_dir, n)}: its name holds both train and val, so its split is "
+                             f"unclear; rename it, or remake the folder with a fineweb.py --prefix holding neither")
+        if found:
+            splits[n] = found[1]
     manifest = os.path.join(data_dir, "manifest.json")  # fineweb.py's record of its run; llm.c's folders have none
     if os.path.isfile(manifest):
         try:
@@ -430,9 +441,19 @@ def find_shards(data_dir, split):
         if isinstance(record, dict) and record.get("done") is False:  # fineweb.py's, of a run stopped partway
             raise TrainError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its manifest.json says "
                              f"so); rerun the same fineweb.py command, which resumes where it stopped")
-    # `val` as a word of the name, so that a prefix like "eval" does not make every shard a val shard
-    names = sorted(n for n in os.listdir(data_dir)
-                   if re.search(rf"(?<![a-z]){split}(?![a-z])", n) and n.endswith((".npy", ".bin")))
+        if isinstance(record, dict) and "shards" in record:  # fineweb.py's: the shards must be exactly those listed
+            listed = {e["name"]: e["bytes"] for e in record["shards"]}
+            for n in sorted(set(listed) | set(splits)):
+                path = os.path.join(data_dir, n)
+                size = os.path.getsize(path) if os.path.isfile(path) else None
+                if n not in listed:
+                    raise TrainError(f"--data_dir {data_dir}: {n} is not a shard its manifest.json lists (fineweb.py "
+                                     f"did not write it there); move it out")
+                if size != listed[n]:
+                    raise TrainError(f"--data_dir {data_dir}: {n}, listed in its manifest.json, "
+                                     f"{'is missing' if size is None else f'has {size} bytes, not {listed[n]}'}; "
+                                     f"rerun the fineweb.py command that made the folder, which redoes it")
+    names = [n for n in splits if splits[n] == split]
     if not names:
         raise TrainError(f"no {split} shards in {data_dir}/: expected files like edufineweb_{split}_000001.npy "
                          f"or llm.c's *_{split}_*.bin; make them with `python fineweb.py`")
@@ -440,37 +461,45 @@ def find_shards(data_dir, split):
 
 
 class DataLoaderLite:
-    """Micro-batches (x, y) of B x T tokens from one split's shards (files whose name holds the split).
+    """Micro-batches (x, y) of B x T tokens from one split's shards (files named {prefix}_{split}_{number}).
 
     The shards, in sorted order, form one stream of micro-batches: micro-batch i of a shard is its
     tokens [i*B*T, (i+1)*B*T + 1), x the first B*T and y the same shifted by one. After the last
     shard the stream wraps around; each pass is an epoch. With shuffle, each epoch reads the shards in
     a new order and each shard's micro-batches in a new order (as llm.c does), both drawn from the seed
     and the epoch: every micro-batch is still read once per epoch. Rank r of W reads micro-batches r,
-    r+W, r+2W, ..., so W ranks each accumulating A micro-batches read exactly what one process
-    accumulating W*A reads. `position` (the index of the next micro-batch this rank reads) is the whole
-    state; save and restore it to resume.
+    r+W, r+2W, ... of the stream, so W ranks each accumulating A micro-batches read exactly what one
+    process accumulating W*A reads. `position`, the same on every rank, is the whole state: (epoch, k,
+    tokens) where the first micro-batch no rank has read begins, `tokens` into the k-th shard of the
+    epoch's order. Saved and restored, a loader of another B, T or W continues at that token (shuffled,
+    the tokens count the shard's micro-batches read, so only the same B*T continues there).
     """
 
     def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, vocab_size=50304,
                  shuffle=False, seed=1337):
-        self.B, self.T, self.vocab_size = B, T, vocab_size
+        self.B, self.T = B, T
+        # GPT-2's ids end at 50256: 50257..50303 only pad --vocab_size 50304 to a multiple of 128
+        self.gpt2 = vocab_size in (GPT2_VOCAB_SIZE, 50304)
+        self.vocab_size = GPT2_VOCAB_SIZE if self.gpt2 else vocab_size
         self.process_rank, self.num_processes = process_rank, num_processes
         self.shuffle, self.seed = shuffle, seed
         self.paths = find_shards(data_dir, split)
         self.shards = [open_shard(p) for p in self.paths]
-        self.counts = [(len(s) - 1) // (B * T) for s in self.shards]  # a shard too short for one micro-batch adds none
+        self.counts = [max(0, len(s) - 1) // (B * T) for s in self.shards]  # a shard too short adds none
         self.batches_per_epoch = sum(self.counts)
         if self.batches_per_epoch == 0:
             raise TrainError(f"no {split} shard in {data_dir}/ holds one micro-batch of {B}x{T}+1 tokens "
                              f"(largest has {max(len(s) for s in self.shards)}); lower --micro_batch_size or --seq_len")
+        # What the checkpoint records of the data: each shard's name, tokens and a hash of its ends and middle
+        self.record = [[os.path.basename(p), len(s), zlib.crc32(b"".join(s[i:i + 2048].tobytes() for i in
+                        (0, len(s) // 2, max(0, len(s) - 2048))))] for p, s in zip(self.paths, self.shards)]
         self.checked = set()  # shards whose token ids were checked against vocab_size
         self.order_epoch, self.order = None, None
         self.batch_order_of, self.batch_order = None, None
         self.reset()
 
     def reset(self):
-        self.position = self.process_rank
+        self.position = (0, 0, 0)
 
     def shard_order(self, epoch):
         if epoch != self.order_epoch:
@@ -487,23 +516,35 @@ class DataLoaderLite:
             self.batch_order_of = (epoch, shard)
         return self.batch_order
 
+    def locate(self, n):
+        """The position (epoch, k, tokens) of micro-batch n of the stream from self.position."""
+        epoch, first, skip = self.position
+        left = [max(0, len(self.shards[i]) - 1 - (skip if k == first else 0)) // (self.B * self.T)
+                for k, i in enumerate(self.shard_order(epoch))]
+        if n >= sum(left[first:]):  # past this epoch: whole epochs from the next one on
+            more, n = divmod(n - sum(left[first:]), self.batches_per_epoch)
+            epoch, first, skip = epoch + 1 + more, 0, 0
+            left = [self.counts[i] for i in self.shard_order(epoch)]
+        for k in range(first, len(left)):
+            if n < left[k]:
+                return epoch, k, (skip if k == first else 0) + n * self.B * self.T
+            n -= left[k]
+
     def next_batch(self):
         B, T = self.B, self.T
-        epoch, index = divmod(self.position, self.batches_per_epoch)
-        for i in self.shard_order(epoch):
-            if index < self.counts[i]:
-                break
-            index -= self.counts[i]
+        epoch, k, start = self.locate(self.process_rank)
+        i = self.shard_order(epoch)[k]
         if i not in self.checked:
             top = int(self.shards[i].max())
             if top >= self.vocab_size:
-                raise TrainError(f"{self.paths[i]}: token id {top} is >= the model's vocab_size {self.vocab_size}; "
-                                 f"the shard was made with another tokenizer")
+                limit = f"GPT-2's {GPT2_VOCAB_SIZE} ids" if self.gpt2 else f"the model's vocab_size {self.vocab_size}"
+                raise TrainError(f"{self.paths[i]}: token id {top} is past {limit}; the shard was made with another "
+                                 f"tokenizer")
             self.checked.add(i)
         if self.shuffle:
-            index = self.shard_batch_order(epoch, i)[index]
-        buf = torch.from_numpy(self.shards[i][index * B * T: (index + 1) * B * T + 1].astype(np.int64))
-        self.position += self.num_processes
+            start = self.shard_batch_order(epoch, i)[start // (B * T)] * B * T
+        buf = torch.from_numpy(self.shards[i][start: start + B * T + 1].astype(np.int64))
+        self.position = self.locate(self.num_processes)
         return buf[:-1].view(B, T), buf[1:].view(B, T)
 
 
@@ -667,7 +708,8 @@ def load_checkpoint(path):
         raise TrainError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: loading runs no code
-        missing = {"model", "optimizer", "model_config", "config", "step", "loader_positions"} - set(ckpt)
+        missing = {"model", "optimizer", "model_config", "config", "step"} - set(ckpt)
+        missing |= set() if {"loader_position", "loader_positions"} & set(ckpt) else {"loader_position"}
     except Exception as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if isinstance(e, pickle.UnpicklingError) and found:  # weights_only met pickled objects, maybe code
@@ -732,21 +774,23 @@ def load_optimizer_state(model, optimizer, state):
     set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
 
 
-def checkpoint_state(model, optimizer, scaler, cfg, step, val_loss, hellaswag, wandb_id, train_loader, device_type,
+def checkpoint_state(model, optimizer, scaler, cfg, step, val_loss, hellaswag, wandb_id, loaders, device_type,
                      world_size):
-    """What a resume needs, after `step` optimizer steps: weights, optimizer and loss scale, the flags, and
-    every rank's data position and RNG state. Under DDP or FSDP every rank calls it (and only rank 0's is
-    whole: weights and optimizer state are gathered there, positions and RNG states from every rank)."""
+    """What a resume needs, after `step` optimizer steps: weights, optimizer and loss scale, the flags, the
+    data read (the train loader's position, the same on every rank, and the shards of each split) and every
+    rank's RNG state. Under DDP or FSDP every rank calls it (and only rank 0's is whole: weights and
+    optimizer state are gathered there, RNG states from every rank)."""
+    train_loader, val_loader = loaders
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
-    positions, rngs = [train_loader.position], [rng]
+    rngs = [rng]
     if world_size > 1:
-        positions, rngs = [None] * world_size, [None] * world_size
-        dist.all_gather_object(positions, train_loader.position)
+        rngs = [None] * world_size
         dist.all_gather_object(rngs, rng)
+    data = {"dir": os.path.realpath(cfg.data_dir), "train": train_loader.record, "val": val_loader.record}
     return {"model": get_model_state_dict(model, options=FULL_STATE), "optimizer": optimizer_state(model, optimizer),
             "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(model.config),
             "config": dataclasses.asdict(cfg), "step": step, "val_loss": val_loss, "hellaswag": hellaswag,
-            "wandb_id": wandb_id, "loader_positions": positions, "rng_states": rngs}
+            "wandb_id": wandb_id, "loader_position": list(train_loader.position), "data": data, "rng_states": rngs}
 
 
 def save_checkpoint(ckpt, log_dir, keep_last):
@@ -789,18 +833,56 @@ def resume_config(cfg, given):
     return cfg, ckpt
 
 
-def restore_state(ckpt, model, optimizer, scaler, train_loader, rank, world_size, device_type):
+def restore_state(ckpt, model, optimizer, scaler, loaders, rank, world_size, device_type):
     """Load a checkpoint's optimizer, loss scale, data position and RNG state; returns its step."""
     load_optimizer_state(model, optimizer, ckpt["optimizer"])
     if scaler.is_enabled() and ckpt.get("scaler"):  # a float16 run's loss scale (a new one after bf16/fp32)
         scaler.load_state_dict(ckpt["scaler"])
-    # Rank r continues at the first unread micro-batch plus r, which is also right on another GPU count.
-    train_loader.position = ckpt["loader_positions"][0] + rank
+    resume_data(ckpt, *loaders)
     if len(ckpt["rng_states"]) == world_size:
         torch.set_rng_state(ckpt["rng_states"][rank]["cpu"])
         if device_type == "cuda" and ckpt["rng_states"][rank]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng_states"][rank]["cuda"])
     return ckpt["step"]
+
+
+def resume_data(ckpt, train_loader, val_loader):
+    """Continue at the checkpoint's first unread token, in the same data whatever B, T and the rank count; a
+    changed --data_dir is refused at its first difference, another one (a new corpus) read from its start."""
+    then, data = ckpt["config"], ckpt.get("data")  # no "data" in checkpoints of older versions
+    train_loader.reset()
+    data_dir = os.path.dirname(train_loader.paths[0])
+    now = {"train": train_loader.record, "val": val_loader.record}
+    if os.path.realpath(data_dir) != (data["dir"] if data else os.path.realpath(then["data_dir"])):
+        if data is None or {k: data[k] for k in now} != now:
+            print0(f"note: --data_dir {data_dir} is not the data of the checkpoint ({then['data_dir']}): its train "
+                   f"split is read from its beginning, and val loss measured on its val split")
+            return
+    elif data is not None:
+        for split in now:
+            old, new = ({n: (t, h) for n, t, h in record} for record in (data[split], now[split]))
+            changed = next((n for n in sorted(old.keys() | new.keys()) if old.get(n) != new.get(n)), None)
+            if changed:
+                what = "is new" if changed not in old else "is missing" if changed not in new else \
+                    f"has changed ({old[changed][0]} tokens then, {new[changed][0]} now)" \
+                    if old[changed][0] != new[changed][0] else "holds other tokens"
+                raise TrainError(f"--data_dir {data_dir}: {split} shard {changed} {what} since the checkpoint, so its "
+                                 f"position would read other tokens; restore the shards, or resume with the changed "
+                                 f"data under another --data_dir to read it from its beginning")
+    b, t, shuffle = then["micro_batch_size"], then["seq_len"], then["shuffle"]
+    if shuffle != train_loader.shuffle:
+        raise TrainError(f"--shuffle {int(train_loader.shuffle)}: the checkpoint's run read its data in "
+                         f"{'shuffled' if shuffle else 'sorted'} order and its position holds in that order only; "
+                         f"keep --shuffle {int(shuffle)}")
+    if (shuffle or data is None) and b * t != train_loader.B * train_loader.T:
+        why = "a shuffled run's position holds for micro-batches of its size only" if data \
+            else "the checkpoint, from an older train_gpt2.py, counts its position in micro-batches"
+        raise TrainError(f"--micro_batch_size {train_loader.B} --seq_len {train_loader.T}: {why}; keep "
+                         f"--micro_batch_size {b} --seq_len {t}")
+    if data is None:
+        train_loader.position = train_loader.locate(ckpt["loader_positions"][0])
+    else:
+        train_loader.position = tuple(ckpt["loader_position"])
 
 
 # -----------------------------------------------------------------------------
@@ -1253,7 +1335,8 @@ def train(cfg, given):
     val_steps = distinct_val_steps(cfg.val_steps, val_loader)
     start_step = 0
     if ckpt is not None:
-        start_step = restore_state(ckpt, raw_model, optimizer, scaler, train_loader, rank, world_size, device_type)
+        start_step = restore_state(ckpt, raw_model, optimizer, scaler, (train_loader, val_loader), rank, world_size,
+                                   device_type)
         print0(f"resuming from {checkpoint_paths(cfg.log_dir)[-1]} at step {start_step}")
     # One static graph per input shape (train, val, HellaSwag): with dynamic shapes, the second shape
     # seen would recompile everything, the training step too, into a slower dynamic-shape graph.
@@ -1309,7 +1392,7 @@ def train(cfg, given):
                 write_samples(raw_model, prompt, enc, step, cfg.log_dir, autocast, rank)
             if do_checkpoint:
                 state = checkpoint_state(raw_model, optimizer, scaler, cfg, step, val_loss, acc_norm, wandb_run.id,
-                                         train_loader, device_type, world_size)
+                                         (train_loader, val_loader), device_type, world_size)
                 if rank == 0:
                     print0(f"wrote {save_checkpoint(state, cfg.log_dir, cfg.keep_last)}")
             if last:

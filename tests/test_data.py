@@ -239,15 +239,43 @@ def test_position_is_the_whole_state(tmp_path, world, rank):
         assert_same(read(restored, 12), read(original, 12))
 
 
-def test_position_counts_micro_batches_of_the_stream(tmp_path):
-    make_dir(tmp_path, THREE_SHARDS)
-    dl = loader(tmp_path, process_rank=1, num_processes=3)
-    assert dl.position == 1
-    read(dl, 2)
-    assert dl.position == 7
-    single = loader(tmp_path)
-    single.position = 7
-    assert_same(read(single, 1), read(dl, 1))
+def test_position_is_where_the_first_micro_batch_no_rank_has_read_begins(tmp_path):
+    make_dir(tmp_path, THREE_SHARDS)  # in sorted order: 4, 2 and 5 micro-batches
+    ranks = [loader(tmp_path, process_rank=r, num_processes=3) for r in range(3)]
+    for rounds, position in ((0, (0, 0, 0)), (1, (0, 0, 3 * BT)), (1, (0, 2, 0)), (3, (1, 1, 0))):
+        for dl in ranks:
+            read(dl, rounds)
+        assert [dl.position for dl in ranks] == [position] * 3  # (epoch, shard, tokens into it)
+
+
+def stream_from(tokens, shard, offset, bt, n):
+    """The first n x's (bt tokens each) of the unshuffled stream of `tokens` (arrays, in reading order) that
+    begins `offset` tokens into tokens[shard]: a shard goes on while it holds bt + 1 more tokens, then wraps."""
+    out = []
+    while len(out) < n:
+        while offset + bt + 1 <= len(tokens[shard]) and len(out) < n:
+            out.append(tokens[shard][offset: offset + bt])
+            offset += bt
+        shard, offset = (shard + 1) % len(tokens), 0
+    return out
+
+
+@pytest.mark.parametrize("b,t,world", [(1, 4, 1), (4, 4, 1), (1, 3, 2), (2, 4, 3), (3, 5, 2)])
+def test_a_loader_of_another_size_or_rank_count_continues_at_the_first_unread_token(tmp_path, b, t, world):
+    """Resume with another --micro_batch_size, --seq_len or GPU count: the position carries over as a token,
+    so nothing is read twice or skipped (a shard too short for another micro-batch of the new size ends)."""
+    shards = make_dir(tmp_path, THREE_SHARDS)
+    tokens = [shards[n] for n in sorted(shards)]
+    starts = [(s, i * BT) for s, ts in enumerate(tokens) for i in range((len(ts) - 1) // BT)]
+    for k in (0, 3, 4, 5, 6, 10, 14):  # inside and at the end of shards, at and past the wrap-around
+        first = loader(tmp_path)
+        read(first, k)
+        rest = [DataLoaderLite(str(tmp_path), "train", b, t, r, world) for r in range(world)]
+        for dl in rest:
+            dl.position = first.position
+        got = [dl.next_batch()[0].flatten().numpy() for _ in range(8) for dl in rest]
+        want = stream_from(tokens, *starts[k % len(starts)], b * t, 8 * world)
+        assert [g.tolist() for g in got] == [w.tolist() for w in want], f"after {k} micro-batches"
 
 
 @pytest.mark.parametrize("world,rank", [(1, 0), (2, 1), (3, 2)])
@@ -257,7 +285,7 @@ def test_reset_goes_back_to_the_ranks_first_micro_batch(tmp_path, world, rank):
     dl = loader(tmp_path, process_rank=rank, num_processes=world)
     read(dl, 13)  # past the end of the epoch
     dl.reset()
-    assert dl.position == rank
+    assert dl.position == (0, 0, 0)
     assert_same(read(dl, 10), fresh)
 
 
@@ -351,7 +379,8 @@ def test_shuffle_draws_each_shards_order_once_per_epoch(tmp_path, monkeypatch):
     draws, default_rng = [], np.random.default_rng
     monkeypatch.setattr(np.random, "default_rng", lambda seed: draws.append(seed) or default_rng(seed))
     read(dl, 2 * per_epoch)
-    assert len(draws) == 2 * (1 + len(shards))  # per epoch: the shard order, then each shard's order
+    # Per epoch: the shard order, then each shard's order; and the next epoch's shard order, where the position is
+    assert len(draws) == 2 * (1 + len(shards)) + 1 and draws[-1] == [1337, 2]
 
 
 def test_shuffle_is_off_by_default_so_val_keeps_sorted_order_every_epoch(tmp_path):

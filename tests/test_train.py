@@ -1,6 +1,7 @@
 """The training loop as a user runs it: flags, gradient accumulation, DDP, checkpoints, resume, errors; and the
 loop's parts (val loss, log lines, checkpoint state) in-process."""
 import contextlib
+import json
 import math
 import os
 import re
@@ -265,29 +266,41 @@ def test_log_lines_and_the_do_nothing_wandb(tmp_path):
     assert open(log_file).read() == "0 val 10.9877\n0 train 10.123457\n1 val 9.5000\n"
 
 
-def test_checkpoint_state_restores_into_a_new_run(data, tmp_path):
-    """What checkpoint_state() saves, restore_state() puts back: optimizer, loss scale, data position, RNG."""
-    from train_gpt2 import DataLoaderLite, checkpoint_state, load_checkpoint, restore_state, save_checkpoint
+def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
+    """What checkpoint_state() saves, restore_state() puts back: optimizer, loss scale, data position, RNG. A
+    checkpoint of an older version (its position in micro-batches) resumes with the same micro-batch only."""
+    from train_gpt2 import DataLoaderLite, TrainError, checkpoint_state, load_checkpoint, restore_state, save_checkpoint
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
     optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=True)
-    loader = DataLoaderLite(str(data), "train", 4, 32, vocab_size=256)
-    x, y = loader.next_batch()
+    loaders = [DataLoaderLite(str(data), split, 4, 32, vocab_size=256) for split in ("train", "val")]
+    x, y = loaders[0].next_batch()
     scaler.scale(model(x, y)[1]).backward()
     scaler.step(optimizer)
     scaler.update()
-    state = checkpoint_state(model, optimizer, scaler, TrainConfig(), 1, 5.5, None, None, loader, "cpu", 1)
+    cfg = TrainConfig(data_dir=str(data), micro_batch_size=4, seq_len=32)
+    state = checkpoint_state(model, optimizer, scaler, cfg, 1, 5.5, None, None, loaders, "cpu", 1)
     path = save_checkpoint(state, tmp_path, keep_last=3)
     rng_after_save = torch.rand(3)
     model2 = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
     optimizer2, scaler2 = model2.configure_optimizers(0.1, 1e-3, "cpu"), torch.amp.GradScaler("cpu", enabled=True)
-    loader2 = DataLoaderLite(str(data), "train", 4, 32, vocab_size=256)
+    loaders2 = [DataLoaderLite(str(data), split, 4, 32, vocab_size=256) for split in ("train", "val")]
     ckpt = load_checkpoint(path)
-    assert restore_state(ckpt, model2, optimizer2, scaler2, loader2, 0, 1, "cpu") == 1 and loader2.position == 1
+    assert restore_state(ckpt, model2, optimizer2, scaler2, loaders2, 0, 1, "cpu") == 1
+    assert loaders2[0].position == (0, 0, 128)
     assert torch.equal(torch.rand(3), rng_after_save) and scaler2.state_dict() == scaler.state_dict()
     assert optimizer2.state_dict()["state"][0]["step"] == 1 and ckpt["val_loss"] == 5.5
     assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+    old = {k: v for k, v in ckpt.items() if k not in ("loader_position", "data")}
+    torch.save({**old, "loader_positions": [1]}, path)
+    restore_state(load_checkpoint(path), model2, optimizer2, scaler2, loaders2, 0, 1, "cpu")
+    assert loaders2[0].position == (0, 0, 128)
+    halved = [DataLoaderLite(str(data), split, 2, 32, vocab_size=256) for split in ("train", "val")]
+    with pytest.raises(TrainError, match="^--micro_batch_size 2 --seq_len 32: the checkpoint, from an older "
+                                         "train_gpt2.py, .*; keep --micro_batch_size 4 --seq_len 32$"):
+        restore_state(load_checkpoint(path), model2, optimizer2, scaler2, halved, 0, 1, "cpu")
 
 
 def test_grad_accumulation_equals_one_big_batch(data, tmp_path):
@@ -314,7 +327,7 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path):
         assert ddp["train"][step] == pytest.approx(single["train"][step], abs=2e-5)
     a = torch.load(tmp_path / "ddp" / "model_00006.pt", weights_only=True)
     b = torch.load(tmp_path / "single" / "model_00006.pt", weights_only=True)
-    assert a["loader_positions"] == [24, 25] and b["loader_positions"] == [24]
+    assert a["loader_position"] == b["loader_position"] == [0, 0, 24 * 64]  # 24 micro-batches of 2x32 read
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
 
@@ -334,7 +347,10 @@ def test_checkpoints_are_safe_and_complete(data, tmp_path):
     ckpt = torch.load(tmp_path / "model_00009.pt", weights_only=True)  # no pickled classes
     assert ckpt["step"] == 9 and ckpt["config"]["max_steps"] == 9
     assert ckpt["model_config"] == {"block_size": 64, "vocab_size": 256, "n_layer": 2, "n_head": 2, "n_embd": 32}
-    assert ckpt["loader_positions"] == [9 * 2]  # 9 steps x 2 micro-batches read
+    assert ckpt["loader_position"] == [0, 0, 9 * 2 * 128]  # 9 steps x 2 micro-batches of 4x32 read: (epoch, shard, token)
+    assert [(name, n) for name, n, _ in ckpt["data"]["train"]] == [("synth_train_000001.npy", 12000),
+                                                                   ("synth_train_000002.npy", 9000)]
+    assert [name for name, _, _ in ckpt["data"]["val"]] == ["synth_val_000000.npy"]
     assert set(ckpt["rng_states"][0]) == {"cpu", "cuda"}
     assert len(ckpt["optimizer"]["state"]) > 0
     # The final checkpoint is the model after the last update: its val loss is that of the weights it holds.
@@ -430,6 +446,99 @@ def test_n_steps_then_n_more_equals_2n_steps(data, tmp_path):
     resume(tmp_path / "parts", "--max_steps", 10)
     full, parts = read_log(tmp_path / "full"), read_log(tmp_path / "parts")
     assert full["train"] == parts["train"]
+
+
+@pytest.fixture(scope="module")
+def counter_data(tmp_path_factory):
+    """Token id = its place in the folder (ids 0..1754 train, 2000.. val): a batch says which tokens it holds.
+    Shard tails of 30 and 59 tokens hold no micro-batch of 4x32 or 2x32."""
+    d = tmp_path_factory.mktemp("counter")
+    write_npy_shard(d / "count_train_000001.npy", np.arange(0, 1055))
+    write_npy_shard(d / "count_train_000002.npy", np.arange(1055, 1755))
+    write_npy_shard(d / "count_val_000000.npy", np.arange(2000, 2300))
+    return d
+
+
+def test_resume_with_half_the_micro_batch_reads_on_from_the_first_unread_token(counter_data, tmp_path, monkeypatch):
+    """README's advice when out of memory: resume with a smaller --micro_batch_size (more accumulation). The
+    token ranges the train loader reads, interrupted at step 3 and resumed with half the micro-batch, are an
+    uninterrupted run's, in order (before, the position counted micro-batches: it re-read 384 tokens)."""
+    from train_gpt2 import DataLoaderLite
+    reads, next_batch = [], DataLoaderLite.next_batch
+
+    def recording(self):
+        x, y = next_batch(self)
+        if "_train_" in self.paths[0]:
+            ids = x.flatten()
+            assert torch.equal(ids, torch.arange(ids[0], ids[0] + len(ids)))  # one range of one shard
+            reads.append((int(ids[0]), int(ids[-1]) + 1))
+        return x, y
+
+    def merged(ranges):
+        out = []
+        for a, b in ranges:
+            out[-1:] = [(out[-1][0], b)] if out and out[-1][1] == a else out[-1:] + [(a, b)]
+        return out
+
+    monkeypatch.setattr(DataLoaderLite, "next_batch", recording)
+    main([str(a) for a in ["--data_dir", counter_data, "--log_dir", tmp_path, *TINY, "--vocab_size", 4096,
+                           "--max_steps", 8, "--ckpt_interval", 3]])  # 4x32 micro-batches, 2 a step: past an epoch
+    uninterrupted = list(reads)
+    for step in (6, 8):
+        os.remove(tmp_path / f"model_0000{step}.pt")
+    del reads[6:]
+    main([str(a) for a in ["--log_dir", tmp_path, "--init_from", "resume", "--micro_batch_size", 2]])
+    assert len(reads) == 6 + 5 * 4 and reads[6] == (768, 832)
+    assert merged(reads) == merged(uninterrupted) == [(0, 1024), (1055, 1695), (0, 384)]
+
+
+def test_resume_refuses_changed_data_and_reads_another_data_dir_from_its_beginning(data, tmp_path, capsys):
+    """A shard added, removed or rewritten in --data_dir since the checkpoint: one line naming the first
+    difference. Another --data_dir holding other data is a new corpus, read from its first token (with a
+    note); one holding the same data (a copy, a move) continues where the checkpoint stopped."""
+    import shutil
+    shutil.copytree(data, tmp_path / "data")
+    shutil.copytree(data, tmp_path / "copy")
+    main([str(a) for a in ["--data_dir", tmp_path / "data", "--log_dir", tmp_path / "log", *TINY, "--max_steps", 2]])
+    tokens, val = np.load(data / "synth_train_000001.npy"), np.load(data / "synth_val_000000.npy")
+    for name, new, first_difference in [  # new tokens for the shard, or None to remove it
+            ("synth_train_000003.npy", tokens, "train shard synth_train_000003.npy is new"),
+            ("synth_train_000002.npy", None, "train shard synth_train_000002.npy is missing"),
+            ("synth_train_000001.npy", tokens[:11000], "train shard synth_train_000001.npy has changed (12000 "
+                                                       "tokens then, 11000 now)"),
+            ("synth_train_000001.npy", tokens[::-1], "train shard synth_train_000001.npy holds other tokens"),
+            ("synth_val_000000.npy", val[::-1], "val shard synth_val_000000.npy holds other tokens")]:
+        path = tmp_path / "data" / name
+        saved = path.read_bytes() if path.exists() else None
+        os.remove(path) if new is None else write_npy_shard(path, new)
+        code, err = run_main(capsys, "--log_dir", tmp_path / "log", "--init_from", "resume", "--max_steps", 4)
+        assert code == 1 and err == f"train_gpt2.py: error: --data_dir {tmp_path / 'data'}: {first_difference} " \
+            f"since the checkpoint, so its position would read other tokens; restore the shards, or resume with " \
+            f"the changed data under another --data_dir to read it from its beginning\n"
+        os.remove(path) if saved is None else path.write_bytes(saved)
+
+    shutil.copytree(data, tmp_path / "other")
+    write_npy_shard(tmp_path / "other" / "synth_train_000001.npy", tokens[::-1])
+    for name, position in (("data", [0, 0, 3 * 256]), ("copy", [0, 0, 3 * 256]), ("other", [0, 0, 256])):
+        shutil.copytree(tmp_path / "log", tmp_path / f"log_{name}")
+        main([str(a) for a in ["--log_dir", tmp_path / f"log_{name}", "--init_from", "resume", "--max_steps", 3,
+                               "--data_dir", tmp_path / name]])  # one step more
+        note = f"note: --data_dir {tmp_path / name} is not the data of the checkpoint ({tmp_path / 'data'}): its " \
+               f"train split is read from its beginning, and val loss measured on its val split\n"
+        assert (note in capsys.readouterr().out) == (name == "other")
+        assert torch.load(tmp_path / f"log_{name}" / "model_00003.pt")["loader_position"] == position
+
+
+@pytest.mark.parametrize("first, then, refusal", [
+    ([], ["--shuffle", 1], "--shuffle 1: the checkpoint's run read its data in sorted order and its position holds "
+                           "in that order only; keep --shuffle 0"),
+    (["--shuffle", 1], ["--micro_batch_size", 2], "--micro_batch_size 2 --seq_len 32: a shuffled run's position "
+                                                  "holds for micro-batches of its size only; keep --micro_batch_size "
+                                                  "4 --seq_len 32")], ids=["shuffle", "shuffled_micro_batch"])
+def test_resume_refuses_a_data_order_without_the_checkpoints_position(data, tmp_path, capsys, first, then, refusal):
+    main([str(a) for a in ["--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 1, *first]])
+    code, err = run_main(capsys, "--log_dir", tmp_path, "--init_from", "resume", "--max_steps", 2, *then)
+    assert code == 1 and err == f"train_gpt2.py: error: {refusal}\n"
 
 
 SIGNALLED_RUN = [*TINY, "--max_steps", 60, "--ckpt_interval", 1000]
@@ -571,7 +680,9 @@ def test_unfinished_data_preparation_is_refused(capsys, data, tmp_path):
     (tmp_path / "data" / "manifest.json").write_text('{"shards": [], "done": false}')
     code, err = run_main(capsys, "--data_dir", tmp_path / "data", "--log_dir", tmp_path / "log", *map(str, TINY))
     assert code == 1 and "fineweb.py has not finished writing it" in err and "rerun the same fineweb.py" in err
-    (tmp_path / "data" / "manifest.json").write_text('{"shards": [], "done": true}')
+    shards = [{"name": n, "split": n.split("_")[1], "bytes": os.path.getsize(tmp_path / "data" / n)}
+              for n in sorted(os.listdir(data))]
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"shards": shards, "done": True}))
     finished = train(tmp_path / "data", tmp_path / "log", "--max_steps", 1)
     assert finished.returncode == 0 and (tmp_path / "log" / "model_00001.pt").exists()
 
