@@ -24,6 +24,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -120,6 +121,13 @@ def parse_args(argv=None):
             parser.error(f"--{name} {getattr(cfg, name)}: must be a positive integer")
     if cfg.format not in ("npy", "bin"):
         parser.error(f"--format {cfg.format}: expected npy or bin")
+    if "/" in cfg.prefix or os.sep in cfg.prefix:
+        parser.error(f"--prefix {cfg.prefix}: a path separator in a shard name; give the folder as --out_dir")
+    word = re.search(r"(?<![a-z])(train|val)(?![a-z])", cfg.prefix)  # train_gpt2.py's split words
+    if word:
+        other = "val_000000" if word[1] == "train" else "train_000001"
+        parser.error(f"--prefix {cfg.prefix}: holds the split word {word[1]}, so that a shard name such as "
+                     f"{cfg.prefix}_{other}.{cfg.format} would hold both splits; pick a prefix without train or val")
     return cfg
 
 

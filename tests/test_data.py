@@ -4,6 +4,7 @@ Every shard is filled with distinct consecutive token ids (a running counter ove
 batch says which shard and offset it came from, and equality checks cannot pass by accident.
 """
 
+import json
 import os
 import zipfile
 
@@ -186,8 +187,9 @@ def test_splits_and_unrelated_files_are_kept_apart(tmp_path):
 
 
 def test_shard_too_short_for_one_micro_batch_is_skipped(tmp_path):
+    # Empty shards (0 tokens) counted -1 micro-batches: the next shard's micro-batch 0 was never read.
     shards = make_dir(tmp_path, {"d_train_0.npy": 2 * BT + 1, "d_train_1.npy": BT, "d_train_2.npy": 1,
-                                 "d_train_3.bin": BT, "d_train_4.npy": BT + 1})
+                                 "d_train_3.bin": BT, "d_train_35.npy": 0, "d_train_36.bin": 0, "d_train_4.npy": BT + 1})
     dl = loader(tmp_path)
     got = read(dl, 6)
     assert [shard_of(shards, b)[0] for b in got] == ["d_train_0.npy", "d_train_0.npy", "d_train_4.npy"] * 2
@@ -440,7 +442,8 @@ def test_empty_data_dir(tmp_path):
 
 def test_no_shard_holds_one_micro_batch(tmp_path):
     make_dir(tmp_path, {"edufineweb_train_000000.npy": BT, "edufineweb_train_000001.bin": BT,
-                        "edufineweb_train_000002.npy": 3})
+                        "edufineweb_train_000002.npy": 3, "edufineweb_train_000003.npy": 0,
+                        "edufineweb_train_000004.bin": 0})  # empty ones were a traceback
     msg = bad_data_error(tmp_path)
     assert str(tmp_path) in msg
     assert "--micro_batch_size" in msg and "--seq_len" in msg
@@ -558,6 +561,23 @@ def test_token_id_equal_to_vocab_size_late_in_a_shard_is_caught_on_its_first_bat
     assert str(tmp_path / "w_train_0.npy") in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("vocab_size, top, ok", [(50304, 50256, True), (50304, 50257, False), (50304, 50303, False),
+                                                 (50257, 50260, False), (60000, 50303, True), (50000, 50000, False)])
+def test_with_gpt2s_vocabulary_the_padding_ids_are_refused(tmp_path, vocab_size, top, ok):
+    """--vocab_size 50304 is GPT-2's 50257 ids padded to a multiple of 128: ids 50257..50303 are no GPT-2
+    token. Another --vocab_size (another tokenizer) keeps its own limit."""
+    write_npy_shard(tmp_path / "g_train_0.npy", np.full(2 * BT + 1, top))
+    dl = loader(tmp_path, vocab_size=vocab_size)
+    if ok:
+        assert (read(dl, 1)[0][0] == top).all()
+        return
+    with pytest.raises(TrainError) as info:
+        dl.next_batch()
+    limit = "GPT-2's 50257 ids" if vocab_size in (50257, 50304) else f"the model's vocab_size {vocab_size}"
+    assert str(info.value) == f"{tmp_path / 'g_train_0.npy'}: token id {top} is past {limit}; the shard was made " \
+                              f"with another tokenizer"
+
+
 def test_token_ids_below_vocab_are_accepted_on_every_read(tmp_path):
     write_npy_shard(tmp_path / "u_train_0.npy", np.full(2 * BT + 1, 49))
     dl = loader(tmp_path, vocab_size=50)
@@ -565,10 +585,53 @@ def test_token_ids_below_vocab_are_accepted_on_every_read(tmp_path):
         assert (x == 49).all() and (y == 49).all()
 
 
-def test_split_is_a_word_of_the_name(tmp_path):
-    """A prefix such as "eval" holds the letters of "val": its train shards are still train shards."""
-    make_dir(tmp_path, {"eval_val_000000.npy": 9, "eval_train_000001.npy": 17})
+def test_split_is_the_word_right_before_the_shard_number(tmp_path):
+    """A prefix such as "eval" holds the letters of "val": its train shards are still train shards. llm.c's
+    names have no number at times (tiny_shakespeare_val.bin); a split word elsewhere in a name is no split."""
+    make_dir(tmp_path, {"eval_val_000000.npy": 9, "eval_train_000001.npy": 17, "tiny_shakespeare_val.bin": 9,
+                        "tiny_shakespeare_train.bin": 17, "x-train.000002.npy": 17, "train_notes_000003.npy": 17,
+                        "val_tokens.npy": 9})
     train = DataLoaderLite(str(tmp_path), "train", 2, 4)
     val = DataLoaderLite(str(tmp_path), "val", 2, 4)
-    assert [os.path.basename(p) for p in train.paths] == ["eval_train_000001.npy"]
-    assert [os.path.basename(p) for p in val.paths] == ["eval_val_000000.npy"]
+    assert [os.path.basename(p) for p in train.paths] == ["eval_train_000001.npy", "tiny_shakespeare_train.bin",
+                                                          "x-train.000002.npy"]
+    assert [os.path.basename(p) for p in val.paths] == ["eval_val_000000.npy", "tiny_shakespeare_val.bin"]
+
+
+@pytest.mark.parametrize("name", ["train_val_000000.npy", "my_val_train_000001.npy", "val-x-train.bin"])
+def test_a_shard_name_holding_both_split_words_is_an_error(tmp_path, name):
+    """fineweb.py --prefix train wrote train_val_000000.npy, which was read as a train shard too."""
+    make_dir(tmp_path, {"d_train_000001.npy": 3 * BT + 1, "d_val_000000.npy": 3 * BT + 1, name: 3 * BT + 1})
+    for split in ("train", "val"):
+        assert bad_data_error(tmp_path, split) == f"{tmp_path / name}: its name holds both train and val, so its " \
+            f"split is unclear; rename it, or remake the folder with a fineweb.py --prefix holding neither"
+
+
+def write_manifest(path, shards, damage):
+    """fineweb.py's manifest.json for make_dir's `shards`, damaged: a shard it lists missing from the
+    folder, one it does not list added, or one of another size than listed."""
+    entries = [{"name": n, "split": n.split("_")[1], "tokens": len(t), "bytes": os.path.getsize(path / n)}
+               for n, t in shards.items()]
+    (path / "manifest.json").write_text(json.dumps({"shards": entries, "done": True}))
+    if damage == "missing":
+        os.remove(path / "m_train_000002.npy")
+    elif damage == "extra":
+        write_npy_shard(path / "m_train_000003.npy", np.arange(3 * BT + 1))
+    elif damage == "resized":
+        write_npy_shard(path / "m_train_000002.npy", np.arange(2 * BT + 1))
+
+
+@pytest.mark.parametrize("damage, what", [
+    (None, None), ("missing", "m_train_000002.npy, listed in its manifest.json, is missing"),
+    ("extra", "m_train_000003.npy is not a shard its manifest.json lists (fineweb.py did not write it there); move "
+              "it out"),
+    ("resized", "m_train_000002.npy, listed in its manifest.json, has 162 bytes, not 178")])
+def test_shards_must_be_exactly_those_the_manifest_lists(tmp_path, damage, what):
+    shards = make_dir(tmp_path, {"m_val_000000.npy": 3 * BT + 1, "m_train_000001.npy": 3 * BT + 1,
+                                 "m_train_000002.npy": 3 * BT + 1})
+    write_manifest(tmp_path, shards, damage)
+    if damage is None:
+        assert len(loader(tmp_path).paths) == 2
+        return
+    for split in ("train", "val"):  # either loader finds it
+        assert bad_data_error(tmp_path, split).startswith(f"--data_dir {tmp_path}: {what}")

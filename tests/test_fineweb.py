@@ -566,7 +566,8 @@ def bad_flag(*flag):
 ERRORS = [missing_file, folder_without_corpus_files, empty_jsonl, non_utf8_file_in_a_folder, csv_file,
           missing_text_column, corpus_too_small,
           out_dir_of_another_corpus, out_dir_with_shards_but_no_manifest,
-          bad_flag("--shard_size", 0), bad_flag("--format", "zip"), bad_flag("--preset", "nope")]
+          bad_flag("--shard_size", 0), bad_flag("--format", "zip"), bad_flag("--preset", "nope"),
+          bad_flag("--prefix", "train"), bad_flag("--prefix", "my_val"), bad_flag("--prefix", "sub/data")]
 
 
 @pytest.mark.parametrize("case", ERRORS, ids=[c.__name__ for c in ERRORS])
@@ -680,6 +681,20 @@ def test_train_gpt2_reads_the_shards(tmp_path, request, fixture):
     assert sorted(log["train"]) == [0, 1, 2]
     assert 3 in log["val"]
     assert all(5 < loss < 12 for kind in log.values() for loss in kind.values())  # ~ln(50304) = 10.8 at init
+
+
+def test_train_gpt2_refuses_a_copy_that_is_not_the_folder_the_manifest_lists(tmp_path, reference):
+    """A copy missing a listed shard, or holding one fineweb.py did not write, trained on what was there."""
+    shutil.copytree(reference, tmp_path / "missing")
+    os.remove(tmp_path / "missing" / "data_train_000007.npy")
+    shutil.copytree(reference, tmp_path / "extra")
+    shutil.copy(tmp_path / "extra" / "data_train_000001.npy", tmp_path / "extra" / "data_train_000099.npy")
+    for folder, what in (("missing", "data_train_000007.npy, listed in its manifest.json, is missing; rerun the "
+                                     "fineweb.py command that made the folder, which redoes it"),
+                         ("extra", "data_train_000099.npy is not a shard its manifest.json lists (fineweb.py did "
+                                   "not write it there); move it out")):
+        proc = run_train("--data_dir", tmp_path / folder, "--log_dir", tmp_path / "log", "--max_steps", 1, check=False)
+        assert proc.returncode == 1 and proc.stderr == f"train_gpt2.py: error: --data_dir {tmp_path / folder}: {what}\n"
 
 
 def test_datasets_cache_is_the_temporary_one(hf_cache, reference):
