@@ -693,7 +693,9 @@ def test_train_gpt2_refuses_a_copy_that_is_not_the_folder_the_manifest_lists(tmp
                                      "fineweb.py command that made the folder, which redoes it"),
                          ("extra", "data_train_000099.npy is not a shard its manifest.json lists (fineweb.py did "
                                    "not write it there); move it out")):
-        proc = run_train("--data_dir", tmp_path / folder, "--log_dir", tmp_path / "log", "--max_steps", 1, check=False)
+        proc = run_train("--data_dir", tmp_path / folder, "--log_dir", tmp_path / f"log_{folder}", "--n_layer", 1,
+                         "--n_head", 2, "--n_embd", 32, "--block_size", 32, "--seq_len", 32, "--micro_batch_size", 4,
+                         "--total_batch_size", 128, "--max_steps", 1, "--val_steps", 2, "--device", "cpu", check=False)
         assert proc.returncode == 1 and proc.stderr == f"train_gpt2.py: error: --data_dir {tmp_path / folder}: {what}\n"
 
 
