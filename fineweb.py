@@ -126,8 +126,9 @@ def parse_args(argv=None):
     word = re.search(r"(?<![a-z])(train|val)(?![a-z])", cfg.prefix)  # train_gpt2.py's split words
     if word:
         other = "val_000000" if word[1] == "train" else "train_000001"
-        parser.error(f"--prefix {cfg.prefix}: holds the split word {word[1]}, so that a shard name such as "
-                     f"{cfg.prefix}_{other}.{cfg.format} would hold both splits; pick a prefix without train or val")
+        parser.error(f"--prefix {cfg.prefix}: holds the split word {word[1]}, so that a shard name such "
+                     f"as {cfg.prefix}_{other}.{cfg.format} would hold both splits; pick one without train "
+                     f"or val")
     return cfg
 
 

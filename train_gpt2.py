@@ -421,14 +421,16 @@ def open_shard(path):
 def find_shards(data_dir, split):
     if not os.path.isdir(data_dir):
         raise TrainError(f"--data_dir {data_dir}: no such folder; make token shards with `python fineweb.py`")
-    # A shard's split is the word right before its number, as fineweb.py ({prefix}_{split}_000001.npy) and llm.c
-    # (fineweb_train_000001.bin, tiny_shakespeare_val.bin) write it; a word is not next to a letter ("eval")
+    # A shard's split is the word right before its number, as fineweb.py ({prefix}_{split}_000001.npy)
+    # and llm.c (fineweb_train_000001.bin, tiny_shakespeare_val.bin) name them; a word has no letter
+    # beside it ("eval" is none)
     splits = {}
     for n in sorted(os.listdir(data_dir)):
         found = re.search(r"(?<![a-z])(train|val)(?:[_.-]?\d+)?\.(?:npy|bin)$", n)
         if found and len(set(re.findall(r"(?<![a-z])(train|val)(?![a-z])", n))) > 1:
-            raise TrainError(f"{os.path.join(data_dir, n)}: its name holds both train and val, so its split is "
-                             f"unclear; rename it, or remake the folder with a fineweb.py --prefix holding neither")
+            raise TrainError(f"{os.path.join(data_dir, n)}: its name holds both train and val, so its split "
+                             f"is unclear; rename it, or remake the folder with a fineweb.py --prefix "
+                             f"holding neither")
         if found:
             splits[n] = found[1]
     manifest = os.path.join(data_dir, "manifest.json")  # fineweb.py's record of its run; llm.c's folders have none
@@ -441,17 +443,17 @@ def find_shards(data_dir, split):
         if isinstance(record, dict) and record.get("done") is False:  # fineweb.py's, of a run stopped partway
             raise TrainError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its manifest.json says "
                              f"so); rerun the same fineweb.py command, which resumes where it stopped")
-        if isinstance(record, dict) and "shards" in record:  # fineweb.py's: the shards must be exactly those listed
+        if isinstance(record, dict) and "shards" in record:  # fineweb.py's: the shards are those it lists
             listed = {e["name"]: e["bytes"] for e in record["shards"]}
             for n in sorted(set(listed) | set(splits)):
                 path = os.path.join(data_dir, n)
                 size = os.path.getsize(path) if os.path.isfile(path) else None
                 if n not in listed:
-                    raise TrainError(f"--data_dir {data_dir}: {n} is not a shard its manifest.json lists (fineweb.py "
-                                     f"did not write it there); move it out")
+                    raise TrainError(f"--data_dir {data_dir}: {n} is not a shard its manifest.json lists "
+                                     f"(fineweb.py did not write it there); move it out")
                 if size != listed[n]:
-                    raise TrainError(f"--data_dir {data_dir}: {n}, listed in its manifest.json, "
-                                     f"{'is missing' if size is None else f'has {size} bytes, not {listed[n]}'}; "
+                    what = "is missing" if size is None else f"has {size} bytes, not {listed[n]}"
+                    raise TrainError(f"--data_dir {data_dir}: {n}, listed in its manifest.json, {what}; "
                                      f"rerun the fineweb.py command that made the folder, which redoes it")
     names = [n for n in splits if splits[n] == split]
     if not names:
@@ -479,8 +481,7 @@ class DataLoaderLite:
                  shuffle=False, seed=1337):
         self.B, self.T = B, T
         # GPT-2's ids end at 50256: 50257..50303 only pad --vocab_size 50304 to a multiple of 128
-        self.gpt2 = vocab_size in (GPT2_VOCAB_SIZE, 50304)
-        self.vocab_size = GPT2_VOCAB_SIZE if self.gpt2 else vocab_size
+        self.vocab_size = GPT2_VOCAB_SIZE if vocab_size == 50304 else vocab_size
         self.process_rank, self.num_processes = process_rank, num_processes
         self.shuffle, self.seed = shuffle, seed
         self.paths = find_shards(data_dir, split)
@@ -490,9 +491,10 @@ class DataLoaderLite:
         if self.batches_per_epoch == 0:
             raise TrainError(f"no {split} shard in {data_dir}/ holds one micro-batch of {B}x{T}+1 tokens "
                              f"(largest has {max(len(s) for s in self.shards)}); lower --micro_batch_size or --seq_len")
-        # What the checkpoint records of the data: each shard's name, tokens and a hash of its ends and middle
-        self.record = [[os.path.basename(p), len(s), zlib.crc32(b"".join(s[i:i + 2048].tobytes() for i in
-                        (0, len(s) // 2, max(0, len(s) - 2048))))] for p, s in zip(self.paths, self.shards)]
+        # What a checkpoint records of the data: each shard's name, tokens, and a hash of its ends and middle
+        self.record = [[os.path.basename(p), len(s), zlib.crc32(b"".join(
+            s[i:i + 2048].tobytes() for i in (0, len(s) // 2, max(0, len(s) - 2048))))]
+            for p, s in zip(self.paths, self.shards)]
         self.checked = set()  # shards whose token ids were checked against vocab_size
         self.order_epoch, self.order = None, None
         self.batch_order_of, self.batch_order = None, None
@@ -537,9 +539,10 @@ class DataLoaderLite:
         if i not in self.checked:
             top = int(self.shards[i].max())
             if top >= self.vocab_size:
-                limit = f"GPT-2's {GPT2_VOCAB_SIZE} ids" if self.gpt2 else f"the model's vocab_size {self.vocab_size}"
-                raise TrainError(f"{self.paths[i]}: token id {top} is past {limit}; the shard was made with another "
-                                 f"tokenizer")
+                limit = f"GPT-2's {GPT2_VOCAB_SIZE} ids" if self.vocab_size == GPT2_VOCAB_SIZE \
+                    else f"the model's vocab_size {self.vocab_size}"
+                raise TrainError(f"{self.paths[i]}: token id {top} is past {limit}; the shard was made with "
+                                 f"another tokenizer")
             self.checked.add(i)
         if self.shuffle:
             start = self.shard_batch_order(epoch, i)[start // (B * T)] * B * T
@@ -790,7 +793,8 @@ def checkpoint_state(model, optimizer, scaler, cfg, step, val_loss, hellaswag, w
     return {"model": get_model_state_dict(model, options=FULL_STATE), "optimizer": optimizer_state(model, optimizer),
             "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(model.config),
             "config": dataclasses.asdict(cfg), "step": step, "val_loss": val_loss, "hellaswag": hellaswag,
-            "wandb_id": wandb_id, "loader_position": list(train_loader.position), "data": data, "rng_states": rngs}
+            "wandb_id": wandb_id, "loader_position": list(train_loader.position), "data": data,
+            "rng_states": rngs}
 
 
 def save_checkpoint(ckpt, log_dir, keep_last):
@@ -847,42 +851,38 @@ def restore_state(ckpt, model, optimizer, scaler, loaders, rank, world_size, dev
 
 
 def resume_data(ckpt, train_loader, val_loader):
-    """Continue at the checkpoint's first unread token, in the same data whatever B, T and the rank count; a
-    changed --data_dir is refused at its first difference, another one (a new corpus) read from its start."""
+    """Continue at the checkpoint's first unread token, in the same data whatever B, T and the rank count;
+    changed data is refused at its first difference, another --data_dir (a new corpus) read from its start."""
     then, data = ckpt["config"], ckpt.get("data")  # no "data" in checkpoints of older versions
+    data_dir, now = os.path.dirname(train_loader.paths[0]), {"train": train_loader.record,
+                                                             "val": val_loader.record}
     train_loader.reset()
-    data_dir = os.path.dirname(train_loader.paths[0])
-    now = {"train": train_loader.record, "val": val_loader.record}
     if os.path.realpath(data_dir) != (data["dir"] if data else os.path.realpath(then["data_dir"])):
-        if data is None or {k: data[k] for k in now} != now:
-            print0(f"note: --data_dir {data_dir} is not the data of the checkpoint ({then['data_dir']}): its train "
-                   f"split is read from its beginning, and val loss measured on its val split")
+        if data is None or {k: data[k] for k in now} != now:  # not a copy of the same shards
+            print0(f"note: --data_dir {data_dir} is not the data of the checkpoint ({then['data_dir']}): its "
+                   f"train split is read from its beginning, and val loss measured on its val split")
             return
-    elif data is not None:
-        for split in now:
-            old, new = ({n: (t, h) for n, t, h in record} for record in (data[split], now[split]))
-            changed = next((n for n in sorted(old.keys() | new.keys()) if old.get(n) != new.get(n)), None)
-            if changed:
-                what = "is new" if changed not in old else "is missing" if changed not in new else \
-                    f"has changed ({old[changed][0]} tokens then, {new[changed][0]} now)" \
-                    if old[changed][0] != new[changed][0] else "holds other tokens"
-                raise TrainError(f"--data_dir {data_dir}: {split} shard {changed} {what} since the checkpoint, so its "
-                                 f"position would read other tokens; restore the shards, or resume with the changed "
-                                 f"data under another --data_dir to read it from its beginning")
+    for split in now if data else []:
+        old, new = ({n: (t, h) for n, t, h in record} for record in (data[split], now[split]))
+        n = next((n for n in sorted(old.keys() | new.keys()) if old.get(n) != new.get(n)), None)
+        if n:
+            what = "is new" if n not in old else "is missing" if n not in new else "holds other tokens" \
+                if old[n][0] == new[n][0] else f"has changed ({old[n][0]} tokens then, {new[n][0]} now)"
+            raise TrainError(f"--data_dir {data_dir}: {split} shard {n} {what} since the checkpoint, so its "
+                             f"position would read other tokens; restore the shards, or resume with the "
+                             f"changed data under another --data_dir to read it from its beginning")
     b, t, shuffle = then["micro_batch_size"], then["seq_len"], then["shuffle"]
     if shuffle != train_loader.shuffle:
         raise TrainError(f"--shuffle {int(train_loader.shuffle)}: the checkpoint's run read its data in "
-                         f"{'shuffled' if shuffle else 'sorted'} order and its position holds in that order only; "
-                         f"keep --shuffle {int(shuffle)}")
+                         f"{'shuffled' if shuffle else 'sorted'} order and its position holds in that order "
+                         f"only; keep --shuffle {int(shuffle)}")
     if (shuffle or data is None) and b * t != train_loader.B * train_loader.T:
         why = "a shuffled run's position holds for micro-batches of its size only" if data \
             else "the checkpoint, from an older train_gpt2.py, counts its position in micro-batches"
         raise TrainError(f"--micro_batch_size {train_loader.B} --seq_len {train_loader.T}: {why}; keep "
                          f"--micro_batch_size {b} --seq_len {t}")
-    if data is None:
-        train_loader.position = train_loader.locate(ckpt["loader_positions"][0])
-    else:
-        train_loader.position = tuple(ckpt["loader_position"])
+    train_loader.position = tuple(ckpt["loader_position"]) if data else \
+        train_loader.locate(ckpt["loader_positions"][0])
 
 
 # -----------------------------------------------------------------------------
@@ -1335,8 +1335,8 @@ def train(cfg, given):
     val_steps = distinct_val_steps(cfg.val_steps, val_loader)
     start_step = 0
     if ckpt is not None:
-        start_step = restore_state(ckpt, raw_model, optimizer, scaler, (train_loader, val_loader), rank, world_size,
-                                   device_type)
+        start_step = restore_state(ckpt, raw_model, optimizer, scaler, (train_loader, val_loader), rank,
+                                   world_size, device_type)
         print0(f"resuming from {checkpoint_paths(cfg.log_dir)[-1]} at step {start_step}")
     # One static graph per input shape (train, val, HellaSwag): with dynamic shapes, the second shape
     # seen would recompile everything, the training step too, into a slower dynamic-shape graph.

@@ -189,7 +189,8 @@ def test_splits_and_unrelated_files_are_kept_apart(tmp_path):
 def test_shard_too_short_for_one_micro_batch_is_skipped(tmp_path):
     # Empty shards (0 tokens) counted -1 micro-batches: the next shard's micro-batch 0 was never read.
     shards = make_dir(tmp_path, {"d_train_0.npy": 2 * BT + 1, "d_train_1.npy": BT, "d_train_2.npy": 1,
-                                 "d_train_3.bin": BT, "d_train_35.npy": 0, "d_train_36.bin": 0, "d_train_4.npy": BT + 1})
+                                 "d_train_3.bin": BT, "d_train_35.npy": 0, "d_train_36.bin": 0,
+                                 "d_train_4.npy": BT + 1})
     dl = loader(tmp_path)
     got = read(dl, 6)
     assert [shard_of(shards, b)[0] for b in got] == ["d_train_0.npy", "d_train_0.npy", "d_train_4.npy"] * 2
@@ -251,8 +252,8 @@ def test_position_is_where_the_first_micro_batch_no_rank_has_read_begins(tmp_pat
 
 
 def stream_from(tokens, shard, offset, bt, n):
-    """The first n x's (bt tokens each) of the unshuffled stream of `tokens` (arrays, in reading order) that
-    begins `offset` tokens into tokens[shard]: a shard goes on while it holds bt + 1 more tokens, then wraps."""
+    """The first n x's (bt tokens each) of the unshuffled stream of `tokens` (arrays, in reading order)
+    that begins `offset` tokens into tokens[shard]: a shard goes on while it holds bt + 1 more tokens."""
     out = []
     while len(out) < n:
         while offset + bt + 1 <= len(tokens[shard]) and len(out) < n:
@@ -381,7 +382,7 @@ def test_shuffle_draws_each_shards_order_once_per_epoch(tmp_path, monkeypatch):
     draws, default_rng = [], np.random.default_rng
     monkeypatch.setattr(np.random, "default_rng", lambda seed: draws.append(seed) or default_rng(seed))
     read(dl, 2 * per_epoch)
-    # Per epoch: the shard order, then each shard's order; and the next epoch's shard order, where the position is
+    # Per epoch: the shard order, then each shard's order; and the next epoch's shard order (the position's)
     assert len(draws) == 2 * (1 + len(shards)) + 1 and draws[-1] == [1337, 2]
 
 
@@ -561,8 +562,9 @@ def test_token_id_equal_to_vocab_size_late_in_a_shard_is_caught_on_its_first_bat
     assert str(tmp_path / "w_train_0.npy") in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("vocab_size, top, ok", [(50304, 50256, True), (50304, 50257, False), (50304, 50303, False),
-                                                 (50257, 50260, False), (60000, 50303, True), (50000, 50000, False)])
+@pytest.mark.parametrize("vocab_size, top, ok", [(50304, 50256, True), (50304, 50257, False),
+                                                 (50304, 50303, False), (50257, 50260, False),
+                                                 (60000, 50303, True), (50000, 50000, False)])
 def test_with_gpt2s_vocabulary_the_padding_ids_are_refused(tmp_path, vocab_size, top, ok):
     """--vocab_size 50304 is GPT-2's 50257 ids padded to a multiple of 128: ids 50257..50303 are no GPT-2
     token. Another --vocab_size (another tokenizer) keeps its own limit."""
@@ -574,8 +576,8 @@ def test_with_gpt2s_vocabulary_the_padding_ids_are_refused(tmp_path, vocab_size,
     with pytest.raises(TrainError) as info:
         dl.next_batch()
     limit = "GPT-2's 50257 ids" if vocab_size in (50257, 50304) else f"the model's vocab_size {vocab_size}"
-    assert str(info.value) == f"{tmp_path / 'g_train_0.npy'}: token id {top} is past {limit}; the shard was made " \
-                              f"with another tokenizer"
+    assert str(info.value) == f"{tmp_path / 'g_train_0.npy'}: token id {top} is past {limit}; the shard was " \
+                              f"made with another tokenizer"
 
 
 def test_token_ids_below_vocab_are_accepted_on_every_read(tmp_path):
@@ -589,12 +591,12 @@ def test_split_is_the_word_right_before_the_shard_number(tmp_path):
     """A prefix such as "eval" holds the letters of "val": its train shards are still train shards. llm.c's
     names have no number at times (tiny_shakespeare_val.bin); a split word elsewhere in a name is no split."""
     make_dir(tmp_path, {"eval_val_000000.npy": 9, "eval_train_000001.npy": 17, "tiny_shakespeare_val.bin": 9,
-                        "tiny_shakespeare_train.bin": 17, "x-train.000002.npy": 17, "train_notes_000003.npy": 17,
-                        "val_tokens.npy": 9})
+                        "tiny_shakespeare_train.bin": 17, "x-train.000002.npy": 17,
+                        "train_notes_000003.npy": 17, "val_tokens.npy": 9})
     train = DataLoaderLite(str(tmp_path), "train", 2, 4)
     val = DataLoaderLite(str(tmp_path), "val", 2, 4)
-    assert [os.path.basename(p) for p in train.paths] == ["eval_train_000001.npy", "tiny_shakespeare_train.bin",
-                                                          "x-train.000002.npy"]
+    assert [os.path.basename(p) for p in train.paths] == ["eval_train_000001.npy",
+                                                          "tiny_shakespeare_train.bin", "x-train.000002.npy"]
     assert [os.path.basename(p) for p in val.paths] == ["eval_val_000000.npy", "tiny_shakespeare_val.bin"]
 
 
@@ -603,8 +605,9 @@ def test_a_shard_name_holding_both_split_words_is_an_error(tmp_path, name):
     """fineweb.py --prefix train wrote train_val_000000.npy, which was read as a train shard too."""
     make_dir(tmp_path, {"d_train_000001.npy": 3 * BT + 1, "d_val_000000.npy": 3 * BT + 1, name: 3 * BT + 1})
     for split in ("train", "val"):
-        assert bad_data_error(tmp_path, split) == f"{tmp_path / name}: its name holds both train and val, so its " \
-            f"split is unclear; rename it, or remake the folder with a fineweb.py --prefix holding neither"
+        assert bad_data_error(tmp_path, split) == f"{tmp_path / name}: its name holds both train and val, " \
+            f"so its split is unclear; rename it, or remake the folder with a fineweb.py --prefix holding " \
+            f"neither"
 
 
 def write_manifest(path, shards, damage):
@@ -623,8 +626,8 @@ def write_manifest(path, shards, damage):
 
 @pytest.mark.parametrize("damage, what", [
     (None, None), ("missing", "m_train_000002.npy, listed in its manifest.json, is missing"),
-    ("extra", "m_train_000003.npy is not a shard its manifest.json lists (fineweb.py did not write it there); move "
-              "it out"),
+    ("extra", "m_train_000003.npy is not a shard its manifest.json lists (fineweb.py did not write it "
+              "there); move it out"),
     ("resized", "m_train_000002.npy, listed in its manifest.json, has 162 bytes, not 178")])
 def test_shards_must_be_exactly_those_the_manifest_lists(tmp_path, damage, what):
     shards = make_dir(tmp_path, {"m_val_000000.npy": 3 * BT + 1, "m_train_000001.npy": 3 * BT + 1,

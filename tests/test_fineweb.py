@@ -689,14 +689,16 @@ def test_train_gpt2_refuses_a_copy_that_is_not_the_folder_the_manifest_lists(tmp
     os.remove(tmp_path / "missing" / "data_train_000007.npy")
     shutil.copytree(reference, tmp_path / "extra")
     shutil.copy(tmp_path / "extra" / "data_train_000001.npy", tmp_path / "extra" / "data_train_000099.npy")
-    for folder, what in (("missing", "data_train_000007.npy, listed in its manifest.json, is missing; rerun the "
-                                     "fineweb.py command that made the folder, which redoes it"),
-                         ("extra", "data_train_000099.npy is not a shard its manifest.json lists (fineweb.py did "
-                                   "not write it there); move it out")):
-        proc = run_train("--data_dir", tmp_path / folder, "--log_dir", tmp_path / f"log_{folder}", "--n_layer", 1,
-                         "--n_head", 2, "--n_embd", 32, "--block_size", 32, "--seq_len", 32, "--micro_batch_size", 4,
-                         "--total_batch_size", 128, "--max_steps", 1, "--val_steps", 2, "--device", "cpu", check=False)
-        assert proc.returncode == 1 and proc.stderr == f"train_gpt2.py: error: --data_dir {tmp_path / folder}: {what}\n"
+    for folder, what in (("missing", "data_train_000007.npy, listed in its manifest.json, is missing; rerun "
+                                     "the fineweb.py command that made the folder, which redoes it"),
+                         ("extra", "data_train_000099.npy is not a shard its manifest.json lists (fineweb.py "
+                                   "did not write it there); move it out")):
+        proc = run_train("--data_dir", tmp_path / folder, "--log_dir", tmp_path / f"log_{folder}",
+                         "--n_layer", 1, "--n_head", 2, "--n_embd", 32, "--block_size", 32, "--seq_len", 32,
+                         "--micro_batch_size", 4, "--total_batch_size", 128, "--max_steps", 1,
+                         "--val_steps", 2, "--device", "cpu", check=False)
+        assert proc.returncode == 1
+        assert proc.stderr == f"train_gpt2.py: error: --data_dir {tmp_path / folder}: {what}\n"
 
 
 def test_datasets_cache_is_the_temporary_one(hf_cache, reference):

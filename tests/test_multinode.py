@@ -13,6 +13,7 @@ import torch
 
 from conftest import REPO, read_log, run_train
 from test_train import TINY, data  # noqa: F401 (data: the synthetic-shards fixture)
+from train_gpt2 import DataLoaderLite
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +103,7 @@ def test_two_nodes_train_like_one_process_and_only_rank_0_writes(data, tmp_path,
     assert two["val"] == pytest.approx(one["val"], abs=2e-4)
     a = torch.load(log_dir / "model_00005.pt", weights_only=True)
     b = torch.load(tmp_path / "single" / "model_00005.pt", weights_only=True)
-    assert a["loader_positions"] == [20, 21] and b["loader_positions"] == [20]  # 5 steps x 2 micro-batches a rank
+    assert a["loader_position"] == b["loader_position"] == [0, 0, 20 * 64]  # 5 steps x 2 x 2 micro-batches
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-4, rtol=1e-3)
 
@@ -149,6 +150,7 @@ def test_sigterm_on_one_node_stops_every_rank_at_one_step_with_one_checkpoint(da
     step = int(ckpts[0][6:11])
     assert 3 <= step < 1000
     assert sorted(read_log(tmp_path / "log")["train"]) == list(range(step))
-    # Both ranks' data positions, gathered into the checkpoint: each read `step` micro-batches.
-    assert torch.load(tmp_path / "log" / ckpts[0], weights_only=True)["loader_positions"] == [2 * step, 2 * step + 1]
+    # The data position: each rank read `step` micro-batches of 4x32.
+    first_unread = DataLoaderLite(str(data), "train", 4, 32, vocab_size=256).locate(2 * step)
+    assert torch.load(tmp_path / "log" / ckpts[0], weights_only=True)["loader_position"] == list(first_unread)
     assert stdout.count("stop requested") == 1

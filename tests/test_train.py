@@ -269,7 +269,8 @@ def test_log_lines_and_the_do_nothing_wandb(tmp_path):
 def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
     """What checkpoint_state() saves, restore_state() puts back: optimizer, loss scale, data position, RNG. A
     checkpoint of an older version (its position in micro-batches) resumes with the same micro-batch only."""
-    from train_gpt2 import DataLoaderLite, TrainError, checkpoint_state, load_checkpoint, restore_state, save_checkpoint
+    from train_gpt2 import (DataLoaderLite, TrainError, checkpoint_state, load_checkpoint, restore_state,
+                            save_checkpoint)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
     optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
@@ -347,7 +348,7 @@ def test_checkpoints_are_safe_and_complete(data, tmp_path):
     ckpt = torch.load(tmp_path / "model_00009.pt", weights_only=True)  # no pickled classes
     assert ckpt["step"] == 9 and ckpt["config"]["max_steps"] == 9
     assert ckpt["model_config"] == {"block_size": 64, "vocab_size": 256, "n_layer": 2, "n_head": 2, "n_embd": 32}
-    assert ckpt["loader_position"] == [0, 0, 9 * 2 * 128]  # 9 steps x 2 micro-batches of 4x32 read: (epoch, shard, token)
+    assert ckpt["loader_position"] == [0, 0, 9 * 2 * 128]  # (epoch, shard, token): 9 x 2 micro-batches of 4x32
     assert [(name, n) for name, n, _ in ckpt["data"]["train"]] == [("synth_train_000001.npy", 12000),
                                                                    ("synth_train_000002.npy", 9000)]
     assert [name for name, _, _ in ckpt["data"]["val"]] == ["synth_val_000000.npy"]
@@ -459,7 +460,8 @@ def counter_data(tmp_path_factory):
     return d
 
 
-def test_resume_with_half_the_micro_batch_reads_on_from_the_first_unread_token(counter_data, tmp_path, monkeypatch):
+def test_resume_with_half_the_micro_batch_reads_on_from_the_first_unread_token(counter_data, tmp_path,
+                                                                               monkeypatch):
     """README's advice when out of memory: resume with a smaller --micro_batch_size (more accumulation). The
     token ranges the train loader reads, interrupted at step 3 and resumed with half the micro-batch, are an
     uninterrupted run's, in order (before, the position counted micro-batches: it re-read 384 tokens)."""
@@ -482,7 +484,7 @@ def test_resume_with_half_the_micro_batch_reads_on_from_the_first_unread_token(c
 
     monkeypatch.setattr(DataLoaderLite, "next_batch", recording)
     main([str(a) for a in ["--data_dir", counter_data, "--log_dir", tmp_path, *TINY, "--vocab_size", 4096,
-                           "--max_steps", 8, "--ckpt_interval", 3]])  # 4x32 micro-batches, 2 a step: past an epoch
+                           "--max_steps", 8, "--ckpt_interval", 3]])  # 2 micro-batches of 4x32 a step
     uninterrupted = list(reads)
     for step in (6, 8):
         os.remove(tmp_path / f"model_0000{step}.pt")
@@ -499,43 +501,47 @@ def test_resume_refuses_changed_data_and_reads_another_data_dir_from_its_beginni
     import shutil
     shutil.copytree(data, tmp_path / "data")
     shutil.copytree(data, tmp_path / "copy")
-    main([str(a) for a in ["--data_dir", tmp_path / "data", "--log_dir", tmp_path / "log", *TINY, "--max_steps", 2]])
+    main([str(a) for a in ["--data_dir", tmp_path / "data", "--log_dir", tmp_path / "log", *TINY,
+                           "--max_steps", 2]])
     tokens, val = np.load(data / "synth_train_000001.npy"), np.load(data / "synth_val_000000.npy")
     for name, new, first_difference in [  # new tokens for the shard, or None to remove it
             ("synth_train_000003.npy", tokens, "train shard synth_train_000003.npy is new"),
             ("synth_train_000002.npy", None, "train shard synth_train_000002.npy is missing"),
-            ("synth_train_000001.npy", tokens[:11000], "train shard synth_train_000001.npy has changed (12000 "
-                                                       "tokens then, 11000 now)"),
+            ("synth_train_000001.npy", tokens[:11000],
+             "train shard synth_train_000001.npy has changed (12000 tokens then, 11000 now)"),
             ("synth_train_000001.npy", tokens[::-1], "train shard synth_train_000001.npy holds other tokens"),
             ("synth_val_000000.npy", val[::-1], "val shard synth_val_000000.npy holds other tokens")]:
         path = tmp_path / "data" / name
         saved = path.read_bytes() if path.exists() else None
         os.remove(path) if new is None else write_npy_shard(path, new)
         code, err = run_main(capsys, "--log_dir", tmp_path / "log", "--init_from", "resume", "--max_steps", 4)
-        assert code == 1 and err == f"train_gpt2.py: error: --data_dir {tmp_path / 'data'}: {first_difference} " \
-            f"since the checkpoint, so its position would read other tokens; restore the shards, or resume with " \
-            f"the changed data under another --data_dir to read it from its beginning\n"
+        assert code == 1 and err == f"train_gpt2.py: error: --data_dir {tmp_path / 'data'}: " \
+            f"{first_difference} since the checkpoint, so its position would read other tokens; restore the " \
+            f"shards, or resume with the changed data under another --data_dir to read it from its beginning\n"
         os.remove(path) if saved is None else path.write_bytes(saved)
 
     shutil.copytree(data, tmp_path / "other")
     write_npy_shard(tmp_path / "other" / "synth_train_000001.npy", tokens[::-1])
     for name, position in (("data", [0, 0, 3 * 256]), ("copy", [0, 0, 3 * 256]), ("other", [0, 0, 256])):
         shutil.copytree(tmp_path / "log", tmp_path / f"log_{name}")
-        main([str(a) for a in ["--log_dir", tmp_path / f"log_{name}", "--init_from", "resume", "--max_steps", 3,
-                               "--data_dir", tmp_path / name]])  # one step more
-        note = f"note: --data_dir {tmp_path / name} is not the data of the checkpoint ({tmp_path / 'data'}): its " \
-               f"train split is read from its beginning, and val loss measured on its val split\n"
+        main([str(a) for a in ["--log_dir", tmp_path / f"log_{name}", "--init_from", "resume",
+                               "--max_steps", 3, "--data_dir", tmp_path / name]])  # one step more
+        note = f"note: --data_dir {tmp_path / name} is not the data of the checkpoint " \
+               f"({tmp_path / 'data'}): its train split is read from its beginning, and val loss measured on " \
+               f"its val split\n"
         assert (note in capsys.readouterr().out) == (name == "other")
         assert torch.load(tmp_path / f"log_{name}" / "model_00003.pt")["loader_position"] == position
 
 
 @pytest.mark.parametrize("first, then, refusal", [
-    ([], ["--shuffle", 1], "--shuffle 1: the checkpoint's run read its data in sorted order and its position holds "
-                           "in that order only; keep --shuffle 0"),
-    (["--shuffle", 1], ["--micro_batch_size", 2], "--micro_batch_size 2 --seq_len 32: a shuffled run's position "
-                                                  "holds for micro-batches of its size only; keep --micro_batch_size "
-                                                  "4 --seq_len 32")], ids=["shuffle", "shuffled_micro_batch"])
-def test_resume_refuses_a_data_order_without_the_checkpoints_position(data, tmp_path, capsys, first, then, refusal):
+    ([], ["--shuffle", 1], "--shuffle 1: the checkpoint's run read its data in sorted order and its position "
+                           "holds in that order only; keep --shuffle 0"),
+    (["--shuffle", 1], ["--micro_batch_size", 2], "--micro_batch_size 2 --seq_len 32: a shuffled run's "
+                                                  "position holds for micro-batches of its size only; keep "
+                                                  "--micro_batch_size 4 --seq_len 32")],
+    ids=["shuffle", "shuffled_micro_batch"])
+def test_resume_refuses_a_data_order_without_the_checkpoints_position(data, tmp_path, capsys, first, then,
+                                                                      refusal):
     main([str(a) for a in ["--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 1, *first]])
     code, err = run_main(capsys, "--log_dir", tmp_path, "--init_from", "resume", "--max_steps", 2, *then)
     assert code == 1 and err == f"train_gpt2.py: error: {refusal}\n"
