@@ -484,7 +484,7 @@ def test_resume_with_half_the_micro_batch_reads_on_from_the_first_unread_token(c
 
     monkeypatch.setattr(DataLoaderLite, "next_batch", recording)
     main([str(a) for a in ["--data_dir", counter_data, "--log_dir", tmp_path, *TINY, "--vocab_size", 4096,
-                           "--max_steps", 8, "--ckpt_interval", 3]])  # 2 micro-batches of 4x32 a step
+                           "--max_steps", 8, "--ckpt_interval", 3, "--plot", 0]])  # 2 of 4x32 a step
     uninterrupted = list(reads)
     for step in (6, 8):
         os.remove(tmp_path / f"model_0000{step}.pt")
@@ -502,7 +502,7 @@ def test_resume_refuses_changed_data_and_reads_another_data_dir_from_its_beginni
     shutil.copytree(data, tmp_path / "data")
     shutil.copytree(data, tmp_path / "copy")
     main([str(a) for a in ["--data_dir", tmp_path / "data", "--log_dir", tmp_path / "log", *TINY,
-                           "--max_steps", 2]])
+                           "--max_steps", 2, "--plot", 0]])
     tokens, val = np.load(data / "synth_train_000001.npy"), np.load(data / "synth_val_000000.npy")
     for name, new, first_difference in [  # new tokens for the shard, or None to remove it
             ("synth_train_000003.npy", tokens, "train shard synth_train_000003.npy is new"),
