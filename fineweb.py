@@ -24,11 +24,17 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # native Windows: folders are not locked
+    fcntl = None
 
 MIN_TRAIN_TOKENS = 2  # the smallest train split: one token and its target
 DEFAULT_MICRO_BATCH_TOKENS = 64 * 1024 + 1  # one micro-batch of train_gpt2.py's defaults (64 x 1024, +1 for the targets)
@@ -456,6 +462,31 @@ class ShardWriter:
                   f"--micro_batch_size B and --seq_len T such that B x T + 1 <= {largest:,}")
 
 
+def hold_folder(folder, flag, error=FinewebError):
+    """Make folder and lock it for this run (an flock on folder/.lock): a second run on it stops at once,
+    saying whose it is. Use it as a context manager; the OS also drops the lock when the process dies,
+    killed or not, so none outlives its run."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, ".lock"), "a+")
+    except OSError as e:  # a file of that name, or under a file; a read-only disk
+        raise error(f"{flag} {folder}: cannot {'write in' if os.path.isdir(folder) else 'make'} that folder "
+                    f"({e.strerror}); pick another {flag}") from None
+    try:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "pid unknown"
+        f.close()
+        raise error(f"{flag} {folder}: in use by another run ({holder}); wait for it to end or pick another "
+                    f"{flag}") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
 def save_manifest(out_dir, manifest):
     tmp = os.path.join(out_dir, "manifest.json.tmp")
     write_synced(tmp, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
@@ -467,10 +498,6 @@ def open_manifest(cfg, source, enc):
     settings = dict(source=source, tokenizer=f"tiktoken gpt2, <|endoftext|> ({enc.eot_token}) before every document",
                     format=cfg.format, prefix=cfg.prefix, shard_size=cfg.shard_size, val_tokens=cfg.val_tokens)
     path = os.path.join(cfg.out_dir, "manifest.json")
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as e:  # a file of that name, or under a file; a read-only disk
-        raise FinewebError(f"--out_dir {cfg.out_dir}: cannot make that folder ({e.strerror}); pick another") from None
     if not os.path.exists(path):
         shards = [n for n in os.listdir(cfg.out_dir) if n.endswith((".npy", ".bin"))]
         if shards:
@@ -499,7 +526,8 @@ def open_manifest(cfg, source, enc):
 def main(argv=None):
     cfg = parse_args(argv)
     try:
-        tokenize(cfg)
+        with hold_folder(cfg.out_dir, "--out_dir"):
+            tokenize(cfg)
     except FinewebError as e:
         sys.exit(f"fineweb.py: error: {e}")
 

@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor
 # fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing and the disk writes; it imports
 # no torch, so that its tokenizing processes start fast and small
 from fineweb import (GPT2_EOT, GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, OneLineParser,
-                     disk_full, gpt2_tokenizer, parse_bool, write_synced)
+                     disk_full, gpt2_tokenizer, hold_folder, parse_bool, write_synced)
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 LOSS_CHUNK_TOKENS = 256  # ChunkedCrossEntropy's chunk: 256 x 50304 float32 logits are 52 MB (of 128-1024, fastest on CPU at both 64 and 768 wide)
@@ -1370,10 +1370,12 @@ def train(cfg, given):
 
 def main(argv=None):
     cfg, given = parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # the only rank that writes in log_dir, on a shared disk or not
     try:
-        train(cfg, given)
+        with hold_folder(cfg.log_dir, "--log_dir", TrainError) if rank0 else contextlib.nullcontext():
+            train(cfg, given)
     except TrainError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank0:
             print(f"train_gpt2.py: error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -14,13 +14,14 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_SHAKESPEARE, on_small_disk, read_log, run_train, tiktoken_gpt2
+from conftest import REPO, TINY_SHAKESPEARE, folder_in_use, on_small_disk, read_log, run_train, tiktoken_gpt2
 import fineweb
 
 EOT = 50256
@@ -107,11 +108,12 @@ def assert_stream(out_dir, docs):
 
 
 def snapshot(folder):
-    """{file name: bytes} of every file in folder ({} if it does not exist)."""
+    """{file name: bytes} of every file in folder ({} if it does not exist) but .lock, which names the process
+    that last held the folder."""
     if not os.path.isdir(folder):
         return {}
     out = {}
-    for name in os.listdir(folder):
+    for name in set(os.listdir(folder)) - {".lock"}:
         with open(os.path.join(folder, name), "rb") as f:
             out[name] = f.read()
     return out
@@ -493,11 +495,24 @@ def test_damaged_shard_is_redone(tmp_path, capsys, request, corpus, fixture, ind
 def test_complete_directory_is_left_alone(tmp_path, capsys, reference, corpus):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
-    stat = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)}
+    stat = {n: os.stat(out / n).st_mtime_ns for n in snapshot(out)}
     tokenize(out, "--input", corpus, *REF)
     assert "is complete" in capsys.readouterr().out
-    assert {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)} == stat
+    assert {n: os.stat(out / n).st_mtime_ns for n in snapshot(out)} == stat
     assert_same_files(out, reference)
+
+
+def test_an_out_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(tmp_path, small_corpus):
+    """Two runs into one out_dir ended as one manifest over shards of both corpora."""
+    out = tmp_path / "out"
+    with folder_in_use(out) as holder:
+        status, message = fineweb_main("--num_proc", 1, "--input", small_corpus, *READER, "--out_dir", out)
+        assert (status, message) == (1, f"fineweb.py: error: --out_dir {out}: in use by another run (pid {holder.pid} "
+                                        f"on host {socket.gethostname()}); wait for it to end or pick another --out_dir")
+        assert os.listdir(out) == [".lock"]
+        holder.kill()  # SIGKILL: nothing of it runs after
+        holder.wait()
+        tokenize(out, "--input", small_corpus, *READER)
 
 
 # -----------------------------------------------------------------------------
@@ -594,7 +609,7 @@ def test_out_dir_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, small_cor
     for out, why in [(tmp_path / "afile", "File exists"), (tmp_path / "afile" / "out", "Not a directory")]:
         status, message = fineweb_main("--num_proc", 1, "--input", small_corpus, "--out_dir", out)
         assert status == 1 and message == f"fineweb.py: error: --out_dir {out}: cannot make that folder ({why}); " \
-                                          f"pick another"
+                                          f"pick another --out_dir"
     assert "Traceback" not in capsys.readouterr().err
 
 

@@ -5,6 +5,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HELLASWAG_EXCERPT, REPO, on_small_disk, read_log, run_train, write_npy_shard
+from conftest import HELLASWAG_EXCERPT, REPO, folder_in_use, on_small_disk, read_log, run_train, write_npy_shard
 from fineweb import gpt2_tokenizer
 from train_gpt2 import GPT, GPTConfig, TrainConfig, get_lr, main, parse_args
 
@@ -330,7 +331,8 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path):
 
 def test_checkpoints_are_safe_and_complete(data, tmp_path):
     train(data, tmp_path, "--max_steps", 9, "--ckpt_interval", 2, "--keep_last", 2)
-    assert sorted(n for n in os.listdir(tmp_path) if n != "loss.png") == ["log.txt", "model_00008.pt", "model_00009.pt"]
+    assert sorted(n for n in os.listdir(tmp_path) if n != "loss.png") == [".lock", "log.txt", "model_00008.pt",
+                                                                          "model_00009.pt"]
     ckpt = torch.load(tmp_path / "model_00009.pt", weights_only=True)  # no pickled classes
     assert ckpt["step"] == 9 and ckpt["config"]["max_steps"] == 9
     assert ckpt["model_config"] == {"block_size": 64, "vocab_size": 256, "n_layer": 2, "n_head": 2, "n_embd": 32}
@@ -498,6 +500,24 @@ def test_resume_errors(capsys, data, tmp_path):
     assert err.strip().count("\n") == 0
 
 
+def test_a_log_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(capsys, data, tmp_path):
+    """Two runs on one log_dir would interleave their log lines and checkpoints. While a run holds it (here a
+    process holding it as a run does), a new run and a resume stop before touching it; killed (SIGKILL: no
+    clean-up runs), its run leaves no stale lock."""
+    train(data, tmp_path / "run", "--max_steps", 2)
+    for log_dir, args in ((tmp_path / "new", TINY), (tmp_path / "run", ["--init_from", "resume", "--max_steps", 3])):
+        with folder_in_use(log_dir) as holder:
+            before = {n: (log_dir / n).read_bytes() for n in os.listdir(log_dir) if n != ".lock"}
+            code, err = run_main(capsys, "--data_dir", data, "--log_dir", log_dir, *map(str, args))
+            assert code == 1 and err == f"train_gpt2.py: error: --log_dir {log_dir}: in use by another run (pid " \
+                f"{holder.pid} on host {socket.gethostname()}); wait for it to end or pick another --log_dir\n"
+            assert {n: (log_dir / n).read_bytes() for n in os.listdir(log_dir) if n != ".lock"} == before
+            holder.kill()
+            holder.wait()
+            run_train("--data_dir", data, "--log_dir", log_dir, *args, "--max_steps", 3)
+        assert (log_dir / "model_00003.pt").exists()
+
+
 # --- faults and bad input: nothing lost, nothing silent --------------------------------------------------
 
 
@@ -532,7 +552,7 @@ def test_disk_full_while_checkpointing_loses_nothing(data, tmp_path):
     assert full["stderr"] == f"train_gpt2.py: error: disk full in {disk / 'log'}: model_00004.pt was not written " \
                              f"and the checkpoints before it are untouched; free space, then continue with " \
                              f"--init_from resume\n"
-    assert full["files"] == ["log/log.txt", "log/model_00002.pt"]
+    assert full["files"] == ["log/.lock", "log/log.txt", "log/model_00002.pt"]
     assert resumed["returncode"] == 0, resumed["stderr"][-3000:]
     assert read_log(tmp_path / "saved" / "log") == read_log(tmp_path / "full")
     a = torch.load(tmp_path / "full" / "model_00004.pt", weights_only=True)["model"]
@@ -544,7 +564,8 @@ def test_log_dir_that_cannot_be_a_folder_is_one_line(capsys, data, tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     for log_dir, why in [(tmp_path / "afile", "File exists"), (tmp_path / "afile" / "run", "Not a directory")]:
         code, err = run_main(capsys, "--data_dir", data, "--log_dir", log_dir, *map(str, TINY), "--max_steps", 1)
-        assert code == 1 and err.startswith(f"train_gpt2.py: error: --log_dir {log_dir}: cannot write") and why in err
+        assert code == 1 and err == f"train_gpt2.py: error: --log_dir {log_dir}: cannot make that folder ({why}); " \
+                                    f"pick another --log_dir\n"
         assert err.count("\n") == 1
 
 
@@ -557,10 +578,10 @@ def test_read_only_log_dir_is_one_line_for_a_new_run_and_a_resume(data, tmp_path
         ("run", script + ["--log_dir", disk / "log", "--init_from", "resume", "--max_steps", 4]),
         ("run", args + ["--log_dir", disk / "new"])])
     assert first["returncode"] == 0, first["stderr"][-3000:]
-    for proc, log_dir in ((resumed, disk / "log"), (fresh, disk / "new")):
+    for proc, log_dir, what in ((resumed, disk / "log", "write in"), (fresh, disk / "new", "make")):
         assert proc["returncode"] == 1 and proc["stderr"] == f"train_gpt2.py: error: --log_dir {log_dir}: cannot " \
-            f"write {log_dir / 'log.txt'} there (Read-only file system); pick another --log_dir\n"
-    assert resumed["files"] == first["files"] == ["log/log.txt", "log/model_00002.pt"]
+            f"{what} that folder (Read-only file system); pick another --log_dir\n"
+    assert resumed["files"] == first["files"] == ["log/.lock", "log/log.txt", "log/model_00002.pt"]
 
 
 def test_unfinished_data_preparation_is_refused(capsys, data, tmp_path):
