@@ -621,8 +621,13 @@ def check_flags(cfg, checks):
 
 
 def check_train_flags(cfg):
+    outputs = [os.path.join(cfg.log_dir, n) for n in ("log.txt", "samples.txt", "loss.png")]  # what the run writes
+    blocked = [p for p in outputs if os.path.exists(p) and not os.path.isfile(p)]
     check_flags(cfg, [("init_from", cfg.init_from in ("scratch", "resume") + PRETRAINED or os.path.isdir(cfg.init_from),
-                       "expected scratch, resume, " + ", ".join(PRETRAINED) + " or a Hugging Face GPT-2 folder")]
+                       "expected scratch, resume, " + ", ".join(PRETRAINED) + " or a Hugging Face GPT-2 folder"),
+                      ("log_dir", not blocked, f"{blocked[0] if blocked else ''} is not a file, and this run writes "
+                                               f"there; move it away or pick another --log_dir"),
+                      ("seed", 0 <= cfg.seed < 2**64, "must be in [0, 2**64), the seeds torch and numpy take")]
                 + [(name, getattr(cfg, name) > 0, "must be a positive integer") for name in POSITIVE_FLAGS]
                 + [(name, getattr(cfg, name) >= 0, "must be >= 0") for name in NON_NEGATIVE_FLAGS]
                 + [("max_lr", cfg.max_lr > 0, "must be > 0"),
@@ -769,12 +774,16 @@ def save_checkpoint(ckpt, log_dir, keep_last):
 def resume_config(cfg, given):
     """(flags, checkpoint): with --init_from resume, the newest checkpoint in log_dir and its flags as the
     defaults, so `--init_from resume` alone continues the same run; else (cfg, None), refusing a log_dir
-    that already holds checkpoints."""
+    that already holds checkpoints or an earlier run's log."""
     paths = checkpoint_paths(cfg.log_dir)
     if cfg.init_from != "resume":
         if paths:
             raise TrainError(f"{cfg.log_dir}/ already holds checkpoints (newest {paths[-1]}): continue them with "
                              f"--init_from resume, or pick a new --log_dir")
+        for name in ("log.txt", "samples.txt"):  # a new run would overwrite log.txt and add to samples.txt
+            if os.path.isfile(os.path.join(cfg.log_dir, name)):
+                raise TrainError(f"{cfg.log_dir}/ already holds the {name} of an earlier run, without a checkpoint "
+                                 f"to resume: move it away, or pick a new --log_dir")
         return cfg, None
     if not paths:
         raise TrainError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")

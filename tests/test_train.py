@@ -518,6 +518,37 @@ def test_a_log_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(cap
         assert (log_dir / "model_00003.pt").exists()
 
 
+def test_a_new_run_keeps_an_earlier_runs_log(capsys, data, tmp_path):
+    """A log_dir holding log.txt or samples.txt but no checkpoint (a run stopped before its first one): a new
+    run would have overwritten its log.txt, silently."""
+    for name in ("log.txt", "samples.txt"):
+        log_dir = tmp_path / name
+        log_dir.mkdir()
+        (log_dir / name).write_text("0 train 5.5\n")
+        code, err = run_main(capsys, "--data_dir", data, "--log_dir", log_dir, *map(str, TINY), "--max_steps", 2)
+        assert code == 1 and err == f"train_gpt2.py: error: {log_dir}/ already holds the {name} of an earlier " \
+                                    f"run, without a checkpoint to resume: move it away, or pick a new --log_dir\n"
+        assert (log_dir / name).read_text() == "0 train 5.5\n"
+
+
+@pytest.mark.parametrize("name", ["log.txt", "samples.txt", "loss.png"])
+def test_an_output_path_that_is_a_folder_is_refused_at_start_up(capsys, data, tmp_path, name):
+    """Before, a folder named samples.txt was a traceback at the first sample, after training and no checkpoint."""
+    (tmp_path / name).mkdir()
+    for args in ([], ["--init_from", "gpt2"]):
+        code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, TINY), "--max_steps", 2, *args)
+        assert code == 1 and err == f"train_gpt2.py: error: --log_dir {tmp_path}: {tmp_path / name} is not a " \
+                                    f"file, and this run writes there; move it away or pick another --log_dir\n"
+
+
+@pytest.mark.parametrize("seed", ["-5", str(2**64)])
+def test_a_seed_torch_or_numpy_cannot_take_is_one_line(capsys, data, tmp_path, seed):
+    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, TINY), "--seed", seed,
+                         "--shuffle", 1, "--max_steps", 2)
+    assert code == 1 and err == f"train_gpt2.py: error: --seed {seed}: must be in [0, 2**64), the seeds torch and " \
+                                f"numpy take\n"
+
+
 # --- faults and bad input: nothing lost, nothing silent --------------------------------------------------
 
 
