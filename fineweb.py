@@ -133,10 +133,11 @@ def parse_args(argv=None):
 # Reading the corpus: a Hugging Face dataset, or local files through datasets' own readers
 
 
-def input_files(patterns):
-    """The files named by --input (files, globs, folders, or URLs), in order, each once."""
-    files = []
-    for pattern in patterns:
+def input_files(cfg):
+    """The files named by --input (files, globs, folders, or URLs), in order, each once; none in --out_dir, which
+    this run writes (a rerun would read its manifest.json as a document)."""
+    out_dir, files = os.path.realpath(cfg.out_dir), []
+    for pattern in cfg.input:
         if pattern.startswith(("http://", "https://")):
             files.append(pattern)
             continue
@@ -147,8 +148,11 @@ def input_files(patterns):
             found = [pattern]
         else:
             found = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+        ours = [p for p in found if os.path.commonpath([os.path.realpath(p), out_dir]) == out_dir]
+        found = [p for p in found if p not in ours]
         if not found:
-            raise FinewebError(f"--input {pattern}: no such file, or no .txt/.jsonl/.json/.parquet files in it")
+            raise FinewebError(f"--input {pattern}: " + (f"only files in --out_dir {cfg.out_dir}, which this run "
+                               f"writes" if ours else "no such file, or no .txt/.jsonl/.json/.parquet files in it"))
         for p in found:
             if os.path.splitext(p)[1] not in READERS:
                 raise FinewebError(f"--input {p}: cannot read {os.path.splitext(p)[1] or 'extensionless'} files; "
@@ -176,7 +180,7 @@ def non_utf8_file(files):
 
 def unreadable(cfg, e, doing):
     """The error for data datasets could not read; a file that is not UTF-8 is named, with its bad byte."""
-    found = non_utf8_file(input_files(cfg.input)) if cfg.input and isinstance(e, UnicodeDecodeError) else None
+    found = non_utf8_file(input_files(cfg)) if cfg.input and isinstance(e, UnicodeDecodeError) else None
     if found:
         path, offset, byte = found
         return FinewebError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); convert it to UTF-8 "
@@ -189,7 +193,7 @@ def document_source(cfg, doc):
     if not cfg.input:
         return f"row {doc + 1:,} of --dataset {cfg.dataset}"
     import datasets
-    for path in input_files(cfg.input):
+    for path in input_files(cfg):
         reader = READERS[os.path.splitext(path)[1]]
         rows = 1 if reader == "text" else sum(1 for _ in datasets.load_dataset(
             reader, data_files=[path if "://" in path else glob.escape(path)], split="train", streaming=True))
@@ -202,7 +206,7 @@ def describe_source(cfg):
     """What the shards are made of, for manifest.json: a rerun must read the same thing to resume."""
     source = dict(split=cfg.split, text_column=cfg.text_column)
     if cfg.input:
-        source["input"] = [[f, None if "://" in f else os.path.getsize(f)] for f in input_files(cfg.input)]
+        source["input"] = [[f, None if "://" in f else os.path.getsize(f)] for f in input_files(cfg)]
     else:
         source.update(dataset=cfg.dataset, name=cfg.name)
     return source
@@ -213,7 +217,7 @@ def load_corpus(cfg):
     import datasets
     try:
         if cfg.input:
-            files = input_files(cfg.input)
+            files = input_files(cfg)
             parts, start = [], 0
             while start < len(files):  # runs of files of one type, keeping the order the user gave
                 reader = READERS[os.path.splitext(files[start])[1]]

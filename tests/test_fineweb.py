@@ -502,6 +502,22 @@ def test_complete_directory_is_left_alone(tmp_path, capsys, reference, corpus):
     assert_same_files(out, reference)
 
 
+def test_out_dir_inside_an_input_folder_is_never_an_input(tmp_path, capsys, small_docs):
+    """Before, a rerun read the first run's manifest.json as a document: "a different corpus", for ever."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    write_jsonl(folder / "docs.jsonl", [{"text": d} for d in small_docs])
+    out = folder / "tokens"
+    assert_stream(tokenize(out, "--input", folder, *READER), small_docs)
+    tokenize(out, "--input", folder, *READER)
+    assert "is complete" in capsys.readouterr().out
+    os.remove(out / shard_names(out)[-1])
+    assert_stream(tokenize(out, "--input", folder, *READER), small_docs)  # resumed
+    status, message = fineweb_main("--num_proc", 1, "--input", out / "manifest.json", "--out_dir", out)
+    assert (status, message) == (1, f"fineweb.py: error: --input {out / 'manifest.json'}: only files in --out_dir "
+                                    f"{out}, which this run writes")
+
+
 def test_an_out_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(tmp_path, small_corpus):
     """Two runs into one out_dir ended as one manifest over shards of both corpora."""
     out = tmp_path / "out"
