@@ -134,8 +134,8 @@ def parse_args(argv=None):
 
 
 def input_files(cfg):
-    """The files named by --input (files, globs, folders, or URLs), in order, each once; none in --out_dir, which
-    this run writes (a rerun would read its manifest.json as a document)."""
+    """The files named by --input (files, globs, folders, or URLs), in order, each once; none in --out_dir,
+    which this run writes (a rerun would read its manifest.json as a document)."""
     out_dir, files = os.path.realpath(cfg.out_dir), []
     for pattern in cfg.input:
         if pattern.startswith(("http://", "https://")):
@@ -151,8 +151,9 @@ def input_files(cfg):
         ours = [p for p in found if os.path.commonpath([os.path.realpath(p), out_dir]) == out_dir]
         found = [p for p in found if p not in ours]
         if not found:
-            raise FinewebError(f"--input {pattern}: " + (f"only files in --out_dir {cfg.out_dir}, which this run "
-                               f"writes" if ours else "no such file, or no .txt/.jsonl/.json/.parquet files in it"))
+            raise FinewebError(f"--input {pattern}: " + (
+                f"only files in --out_dir {cfg.out_dir}, which this run writes" if ours
+                else "no such file, or no .txt/.jsonl/.json/.parquet files in it"))
         for p in found:
             if os.path.splitext(p)[1] not in READERS:
                 raise FinewebError(f"--input {p}: cannot read {os.path.splitext(p)[1] or 'extensionless'} files; "

@@ -621,13 +621,13 @@ def check_flags(cfg, checks):
 
 
 def check_train_flags(cfg):
-    outputs = [os.path.join(cfg.log_dir, n) for n in ("log.txt", "samples.txt", "loss.png")]  # what the run writes
-    blocked = [p for p in outputs if os.path.exists(p) and not os.path.isfile(p)]
+    outputs = [os.path.join(cfg.log_dir, n) for n in ("log.txt", "samples.txt", "loss.png")]
+    blocked = [p for p in outputs if os.path.exists(p) and not os.path.isfile(p)]  # would fail mid-run
     check_flags(cfg, [("init_from", cfg.init_from in ("scratch", "resume") + PRETRAINED or os.path.isdir(cfg.init_from),
                        "expected scratch, resume, " + ", ".join(PRETRAINED) + " or a Hugging Face GPT-2 folder"),
-                      ("log_dir", not blocked, f"{blocked[0] if blocked else ''} is not a file, and this run writes "
-                                               f"there; move it away or pick another --log_dir"),
-                      ("seed", 0 <= cfg.seed < 2**64, "must be in [0, 2**64), the seeds torch and numpy take")]
+                      ("log_dir", not blocked, f"{blocked[0] if blocked else ''} is not a file, and this run "
+                                               f"writes there; move it away or pick another --log_dir"),
+                      ("seed", 0 <= cfg.seed < 2**64, "must be in [0, 2**64), as torch and numpy need")]
                 + [(name, getattr(cfg, name) > 0, "must be a positive integer") for name in POSITIVE_FLAGS]
                 + [(name, getattr(cfg, name) >= 0, "must be >= 0") for name in NON_NEGATIVE_FLAGS]
                 + [("max_lr", cfg.max_lr > 0, "must be > 0"),
@@ -691,11 +691,28 @@ def model_from_checkpoint(ckpt):
     return model
 
 
+def checkpoint_file(path):
+    """The checkpoint path names: path itself, or for a folder (a --log_dir) its newest model_NNNNN.pt."""
+    if os.path.isdir(path):
+        paths = checkpoint_paths(path)
+        if not paths:
+            raise TrainError(f"{path}: no model_NNNNN.pt checkpoint in this folder")
+        return paths[-1]
+    if path.endswith(".pt.tmp"):  # save_checkpoint's temporary name
+        raise TrainError(f"{path}: a checkpoint still being written, or cut short by a crash; pass a "
+                         f"finished model_NNNNN.pt, or its folder for the newest one")
+    return path
+
+
 def load_model(init_from):
     """A GPT from GPT-2 weights (gpt2, ..., gpt2-xl, or a Hugging Face folder) or from one of our
-    checkpoints (a model_NNNNN.pt file), as generate.py and hellaswag.py take them."""
-    if init_from.endswith(".pt"):
-        return model_from_checkpoint(load_checkpoint(init_from))
+    checkpoints (a model_NNNNN.pt file, or a --log_dir: its newest one), as generate.py and hellaswag.py
+    take them."""
+    if init_from.endswith((".pt", ".pt.tmp")) or checkpoint_paths(init_from):
+        return model_from_checkpoint(load_checkpoint(checkpoint_file(init_from)))
+    if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json")):
+        raise TrainError(f"{init_from}: neither a Hugging Face GPT-2 folder (no config.json) nor a "
+                         f"train_gpt2.py --log_dir (no model_NNNNN.pt checkpoint)")
     try:
         return GPT.from_pretrained(init_from)
     except (OSError, ValueError) as e:  # no such folder, no weights (offline), not GPT-2: transformers says which
@@ -782,8 +799,8 @@ def resume_config(cfg, given):
                              f"--init_from resume, or pick a new --log_dir")
         for name in ("log.txt", "samples.txt"):  # a new run would overwrite log.txt and add to samples.txt
             if os.path.isfile(os.path.join(cfg.log_dir, name)):
-                raise TrainError(f"{cfg.log_dir}/ already holds the {name} of an earlier run, without a checkpoint "
-                                 f"to resume: move it away, or pick a new --log_dir")
+                raise TrainError(f"{cfg.log_dir}/ already holds the {name} of an earlier run, without a "
+                                 f"checkpoint to resume: move it away, or pick a new --log_dir")
         return cfg, None
     if not paths:
         raise TrainError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
@@ -1379,7 +1396,7 @@ def train(cfg, given):
 
 def main(argv=None):
     cfg, given = parse_args(argv)
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # the only rank that writes in log_dir, on a shared disk or not
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # the only rank that writes in log_dir
     try:
         with hold_folder(cfg.log_dir, "--log_dir", TrainError) if rank0 else contextlib.nullcontext():
             train(cfg, given)

@@ -545,8 +545,8 @@ def test_an_output_path_that_is_a_folder_is_refused_at_start_up(capsys, data, tm
 def test_a_seed_torch_or_numpy_cannot_take_is_one_line(capsys, data, tmp_path, seed):
     code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, TINY), "--seed", seed,
                          "--shuffle", 1, "--max_steps", 2)
-    assert code == 1 and err == f"train_gpt2.py: error: --seed {seed}: must be in [0, 2**64), the seeds torch and " \
-                                f"numpy take\n"
+    assert code == 1 and err == f"train_gpt2.py: error: --seed {seed}: must be in [0, 2**64), as torch and numpy " \
+                                f"need\n"
 
 
 # --- faults and bad input: nothing lost, nothing silent --------------------------------------------------
