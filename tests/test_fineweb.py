@@ -9,6 +9,7 @@ fineweb.py runs in this process through fineweb.main (fast), except where a real
 datasets' arrow cache goes to a temporary folder (see hf_cache), never to ~/.cache.
 """
 
+import errno
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -529,6 +531,16 @@ def test_an_out_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(tm
         holder.kill()  # SIGKILL: nothing of it runs after
         holder.wait()
         tokenize(out, "--input", small_corpus, *READER)
+
+
+def test_a_file_system_without_locks_runs_unguarded_with_a_note(tmp_path, capsys, monkeypatch, small_corpus):
+    def flock(f, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # as some network file systems answer
+    monkeypatch.setattr(fineweb, "fcntl", types.SimpleNamespace(flock=flock, LOCK_EX=2, LOCK_NB=4))
+    out = tokenize(tmp_path / "out", "--input", small_corpus, *READER)
+    assert f"note: --out_dir {out}: cannot lock it (No locks available), so nothing keeps a second run out of it" \
+        in capsys.readouterr().out
+    assert read_stream(out).size
 
 
 # -----------------------------------------------------------------------------
