@@ -350,9 +350,11 @@ def batches(ds, first_doc, cfg):
 
 def disk_full(e):
     """Whether an exception comes from a full disk: an OSError ENOSPC, also as the cause or context of
-    the error torch.save raises ("unexpected pos"), or in safetensors' message ("os error 28")."""
+    the error torch.save raises ("unexpected pos"), in safetensors' message ("os error 28"), or numpy's
+    short write, which has no errno ("20000 requested and 18368 written", from np.save's tofile)."""
     while e is not None:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "os error 28" in str(e):
+        if isinstance(e, OSError) and (e.errno == errno.ENOSPC or " requested and " in str(e)) \
+                or "os error 28" in str(e):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -533,16 +535,16 @@ def open_manifest(cfg, source, enc):
 def main(argv=None):
     cfg = parse_args(argv)
     try:
+        enc, source = gpt2_tokenizer(), describe_source(cfg)  # bad input fails here, before out_dir is made
         with hold_folder(cfg.out_dir, "--out_dir"):
-            tokenize(cfg)
+            tokenize(cfg, enc, source)
     except FinewebError as e:
         sys.exit(f"fineweb.py: error: {e}")
 
 
-def tokenize(cfg):
+def tokenize(cfg, enc, source):
     from tqdm import tqdm
-    enc = gpt2_tokenizer()
-    manifest = open_manifest(cfg, describe_source(cfg), enc)
+    manifest = open_manifest(cfg, source, enc)
     if manifest["done"]:
         print(f"{cfg.out_dir}/ is complete: {len(manifest['shards'])} shards, "
               f"{sum(s['tokens'] for s in manifest['shards']):,} tokens")
