@@ -489,7 +489,7 @@ def hold_folder(folder, flag, error=FinewebError):
         raise error(f"{flag} {folder}: in use by another run ({holder}); wait for it to end or pick another "
                     f"{flag}") from None
     except OSError as e:  # a file system without locks (some network ones): run, unguarded
-        print(f"note: {flag} {folder}: cannot lock it ({e.strerror}), so nothing keeps a second run out of it")
+        print(f"note: {flag} {folder}: cannot lock it ({e.strerror}), so nothing keeps a second run out")
     f.truncate(0)
     f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
     f.flush()

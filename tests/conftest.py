@@ -82,7 +82,8 @@ def run_train(*args, nproc=1, check=True, timeout=900, merge_stderr=False, **kwa
 def folder_in_use(folder):
     """folder held as a running train_gpt2.py or fineweb.py holds it (fineweb.hold_folder, in a child process
     waiting on its stdin); yields the child, which is SIGKILLed at the end if still alive."""
-    code = "import sys, fineweb; lock = fineweb.hold_folder(sys.argv[1], ''); print('held', flush=True); sys.stdin.read()"
+    code = ("import sys, fineweb; lock = fineweb.hold_folder(sys.argv[1], ''); print('held', flush=True); "
+            "sys.stdin.read()")
     child = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     try:

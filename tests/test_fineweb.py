@@ -516,8 +516,8 @@ def test_out_dir_inside_an_input_folder_is_never_an_input(tmp_path, capsys, smal
     os.remove(out / shard_names(out)[-1])
     assert_stream(tokenize(out, "--input", folder, *READER), small_docs)  # resumed
     status, message = fineweb_main("--num_proc", 1, "--input", out / "manifest.json", "--out_dir", out)
-    assert (status, message) == (1, f"fineweb.py: error: --input {out / 'manifest.json'}: only files in --out_dir "
-                                    f"{out}, which this run writes")
+    assert (status, message) == (1, f"fineweb.py: error: --input {out / 'manifest.json'}: only files in "
+                                    f"--out_dir {out}, which this run writes")
 
 
 def test_an_out_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(tmp_path, small_corpus):
@@ -525,8 +525,9 @@ def test_an_out_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(tm
     out = tmp_path / "out"
     with folder_in_use(out) as holder:
         status, message = fineweb_main("--num_proc", 1, "--input", small_corpus, *READER, "--out_dir", out)
-        assert (status, message) == (1, f"fineweb.py: error: --out_dir {out}: in use by another run (pid {holder.pid} "
-                                        f"on host {socket.gethostname()}); wait for it to end or pick another --out_dir")
+        assert (status, message) == (1, f"fineweb.py: error: --out_dir {out}: in use by another run (pid "
+                                        f"{holder.pid} on host {socket.gethostname()}); wait for it to end "
+                                        f"or pick another --out_dir")
         assert os.listdir(out) == [".lock"]
         holder.kill()  # SIGKILL: nothing of it runs after
         holder.wait()
@@ -538,7 +539,7 @@ def test_a_file_system_without_locks_runs_unguarded_with_a_note(tmp_path, capsys
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # as some network file systems answer
     monkeypatch.setattr(fineweb, "fcntl", types.SimpleNamespace(flock=flock, LOCK_EX=2, LOCK_NB=4))
     out = tokenize(tmp_path / "out", "--input", small_corpus, *READER)
-    assert f"note: --out_dir {out}: cannot lock it (No locks available), so nothing keeps a second run out of it" \
+    assert f"note: --out_dir {out}: cannot lock it (No locks available), so nothing keeps a second run out" \
         in capsys.readouterr().out
     assert read_stream(out).size
 

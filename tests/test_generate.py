@@ -277,9 +277,10 @@ def test_a_training_log_dir_means_its_newest_checkpoint(capsys, checkpoint, tmp_
     (log / "model_00011.pt.tmp").write_bytes(b"half a checkpoint")
     args = ["--num_return_sequences", 2, "--max_new_tokens", 5]
     assert cli(capsys, "--init_from", log, *args).out == cli(capsys, "--init_from", checkpoint, *args).out
-    code, err = cli_error(capsys, "--init_from", log / "model_00011.pt.tmp")
-    assert code == 1 and err == f"generate.py: error: --init_from {log / 'model_00011.pt.tmp'}: a checkpoint still " \
-                                f"being written, or cut short by a crash; pass a finished model_NNNNN.pt, or its " \
+    partial = log / "model_00011.pt.tmp"
+    code, err = cli_error(capsys, "--init_from", partial)
+    assert code == 1 and err == f"generate.py: error: --init_from {partial}: a checkpoint still being " \
+                                f"written, or cut short by a crash; pass a finished model_NNNNN.pt, or its " \
                                 f"folder for the newest one\n"
 
 

@@ -269,8 +269,9 @@ def test_a_training_log_dir_scores_its_newest_checkpoint(tiny, examples, enc, da
     log = tmp_path / "log"
     log.mkdir()
     model = tiny[1]
-    torch.save({"model": model.state_dict(), "optimizer": {}, "model_config": dataclasses.asdict(model.config),
-                "config": {}, "step": 10, "loader_positions": [0]}, log / "model_00010.pt")
+    torch.save({"model": model.state_dict(), "optimizer": {}, "config": {}, "step": 10,
+                "loader_positions": [0], "model_config": dataclasses.asdict(model.config)},
+               log / "model_00010.pt")
     (log / "model_00002.pt").write_bytes(b"an older checkpoint, not read")
     (log / "model_00011.pt.tmp").write_bytes(b"half a checkpoint")
     (log / "log.txt").write_text("0 train 10.0\n")
@@ -279,9 +280,10 @@ def test_a_training_log_dir_scores_its_newest_checkpoint(tiny, examples, enc, da
     assert code == 0
     correct, correct_norm, n = score(model, examples[:7], enc)
     assert out.splitlines()[-1] == f"acc: {correct / 7:.4f} acc_norm: {correct_norm / 7:.4f} n: 7"
-    code, _, err = run_main(capsys, "--model", log / "model_00011.pt.tmp", "--data_dir", data_dir, "--limit", 1)
-    assert_one_line_error(code, err, f"--model {log / 'model_00011.pt.tmp'}: a checkpoint still being written, "
-                                     f"or cut short by a crash; pass a finished model_NNNNN.pt, or its folder")
+    partial = log / "model_00011.pt.tmp"
+    code, _, err = run_main(capsys, "--model", partial, "--data_dir", data_dir, "--limit", 1)
+    assert_one_line_error(code, err, f"--model {partial}: a checkpoint still being written, or cut short by "
+                                     f"a crash; pass a finished model_NNNNN.pt, or its folder")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HELLASWAG_EXCERPT, REPO, folder_in_use, on_small_disk, read_log, run_train, write_npy_shard
+from conftest import (HELLASWAG_EXCERPT, REPO, folder_in_use, on_small_disk, read_log, run_train,
+                      write_npy_shard)
 from fineweb import gpt2_tokenizer
 from train_gpt2 import GPT, GPTConfig, TrainConfig, get_lr, main, parse_args
 
@@ -331,8 +332,8 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path):
 
 def test_checkpoints_are_safe_and_complete(data, tmp_path):
     train(data, tmp_path, "--max_steps", 9, "--ckpt_interval", 2, "--keep_last", 2)
-    assert sorted(n for n in os.listdir(tmp_path) if n != "loss.png") == [".lock", "log.txt", "model_00008.pt",
-                                                                          "model_00009.pt"]
+    assert sorted(n for n in os.listdir(tmp_path) if n != "loss.png") == [".lock", "log.txt",
+                                                                          "model_00008.pt", "model_00009.pt"]
     ckpt = torch.load(tmp_path / "model_00009.pt", weights_only=True)  # no pickled classes
     assert ckpt["step"] == 9 and ckpt["config"]["max_steps"] == 9
     assert ckpt["model_config"] == {"block_size": 64, "vocab_size": 256, "n_layer": 2, "n_head": 2, "n_embd": 32}
@@ -504,18 +505,18 @@ def test_a_log_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(cap
     """Two runs on one log_dir would interleave their log lines and checkpoints. While a run holds it (here a
     process holding it as a run does), a new run and a resume stop before touching it; killed (SIGKILL: no
     clean-up runs), its run leaves no stale lock."""
-    train(data, tmp_path / "run", "--max_steps", 2)
-    for log_dir, args in ((tmp_path / "new", TINY), (tmp_path / "run", ["--init_from", "resume", "--max_steps", 3])):
-        with folder_in_use(log_dir) as holder:
-            before = {n: (log_dir / n).read_bytes() for n in os.listdir(log_dir) if n != ".lock"}
-            code, err = run_main(capsys, "--data_dir", data, "--log_dir", log_dir, *map(str, args))
-            assert code == 1 and err == f"train_gpt2.py: error: --log_dir {log_dir}: in use by another run (pid " \
-                f"{holder.pid} on host {socket.gethostname()}); wait for it to end or pick another --log_dir\n"
-            assert {n: (log_dir / n).read_bytes() for n in os.listdir(log_dir) if n != ".lock"} == before
+    for args in ([*TINY, "--max_steps", 2], ["--init_from", "resume", "--max_steps", 3]):  # new, then resumed
+        with folder_in_use(tmp_path) as holder:
+            before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if n != ".lock"}
+            code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, args))
+            assert code == 1 and err == f"train_gpt2.py: error: --log_dir {tmp_path}: in use by another run " \
+                f"(pid {holder.pid} on host {socket.gethostname()}); wait for it to end or pick another " \
+                f"--log_dir\n"
+            assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if n != ".lock"} == before
             holder.kill()
             holder.wait()
-            run_train("--data_dir", data, "--log_dir", log_dir, *args, "--max_steps", 3)
-        assert (log_dir / "model_00003.pt").exists()
+            run_train("--data_dir", data, "--log_dir", tmp_path, *args)
+    assert sorted(read_log(tmp_path)["train"]) == [0, 1, 2]
 
 
 def test_a_new_run_keeps_an_earlier_runs_log(capsys, data, tmp_path):
@@ -525,28 +526,33 @@ def test_a_new_run_keeps_an_earlier_runs_log(capsys, data, tmp_path):
         log_dir = tmp_path / name
         log_dir.mkdir()
         (log_dir / name).write_text("0 train 5.5\n")
-        code, err = run_main(capsys, "--data_dir", data, "--log_dir", log_dir, *map(str, TINY), "--max_steps", 2)
-        assert code == 1 and err == f"train_gpt2.py: error: {log_dir}/ already holds the {name} of an earlier " \
-                                    f"run, without a checkpoint to resume: move it away, or pick a new --log_dir\n"
+        code, err = run_main(capsys, "--data_dir", data, "--log_dir", log_dir, *map(str, TINY),
+                             "--max_steps", 2)
+        assert code == 1 and err == f"train_gpt2.py: error: {log_dir}/ already holds the {name} of an " \
+                                    f"earlier run, without a checkpoint to resume: move it away, or pick a " \
+                                    f"new --log_dir\n"
         assert (log_dir / name).read_text() == "0 train 5.5\n"
 
 
 @pytest.mark.parametrize("name", ["log.txt", "samples.txt", "loss.png"])
 def test_an_output_path_that_is_a_folder_is_refused_at_start_up(capsys, data, tmp_path, name):
-    """Before, a folder named samples.txt was a traceback at the first sample, after training and no checkpoint."""
+    """Before, a folder named samples.txt was a traceback at the first sample, after training, with no
+    checkpoint."""
     (tmp_path / name).mkdir()
     for args in ([], ["--init_from", "gpt2"]):
-        code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, TINY), "--max_steps", 2, *args)
-        assert code == 1 and err == f"train_gpt2.py: error: --log_dir {tmp_path}: {tmp_path / name} is not a " \
-                                    f"file, and this run writes there; move it away or pick another --log_dir\n"
+        code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, TINY),
+                             "--max_steps", 2, *args)
+        assert code == 1 and err == f"train_gpt2.py: error: --log_dir {tmp_path}: {tmp_path / name} is not " \
+                                    f"a file, and this run writes there; move it away or pick another " \
+                                    f"--log_dir\n"
 
 
 @pytest.mark.parametrize("seed", ["-5", str(2**64)])
 def test_a_seed_torch_or_numpy_cannot_take_is_one_line(capsys, data, tmp_path, seed):
     code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, TINY), "--seed", seed,
                          "--shuffle", 1, "--max_steps", 2)
-    assert code == 1 and err == f"train_gpt2.py: error: --seed {seed}: must be in [0, 2**64), as torch and numpy " \
-                                f"need\n"
+    assert code == 1 and err == f"train_gpt2.py: error: --seed {seed}: must be in [0, 2**64), as torch and " \
+                                f"numpy need\n"
 
 
 # --- faults and bad input: nothing lost, nothing silent --------------------------------------------------
@@ -595,8 +601,8 @@ def test_log_dir_that_cannot_be_a_folder_is_one_line(capsys, data, tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     for log_dir, why in [(tmp_path / "afile", "File exists"), (tmp_path / "afile" / "run", "Not a directory")]:
         code, err = run_main(capsys, "--data_dir", data, "--log_dir", log_dir, *map(str, TINY), "--max_steps", 1)
-        assert code == 1 and err == f"train_gpt2.py: error: --log_dir {log_dir}: cannot make that folder ({why}); " \
-                                    f"pick another --log_dir\n"
+        assert code == 1 and err == f"train_gpt2.py: error: --log_dir {log_dir}: cannot make that folder " \
+                                    f"({why}); pick another --log_dir\n"
         assert err.count("\n") == 1
 
 
