@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from fineweb import DATA_DIR, GPT2_EOT, GPT2_VOCAB_SIZE, disk_full
 from plot import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS
-from train_gpt2 import TrainError, checkpoint_paths, config_parser, load_checkpoint, model_from_checkpoint, option
+from train_gpt2 import (TrainError, checkpoint_file, config_parser, load_checkpoint, model_from_checkpoint,
+                        option)
 
 EOT = "<|endoftext|>"  # GPT-2's only special token, id GPT2_EOT: its bos, eos and unk token
 HELLASWAG_VAL_EXAMPLES = 10042
@@ -50,18 +51,6 @@ def reason(e):
     """An exception as one short line: its type and the first sentence of its message."""
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0].split('. ')[0].rstrip('.') if lines else ''}"
-
-
-def find_checkpoint(path):
-    """The checkpoint file: path itself, or the newest model_NNNNN.pt in the folder path."""
-    if os.path.isdir(path):
-        paths = checkpoint_paths(path)
-        if not paths:
-            raise TrainError(f"--checkpoint {path}: no model_NNNNN.pt checkpoint in this folder")
-        return paths[-1]
-    if not os.path.exists(path):
-        raise TrainError(f"--checkpoint {path}: no such file or folder")
-    return path
 
 
 def load_tokenizer(source, block_size):
@@ -177,8 +166,8 @@ def export(cfg):
         raise TrainError(f"--push_to_hub {cfg.push_to_hub}: expected a Hugging Face repo id, user/name")
     if cfg.private and not cfg.push_to_hub:
         raise TrainError("--private: only means something with --push_to_hub user/name")
-    path = find_checkpoint(cfg.checkpoint)
     try:
+        path = checkpoint_file(cfg.checkpoint)
         ckpt = load_checkpoint(path)
     except TrainError as e:
         raise TrainError(f"--checkpoint {e}") from None

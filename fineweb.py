@@ -25,11 +25,17 @@ import json
 import multiprocessing as mp
 import os
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # native Windows: folders are not locked
+    fcntl = None
 
 MIN_TRAIN_TOKENS = 2  # the smallest train split: one token and its target
 DEFAULT_MICRO_BATCH_TOKENS = 64 * 1024 + 1  # one micro-batch of train_gpt2.py's defaults (64 x 1024, +1 for the targets)
@@ -136,10 +142,11 @@ def parse_args(argv=None):
 # Reading the corpus: a Hugging Face dataset, or local files through datasets' own readers
 
 
-def input_files(patterns):
-    """The files named by --input (files, globs, folders, or URLs), in order, each once."""
-    files = []
-    for pattern in patterns:
+def input_files(cfg):
+    """The files named by --input (files, globs, folders, or URLs), in order, each once; none in --out_dir,
+    which this run writes (a rerun would read its manifest.json as a document)."""
+    out_dir, files = os.path.realpath(cfg.out_dir), []
+    for pattern in cfg.input:
         if pattern.startswith(("http://", "https://")):
             files.append(pattern)
             continue
@@ -150,8 +157,12 @@ def input_files(patterns):
             found = [pattern]
         else:
             found = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+        ours = [p for p in found if os.path.commonpath([os.path.realpath(p), out_dir]) == out_dir]
+        found = [p for p in found if p not in ours]
         if not found:
-            raise FinewebError(f"--input {pattern}: no such file, or no .txt/.jsonl/.json/.parquet files in it")
+            raise FinewebError(f"--input {pattern}: " + (
+                f"only files in --out_dir {cfg.out_dir}, which this run writes" if ours
+                else "no such file, or no .txt/.jsonl/.json/.parquet files in it"))
         for p in found:
             if os.path.splitext(p)[1] not in READERS:
                 raise FinewebError(f"--input {p}: cannot read {os.path.splitext(p)[1] or 'extensionless'} files; "
@@ -179,7 +190,7 @@ def non_utf8_file(files):
 
 def unreadable(cfg, e, doing):
     """The error for data datasets could not read; a file that is not UTF-8 is named, with its bad byte."""
-    found = non_utf8_file(input_files(cfg.input)) if cfg.input and isinstance(e, UnicodeDecodeError) else None
+    found = non_utf8_file(input_files(cfg)) if cfg.input and isinstance(e, UnicodeDecodeError) else None
     if found:
         path, offset, byte = found
         return FinewebError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); convert it to UTF-8 "
@@ -192,7 +203,7 @@ def document_source(cfg, doc):
     if not cfg.input:
         return f"row {doc + 1:,} of --dataset {cfg.dataset}"
     import datasets
-    for path in input_files(cfg.input):
+    for path in input_files(cfg):
         reader = READERS[os.path.splitext(path)[1]]
         rows = 1 if reader == "text" else sum(1 for _ in datasets.load_dataset(
             reader, data_files=[path if "://" in path else glob.escape(path)], split="train", streaming=True))
@@ -205,7 +216,7 @@ def describe_source(cfg):
     """What the shards are made of, for manifest.json: a rerun must read the same thing to resume."""
     source = dict(split=cfg.split, text_column=cfg.text_column)
     if cfg.input:
-        source["input"] = [[f, None if "://" in f else os.path.getsize(f)] for f in input_files(cfg.input)]
+        source["input"] = [[f, None if "://" in f else os.path.getsize(f)] for f in input_files(cfg)]
     else:
         source.update(dataset=cfg.dataset, name=cfg.name)
     return source
@@ -216,7 +227,7 @@ def load_corpus(cfg):
     import datasets
     try:
         if cfg.input:
-            files = input_files(cfg.input)
+            files = input_files(cfg)
             parts, start = [], 0
             while start < len(files):  # runs of files of one type, keeping the order the user gave
                 reader = READERS[os.path.splitext(files[start])[1]]
@@ -348,9 +359,11 @@ def batches(ds, first_doc, cfg):
 
 def disk_full(e):
     """Whether an exception comes from a full disk: an OSError ENOSPC, also as the cause or context of
-    the error torch.save raises ("unexpected pos"), or in safetensors' message ("os error 28")."""
+    the error torch.save raises ("unexpected pos"), in safetensors' message ("os error 28"), or numpy's
+    short write, which has no errno ("20000 requested and 18368 written", from np.save's tofile)."""
     while e is not None:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "os error 28" in str(e):
+        if isinstance(e, OSError) and (e.errno == errno.ENOSPC or " requested and " in str(e)) \
+                or "os error 28" in str(e):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -465,6 +478,33 @@ class ShardWriter:
                   f"--micro_batch_size B and --seq_len T such that B x T + 1 <= {largest:,}")
 
 
+def hold_folder(folder, flag, error=FinewebError):
+    """Make folder and lock it for this run (an flock on folder/.lock): a second run on it stops at once,
+    saying whose it is. Use it as a context manager; the OS also drops the lock when the process dies,
+    killed or not, so none outlives its run."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, ".lock"), "a+")
+    except OSError as e:  # a file of that name, or under a file; a read-only disk
+        raise error(f"{flag} {folder}: cannot {'write in' if os.path.isdir(folder) else 'make'} that folder "
+                    f"({e.strerror}); pick another {flag}") from None
+    try:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "pid unknown"
+        f.close()
+        raise error(f"{flag} {folder}: in use by another run ({holder}); wait for it to end or pick another "
+                    f"{flag}") from None
+    except OSError as e:  # a file system without locks (some network ones): run, unguarded
+        print(f"note: {flag} {folder}: cannot lock it ({e.strerror}), so nothing keeps a second run out")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
 def save_manifest(out_dir, manifest):
     tmp = os.path.join(out_dir, "manifest.json.tmp")
     write_synced(tmp, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
@@ -476,10 +516,6 @@ def open_manifest(cfg, source, enc):
     settings = dict(source=source, tokenizer=f"tiktoken gpt2, <|endoftext|> ({enc.eot_token}) before every document",
                     format=cfg.format, prefix=cfg.prefix, shard_size=cfg.shard_size, val_tokens=cfg.val_tokens)
     path = os.path.join(cfg.out_dir, "manifest.json")
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as e:  # a file of that name, or under a file; a read-only disk
-        raise FinewebError(f"--out_dir {cfg.out_dir}: cannot make that folder ({e.strerror}); pick another") from None
     if not os.path.exists(path):
         shards = [n for n in os.listdir(cfg.out_dir) if n.endswith((".npy", ".bin"))]
         if shards:
@@ -508,15 +544,16 @@ def open_manifest(cfg, source, enc):
 def main(argv=None):
     cfg = parse_args(argv)
     try:
-        tokenize(cfg)
+        enc, source = gpt2_tokenizer(), describe_source(cfg)  # bad input fails here, before out_dir is made
+        with hold_folder(cfg.out_dir, "--out_dir"):
+            tokenize(cfg, enc, source)
     except FinewebError as e:
         sys.exit(f"fineweb.py: error: {e}")
 
 
-def tokenize(cfg):
+def tokenize(cfg, enc, source):
     from tqdm import tqdm
-    enc = gpt2_tokenizer()
-    manifest = open_manifest(cfg, describe_source(cfg), enc)
+    manifest = open_manifest(cfg, source, enc)
     if manifest["done"]:
         print(f"{cfg.out_dir}/ is complete: {len(manifest['shards'])} shards, "
               f"{sum(s['tokens'] for s in manifest['shards']):,} tokens")

@@ -21,7 +21,7 @@ from train_gpt2 import (PRETRAINED, SAMPLE_PROMPT, TrainError, autocast_context,
 @dataclass
 class GenerateConfig:
     init_from: str = option("gpt2", "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder, "
-                                    "or a train_gpt2.py checkpoint (log/model_NNNNN.pt)")
+                                    "or a train_gpt2.py checkpoint (log/model_NNNNN.pt, or log: its newest)")
     prompt: str = option(SAMPLE_PROMPT, "the text to continue, or FILE:path to read it from a file "
                                                          "('' starts from <|endoftext|>: unconditional samples)")
     num_return_sequences: int = option(10, "samples of the prompt")
@@ -50,8 +50,10 @@ def check_generate_flags(cfg):
         ("temperature", cfg.temperature >= 0, "must be >= 0"),
         ("top_k", cfg.top_k >= 0, "must be >= 0"),
         ("top_p", 0 < cfg.top_p <= 1, "must be in (0, 1]"),
-        ("init_from", cfg.init_from in PRETRAINED or cfg.init_from.endswith(".pt") or os.path.isdir(cfg.init_from),
-         f"expected {', '.join(PRETRAINED)}, a Hugging Face GPT-2 folder or a model_NNNNN.pt file"),
+        ("init_from", cfg.init_from in PRETRAINED or cfg.init_from.endswith((".pt", ".pt.tmp"))
+         or os.path.isdir(cfg.init_from), f"expected {', '.join(PRETRAINED)}, a Hugging Face GPT-2 folder, a "
+                                          f"model_NNNNN.pt file or a train_gpt2.py --log_dir"),
+        ("seed", 0 <= cfg.seed < 2**64, "must be in [0, 2**64)"),
     ])
 
 

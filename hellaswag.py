@@ -206,7 +206,7 @@ def score(model, examples, enc, device="cpu", batch_size=16, autocast=contextlib
 
 @dataclass
 class HellaswagConfig:
-    model: str = dataclasses.field(default="gpt2", metadata={"help": "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder, or a train_gpt2.py checkpoint (log/model_NNNNN.pt)"})
+    model: str = dataclasses.field(default="gpt2", metadata={"help": "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder, or a train_gpt2.py checkpoint (log/model_NNNNN.pt, or log: its newest)"})
     split: str = dataclasses.field(default="val", metadata={"help": "train or val"})
     data_dir: str = dataclasses.field(default="", metadata={"help": "folder holding hellaswag_{split}.jsonl ('' = $HELLASWAG_DIR or ~/.cache/gpt2-repro/hellaswag, downloaded there on first use)"})
     limit: int = dataclasses.field(default=0, metadata={"help": "score the first N tasks only (0 = all)"})
@@ -226,7 +226,8 @@ def parse_args(argv=None):
               ("limit", cfg.limit >= 0, "must be >= 0"),
               ("batch_size", cfg.batch_size > 0, "must be a positive integer"),
               ("model", cfg.model in PRETRAINED or os.path.isdir(cfg.model) or os.path.isfile(cfg.model),
-               "expected " + ", ".join(PRETRAINED) + ", a Hugging Face GPT-2 folder or a model_NNNNN.pt checkpoint")]
+               "expected " + ", ".join(PRETRAINED) + ", a Hugging Face GPT-2 folder, a model_NNNNN.pt "
+                                                     "checkpoint or a train_gpt2.py --log_dir")]
     for name, ok, allowed in checks:
         if not ok:
             parser.error(f"--{name} {getattr(cfg, name)}: {allowed}")

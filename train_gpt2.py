@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor
 # fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing and the disk writes; it imports
 # no torch, so that its tokenizing processes start fast and small
 from fineweb import (GPT2_EOT, GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, OneLineParser,
-                     disk_full, gpt2_tokenizer, parse_bool, write_synced)
+                     disk_full, gpt2_tokenizer, hold_folder, parse_bool, write_synced)
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 LOSS_CHUNK_TOKENS = 256  # ChunkedCrossEntropy's chunk: 256 x 50304 float32 logits are 52 MB (of 128-1024, fastest on CPU at both 64 and 768 wide)
@@ -665,8 +665,13 @@ def check_flags(cfg, checks):
 
 
 def check_train_flags(cfg):
+    outputs = [os.path.join(cfg.log_dir, n) for n in ("log.txt", "samples.txt", "loss.png")]
+    blocked = [p for p in outputs if os.path.exists(p) and not os.path.isfile(p)]  # would fail mid-run
     check_flags(cfg, [("init_from", cfg.init_from in ("scratch", "resume") + PRETRAINED or os.path.isdir(cfg.init_from),
-                       "expected scratch, resume, " + ", ".join(PRETRAINED) + " or a Hugging Face GPT-2 folder")]
+                       "expected scratch, resume, " + ", ".join(PRETRAINED) + " or a Hugging Face GPT-2 folder"),
+                      ("log_dir", not blocked, f"{blocked[0] if blocked else ''} is not a file, and this run "
+                                               f"writes there; move it away or pick another --log_dir"),
+                      ("seed", 0 <= cfg.seed < 2**64, "must be in [0, 2**64), as torch and numpy need")]
                 + [(name, getattr(cfg, name) > 0, "must be a positive integer") for name in POSITIVE_FLAGS]
                 + [(name, getattr(cfg, name) >= 0, "must be >= 0") for name in NON_NEGATIVE_FLAGS]
                 + [("max_lr", cfg.max_lr > 0, "must be > 0"),
@@ -731,11 +736,28 @@ def model_from_checkpoint(ckpt):
     return model
 
 
+def checkpoint_file(path):
+    """The checkpoint path names: path itself, or for a folder (a --log_dir) its newest model_NNNNN.pt."""
+    if os.path.isdir(path):
+        paths = checkpoint_paths(path)
+        if not paths:
+            raise TrainError(f"{path}: no model_NNNNN.pt checkpoint in this folder")
+        return paths[-1]
+    if path.endswith(".pt.tmp"):  # save_checkpoint's temporary name
+        raise TrainError(f"{path}: a checkpoint still being written, or cut short by a crash; pass a "
+                         f"finished model_NNNNN.pt, or its folder for the newest one")
+    return path
+
+
 def load_model(init_from):
     """A GPT from GPT-2 weights (gpt2, ..., gpt2-xl, or a Hugging Face folder) or from one of our
-    checkpoints (a model_NNNNN.pt file), as generate.py and hellaswag.py take them."""
-    if init_from.endswith(".pt"):
-        return model_from_checkpoint(load_checkpoint(init_from))
+    checkpoints (a model_NNNNN.pt file, or a --log_dir: its newest one), as generate.py and hellaswag.py
+    take them."""
+    if init_from.endswith((".pt", ".pt.tmp")) or checkpoint_paths(init_from):
+        return model_from_checkpoint(load_checkpoint(checkpoint_file(init_from)))
+    if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json")):
+        raise TrainError(f"{init_from}: neither a Hugging Face GPT-2 folder (no config.json) nor a "
+                         f"train_gpt2.py --log_dir (no model_NNNNN.pt checkpoint)")
     try:
         return GPT.from_pretrained(init_from)
     except (OSError, ValueError) as e:  # no such folder, no weights (offline), not GPT-2: transformers says which
@@ -817,12 +839,16 @@ def save_checkpoint(ckpt, log_dir, keep_last):
 def resume_config(cfg, given):
     """(flags, checkpoint): with --init_from resume, the newest checkpoint in log_dir and its flags as the
     defaults, so `--init_from resume` alone continues the same run; else (cfg, None), refusing a log_dir
-    that already holds checkpoints."""
+    that already holds checkpoints or an earlier run's log."""
     paths = checkpoint_paths(cfg.log_dir)
     if cfg.init_from != "resume":
         if paths:
             raise TrainError(f"{cfg.log_dir}/ already holds checkpoints (newest {paths[-1]}): continue them with "
                              f"--init_from resume, or pick a new --log_dir")
+        for name in ("log.txt", "samples.txt"):  # a new run would overwrite log.txt and add to samples.txt
+            if os.path.isfile(os.path.join(cfg.log_dir, name)):
+                raise TrainError(f"{cfg.log_dir}/ already holds the {name} of an earlier run, without a "
+                                 f"checkpoint to resume: move it away, or pick a new --log_dir")
         return cfg, None
     if not paths:
         raise TrainError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
@@ -1453,10 +1479,12 @@ def train(cfg, given):
 
 def main(argv=None):
     cfg, given = parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # the only rank that writes in log_dir
     try:
-        train(cfg, given)
+        with hold_folder(cfg.log_dir, "--log_dir", TrainError) if rank0 else contextlib.nullcontext():
+            train(cfg, given)
     except TrainError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank0:
             print(f"train_gpt2.py: error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -1,3 +1,4 @@
+import contextlib
 import functools
 import hashlib
 import json
@@ -75,6 +76,22 @@ def run_train(*args, nproc=1, check=True, timeout=900, merge_stderr=False, **kwa
     if check and proc.returncode != 0:
         raise AssertionError(f"train_gpt2.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@contextlib.contextmanager
+def folder_in_use(folder):
+    """folder held as a running train_gpt2.py or fineweb.py holds it (fineweb.hold_folder, in a child process
+    waiting on its stdin); yields the child, which is SIGKILLed at the end if still alive."""
+    code = ("import sys, fineweb; lock = fineweb.hold_folder(sys.argv[1], ''); print('held', flush=True); "
+            "sys.stdin.read()")
+    child = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "held\n"
+        yield child
+    finally:
+        child.kill()
+        child.wait()
 
 
 def read_log(log_dir):

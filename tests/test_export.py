@@ -250,7 +250,7 @@ def test_defaults_and_help(capsys):
 
 @pytest.mark.parametrize("case, argv, expected", [
     ("out_dir not empty", ["--out_dir", "{tmp}/full"], "--out_dir {tmp}/full: already exists and is not an empty"),
-    ("no such checkpoint", ["--checkpoint", "{tmp}/model_00100.pt"], "--checkpoint {tmp}/model_00100.pt: no such file"),
+    ("no such checkpoint", ["--checkpoint", "{tmp}/model_00100.pt"], "--checkpoint {tmp}/model_00100.pt: no such checkpoint"),
     ("folder without checkpoints", ["--checkpoint", "{tmp}/full"], "no model_NNNNN.pt checkpoint in this folder"),
     ("corrupt checkpoint", ["--checkpoint", "{tmp}/model_00009.pt"], "cannot read the checkpoint"),
     ("tokenizer folder without files", ["--tokenizer", "{tmp}/full"], "--tokenizer {tmp}/full: no GPT-2 tokenizer"),

@@ -9,18 +9,21 @@ fineweb.py runs in this process through fineweb.main (fast), except where a real
 datasets' arrow cache goes to a temporary folder (see hf_cache), never to ~/.cache.
 """
 
+import errno
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_SHAKESPEARE, on_small_disk, read_log, run_train, tiktoken_gpt2
+from conftest import REPO, TINY_SHAKESPEARE, folder_in_use, on_small_disk, read_log, run_train, tiktoken_gpt2
 import fineweb
 
 EOT = 50256
@@ -107,11 +110,12 @@ def assert_stream(out_dir, docs):
 
 
 def snapshot(folder):
-    """{file name: bytes} of every file in folder ({} if it does not exist)."""
+    """{file name: bytes} of every file in folder ({} if it does not exist) but .lock, which names the process
+    that last held the folder."""
     if not os.path.isdir(folder):
         return {}
     out = {}
-    for name in os.listdir(folder):
+    for name in set(os.listdir(folder)) - {".lock"}:
         with open(os.path.join(folder, name), "rb") as f:
             out[name] = f.read()
     return out
@@ -493,11 +497,51 @@ def test_damaged_shard_is_redone(tmp_path, capsys, request, corpus, fixture, ind
 def test_complete_directory_is_left_alone(tmp_path, capsys, reference, corpus):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
-    stat = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)}
+    stat = {n: os.stat(out / n).st_mtime_ns for n in snapshot(out)}
     tokenize(out, "--input", corpus, *REF)
     assert "is complete" in capsys.readouterr().out
-    assert {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)} == stat
+    assert {n: os.stat(out / n).st_mtime_ns for n in snapshot(out)} == stat
     assert_same_files(out, reference)
+
+
+def test_out_dir_inside_an_input_folder_is_never_an_input(tmp_path, capsys, small_docs):
+    """Before, a rerun read the first run's manifest.json as a document: "a different corpus", for ever."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    write_jsonl(folder / "docs.jsonl", [{"text": d} for d in small_docs])
+    out = folder / "tokens"
+    assert_stream(tokenize(out, "--input", folder, *READER), small_docs)
+    tokenize(out, "--input", folder, *READER)
+    assert "is complete" in capsys.readouterr().out
+    os.remove(out / shard_names(out)[-1])
+    assert_stream(tokenize(out, "--input", folder, *READER), small_docs)  # resumed
+    status, message = fineweb_main("--num_proc", 1, "--input", out / "manifest.json", "--out_dir", out)
+    assert (status, message) == (1, f"fineweb.py: error: --input {out / 'manifest.json'}: only files in "
+                                    f"--out_dir {out}, which this run writes")
+
+
+def test_an_out_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(tmp_path, small_corpus):
+    """Two runs into one out_dir ended as one manifest over shards of both corpora."""
+    out = tmp_path / "out"
+    with folder_in_use(out) as holder:
+        status, message = fineweb_main("--num_proc", 1, "--input", small_corpus, *READER, "--out_dir", out)
+        assert (status, message) == (1, f"fineweb.py: error: --out_dir {out}: in use by another run (pid "
+                                        f"{holder.pid} on host {socket.gethostname()}); wait for it to end "
+                                        f"or pick another --out_dir")
+        assert os.listdir(out) == [".lock"]
+        holder.kill()  # SIGKILL: nothing of it runs after
+        holder.wait()
+        tokenize(out, "--input", small_corpus, *READER)
+
+
+def test_a_file_system_without_locks_runs_unguarded_with_a_note(tmp_path, capsys, monkeypatch, small_corpus):
+    def flock(f, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # as some network file systems answer
+    monkeypatch.setattr(fineweb, "fcntl", types.SimpleNamespace(flock=flock, LOCK_EX=2, LOCK_NB=4))
+    out = tokenize(tmp_path / "out", "--input", small_corpus, *READER)
+    assert f"note: --out_dir {out}: cannot lock it (No locks available), so nothing keeps a second run out" \
+        in capsys.readouterr().out
+    assert read_stream(out).size
 
 
 # -----------------------------------------------------------------------------
@@ -595,7 +639,7 @@ def test_out_dir_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, small_cor
     for out, why in [(tmp_path / "afile", "File exists"), (tmp_path / "afile" / "out", "Not a directory")]:
         status, message = fineweb_main("--num_proc", 1, "--input", small_corpus, "--out_dir", out)
         assert status == 1 and message == f"fineweb.py: error: --out_dir {out}: cannot make that folder ({why}); " \
-                                          f"pick another"
+                                          f"pick another --out_dir"
     assert "Traceback" not in capsys.readouterr().err
 
 

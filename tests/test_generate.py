@@ -9,6 +9,7 @@ do not care what the weights are.
 import copy
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 
@@ -267,13 +268,29 @@ def test_checkpoint_with_padded_vocab(capsys, checkpoint, rows):
     assert len(samples(out.out)) == 3
 
 
+def test_a_training_log_dir_means_its_newest_checkpoint(capsys, checkpoint, tmp_path):
+    """As export.py takes a log_dir; before, transformers said "no model.safetensors" there."""
+    log = tmp_path / "log"
+    log.mkdir()
+    shutil.copy(checkpoint, log / "model_00010.pt")
+    (log / "model_00002.pt").write_bytes(b"an older checkpoint, not read")
+    (log / "model_00011.pt.tmp").write_bytes(b"half a checkpoint")
+    args = ["--num_return_sequences", 2, "--max_new_tokens", 5]
+    assert cli(capsys, "--init_from", log, *args).out == cli(capsys, "--init_from", checkpoint, *args).out
+    partial = log / "model_00011.pt.tmp"
+    code, err = cli_error(capsys, "--init_from", partial)
+    assert code == 1 and err == f"generate.py: error: --init_from {partial}: a checkpoint still being " \
+                                f"written, or cut short by a crash; pass a finished model_NNNNN.pt, or its " \
+                                f"folder for the newest one\n"
+
+
 @pytest.mark.parametrize("case, argv, expected", [
     ("prompt longer than context", ["--prompt", "word " * 80], "more than the model's context of 64 tokens"),
     ("FILE: missing", ["--prompt", "FILE:{tmp}/nope.txt"], "--prompt FILE:"),
     ("no such folder", ["--init_from", "{tmp}/no_such_model"], "--init_from"),
     ("no such .pt", ["--init_from", "{tmp}/model_00100.pt"], "no such checkpoint"),
     ("corrupt .pt", ["--init_from", "{tmp}/bad.pt"], "cannot read the checkpoint"),
-    ("folder without a model", ["--init_from", "{tmp}"], "--init_from"),
+    ("folder without a model", ["--init_from", "{tmp}/empty"], "neither a Hugging Face GPT-2 folder"),
     ("negative temperature", ["--temperature", "-0.5"], "--temperature -0.5: must be >= 0"),
     ("top_p zero", ["--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
     ("top_p above one", ["--top_p", "1.5"], "--top_p 1.5: must be in (0, 1]"),
@@ -290,9 +307,11 @@ def test_checkpoint_with_padded_vocab(capsys, checkpoint, rows):
     ("vocabulary smaller than GPT-2's", ["--init_from", "{tmp}/model_00001.pt"],
      "its vocabulary has 1000 tokens, fewer than GPT-2's 50257, so it cannot read GPT-2 tokens"),
     ("infinite temperature", ["--temperature", "inf"], "--temperature: expected a finite number, got 'inf'"),
+    ("negative seed", ["--seed", "-1"], "--seed -1: must be in [0, 2**64)"),
 ])
 def test_bad_input_is_a_one_line_error(capsys, tmp_path, checkpoint, case, argv, expected):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "empty").mkdir()
     (tmp_path / "latin1.txt").write_bytes("Un café, s'il vous plaît".encode("latin-1"))
     net = tiny_gpt(vocab_size=1000)  # a checkpoint of a run with --vocab_size 1000
     torch.save({"model": net.state_dict(), "optimizer": {}, "model_config": dataclasses.asdict(net.config),

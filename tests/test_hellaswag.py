@@ -6,6 +6,7 @@ Face folder; scoring is checked against transformers' own logits on real HellaSw
 200 of which are in tests/data.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -262,6 +263,29 @@ def test_cli_counts_equal_score(tiny, examples, enc, data_dir, capsys):
     assert out.splitlines()[-1] == f"acc: {correct / 7:.4f} acc_norm: {correct_norm / 7:.4f} n: 7"
 
 
+def test_a_training_log_dir_scores_its_newest_checkpoint(tiny, examples, enc, data_dir, capsys, tmp_path):
+    """As export.py takes a log_dir; before, transformers said "no model.safetensors" there, and, for a
+    model_NNNNN.pt.tmp (a checkpoint being written), something about a Hugging Face config."""
+    log = tmp_path / "log"
+    log.mkdir()
+    model = tiny[1]
+    torch.save({"model": model.state_dict(), "optimizer": {}, "config": {}, "step": 10,
+                "loader_positions": [0], "model_config": dataclasses.asdict(model.config)},
+               log / "model_00010.pt")
+    (log / "model_00002.pt").write_bytes(b"an older checkpoint, not read")
+    (log / "model_00011.pt.tmp").write_bytes(b"half a checkpoint")
+    (log / "log.txt").write_text("0 train 10.0\n")
+    code, out, _ = run_main(capsys, "--model", log, "--data_dir", data_dir, "--limit", 7, "--batch_size=3",
+                            "--device", "cpu", "--dtype", "float32", "--compile", "0")
+    assert code == 0
+    correct, correct_norm, n = score(model, examples[:7], enc)
+    assert out.splitlines()[-1] == f"acc: {correct / 7:.4f} acc_norm: {correct_norm / 7:.4f} n: 7"
+    partial = log / "model_00011.pt.tmp"
+    code, _, err = run_main(capsys, "--model", partial, "--data_dir", data_dir, "--limit", 1)
+    assert_one_line_error(code, err, f"--model {partial}: a checkpoint still being written, or cut short by "
+                                     f"a crash; pass a finished model_NNNNN.pt, or its folder")
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_16_bit_autocast_scores_like_float32(tiny, data_dir, capsys, dtype):
     """--dtype float16 (GPUs without bfloat16) and bfloat16, run on CPU: the endings' losses lie ~1 nat apart,
@@ -311,7 +335,7 @@ def test_bad_flags_are_one_line_errors(capsys, data_dir, argv, needle):
 def test_bad_models_are_one_line_errors(capsys, data_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     code, _, err = run_main(capsys, "--model", tmp_path / "empty", "--data_dir", data_dir, "--limit", 1)
-    assert_one_line_error(code, err, f"--model {tmp_path / 'empty'}")
+    assert_one_line_error(code, err, f"--model {tmp_path / 'empty'}: neither a Hugging Face GPT-2 folder")
     (tmp_path / "model_00010.pt").write_bytes(b"not a checkpoint")
     code, _, err = run_main(capsys, "--model", tmp_path / "model_00010.pt", "--data_dir", data_dir, "--limit", 1)
     assert_one_line_error(code, err, "model_00010.pt", "corrupt")

@@ -109,7 +109,7 @@ def test_two_nodes_train_like_one_process_and_only_rank_0_writes(data, tmp_path,
 
     # Rank 0 alone wrote: one log.txt without a repeated line, checkpoints in log_dir, nothing in either
     # launcher's working directory (no relative log/ there), and only its node printed the run.
-    assert sorted(os.listdir(log_dir)) == ["log.txt", "loss.png", "model_00004.pt", "model_00005.pt"]
+    assert sorted(os.listdir(log_dir)) == [".lock", "log.txt", "loss.png", "model_00004.pt", "model_00005.pt"]
     lines = (log_dir / "log.txt").read_text().splitlines()
     assert len(lines) == len(set(lines)) == 5 + 3  # train at steps 0-4, val at 0, 4 (the interval) and 5 (the end)
     assert os.listdir(tmp_path / "node0") == [] and os.listdir(tmp_path / "node1") == []

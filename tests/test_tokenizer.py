@@ -106,7 +106,7 @@ def test_fineweb_tokenizes_without_loading_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, "--preset", "shakespeare", "--num_proc", "2", "--out_dir",
                            str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.endswith("no torch\n"), proc.stderr[-2000:]
-    assert sorted(os.listdir(tmp_path / "out")) == ["manifest.json", "shakespeare_train_000001.npy",
+    assert sorted(os.listdir(tmp_path / "out")) == [".lock", "manifest.json", "shakespeare_train_000001.npy",
                                                     "shakespeare_val_000000.npy"]
 
 

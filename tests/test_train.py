@@ -6,6 +6,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HELLASWAG_EXCERPT, REPO, on_small_disk, read_log, run_train, write_npy_shard
+from conftest import (HELLASWAG_EXCERPT, REPO, folder_in_use, on_small_disk, read_log, run_train,
+                      write_npy_shard)
 from fineweb import gpt2_tokenizer
 from train_gpt2 import GPT, GPTConfig, TrainConfig, get_lr, main, parse_args
 
@@ -344,7 +346,8 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path):
 
 def test_checkpoints_are_safe_and_complete(data, tmp_path):
     train(data, tmp_path, "--max_steps", 9, "--ckpt_interval", 2, "--keep_last", 2)
-    assert sorted(n for n in os.listdir(tmp_path) if n != "loss.png") == ["log.txt", "model_00008.pt", "model_00009.pt"]
+    assert sorted(n for n in os.listdir(tmp_path) if n != "loss.png") == [".lock", "log.txt",
+                                                                          "model_00008.pt", "model_00009.pt"]
     ckpt = torch.load(tmp_path / "model_00009.pt", weights_only=True)  # no pickled classes
     assert ckpt["step"] == 9 and ckpt["config"]["max_steps"] == 9
     assert ckpt["model_config"] == {"block_size": 64, "vocab_size": 256, "n_layer": 2, "n_head": 2, "n_embd": 32}
@@ -613,6 +616,60 @@ def test_resume_errors(capsys, data, tmp_path):
     assert err.strip().count("\n") == 0
 
 
+def test_a_log_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(capsys, data, tmp_path):
+    """Two runs on one log_dir would interleave their log lines and checkpoints. While a run holds it (here a
+    process holding it as a run does), a new run and a resume stop before touching it; killed (SIGKILL: no
+    clean-up runs), its run leaves no stale lock."""
+    for args in ([*TINY, "--max_steps", 2], ["--init_from", "resume", "--max_steps", 3]):  # new, then resumed
+        with folder_in_use(tmp_path) as holder:
+            before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if n != ".lock"}
+            code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, args))
+            assert code == 1 and err == f"train_gpt2.py: error: --log_dir {tmp_path}: in use by another run " \
+                f"(pid {holder.pid} on host {socket.gethostname()}); wait for it to end or pick another " \
+                f"--log_dir\n"
+            assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if n != ".lock"} == before
+            holder.kill()
+            holder.wait()
+            run_train("--data_dir", data, "--log_dir", tmp_path, *args)
+    assert sorted(read_log(tmp_path)["train"]) == [0, 1, 2]
+
+
+def test_a_new_run_keeps_an_earlier_runs_log(capsys, data, tmp_path):
+    """A log_dir holding log.txt or samples.txt but no checkpoint (a run stopped before its first one): a new
+    run would have overwritten its log.txt, silently."""
+    for name in ("log.txt", "samples.txt"):
+        log_dir = tmp_path / name
+        log_dir.mkdir()
+        (log_dir / name).write_text("0 train 5.5\n")
+        code, err = run_main(capsys, "--data_dir", data, "--log_dir", log_dir, *map(str, TINY),
+                             "--max_steps", 2)
+        assert code == 1 and err == f"train_gpt2.py: error: {log_dir}/ already holds the {name} of an " \
+                                    f"earlier run, without a checkpoint to resume: move it away, or pick a " \
+                                    f"new --log_dir\n"
+        assert (log_dir / name).read_text() == "0 train 5.5\n"
+
+
+@pytest.mark.parametrize("name", ["log.txt", "samples.txt", "loss.png"])
+def test_an_output_path_that_is_a_folder_is_refused_at_start_up(capsys, data, tmp_path, name):
+    """Before, a folder named samples.txt was a traceback at the first sample, after training, with no
+    checkpoint."""
+    (tmp_path / name).mkdir()
+    for args in ([], ["--init_from", "gpt2"]):
+        code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, TINY),
+                             "--max_steps", 2, *args)
+        assert code == 1 and err == f"train_gpt2.py: error: --log_dir {tmp_path}: {tmp_path / name} is not " \
+                                    f"a file, and this run writes there; move it away or pick another " \
+                                    f"--log_dir\n"
+
+
+@pytest.mark.parametrize("seed", ["-5", str(2**64)])
+def test_a_seed_torch_or_numpy_cannot_take_is_one_line(capsys, data, tmp_path, seed):
+    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, TINY), "--seed", seed,
+                         "--shuffle", 1, "--max_steps", 2)
+    assert code == 1 and err == f"train_gpt2.py: error: --seed {seed}: must be in [0, 2**64), as torch and " \
+                                f"numpy need\n"
+
+
 # --- faults and bad input: nothing lost, nothing silent --------------------------------------------------
 
 
@@ -647,7 +704,7 @@ def test_disk_full_while_checkpointing_loses_nothing(data, tmp_path):
     assert full["stderr"] == f"train_gpt2.py: error: disk full in {disk / 'log'}: model_00004.pt was not written " \
                              f"and the checkpoints before it are untouched; free space, then continue with " \
                              f"--init_from resume\n"
-    assert full["files"] == ["log/log.txt", "log/model_00002.pt"]
+    assert full["files"] == ["log/.lock", "log/log.txt", "log/model_00002.pt"]
     assert resumed["returncode"] == 0, resumed["stderr"][-3000:]
     assert read_log(tmp_path / "saved" / "log") == read_log(tmp_path / "full")
     a = torch.load(tmp_path / "full" / "model_00004.pt", weights_only=True)["model"]
@@ -659,7 +716,8 @@ def test_log_dir_that_cannot_be_a_folder_is_one_line(capsys, data, tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     for log_dir, why in [(tmp_path / "afile", "File exists"), (tmp_path / "afile" / "run", "Not a directory")]:
         code, err = run_main(capsys, "--data_dir", data, "--log_dir", log_dir, *map(str, TINY), "--max_steps", 1)
-        assert code == 1 and err.startswith(f"train_gpt2.py: error: --log_dir {log_dir}: cannot write") and why in err
+        assert code == 1 and err == f"train_gpt2.py: error: --log_dir {log_dir}: cannot make that folder " \
+                                    f"({why}); pick another --log_dir\n"
         assert err.count("\n") == 1
 
 
@@ -672,10 +730,10 @@ def test_read_only_log_dir_is_one_line_for_a_new_run_and_a_resume(data, tmp_path
         ("run", script + ["--log_dir", disk / "log", "--init_from", "resume", "--max_steps", 4]),
         ("run", args + ["--log_dir", disk / "new"])])
     assert first["returncode"] == 0, first["stderr"][-3000:]
-    for proc, log_dir in ((resumed, disk / "log"), (fresh, disk / "new")):
+    for proc, log_dir, what in ((resumed, disk / "log", "write in"), (fresh, disk / "new", "make")):
         assert proc["returncode"] == 1 and proc["stderr"] == f"train_gpt2.py: error: --log_dir {log_dir}: cannot " \
-            f"write {log_dir / 'log.txt'} there (Read-only file system); pick another --log_dir\n"
-    assert resumed["files"] == first["files"] == ["log/log.txt", "log/model_00002.pt"]
+            f"{what} that folder (Read-only file system); pick another --log_dir\n"
+    assert resumed["files"] == first["files"] == ["log/.lock", "log/log.txt", "log/model_00002.pt"]
 
 
 def test_unfinished_data_preparation_is_refused(capsys, data, tmp_path):
