@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import signal
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -1224,6 +1225,12 @@ class StopRequest:
         # No printing here: a print interrupted by a print raises "reentrant call". The loop reports it.
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signum == getattr(signal, "SIGHUP", None):
+            # The terminal is gone: every write to it would now fail (EIO). Send them to /dev/null instead.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                if stat.S_ISCHR(os.fstat(fd).st_mode):
+                    os.dup2(devnull, fd)
 
 
 # -----------------------------------------------------------------------------

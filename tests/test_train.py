@@ -3,7 +3,9 @@ loop's parts (val loss, log lines, checkpoint state) in-process."""
 import contextlib
 import math
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -444,9 +446,9 @@ def uninterrupted_train_losses(data, tmp_path_factory):
     return read_log(log_dir)["train"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_writes_checkpoint_and_resume_continues(data, tmp_path, sig, uninterrupted_train_losses):
-    """Preemption, Ctrl-C or a closed terminal (SIGHUP): the step finishes, a checkpoint is written, exit 0; resuming then gives
+    """Preemption or Ctrl-C: the step finishes, a checkpoint is written, exit 0; resuming then gives
     exactly the losses of a run that was never interrupted."""
     proc = subprocess.Popen([sys.executable, "train_gpt2.py", "--data_dir", str(data), "--log_dir", str(tmp_path / "run"),
                              *map(str, SIGNALLED_RUN)],
@@ -464,6 +466,31 @@ def test_signal_writes_checkpoint_and_resume_continues(data, tmp_path, sig, unin
     assert 3 <= step < 60
     assert sorted(read_log(tmp_path / "run")["train"]) == list(range(step))
 
+    resume(tmp_path / "run")
+    assert read_log(tmp_path / "run")["train"] == uninterrupted_train_losses
+
+
+def test_closed_terminal_writes_checkpoint_and_resume_continues(data, tmp_path, uninterrupted_train_losses):
+    """A run in a terminal (a pseudo-terminal here) that is closed, as an ssh session that drops: the kernel
+    sends SIGHUP and every later write to the terminal fails. The run stops as on SIGTERM, its output going
+    nowhere; before, SIGHUP killed it, and a caught one still died on the next print (EIO)."""
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child, with the terminal as its controlling terminal, stdout and stderr
+        os.execv(sys.executable, [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--data_dir", str(data),
+                                  "--log_dir", str(tmp_path / "run"), *map(str, SIGNALLED_RUN)])
+    log_file = tmp_path / "run" / "log.txt"
+
+    def three_steps_logged():
+        while select.select([terminal], [], [], 0)[0]:  # read what it prints, so that its writes never block
+            os.read(terminal, 1 << 16)
+        return log_file.exists() and log_file.read_text().count("train") >= 3
+    try:
+        wait_for(three_steps_logged, 120, "3 train steps")
+    finally:
+        os.close(terminal)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    ckpts = [n for n in os.listdir(tmp_path / "run") if n.endswith(".pt")]
+    assert len(ckpts) == 1 and 3 <= int(ckpts[0][6:11]) < 60
     resume(tmp_path / "run")
     assert read_log(tmp_path / "run")["train"] == uninterrupted_train_losses
 
