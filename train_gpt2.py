@@ -13,6 +13,7 @@ from it.
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import importlib.util
 import json
 import math
@@ -20,6 +21,7 @@ import os
 import pickle
 import re
 import signal
+import stat
 import sys
 import time
 import zlib
@@ -575,6 +577,8 @@ class TrainConfig:
     # I/O: where the run starts from, where it writes
     log_dir: str = option("log", "where log.txt and model_NNNNN.pt checkpoints go")
     init_from: str = option("scratch", "scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder")
+    auto_resume: bool = option(False, "continue from log_dir's newest checkpoint if it has one, else start "
+                                      "as --init_from says: for torchrun --max-restarts and requeued jobs")
     ckpt_interval: int = option(5000, "steps between checkpoints (one is always written at the end)")
     keep_last: int = option(3, "checkpoints kept in log_dir, newest first (0 = keep all)")
     # data
@@ -614,6 +618,8 @@ class TrainConfig:
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward: less memory, "
                                                    "more time")
     seed: int = option(1337, "random seed for the init and the data shuffle")
+    dist_timeout: int = option(600, "seconds a collective waits for the other ranks before the run ends "
+                                    "with an error (a rank frozen or dead); NCCL's own default")
     # logging
     plot: bool = option(True, "redraw log_dir/loss.png at every eval (needs matplotlib)")
     wandb: bool = option(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works without network)")
@@ -622,7 +628,7 @@ class TrainConfig:
 
 MODEL_FLAGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 POSITIVE_FLAGS = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "eval_interval", "val_steps",
-                  "ckpt_interval") + MODEL_FLAGS
+                  "ckpt_interval", "dist_timeout") + MODEL_FLAGS
 NON_NEGATIVE_FLAGS = ("warmup_steps", "keep_last", "min_lr", "weight_decay", "grad_clip", "hellaswag_limit",
                       "sample_interval")
 
@@ -837,15 +843,17 @@ def save_checkpoint(ckpt, log_dir, keep_last):
 
 
 def resume_config(cfg, given):
-    """(flags, checkpoint): with --init_from resume, the newest checkpoint in log_dir and its flags as the
-    defaults, so `--init_from resume` alone continues the same run; else (cfg, None), refusing a log_dir
-    that already holds checkpoints or an earlier run's log."""
+    """(flags, checkpoint): with --init_from resume (or --auto_resume 1 and a checkpoint there), the newest
+    checkpoint in log_dir and its flags as the defaults, so `--init_from resume` alone continues the same
+    run; else (cfg, None), refusing a log_dir that already holds checkpoints or an earlier run's log."""
     paths = checkpoint_paths(cfg.log_dir)
-    if cfg.init_from != "resume":
+    if cfg.init_from != "resume" and not (cfg.auto_resume and paths):
         if paths:
             raise TrainError(f"{cfg.log_dir}/ already holds checkpoints (newest {paths[-1]}): continue them with "
                              f"--init_from resume, or pick a new --log_dir")
-        for name in ("log.txt", "samples.txt"):  # a new run would overwrite log.txt and add to samples.txt
+        # A new run would overwrite log.txt and add to samples.txt; an --auto_resume run restarting before its
+        # first checkpoint starts its own log again
+        for name in () if cfg.auto_resume else ("log.txt", "samples.txt"):
             if os.path.isfile(os.path.join(cfg.log_dir, name)):
                 raise TrainError(f"{cfg.log_dir}/ already holds the {name} of an earlier run, without a "
                                  f"checkpoint to resume: move it away, or pick a new --log_dir")
@@ -1087,16 +1095,22 @@ def ddp_backend(device):
     return "gloo"
 
 
-def setup_distributed(device):
+def setup_distributed(device, timeout):
     """(ddp, rank, local_rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
     ddp = "RANK" in os.environ
     if not ddp:
         return False, 0, 0, 1, device
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if shared_store and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":  # PyTorch #135712, #167288
+        raise TrainError("torchrun --max-restarts: the restarted ranks would read the previous attempt's "
+                         "addresses from torchrun's shared store and fail to connect; run torchrun with "
+                         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (and --standalone or "
+                         "--rdzv-backend c10d)")
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=ddp_backend(device))
+    dist.init_process_group(backend=ddp_backend(device), timeout=datetime.timedelta(seconds=timeout))
     return True, rank, local_rank, world_size, device
 
 
@@ -1304,12 +1318,13 @@ def write_samples(model, prompt, enc, step, log_dir, autocast, rank):
 
 
 class StopRequest:
-    """While active, SIGTERM/SIGINT set a flag: the loop finishes its step, writes a checkpoint and
-    exits 0. A second Ctrl-C aborts at once."""
+    """While active, SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session) set a flag: the loop
+    finishes its step, writes a checkpoint and exits 0. A second Ctrl-C aborts at once (main says so)."""
 
     def __enter__(self):
         self.requested = False
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        signals = {signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", signal.SIGTERM)}  # Windows: none
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in signals}
         return self
 
     def __exit__(self, *exc):
@@ -1320,19 +1335,24 @@ class StopRequest:
         # No printing here: a print interrupted by a print raises "reentrant call". The loop reports it.
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signum == getattr(signal, "SIGHUP", None):
+            # The terminal is gone: every write to it would now fail (EIO). Send them to /dev/null instead.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                if stat.S_ISCHR(os.fstat(fd).st_mode):
+                    os.dup2(devnull, fd)
 
 
 # -----------------------------------------------------------------------------
 # TRAINING SECTION: the set-up, then the loop
 
 
-def train(cfg, given):
-    cfg, ckpt = resume_config(cfg, given)
+def train(cfg, given, ckpt):
     check_train_flags(cfg)
     device, dtype, use_compile = resolve_system(cfg.device, cfg.dtype, cfg.compile)
     for split in ("train", "val"):  # fail on a wrong --data_dir before loading or downloading any weights
         find_shards(cfg.data_dir, split)
-    ddp, rank, local_rank, world_size, device = setup_distributed(device)
+    ddp, rank, local_rank, world_size, device = setup_distributed(device, cfg.dist_timeout)
     device_type = "cuda" if device.startswith("cuda") else device
     B, T = cfg.micro_batch_size, cfg.seq_len
     grad_accum_steps = accumulation_steps(cfg.total_batch_size, B, T, world_size)
@@ -1470,7 +1490,8 @@ def train(cfg, given):
                        tokens_per_sec=cfg.total_batch_size / dt, mfu=mfu, loss_scale=loss_scale)
             stopping = stop_value > 0
             if stopping:
-                print0("stop requested (SIGTERM/SIGINT): writing a checkpoint, then exiting (Ctrl-C again to abort)")
+                print0("stop requested (SIGTERM/SIGINT/SIGHUP): writing a checkpoint, then exiting "
+                       "(Ctrl-C again to abort)")
 
     wandb_run.finish()
     if ddp:
@@ -1479,13 +1500,29 @@ def train(cfg, given):
 
 def main(argv=None):
     cfg, given = parse_args(argv)
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # the only rank that writes in log_dir
+    rank = int(os.environ.get("RANK", "0"))
     try:
-        with hold_folder(cfg.log_dir, "--log_dir", TrainError) if rank0 else contextlib.nullcontext():
-            train(cfg, given)
+        # rank 0, the only rank that writes in log_dir, holds it for the run's life
+        with hold_folder(cfg.log_dir, "--log_dir", TrainError) if rank == 0 else contextlib.nullcontext():
+            cfg, ckpt = resume_config(cfg, given)
+            train(cfg, given, ckpt)
     except TrainError as e:
-        if rank0:
+        if rank == 0:
             print(f"train_gpt2.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (KeyboardInterrupt, RuntimeError) as e:  # gloo raises on a collective's timeout; NCCL aborts
+        timed_out = dist.is_initialized() and re.search("timed out|timeout", str(e), re.IGNORECASE)
+        if isinstance(e, RuntimeError) and not timed_out:
+            raise
+        last = (checkpoint_paths(cfg.log_dir) or ["none"])[-1]
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C before the loop, or a second one in it
+            if rank == 0:
+                print(f"train_gpt2.py: aborted by Ctrl-C; the last good checkpoint is {last}",
+                      file=sys.stderr)
+            sys.exit(130)
+        print(f"train_gpt2.py: error: rank {rank}: a collective waited more than --dist_timeout "
+              f"{cfg.dist_timeout} s for the other ranks, so one is frozen or dead; the last checkpoint is "
+              f"{last}", file=sys.stderr)
         sys.exit(1)
 
 

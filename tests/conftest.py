@@ -4,9 +4,11 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -102,6 +104,26 @@ def read_log(log_dir):
             step, kind, value = line.split()
             out.setdefault(kind, {})[int(step)] = float(value)
     return out
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout, what):
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"no {what} after {timeout}s")
+        time.sleep(0.05)
+
+
+def children(proc):
+    """The pids of a launcher's child processes: its workers, the training processes (one per rank)."""
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        return [int(p) for p in f.read().split()]
 
 
 @pytest.fixture(scope="session")

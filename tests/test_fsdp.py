@@ -143,6 +143,17 @@ def test_activation_checkpointing_under_ddp_trains_like_one_plain_process(runs, 
 
 
 @pytest.mark.slow
+def test_ddp_and_compile_train_like_one_plain_process(runs, data, tmp_path):
+    """DDP's gradient hooks on a compiled model (Dynamo's DDP path): 2 compiled DDP ranks give 1 eager
+    process's losses. (With --activation_checkpointing too, a run hung once in CI on gloo; 40 runs of it
+    since did not.)"""
+    root, _, _ = runs
+    proc = train(data, tmp_path, *COMMON, "--compile", 1, nproc=2)
+    assert "2 process(es) on cpu | float32 | compile on" in proc.stdout and "a full copy on every rank" in proc.stdout
+    assert_same_losses(read_log(tmp_path), read_log(root / "single"), range(6))
+
+
+@pytest.mark.slow
 def test_hellaswag_and_samples_under_fsdp(tmp_path, shakespeare_shards):
     """41 HellaSwag examples over 2 FSDP ranks (21 and 20, one per forward: rank 1 runs one padding batch)
     give the acc_norm hellaswag.py gives the checkpoint's weights; the samples every rank generated are

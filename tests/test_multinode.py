@@ -6,12 +6,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import REPO, read_log, run_train
+from conftest import REPO, children, free_port, read_log, run_train, wait_for
 from test_train import TINY, data  # noqa: F401 (data: the synthetic-shards fixture)
 from train_gpt2 import DataLoaderLite
 
@@ -19,26 +18,6 @@ pytestmark = pytest.mark.slow
 
 # The parallelisms every case runs under, each as the extra train_gpt2.py flags that choose it.
 PARALLEL_FLAGS = [pytest.param([], id="ddp"), pytest.param(["--fsdp", "1"], id="fsdp")]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, timeout, what):
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            raise AssertionError(f"no {what} after {timeout}s")
-        time.sleep(0.05)
-
-
-def children(proc):
-    """The pids of a launcher's child processes: its workers, the training processes (one per node here)."""
-    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-        return [int(p) for p in f.read().split()]
 
 
 class TwoNodes:

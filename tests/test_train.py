@@ -4,7 +4,9 @@ import contextlib
 import json
 import math
 import os
+import pty
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -15,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (HELLASWAG_EXCERPT, REPO, folder_in_use, on_small_disk, read_log, run_train,
-                      write_npy_shard)
+from conftest import (HELLASWAG_EXCERPT, REPO, children, folder_in_use, free_port, on_small_disk, read_log,
+                      run_train, wait_for, write_npy_shard)
 from fineweb import gpt2_tokenizer
-from train_gpt2 import GPT, GPTConfig, TrainConfig, get_lr, main, parse_args
+from train_gpt2 import GPT, GPTConfig, TrainConfig, checkpoint_paths, get_lr, load_checkpoint, main, parse_args
 
 # A tiny model on a 256-token vocabulary: each step takes milliseconds, so the tests exercise the real
 # loop (loader, accumulation, AdamW, checkpoints) rather than a toy copy of it.
@@ -583,6 +585,123 @@ def test_signal_writes_checkpoint_and_resume_continues(data, tmp_path, sig, unin
 
     resume(tmp_path / "run")
     assert read_log(tmp_path / "run")["train"] == uninterrupted_train_losses
+
+
+def test_closed_terminal_writes_checkpoint_and_resume_continues(data, tmp_path, uninterrupted_train_losses):
+    """A run in a terminal (a pseudo-terminal here) that is closed, as an ssh session that drops: the kernel
+    sends SIGHUP and every later write to the terminal fails. The run stops as on SIGTERM, its output going
+    nowhere; before, SIGHUP killed it, and a caught one still died on the next print (EIO)."""
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child, with the terminal as its controlling terminal, stdout and stderr
+        os.execv(sys.executable, [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--data_dir", str(data),
+                                  "--log_dir", str(tmp_path / "run"), *map(str, SIGNALLED_RUN)])
+    log_file = tmp_path / "run" / "log.txt"
+
+    def three_steps_logged():
+        while select.select([terminal], [], [], 0)[0]:  # read what it prints, so that its writes never block
+            os.read(terminal, 1 << 16)
+        return log_file.exists() and log_file.read_text().count("train") >= 3
+    try:
+        wait_for(three_steps_logged, 120, "3 train steps")
+    finally:
+        os.close(terminal)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    ckpts = [n for n in os.listdir(tmp_path / "run") if n.endswith(".pt")]
+    assert len(ckpts) == 1 and 3 <= int(ckpts[0][6:11]) < 60
+    resume(tmp_path / "run")
+    assert read_log(tmp_path / "run")["train"] == uninterrupted_train_losses
+
+
+# Ctrl-C as the run writes its second checkpoint, then Ctrl-C again mid-write: real SIGINTs, sent from
+# inside torch.save so that they land there.
+CTRL_C_TWICE = """
+import os, signal, sys, torch, train_gpt2
+save, calls = torch.save, []
+def interrupted_save(obj, f):
+    calls.append(obj["step"])
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+        f.write(b"half a checkpoint")
+        os.kill(os.getpid(), signal.SIGINT)
+    save(obj, f)
+torch.save = interrupted_save
+train_gpt2.main(sys.argv[1:])
+"""
+
+
+def test_second_ctrl_c_during_a_checkpoint_write_is_one_line_and_leaves_no_tmp(data, tmp_path):
+    args = ["--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 10, "--ckpt_interval", 2, "--plot", 0]
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_TWICE, *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 130
+    assert proc.stderr == f"train_gpt2.py: aborted by Ctrl-C; the last good checkpoint is {tmp_path / 'model_00002.pt'}\n"
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00002.pt"]
+    assert load_checkpoint(tmp_path / "model_00002.pt")["step"] == 2
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_the_run_after_dist_timeout_with_one_line(data, tmp_path):
+    """Rank 1 frozen (SIGSTOP) mid-run: rank 0's next collective waits --dist_timeout 5 s, then rank 0 exits
+    1 with one line naming the last checkpoint, which loads. Before, it waited silently (gloo's default is
+    30 minutes). The ranks are started with the variables torchrun sets, without torchrun, which would
+    then wait 30 s before it kills the frozen rank."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    args = ["train_gpt2.py", "--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 100000,
+            "--ckpt_interval", 10, "--plot", 0, "--dist_timeout", 5]
+    ranks = [subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env={**env, "RANK": r, "LOCAL_RANK": r},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in "01"]
+    try:
+        wait_for(lambda: checkpoint_paths(tmp_path), 120, "checkpoint")
+        ranks[1].send_signal(signal.SIGSTOP)
+        err = ranks[0].communicate(timeout=120)[1]
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait()
+    last = checkpoint_paths(tmp_path)[-1]
+    assert ranks[0].returncode == 1
+    assert err == f"train_gpt2.py: error: rank 0: a collective waited more than --dist_timeout 5 s for the other " \
+                  f"ranks, so one is frozen or dead; the last checkpoint is {last}\n"
+    assert load_checkpoint(last)["step"] % 10 == 0 and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_auto_resume_under_torchrun_max_restarts_survives_a_killed_rank(data, tmp_path):
+    """`torchrun --max-restarts 1` and --auto_resume 1: rank 1 SIGKILLed after the step-10 checkpoint, so
+    torchrun stops rank 0 and starts both again, as a new run that continues the newest checkpoint. It
+    exits 0 with an uninterrupted run's final weights and log.txt, bit for bit."""
+    args = ["--data_dir", data, *TINY, "--max_steps", 100, "--ckpt_interval", 10, "--plot", 0, "--auto_resume", 1]
+    run_train(*args, "--log_dir", tmp_path / "full", nproc=2)
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "--max-restarts", "1", "train_gpt2.py", *map(str, args), "--log_dir",
+                                 str(tmp_path / "killed")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    try:
+        wait_for(lambda: (tmp_path / "killed" / "model_00010.pt").exists(), 120, "step-10 checkpoint")
+        rank1, = (pid for pid in children(launcher) if "RANK=1" in open(f"/proc/{pid}/environ").read().split("\0"))
+        os.kill(rank1, signal.SIGKILL)
+        out, err = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            for pid in children(launcher):
+                os.kill(pid, signal.SIGKILL)
+            launcher.kill()
+    assert launcher.returncode == 0, err[-3000:]
+    assert re.search(r"resuming from .*model_000[1-9]0.pt at step [1-9]0\n", out), out[-3000:]
+    assert (tmp_path / "full" / "log.txt").read_text() == (tmp_path / "killed" / "log.txt").read_text()
+    a = torch.load(tmp_path / "full" / "model_00100.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "model_00100.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_restarts_sharing_its_store_are_refused_with_the_fix(capsys, data, tmp_path, monkeypatch):
+    """torchrun --max-restarts, with its default store shared by every attempt: restarted ranks would read
+    the previous attempt's addresses and fail to connect, so the run is refused up front."""
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "TORCHELASTIC_MAX_RESTARTS": "1",
+                 "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(k, v)
+    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *TINY)
+    assert code == 1 and err.count("\n") == 1 and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in err
 
 
 def test_diverged_run_stops_without_touching_the_good_checkpoint(data, tmp_path):
