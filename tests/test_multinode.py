@@ -50,7 +50,7 @@ class TwoNodes:
     def output(self, node, kind="out"):
         return (self.tmp_path / f"node{node}.{kind}").read_text()
 
-    def wait(self, node, timeout=120):
+    def wait(self, node, timeout=600):
         return self.procs[node].wait(timeout)
 
     def __enter__(self):
@@ -106,7 +106,7 @@ def test_sigterm_on_one_node_stops_every_rank_at_one_step_with_one_checkpoint(da
     log_file = tmp_path / "log" / "log.txt"
     with TwoNodes(tmp_path, "--data_dir", data, "--log_dir", tmp_path / "log", *TINY, "--max_steps", 1000,
                   "--ckpt_interval", 1000, *flags) as nodes:
-        wait_for(lambda: log_file.exists() and log_file.read_text().count(" train ") >= 3, 120, "3 train steps")
+        wait_for(lambda: log_file.exists() and log_file.read_text().count(" train ") >= 3, 600, "3 train steps")
         worker, = children(nodes.procs[1])
         os.kill(nodes.procs[1].pid if target == "launcher" else worker, signal.SIGTERM)
         if target == "worker":
