@@ -635,7 +635,7 @@ def test_second_ctrl_c_during_a_checkpoint_write_is_one_line_and_leaves_no_tmp(d
                           text=True, timeout=300)
     assert proc.returncode == 130
     assert proc.stderr == f"train_gpt2.py: aborted by Ctrl-C; the last good checkpoint is {tmp_path / 'model_00002.pt'}\n"
-    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00002.pt"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "log.txt", "model_00002.pt"]
     assert load_checkpoint(tmp_path / "model_00002.pt")["step"] == 2
 
 
