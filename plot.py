@@ -56,17 +56,20 @@ def read_log(log_file):
 
 
 def plot_log(log_file, out_png, references=True):
-    """Draw log_file's losses and HellaSwag acc_norm into out_png; returns out_png. Raises PlotError for a
-    bad log, and ImportError without matplotlib (imported here, so that training runs without it)."""
+    """Draw log_file's losses, and in a second panel its HellaSwag acc_norm if it has any, into out_png; returns
+    out_png. Raises PlotError for a bad log, and ImportError without matplotlib (imported here, so that
+    training runs without it)."""
     from matplotlib.figure import Figure
 
     if os.path.isdir(out_png):
         raise PlotError(f"{out_png} is a folder; pass --out a .png file's path")
     series = read_log(log_file)
-    fig = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
+    panels = 2 if "hella" in series else 1  # no empty HellaSwag panel for a run without its evals (off CUDA)
+    fig = Figure(figsize=(6 * panels, 4.5), dpi=100, layout="constrained")
     last_step = max(max(steps) for steps, _ in series.values())
     fig.suptitle(f"{log_file}, step {last_step}")
-    loss_ax, hella_ax = fig.subplots(1, 2)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    loss_ax = axes[0]
 
     if "train" in series:
         loss_ax.plot(*series["train"], linewidth=0.8, alpha=0.7, color="C0", label="train loss")
@@ -80,16 +83,14 @@ def plot_log(log_file, out_png, references=True):
         loss_ax.legend()
 
     if "hella" in series:
+        hella_ax = axes[1]
         hella_ax.plot(*series["hella"], "o-", markersize=3, color="C2", label="HellaSwag acc_norm")
         if references:
             hella_ax.axhline(GPT2_124M_HELLASWAG, color="gray", linestyle="--",
                              label=f"OpenAI GPT-2 124M acc_norm ({GPT2_124M_HELLASWAG})")
         hella_ax.legend()
-    else:
-        hella_ax.text(0.5, 0.5, "no HellaSwag evals in this log", ha="center", va="center",
-                      transform=hella_ax.transAxes)
-    hella_ax.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
-    for ax in (loss_ax, hella_ax):
+        hella_ax.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
+    for ax in axes:
         ax.grid(alpha=0.3)
 
     # Saved beside out_png, then renamed over it: someone viewing loss.png mid-run never sees half a file.

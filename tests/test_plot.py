@@ -15,7 +15,7 @@ from plot import PlotError, plot_log, read_log
 pytest.importorskip("matplotlib")
 from matplotlib.image import imread  # noqa: E402
 
-WIDTH, HEIGHT = 1200, 450  # plot_log's figsize (12, 4.5) at dpi 100
+PANEL_WIDTH, HEIGHT = 600, 450  # plot_log's figsize (6 per panel, 4.5) at dpi 100
 
 
 def write_log(path, steps=200, val_every=25, hella_every=50):
@@ -37,12 +37,12 @@ def plot_cli(*args, env=None):
                           capture_output=True, text=True, timeout=120, env=env)
 
 
-def check_png(path):
+def check_png(path, panels=2):
     """The image as an (H, W, channels) array, after checking it is a non-blank PNG of the figure's size."""
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     img = imread(path)
-    assert img.shape[:2] == (HEIGHT, WIDTH)
+    assert img.shape[:2] == (HEIGHT, PANEL_WIDTH * panels)
     rgb = img[..., :3]
     assert (rgb < 0.9).any(axis=-1).mean() > 0.02  # lines, text and ticks, not a white page
     assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 50  # the series' colours, antialiased
@@ -67,9 +67,9 @@ def test_plot_log_draws_the_data(tmp_path):
     assert not np.array_equal(full, check_png(tmp_path / "no_refs.png"))
     no_hella = write_log(tmp_path / "no_hella.txt", hella_every=0)
     plot_log(no_hella, str(tmp_path / "no_hella.png"))
-    assert not np.array_equal(full, check_png(tmp_path / "no_hella.png"))
+    assert not np.array_equal(full, check_png(tmp_path / "no_hella.png", panels=1))
     plot_log(no_hella, out)  # overwrites the earlier loss.png in place
-    assert np.array_equal(check_png(out), check_png(tmp_path / "no_hella.png"))
+    assert np.array_equal(check_png(out, panels=1), check_png(tmp_path / "no_hella.png", panels=1))
     assert sorted(os.listdir(tmp_path)) == ["log.txt", "loss.png", "no_hella.png", "no_hella.txt", "no_refs.png"]
 
 
@@ -77,7 +77,20 @@ def test_plot_log_draws_the_data(tmp_path):
                                    "17 train 6.123456\n"])
 def test_few_lines_render(tmp_path, lines):
     (tmp_path / "log.txt").write_text(lines)
-    check_png(plot_log(str(tmp_path / "log.txt"), str(tmp_path / "loss.png")))
+    check_png(plot_log(str(tmp_path / "log.txt"), str(tmp_path / "loss.png")), panels=1)
+
+
+def test_hellaswag_panel_only_when_the_log_has_hellaswag_evals(tmp_path, monkeypatch):
+    """A run without HellaSwag evals (the default off CUDA, as in the quick start) gets the loss panel alone,
+    not an empty HellaSwag panel beside it."""
+    from matplotlib.figure import Figure
+    figures, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: (figures.append(fig),
+                                                                         savefig(fig, *args, **kwargs))[1])
+    for hella_every, titles in [(0, ["train and val loss"]), (50, ["train and val loss", "HellaSwag"])]:
+        log = write_log(tmp_path / f"log_{hella_every}.txt", hella_every=hella_every)
+        check_png(plot_log(log, str(tmp_path / f"loss_{hella_every}.png")), panels=len(titles))
+        assert [ax.get_title() for ax in figures[-1].axes] == titles
 
 
 def test_cli_writes_png_beside_the_log(tmp_path):
