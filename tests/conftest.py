@@ -25,7 +25,7 @@ SHARED_HELLASWAG = os.path.join(os.path.dirname(REPO), "shared", "data", "hellas
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # PyTorch's CPU allocator backs large tensors (a micro-batch's B x T x 50304 logits) with transparent huge
-# pages: 15x fewer page faults, ~20% off the wall time of a small CPU training run (README, CPU section).
+# pages: 15x fewer page faults, ~20% off the wall time of a small CPU training run (docs/training.md).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 sys.path.insert(0, REPO)
 

@@ -119,8 +119,8 @@ def test_sigterm_on_one_node_stops_every_rank_at_one_step_with_one_checkpoint(da
             assert "SignalException" in nodes.output(1, "err") and "SIGKILL" not in nodes.output(1, "err")
             wait_for(lambda: children(nodes.procs[0]) == [], 60, "exit of node 0's worker")
             # Node 0's launcher now waits at torchrun's exit barrier for node 1's, which never comes: 5 minutes,
-            # in a store wait that a SIGTERM does not interrupt. The test kills it (README: signal every node,
-            # or the training processes).
+            # in a store wait that a SIGTERM does not interrupt. The test kills it (docs/checkpoints.md: signal
+            # every node, or the training processes).
             assert nodes.procs[0].poll() is None
         stdout = nodes.output(0) + nodes.output(1)
 

@@ -1,5 +1,5 @@
-"""The README's fine-tuning recipe as a user runs it, end to end on CPU: fineweb.py on Tiny Shakespeare,
-train_gpt2.py from a Hugging Face GPT-2 folder with the README's flags, loss.png, export.py, and
+"""The fine-tuning recipe of docs/evaluate-and-export.md as a user runs it, end to end on CPU: fineweb.py on Tiny Shakespeare,
+train_gpt2.py from a Hugging Face GPT-2 folder with the recipe's flags, loss.png, export.py, and
 transformers.pipeline generating from the exported folder."""
 import os
 import shlex
@@ -10,15 +10,15 @@ import pytest
 
 from conftest import REPO, read_log, run_train
 
-# The README's recipe is for GPT-2 124M on a GPU; the random stand-in for `gpt2` has a 64-token context,
-# so the shape, batch and step counts shrink. Later flags win, so these override the README's.
+# The recipe is for GPT-2 124M on a GPU; the random stand-in for `gpt2` has a 64-token context,
+# so the shape, batch and step counts shrink. Later flags win, so these override the recipe's.
 CPU_SCALE = ["--seq_len", 64, "--total_batch_size", 256, "--max_steps", 60, "--warmup_steps", 6, "--eval_interval", 20,
              "--val_steps", 4, "--ckpt_interval", 60, "--sample_interval", 30, "--device", "cpu"]
 
 
-def readme_commands(section):
-    """The `python ...` commands of the first bash block in README's section `section`, as argument lists."""
-    with open(os.path.join(REPO, "README.md")) as f:
+def doc_commands(doc, section):
+    """The `python ...` commands of the first bash block in doc's section `section`, as argument lists."""
+    with open(os.path.join(REPO, doc)) as f:
         text = f.read().split(f"\n{section}\n")[1]
     block = text.split("```bash\n")[1].split("```")[0].replace("\\\n", " ")
     return [shlex.split(line) for line in block.splitlines() if line.startswith("python ")]
@@ -28,7 +28,7 @@ def readme_commands(section):
 def test_finetune_recipe_end_to_end(tmp_path, hf_folder):
     pytest.importorskip("matplotlib", reason="the recipe's loss.png needs matplotlib (in requirements.txt)")
     from transformers import pipeline
-    prepare, finetune, export = readme_commands("### 6. Fine-tune GPT-2")
+    prepare, finetune, export = doc_commands("docs/evaluate-and-export.md", "## Fine-tune GPT-2")
     assert prepare == ["python", "fineweb.py", "--preset", "shakespeare"]
     assert finetune[:4] == ["python", "train_gpt2.py", "--init_from", "gpt2"] and export[1] == "export.py"
 
