@@ -120,7 +120,8 @@ class CheckConfig:
                                     "the checkout, else hellaswag.py's cache)")
     hellaswag_cpu_tasks: int = option(100, "stage 5: tasks scored on CPU and on the GPU in float32 to compare acc_norm")
     data_dir: str = option("", "shards for the timed runs ('' = synthetic ones written into --work_dir)")
-    work_dir: str = option("", "runs, checkpoints and synthetic shards; removed at the end ('' = a temp folder)")
+    work_dir: str = option("", "where the runs (removed at the end) and the synthetic shards (kept, reused) go "
+                               "('' = a temp folder, removed at the end)")
     jobs: int = option(4, "correctness runs at a time (stage 3; untimed)")
     check_flags: str = option("", "more train_gpt2.py flags for every correctness run, e.g. --compile 0")
 
@@ -164,10 +165,13 @@ class Check:
     def __init__(self, cfg):
         self.cfg, self.start = cfg, time.monotonic()
         self.size = SIZES["dry" if cfg.dry_run else "gpu"]
+        # The dry run's processes share a few cores: one thread each is several times faster than each
+        # spinning up a thread per core (as torchrun's workers already do).
+        self.env = {"PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": "1"} if cfg.dry_run else {})}
         self.work = os.path.abspath(cfg.work_dir or tempfile.mkdtemp(prefix="gpu_check_"))
         self.data = os.path.abspath(cfg.data_dir or os.path.join(self.work, "data"))
         os.makedirs(os.path.join(cfg.out, "logs"), exist_ok=True)
-        self.sections, self.failures, self.rate = {}, [], None
+        self.sections, self.seconds, self.failures, self.rate = {}, {}, [], None
 
     def left(self):
         return self.cfg.budget_s - (time.monotonic() - self.start)
@@ -181,7 +185,7 @@ class Check:
             return Result("skipped", "", 0.0, log)
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+                                env={**os.environ, **self.env, **(env or {})}, start_new_session=True)
         try:
             out, rc = proc.communicate(timeout=self.left())[0], proc.returncode
         except subprocess.TimeoutExpired:  # the whole group: torchrun's workers, compile workers, train_bench's runs
@@ -542,7 +546,8 @@ def write_report(c, skipped_for_time, argv):
     lines += [f"Correctness failures or errors: {', '.join(c.failures)}" if c.failures else
               "No correctness check failed, no stage errored.", ""]
     for n, (title, _) in STAGES.items():
-        lines += [f"## {n}. {title}", "", c.sections.get(n, "not run"), ""]
+        took = f" ({c.seconds[n]:.0f} s)" if n in c.seconds else ""
+        lines += [f"## {n}. {title}{took}", "", c.sections.get(n, "not run"), ""]
     with open(os.path.join(c.cfg.out, "report.md"), "w") as f:
         f.write("\n".join(lines))
 
@@ -564,15 +569,16 @@ def main(argv=None):
                 skipped_for_time.append(n)
             else:
                 print(f"gpu_check: stage {n}, {title} ({c.left():.0f} s left)", file=sys.stderr, flush=True)
+                t0 = time.monotonic()
                 try:
                     stage(c)
                 except Exception:
                     c.sections[n] = "error:\n\n```\n" + traceback.format_exc()[-2000:] + "```"
                     c.failures.append(f"stage {n} errored")
+                c.seconds[n] = time.monotonic() - t0
             write_report(c, skipped_for_time, argv)
     finally:
-        if not cfg.work_dir:
-            shutil.rmtree(c.work, ignore_errors=True)
+        shutil.rmtree(os.path.join(c.work, "runs") if cfg.work_dir else c.work, ignore_errors=True)
     print(open(os.path.join(cfg.out, "report.md")).read())
     sys.exit(1 if c.failures else 0)
 
