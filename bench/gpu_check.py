@@ -296,6 +296,8 @@ def stage_recipe(c):
     rows = bench_rows(result.out)
     flops = model_flops_per_token(parse_train_args(shlex.split(c.size["recipe_flags"]))[0])
     ours = next((r for r in rows if r["name"] == "train_gpt2.py" and "error" not in r), None)
+    for r in rows:
+        r["mb"] = r["mb"] or c.size["micro_batch"]  # build-nanogpt's, --reference_micro_batch_size
     ref = next((r for r in rows if r["name"].startswith("build-nanogpt") and "error" not in r), None)
     if skipped:
         rows.append({"name": "build-nanogpt train_gpt2.py", "mb": c.size["micro_batch"], "error": skipped})

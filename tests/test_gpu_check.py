@@ -8,13 +8,14 @@ import sys
 import pytest
 import torch
 
+from bench.gpu_check import parse_args
 from conftest import REPO
 
 STAGES = ["1. The machine", "2. The GPT-2 124M recipe", "3. Correctness on the device", "4. The levers",
           "5. HellaSwag and generation"]
 
 
-def gpu_check(*args, timeout=900):
+def gpu_check(*args, timeout=1200):
     return subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu_check.py"), *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -32,7 +33,8 @@ def rows(text):
 
 @pytest.mark.slow
 def test_dry_run_rehearses_every_stage(tmp_path):
-    proc = gpu_check("--out", tmp_path / "out", "--dry-run", "--work_dir", tmp_path / "work")
+    proc = gpu_check("--out", tmp_path / "out", "--dry-run", "--work_dir", tmp_path / "work",
+                     "--reference", tmp_path / "no-build-nanogpt")  # a developer's checkout may have one
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     report = (tmp_path / "out" / "report.md").read_text()
     assert proc.stdout.startswith(report[:200])  # printed too
@@ -45,8 +47,8 @@ def test_dry_run_rehearses_every_stage(tmp_path):
 
     recipe = rows(got["2. The GPT-2 124M recipe"])
     assert recipe[1][:2] == ["train_gpt2.py", "8"] and float(recipe[1][3].replace(",", "")) > 0  # tokens/s
-    assert recipe[2][0] == "build-nanogpt train_gpt2.py" and "skipped: bench/build-nanogpt/train_gpt2.py not present" \
-        in recipe[2][2] and "git clone https://github.com/karpathy/build-nanogpt" in recipe[2][2]
+    assert recipe[2][0] == "build-nanogpt train_gpt2.py" and "no-build-nanogpt/train_gpt2.py not present" in \
+        recipe[2][2] and "git clone https://github.com/karpathy/build-nanogpt" in recipe[2][2]
     assert [r[0] for r in recipe[4:]] == ["tokens/s", "MFU against the measured bfloat16 rate",
                                           "tokens/s vs build-nanogpt, same run"]  # the targets, beside the numbers
 
@@ -89,6 +91,12 @@ def test_budget_stops_the_check_and_still_writes_the_report(tmp_path):
     pytest.param([], "no CUDA device here; --dry-run rehearses the check on CPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
-def test_bad_flags_one_line(args, message):
-    proc = gpu_check(*args, timeout=300)
-    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
+def test_bad_flags_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) <= 2
+
+
+def test_dry_run_flag_spellings():
+    assert parse_args(["--dry-run"]).dry_run and parse_args(["--dry_run", "1"]).device == "cpu"
