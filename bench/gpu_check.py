@@ -12,22 +12,25 @@ The stages, in order of importance (bench/METHOD.md says how they time):
   3. correctness: a few steps of a small model per path (float16 with one injected overflow, bfloat16,
      chunked loss, FSDP and activation checkpointing under torchrun --nproc_per_node=1, resume, recompiles),
      each compared with float32 on the same device within TOLERANCES; the runs go --jobs at a time;
-  4. the levers, before/after in one bench/train_bench.py run: chunked loss, liger-kernel, the compile mode
-     max-autotune-no-cudagraphs, then the largest micro-batch that fits (train_bench.py's `max` search);
+  4. the levers, before/after in one bench/train_bench.py run: chunked loss, liger-kernel (if installed and
+     train_gpt2.py has a flag for it), the compile mode max-autotune-no-cudagraphs (if train_gpt2.py has
+     --compile_mode); then the largest micro-batch that fits (a second run: train_bench.py's `max` search);
   5. hellaswag.py on all 10,042 val tasks (wall seconds, and acc_norm against CPU's), generate.py compiled,
      and bench/generate_bench.py's KV cache vs recompute at 1 and 10 sequences x 500 tokens.
 Every run is a subprocess of a script users run (train_gpt2.py through its flags, torchrun, hellaswag.py,
 generate.py) or of a bench that runs them; its output is in --out/logs. A failing stage records its error
 and the next one starts. At --budget_s the running subprocess is killed, the stages left are listed as
-skipped for time, and report.md is written (it is rewritten after every stage). Exit status 1 if a
-correctness check failed or a stage errored.
+skipped for time, and report.md is written (it is rewritten after every stage; each section says how long
+its stage took). Exit status 1 if a correctness check failed or a stage errored. On a fresh machine most
+of the time is torch.compile's; `--check_flags "--compile 0"` runs stage 3 eager.
 
 What this needs that is not in git, and where it comes from (a missing one is a "skipped" row, not a crash):
 - bench/build-nanogpt (stage 2's side by side): git clone https://github.com/karpathy/build-nanogpt
   bench/build-nanogpt (it is git-ignored), or --reference DIR; its script needs tiktoken (pip install tiktoken).
 - the full HellaSwag val file (stage 5): hellaswag_val.jsonl in --hellaswag_dir, by default the
   shared/data/hellaswag beside this checkout if there is one, else hellaswag.py's cache, which `python
-  hellaswag.py --limit 1` fills from rowanz/hellaswag on GitHub. The check itself never downloads.
+  hellaswag.py --limit 1` fills from rowanz/hellaswag on GitHub (or copy the file into the git-ignored
+  bench/data/hellaswag/ and pass that). The check itself never downloads.
 - training shards: none. Synthetic ones (train_bench.write_synthetic_shards) and small learnable ones are
   written into --work_dir; --data_dir points the timed runs at FineWeb-edu shards instead.
 - liger-kernel (optional, stage 4): pip install liger-kernel; used only if train_gpt2.py has a flag for it.
@@ -83,8 +86,10 @@ SIZES = {
                             "--total_batch_size 4096",
                 hellaswag_limit=0, hellaswag_in_training=64,
                 random_model="--micro_batch_size 1 --total_batch_size 1024",
-                generate_sizes="1x500,10x500", generate_flags="", generate="--max_new_tokens 500 --num_return_sequences 10"),
-    "dry": dict(recipe_flags="--n_layer 2 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 --total_batch_size 512",
+                generate_sizes="1x500,10x500", generate_flags="",
+                generate="--max_new_tokens 500 --num_return_sequences 10"),
+    "dry": dict(recipe_flags="--n_layer 2 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 "
+                             "--total_batch_size 512",
                 micro_batch=8, warmup=1, steps=2, synthetic_tokens=20_000,
                 check_shape="--n_layer 2 --n_head 2 --n_embd 32 --block_size 128 --seq_len 32 --micro_batch_size 4 "
                             "--total_batch_size 256",
@@ -119,7 +124,8 @@ class CheckConfig:
     reference: str = option("bench/build-nanogpt", "build-nanogpt checkout for stage 2 (" + REFERENCE_CLONE + ")")
     hellaswag_dir: str = option("", "folder holding the full hellaswag_val.jsonl ('' = shared/data/hellaswag beside "
                                     "the checkout, else hellaswag.py's cache)")
-    hellaswag_cpu_tasks: int = option(100, "stage 5: tasks scored on CPU and on the GPU in float32 to compare acc_norm")
+    hellaswag_cpu_tasks: int = option(100, "stage 5: tasks scored on CPU and on the GPU, both in float32, to compare "
+                                           "acc_norm")
     data_dir: str = option("", "shards for the timed runs ('' = synthetic ones written into --work_dir)")
     work_dir: str = option("", "where the runs (removed at the end) and the synthetic shards (kept, reused) go "
                                "('' = a temp folder, removed at the end)")
@@ -219,8 +225,8 @@ class Check:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
             if nproc else [sys.executable] + (["-c", prefix] if prefix else [])
         log_dir = os.path.join(self.work, "runs", name)
-        return dataclasses.replace(self.run(name, launcher + [os.path.join(REPO, "train_gpt2.py"), "--log_dir", log_dir,
-                                                              *args], env), log_dir=log_dir)
+        result = self.run(name, launcher + [os.path.join(REPO, "train_gpt2.py"), "--log_dir", log_dir, *args], env)
+        return dataclasses.replace(result, log_dir=log_dir)
 
 
 def read_losses(log_dir):
@@ -258,8 +264,8 @@ def bench_table(c, rows, flops_per_token, baseline=None):
             continue
         mfu = f"{100 * r['tok_s'] * flops_per_token / c.rate:.1f}%" if c.rate else "n/a"
         peak = "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.1f}"
-        out.append([r["name"], r["mb"], f"{r['ms']:,.1f}", f"{r['tok_s']:,.0f}", mfu, peak, r["loss"]]
-                   + ([f"{r['tok_s'] / baseline['tok_s']:.2f}x" if "error" not in baseline else ""] if baseline else []))
+        vs = [f"{r['tok_s'] / baseline['tok_s']:.2f}x" if "error" not in baseline else ""] if baseline else []
+        out.append([r["name"], r["mb"], f"{r['ms']:,.1f}", f"{r['tok_s']:,.0f}", mfu, peak, r["loss"]] + vs)
     return table(header, out)
 
 
@@ -284,7 +290,7 @@ def stage_machine(c):
         smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
                              text=True) if shutil.which("nvidia-smi") else None  # read-only; one line per GPU
         gpu = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor}"
-        driver = smi.stdout.strip().replace("\n", "; ") if smi and smi.returncode == 0 else "nvidia-smi failed or absent"
+        driver = smi.stdout.strip().replace("\n", "; ") if smi and smi.returncode == 0 else "nvidia-smi failed"
     else:
         gpu, driver = f"none: the dry run, on CPU ({os.cpu_count()} cores, {platform.machine()})", "n/a"
     c.rate = matmul_peak(c.cfg.device, torch.bfloat16)
@@ -292,8 +298,8 @@ def stage_machine(c):
         torch.cuda.empty_cache()  # the matmul's 8192^2 operands: give them back to the runs
     c.sections[1] = table(["GPU", f"nvidia-smi: {query.replace(',', ', ')}" if cuda else "driver", "torch", "CUDA",
                            "Triton", "bfloat16 dense matmul (measured)"],
-                          [[gpu, driver, versions["torch"], torch.version.cuda or "none (CPU build)", versions["triton"],
-                            f"{c.rate / 1e12:.1f} TFLOP/s"]])
+                          [[gpu, driver, versions["torch"], torch.version.cuda or "none (CPU build)",
+                            versions["triton"], f"{c.rate / 1e12:.1f} TFLOP/s"]])
 
 
 def reference_args(c):
@@ -322,13 +328,13 @@ def stage_recipe(c):
     mfu = 100 * ours["tok_s"] * flops / c.rate if ours and c.rate else None
     measured = [f"{ours['tok_s']:,.0f}" if ours else "n/a", f"{mfu:.1f}%" if mfu else "n/a",
                 f"{ours['tok_s'] / ref['tok_s']:.2f}x" if ours and ref else "n/a"]
-    targets = [TARGETS["tok_s"] <= (ours or {}).get("tok_s", 0), TARGETS["mfu"] <= (mfu or 0),
-               ours and ref and ours["tok_s"] / ref["tok_s"] >= TARGETS["vs_reference"]]
-    lines += ["", table(["target (one H200, the recipe)", "measured", "target", "met"], [
-        ["tokens/s", measured[0], f">= {TARGETS['tok_s']:,}", "yes" if targets[0] else "no"],
-        ["MFU against the measured bfloat16 rate", measured[1], f">= {TARGETS['mfu']:.0f}%", "yes" if targets[1] else "no"],
-        ["tokens/s vs build-nanogpt, same run", measured[2], f">= {TARGETS['vs_reference']}x", "yes" if targets[2] else "no"]]),
-        f"\nmedian of {c.size['steps']} steps after {c.size['warmup']} warm-up steps; `{result.log}`"]
+    met = [TARGETS["tok_s"] <= (ours or {}).get("tok_s", 0), TARGETS["mfu"] <= (mfu or 0),
+           bool(ours and ref and ours["tok_s"] / ref["tok_s"] >= TARGETS["vs_reference"])]
+    names = ["tokens/s", "MFU against the measured bfloat16 rate", "tokens/s vs build-nanogpt, same run"]
+    wanted = [f">= {TARGETS['tok_s']:,}", f">= {TARGETS['mfu']:.0f}%", f">= {TARGETS['vs_reference']}x"]
+    lines += ["", table(["target (one H200, the recipe)", "measured", "target", "met"],
+                        [[n, m, w, "yes" if ok else "no"] for n, m, w, ok in zip(names, measured, wanted, met)]),
+              f"\nmedian of {c.size['steps']} steps after {c.size['warmup']} warm-up steps; `{result.log}`"]
     c.sections[2] = "\n".join(lines)
 
 
@@ -350,7 +356,7 @@ def stage_correctness(c):
     data = learnable_shards(os.path.join(c.work, "motif"))
     shape = shlex.split(c.size["check_shape"])
     base = ["--data_dir", data, "--device", c.cfg.device, *shape, "--max_steps", STEPS, "--warmup_steps", 2,
-            "--max_lr", 3e-3, "--min_lr", 3e-4, "--eval_interval", 3, "--val_steps", 2, "--ckpt_interval", 3,
+            "--max_lr", 1e-3, "--min_lr", 1e-4, "--eval_interval", 3, "--val_steps", 2, "--ckpt_interval", 3,
             "--keep_last", 0, "--hellaswag", 0, "--sample_interval", 0, "--plot", 0, "--chunked_loss", 0,
             *shlex.split(c.cfg.check_flags)]
     check_cfg = parse_train_args([str(a) for a in shape])[0]
@@ -365,8 +371,8 @@ def stage_correctness(c):
         "float16": ("`--dtype float16`: GradScaler, fused AdamW", "float16", 0, ["--dtype", "float16"], {}, None,
                     "| float16 |"),
         "bfloat16": ("`--dtype bfloat16`, with an eval every 2 steps: val, HellaSwag "
-                     f"({c.size['hellaswag_in_training']} tasks), samples (the recompiles' run, below)", "bfloat16", 0,
-                     ["--dtype", "bfloat16", *hella], {"TORCH_LOGS": "recompiles"}, None, "| bfloat16 |"),
+                     f"({c.size['hellaswag_in_training']} tasks), samples (the recompiles' run, below)", "bfloat16",
+                     0, ["--dtype", "bfloat16", *hella], {"TORCH_LOGS": "recompiles"}, None, "| bfloat16 |"),
         "chunked_loss": ("`--chunked_loss 1` (float32; the reference has 0)", "float32", 0,
                          ["--dtype", "float32", "--chunked_loss", 1], {}, None, "chunked loss on"),
         "fsdp_ac": ("`--fsdp 1 --activation_checkpointing 1`, torchrun --nproc_per_node=1 (float32)", "float32", 1,
@@ -420,8 +426,8 @@ def stage_correctness(c):
     scales = re.findall(r"\| loss scale (\d+)", run.out)
     ok = run.ok() and skipped == [OVERFLOW_STEP] and len(steps) == STEPS and scales[:OVERFLOW_STEP + 1] == \
         ["65536"] * (OVERFLOW_STEP + 1) and scales[OVERFLOW_STEP + 1:] == ["32768"] * (STEPS - OVERFLOW_STEP - 1)
-    rows.append([f"float16: gradients of step {OVERFLOW_STEP}'s first micro-batch made inf (GradScaler.scale patched)",
-                 "itself", f"exactly step {OVERFLOW_STEP} skipped, loss scale 65536 then 32768, all {STEPS} steps run",
+    rows.append([f"float16: step {OVERFLOW_STEP}'s first micro-batch's gradients made inf (GradScaler.scale patched)",
+                 "itself", f"step {OVERFLOW_STEP} skipped, no other; loss scale 65536 then 32768; all {STEPS} steps",
                  f"skipped {skipped}, scales {'/'.join(sorted(set(scales), key=scales.index))}, {len(steps)} steps"
                  if run.ok() else run.why(), "PASS" if ok else c.fail("float16 overflow")])
 
@@ -452,8 +458,8 @@ def stage_correctness(c):
                  "PASS" if run.ok() and after == 0 else c.fail("recompiles")])
     c.sections[3] = table(["check", "compared with", "tolerance (max abs train-loss difference over the steps)",
                            "measured", "result"], rows) + \
-        f"\n\n{STEPS} steps each, {accum} micro-batches a step: `{c.size['check_shape']}`, learnable synthetic tokens; " \
-        f"float32 run `logs/3_float32.log`, the others `logs/3_*.log`." + \
+        f"\n\n{STEPS} steps each, {accum} micro-batches a step: `{c.size['check_shape']}`, learnable synthetic " \
+        f"tokens; the float32 run `logs/3_float32.log`, the others `logs/3_*.log`." + \
         ("" if cuda else " The dry run's torchrun rows use gloo (train_gpt2.py's backend off CUDA).")
 
 
@@ -464,13 +470,15 @@ def stage_levers(c):
     if not importlib.util.find_spec("liger_kernel"):
         notes.append(["liger-kernel fused linear cross-entropy", "skipped: not installed (pip install liger-kernel)"])
     elif not liger_flag:
-        notes.append(["liger-kernel fused linear cross-entropy", "skipped: installed, but train_gpt2.py has no flag to use it"])
+        notes.append(["liger-kernel fused linear cross-entropy",
+                      "skipped: installed, but train_gpt2.py has no flag to use it"])
     else:
         variants.append(f"--{liger_flag} 1")
     if "compile_mode" in flags:
         variants.append("--compile_mode max-autotune-no-cudagraphs")
     else:
-        notes.append(["compile mode max-autotune-no-cudagraphs", "needs a --compile_mode flag in train_gpt2.py (it has none)"])
+        notes.append(["compile mode max-autotune-no-cudagraphs",
+                      "needs a --compile_mode flag in train_gpt2.py (it has none)"])
     mb = c.size["micro_batch"]
     flops = model_flops_per_token(parse_train_args(shlex.split(c.size["recipe_flags"]))[0])
     result = c.run("4_levers", bench_cmd(c, mb, ["--variants", ";".join(variants)]))
@@ -521,13 +529,14 @@ def stage_eval(c):
                      f"{r.seconds:.0f} s wall" if m else r.why(), f"acc_norm {m[2]}" if m else "",
                      "ran" if m else c.fail("hellaswag.py")])
         k = c.cfg.hellaswag_cpu_tasks if not c.cfg.dry_run else 8
-        (r_cpu, m_cpu), (r_dev, m_dev) = (score("5_hellaswag_cpu", "--device", "cpu", "--limit", k),
-                                          score("5_hellaswag_float32", "--device", c.cfg.device, "--dtype", "float32",
-                                                "--compile", 0, "--limit", k))
+        runs = {d: score(f"5_hellaswag_float32_{d}", "--device", d, "--dtype", "float32", "--compile", 0,
+                         "--limit", k) for d in dict.fromkeys(["cpu", c.cfg.device])}  # the dry run: one, on CPU
+        (r_cpu, m_cpu), (r_dev, m_dev) = runs["cpu"], runs[c.cfg.device]
         ok = m_cpu and m_dev and abs(float(m_cpu[2]) - float(m_dev[2])) <= 1.01 / k and m_cpu[3] == m_dev[3]
         rows.append([f"acc_norm on the first {k} tasks: {c.cfg.device} vs CPU, both float32 and eager",
                      f"{m_dev[2]} vs {m_cpu[2]}" if m_cpu and m_dev else (r_dev if not m_dev else r_cpu).why(),
-                     "equal, or one task apart (a near-tie of a random model)", "PASS" if ok else c.fail("hellaswag vs CPU")])
+                     "equal, or one task apart (a near-tie of a random model)",
+                     "PASS" if ok else c.fail("hellaswag vs CPU")])
 
     r = c.run("5_generate", [sys.executable, os.path.join(REPO, "generate.py"), "--init_from", ckpt, "--device",
                              c.cfg.device, *shlex.split(c.size["generate"])])
@@ -540,7 +549,8 @@ def stage_eval(c):
                                    c.size["generate_sizes"], "--device", c.cfg.device,
                                    *shlex.split(c.size["generate_flags"])])
     bench = "\n".join(ln for ln in r.out.splitlines() if ln.startswith("|"))
-    rows.append(["bench/generate_bench.py: greedy tokens, KV cache vs recompute (table below)", f"{r.seconds:.0f} s wall",
+    rows.append(["bench/generate_bench.py: greedy tokens, KV cache vs recompute (table below)",
+                 f"{r.seconds:.0f} s wall",
                  "same tokens", "PASS" if r.ok() else c.fail("generate KV cache vs recompute")])
     c.sections[5] = table(["run", "time", "result", "check"], rows) + \
         f"\n\n{bench or r.why()}\n\nlogs: `logs/5_*.log`; the model: one step of train_gpt2.py from a random init."
