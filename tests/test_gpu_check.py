@@ -76,7 +76,7 @@ def test_dry_run_rehearses_every_stage(tmp_path):
 @pytest.mark.slow
 def test_budget_stops_the_check_and_still_writes_the_report(tmp_path):
     """At --budget_s the running stage's processes are killed; the stages left are listed as skipped for time."""
-    proc = gpu_check("--out", tmp_path, "--dry-run", "--budget_s", 15, "--stages", "2,5")
+    proc = gpu_check("--out", tmp_path, "--dry-run", "--budget_s", 12, "--stages", "2,5")
     report = (tmp_path / "report.md").read_text()
     assert list(sections(report)) == STAGES, report
     assert re.search(r"^Skipped for time: stages (2, )?5 \(rerun them with --stages\)\.$", report, re.M), report
