@@ -44,6 +44,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import importlib.util
+import json
 import math
 import os
 import platform
@@ -63,7 +64,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from bench.train_bench import PEAK_PROBE, matmul_peak, model_flops_per_token, write_synthetic_shards  # noqa: E402
+from bench.train_bench import PEAK_PROBE, model_flops_per_token, write_synthetic_shards  # noqa: E402
 from hellaswag import default_data_dir as hellaswag_cache  # noqa: E402
 from train_gpt2 import TrainConfig, config_parser, option, parse_args as parse_train_args  # noqa: E402
 
@@ -101,6 +102,19 @@ SIZES = {
                 generate_sizes="1x4,2x4", generate_flags="--shape 2x2x32 --sampling 0",
                 generate="--max_new_tokens 8 --num_return_sequences 2"),
 }
+
+# Stage 1's measurements, in a process of its own: this one never holds a CUDA context (on a GPU in
+# exclusive-process mode, it would lock the runs out).
+MACHINE_PROBE = """
+import json, sys, torch
+from bench.train_bench import matmul_peak
+device = sys.argv[1]
+info = {"rate": matmul_peak(device, torch.bfloat16)}
+if device.startswith("cuda"):
+    p = torch.cuda.get_device_properties(device)
+    info["gpu"] = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, compute capability {p.major}.{p.minor}"
+print("machine:", json.dumps(info))
+"""
 
 # Run before train_gpt2.py (prepended to train_bench's PEAK_PROBE, which runs it as __main__): the Nth
 # scaled loss (GradScaler.scale) is multiplied by inf, so that micro-batch's float16 gradients overflow.
@@ -286,21 +300,23 @@ def stage_machine(c):
     cuda = c.cfg.device.startswith("cuda")
     versions = {k: (importlib.metadata.version(k) if importlib.util.find_spec(k) else "not installed")
                 for k in ("torch", "triton")}
+    probe = c.run("1_machine", [sys.executable, "-c", MACHINE_PROBE, c.cfg.device])
+    found = re.search(r"^machine: (\{.*\})$", probe.out, re.M)
+    if not found:
+        c.sections[1] = f"the machine probe: {probe.why()}"
+        c.failures.append("stage 1: the machine probe")
+        return
+    info = json.loads(found[1])
+    c.rate = info["rate"]
     if cuda:
-        props = torch.cuda.get_device_properties(c.cfg.device)
         query = "driver_version,clocks.sm,clocks.max.sm,power.limit,persistence_mode,mig.mode.current"
         smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
                              text=True) if shutil.which("nvidia-smi") else None  # read-only; one line per GPU
-        gpu = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor}"
         driver = smi.stdout.strip().replace("\n", "; ") if smi and smi.returncode == 0 else "nvidia-smi failed"
-    else:
-        gpu, driver = f"none: the dry run, on CPU ({os.cpu_count()} cores, {platform.machine()})", "n/a"
-    c.rate = matmul_peak(c.cfg.device, torch.bfloat16)
-    if cuda:
-        torch.cuda.empty_cache()  # the matmul's 8192^2 operands: give them back to the runs
+    gpu = info.get("gpu", f"none: the dry run, on CPU ({os.cpu_count()} cores, {platform.machine()})")
     c.sections[1] = table(["GPU", f"nvidia-smi: {query.replace(',', ', ')}" if cuda else "driver", "torch", "CUDA",
                            "Triton", "bfloat16 dense matmul (measured)"],
-                          [[gpu, driver, versions["torch"], torch.version.cuda or "none (CPU build)",
+                          [[gpu, driver if cuda else "n/a", versions["torch"], torch.version.cuda or "none (CPU build)",
                             versions["triton"], f"{c.rate / 1e12:.1f} TFLOP/s"]])
 
 
