@@ -316,8 +316,8 @@ def stage_machine(c):
     gpu = info.get("gpu", f"none: the dry run, on CPU ({os.cpu_count()} cores, {platform.machine()})")
     c.sections[1] = table(["GPU", f"nvidia-smi: {query.replace(',', ', ')}" if cuda else "driver", "torch", "CUDA",
                            "Triton", "bfloat16 dense matmul (measured)"],
-                          [[gpu, driver if cuda else "n/a", versions["torch"], torch.version.cuda or "none (CPU build)",
-                            versions["triton"], f"{c.rate / 1e12:.1f} TFLOP/s"]])
+                          [[gpu, driver if cuda else "n/a", versions["torch"], torch.version.cuda or "none (CPU "
+                            "build)", versions["triton"], f"{c.rate / 1e12:.1f} TFLOP/s"]])
 
 
 def reference_args(c):
