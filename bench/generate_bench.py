@@ -4,7 +4,7 @@
     python bench/generate_bench.py --sizes 1x500,10x500 --device cuda   # the GPU sizes
     python bench/generate_bench.py --repeats 3 --sampling 0
 
-The model is GPT-2 124M's shape (GPTConfig() defaults, GPT-2's 50257-token vocabulary) with random
+The model is GPT-2 124M's shape (GPTConfig() defaults, GPT-2's 50257-token vocabulary; --shape another) with random
 weights: none are reachable offline, and the time per token does not depend on their values. Each size
 starts from the default prompt ("Hello, I'm a language model,", 8 tokens) and is run greedy (temperature
 0), then sampled (generate()'s defaults: temperature 1, top_k 50, seed 42). The cached and recompute runs
@@ -19,6 +19,7 @@ setup). Torch's default thread count is kept.
 import datetime
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -42,6 +43,7 @@ class BenchConfig:
     sampling: bool = option(True, "also time sampled decoding (top_k 50), not only greedy")
     device: str = option("cpu", "cpu, cuda, cuda:N or mps")
     dtype: str = option("float32", "float32, or bfloat16 or float16 (autocast)")
+    shape: str = option("124M", "the model: 124M (GPT-2's) or LAYERSxHEADSxWIDTH, e.g. 2x2x32 for a quick check")
 
 
 def parse_args(argv=None):
@@ -54,6 +56,8 @@ def parse_args(argv=None):
         parser.error(f"--sizes {cfg.sizes}: expected SEQUENCESxNEW_TOKENS[,...], e.g. 5x200 or 1x500,10x500")
     if cfg.repeats < 1 or cfg.dtype not in ("float32", "bfloat16", "float16"):
         parser.error("--repeats must be >= 1 and --dtype float32, bfloat16 or float16")
+    if cfg.shape != "124M" and not re.fullmatch(r"\d+x\d+x\d+", cfg.shape):
+        parser.error(f"--shape {cfg.shape}: expected 124M or LAYERSxHEADSxWIDTH, e.g. 2x2x32")
     return cfg, sizes
 
 
@@ -89,14 +93,15 @@ def bench_size(model, n_seq, n_new, decoding, cfg, autocast):
 def main(argv=None):
     cfg, sizes = parse_args(argv)
     torch.manual_seed(0)
-    model = GPT(GPTConfig()).to(cfg.device).eval()
+    shape = {} if cfg.shape == "124M" else dict(zip(("n_layer", "n_head", "n_embd"), map(int, cfg.shape.split("x"))))
+    model = GPT(GPTConfig(**shape)).to(cfg.device).eval()
     device_type = "cuda" if cfg.device.startswith("cuda") else cfg.device
     autocast = autocast_context(cfg.device, resolve_dtype(cfg.dtype, cfg.device))
     rows = [bench_size(model, n_seq, n_new, decoding, cfg, autocast) for n_seq, n_new in sizes
             for decoding in ("greedy", "sampled") if decoding == "greedy" or cfg.sampling]
 
     device = torch.cuda.get_device_name(cfg.device) if device_type == "cuda" else cfg.device
-    print(f"### generate(): KV cache vs recompute, GPT-2 124M shape, random weights\n\n"
+    print(f"### generate(): KV cache vs recompute, {cfg.shape.replace('124M', 'GPT-2 124M')} shape, random weights\n\n"
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {platform.machine()}, "
           f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads | torch {torch.__version__} | "
           f"{device}, {cfg.dtype}\n\n`{shlex.join(['python', 'bench/generate_bench.py'] + (argv or sys.argv[1:]))}`\n\n"

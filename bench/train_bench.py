@@ -186,6 +186,12 @@ def write_reference(cfg, train_cfg, device):
     return edits
 
 
+def model_flops_per_token(train_cfg):
+    """FLOPs per trained token of the model train_gpt2.py's flags describe (GPT.flops_per_token: 6N + 12LTd)."""
+    with torch.device("meta"):
+        return GPT(GPTConfig(**{k: getattr(train_cfg, k) for k in MODEL_FLAGS})).flops_per_token(train_cfg.seq_len)
+
+
 def matmul_peak(device, dtype):
     """Measured dense matmul FLOP/s in dtype: the rate the runs' matmuls could reach at best."""
     cuda = device.startswith("cuda")
@@ -211,9 +217,7 @@ def main(argv=None):
     edits = write_reference(cfg, train_cfg, device) if cfg.reference else []  # before any run: fail fast
     wrote = write_synthetic_shards(cfg.data_dir, cfg.synthetic_tokens)
     print(f"{'wrote synthetic shards to' if wrote else 'using the shards in'} {cfg.data_dir}", file=sys.stderr)
-    with torch.device("meta"):
-        model_cfg = GPTConfig(**{k: getattr(train_cfg, k) for k in MODEL_FLAGS})
-        flops_per_token = GPT(model_cfg).flops_per_token(train_cfg.seq_len)
+    flops_per_token = model_flops_per_token(train_cfg)
 
     rows = []
     run_root = os.path.abspath(os.path.join(cfg.data_dir, "runs"))
