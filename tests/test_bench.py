@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bench.train_bench import parse_args
 from conftest import REPO
 
 TINY = "--n_layer 2 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 --total_batch_size 512 --compile 0 --device cpu"
@@ -82,9 +83,11 @@ def test_reference_edits_refuse_another_script(tmp_path):
     (["--reference", "/nonexistent"], "--reference /nonexistent: no train_gpt2.py there"),
     (["--train_flags", "--micro_batch_size x"], "not valid train_gpt2.py flags"),
 ])
-def test_bad_flags_one_line(args, message):
-    proc = bench(*args)
-    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
+def test_bad_flags_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) <= 2
 
 
 @pytest.mark.slow
