@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from fineweb import DATA_DIR, GPT2_EOT, GPT2_VOCAB_SIZE, disk_full
 from plot import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS
-from train_gpt2 import (TrainError, checkpoint_file, config_parser, load_checkpoint, model_from_checkpoint,
+from train_gpt2 import (GPT, TrainError, checkpoint_file, config_parser, load_checkpoint, model_from_checkpoint,
                         option)
 
 EOT = "<|endoftext|>"  # GPT-2's only special token, id GPT2_EOT: its bos, eos and unk token
@@ -82,6 +82,22 @@ def load_tokenizer(source, block_size):
                          f"{GPT2_VOCAB_SIZE} ending in {EOT}); expected a folder holding tokenizer.json, "
                          f"vocab.json + merges.txt, or OpenAI's encoder.json + vocab.bpe")
     return tok
+
+
+def save_pretrained(model, out_dir, vocab_size):
+    """Write model as a Hugging Face GPT-2 folder (config.json + model.safetensors) of its first vocab_size
+    tokens: the rows past GPT-2's 50257 are padding that no token id reaches."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    c = model.config
+    eot = GPT2_EOT if vocab_size == GPT2_VOCAB_SIZE else None  # <|endoftext|>, if the vocab has it
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                                    n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
+                                    bos_token_id=eot, eos_token_id=eot))
+    sd = {k: (w.t() if k.endswith(GPT.CONV1D_WEIGHTS) else w) for k, w in model.state_dict().items()}
+    for k in ("transformer.wte.weight", "lm_head.weight"):
+        sd[k] = sd[k][:vocab_size]
+    hf.load_state_dict({k: w.detach().cpu().float().contiguous() for k, w in sd.items()})
+    hf.save_pretrained(out_dir)
 
 
 def model_card(ckpt, model_id, checkpoint_name, n_params, vocab_size, has_tokenizer):
@@ -177,7 +193,7 @@ def export(cfg):
                          f"or delete it")
 
     model = model_from_checkpoint(ckpt)
-    vocab_size = min(model.config.vocab_size, GPT2_VOCAB_SIZE)  # what save_pretrained keeps
+    vocab_size = min(model.config.vocab_size, GPT2_VOCAB_SIZE)  # the padding rows past GPT-2's go
     tokenizer = None
     if vocab_size == GPT2_VOCAB_SIZE:
         tokenizer = load_tokenizer(cfg.tokenizer, model.config.block_size)
@@ -189,7 +205,7 @@ def export(cfg):
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     try:
         os.makedirs(tmp)
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp, vocab_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)  # tokenizer.json, tokenizer_config.json
             tokenizer.backend_tokenizer.model.save(tmp)  # vocab.json + merges.txt, for tools that read those

@@ -87,12 +87,15 @@ def run(cfg):
     if n_new <= 0:
         raise TrainError(f"--max_length {cfg.max_length}: the prompt alone has {len(tokens)} tokens; raise it or "
                          f"give --max_new_tokens")
+    if len(tokens) + n_new > model.config.block_size:
+        print(f"note: stopping at the model's context of {model.config.block_size} tokens: "
+              f"{model.config.block_size - len(tokens)} new tokens, not {n_new}")
     if use_compile:
         # In place, so that generate()'s forwards are compiled. dynamic: the cache's length grows every
         # token; without it each length would be a recompile.
         model.compile(dynamic=True)
     rows = model.generate(tokens, cfg.num_return_sequences, n_new, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed,
-                          autocast_context(device, dtype))
+                          autocast_context(device, dtype), n_vocab=enc.n_vocab)
     # An <|endoftext|> the model samples is kept and printed as "<|endoftext|>": what follows is a new
     # document, the way the model saw documents joined in training.
     for row in rows:

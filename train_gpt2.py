@@ -45,27 +45,16 @@ from fineweb import (GPT2_EOT, GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LL
                      disk_full, gpt2_tokenizer, hold_folder, parse_bool, write_synced)
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-LOSS_CHUNK_TOKENS = 256  # ChunkedCrossEntropy's chunk: 256 x 50304 float32 logits are 52 MB (of 128-1024, fastest on CPU at both 64 and 768 wide)
-
-
-def print0(*args, **kwargs):
-    """print() on rank 0 only, so 8 ranks do not print everything 8 times."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-class TrainError(ValueError):
-    """Bad flags, data or checkpoints, or a diverged run: main() prints it as one line and exits 1."""
 
 
 # -----------------------------------------------------------------------------
-# The model
+# The model: it uses nothing below it; its errors are ValueErrors, which the scripts turn into one line
 
 
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # max sequence length
-    vocab_size: int = GPT2_VOCAB_SIZE
+    vocab_size: int = 50257  # GPT-2's tokens
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -142,6 +131,11 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+# ChunkedCrossEntropy's chunk: 256 x 50304 float32 logits are 52 MB (of 128-1024, fastest on CPU at both 64
+# and 768 wide)
+LOSS_CHUNK_TOKENS = 256
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -230,11 +224,6 @@ class GPT(nn.Module):
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
-        # A bad id would be a silent wrong lookup on CPU and a device-side assert on CUDA. The check
-        # syncs with the GPU, so it is left out of compiled graphs (the data loader checks training data).
-        if not torch.compiler.is_compiling() and ((idx < 0) | (idx >= self.config.vocab_size)).any():
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got min {int(idx.min())} "
-                             f"max {int(idx.max())}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
@@ -269,7 +258,6 @@ class GPT(nn.Module):
         """GPT-2 weights: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' from the Hugging Face Hub,
         or a local folder in Hugging Face GPT-2 format (config.json + model.safetensors or .bin)."""
         from transformers import GPT2LMHeadModel
-        print0(f"loading GPT-2 weights from {name_or_dir}")
         config_file = os.path.join(name_or_dir, "config.json")
         if os.path.isfile(config_file):  # a folder: transformers would load another model type as a random GPT-2
             with open(config_file) as f:
@@ -306,50 +294,31 @@ class GPT(nn.Module):
                 sd[k].copy_(w.t() if k.endswith(cls.CONV1D_WEIGHTS) else w)
         return model
 
-    def save_pretrained(self, out_dir):
-        """Write a Hugging Face GPT-2 folder (config.json + model.safetensors). Vocab rows past GPT-2's
-        50257 tokens are padding that no token id reaches, so they are dropped."""
-        from transformers import GPT2Config, GPT2LMHeadModel
-        c = self.config
-        vocab_size = min(c.vocab_size, GPT2_VOCAB_SIZE)
-        eot = GPT2_EOT if vocab_size == GPT2_VOCAB_SIZE else None  # <|endoftext|>, if the vocab has it
-        hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-                                        n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
-                                        bos_token_id=eot, eos_token_id=eot))
-        sd = {k: (w.t() if k.endswith(self.CONV1D_WEIGHTS) else w) for k, w in self.state_dict().items()}
-        for k in ("transformer.wte.weight", "lm_head.weight"):
-            sd[k] = sd[k][:vocab_size]
-        hf.load_state_dict({k: w.detach().cpu().float().contiguous() for k, w in sd.items()})
-        hf.save_pretrained(out_dir)
-
     def configure_optimizers(self, weight_decay, learning_rate, device_type):
         # Decay the matmul weights and embeddings (every tensor of dim >= 2), not biases or LayerNorm gains.
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        print0(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters), "
-               f"not decayed: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters)")
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                  fused=device_type == "cuda")
 
     @torch.no_grad()
     def generate(self, tokens, num_return_sequences, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0, seed=42,
-                 autocast=contextlib.nullcontext(), recompute=False):
+                 autocast=contextlib.nullcontext(), recompute=False, n_vocab=None):
         """num_return_sequences continuations of the prompt `tokens` (a list of ids), as a LongTensor
         (num_return_sequences, len(tokens) + n_new) on the model's device: the prompt, then n_new =
         max_new_tokens new tokens, or fewer where block_size comes first. The prompt runs through the model
         once, filling a KVCache; after that each new token costs one token's forward. Seeded: the same
         arguments give the same tokens. recompute=True is the baseline without the cache: every new token
-        runs the whole sequence. After `model.compile()` the forwards here are the compiled ones."""
+        runs the whole sequence. After `model.compile()` the forwards here are the compiled ones. n_vocab:
+        the tokenizer's size; ids past it (a padded vocabulary's rows) are never sampled, as it cannot
+        decode them."""
         block_size = self.config.block_size
         if not 0 < len(tokens) <= block_size:
-            raise TrainError(f"the prompt has {len(tokens)} tokens; the model takes 1 to {block_size} "
+            raise ValueError(f"the prompt has {len(tokens)} tokens; the model takes 1 to {block_size} "
                              f"(its context, block_size)")
         n_new = min(max_new_tokens, block_size - len(tokens))
-        if n_new < max_new_tokens:
-            print0(f"note: stopping at the model's context of {block_size} tokens: {n_new} new tokens, "
-                   f"not {max_new_tokens}")
         device = self.lm_head.weight.device
         was_training = self.training
         self.eval()
@@ -361,9 +330,7 @@ class GPT(nn.Module):
             for _ in range(n_new):
                 with autocast:
                     logits, _ = self(seq if recompute else new, kv_cache=cache)
-                logits = logits[:, -1, :].float()
-                # Rows past GPT-2's 50257 (a 50304-row model's padding) are no token; tiktoken cannot decode them.
-                logits[:, GPT2_VOCAB_SIZE:] = -math.inf
+                logits = logits[:, -1, :n_vocab].float()
                 new = sample_next(logits, temperature, top_k, top_p, generator)
                 seq = torch.cat([seq, new], dim=1)
         finally:
@@ -392,6 +359,16 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 
 # -----------------------------------------------------------------------------
 # The data: uint16 token shards, as fineweb.py (.npy) or llm.c (.bin) writes them
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only, so 8 ranks do not print everything 8 times."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+class TrainError(ValueError):
+    """Bad flags, data or checkpoints, or a diverged run: main() prints it as one line and exits 1."""
 
 
 def open_shard(path):
@@ -764,6 +741,7 @@ def load_model(init_from):
     if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json")):
         raise TrainError(f"{init_from}: neither a Hugging Face GPT-2 folder (no config.json) nor a "
                          f"train_gpt2.py --log_dir (no model_NNNNN.pt checkpoint)")
+    print0(f"loading GPT-2 weights from {init_from}")
     try:
         return GPT.from_pretrained(init_from)
     except (OSError, ValueError) as e:  # no such folder, no weights (offline), not GPT-2: transformers says which
@@ -1307,7 +1285,8 @@ def write_samples(model, prompt, enc, step, log_dir, autocast, rank):
     """4 samples of the prompt (32 tokens in all, seed 42), printed and added to samples.txt. Every rank
     generates them, the same (seeded), since under FSDP each forward all-gathers the weights, which every
     rank must join; rank 0 writes them."""
-    rows = model.generate(prompt, 4, max_new_tokens=32 - len(prompt), seed=42, autocast=autocast)
+    rows = model.generate(prompt, 4, max_new_tokens=32 - len(prompt), seed=42, autocast=autocast,
+                          n_vocab=enc.n_vocab)
     if rank != 0:
         return
     with open(os.path.join(log_dir, "samples.txt"), "a") as f:
@@ -1372,6 +1351,9 @@ def train(cfg, given, ckpt):
     else:
         raw_model.to(device)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type)
+    decay, no_decay = (group["params"] for group in optimizer.param_groups)
+    print0(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters), "
+           f"not decayed: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters)")
     # float16 (GPUs without bfloat16): gradients as small as float16's 6e-8 would round to 0, so the loss
     # is scaled up before backward and the gradients back down before clipping. A step whose gradients
     # overflow is skipped and the scale halved; it doubles again after 2000 good steps.
@@ -1401,6 +1383,8 @@ def train(cfg, given, ckpt):
     plots = rank == 0 and cfg.plot
     prompt = sample_prompt(cfg.sample_interval, raw_model.config)
     enc = load_tokenizer() if prompt or use_hellaswag else None
+    if use_hellaswag:  # its examples are GPT-2 tokens
+        require_gpt2_vocab(raw_model, "--hellaswag: the model")
     hella_examples, hella_len = hellaswag_share(cfg.hellaswag_dir, cfg.hellaswag_limit, enc, raw_model.config.block_size,
                                                 rank, world_size) if use_hellaswag else ([], None)
     flops_per_step = raw_model.flops_per_token(T) * cfg.total_batch_size

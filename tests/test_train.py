@@ -956,6 +956,16 @@ def test_in_training_hellaswag_and_samples(shakespeare_shards, tmp_path):
     assert all("Hello, I'm a language model," in ln for ln in lines)
 
 
+def test_hellaswag_on_a_vocabulary_smaller_than_gpt2s_is_a_one_line_error(capsys, data, tmp_path):
+    """HellaSwag's examples are GPT-2 tokens, which a 256-token model cannot look up: one line, before
+    any step (the model does not check its ids on every forward)."""
+    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *TINY, "--hellaswag", 1,
+                         "--hellaswag_dir", hellaswag_dir(), "--hellaswag_limit", 4, "--plot", 0)
+    assert code == 1 and err == "train_gpt2.py: error: --hellaswag: the model: its vocabulary has 256 tokens, " \
+                                "fewer than GPT-2's 50257, so it cannot read GPT-2 tokens (it was trained with a " \
+                                "smaller --vocab_size)\n"
+
+
 def test_run_as_a_script_never_loads_a_second_train_gpt2(shakespeare_shards, tmp_path):
     """`python train_gpt2.py` runs as __main__; with samples, HellaSwag and plots on, the modules it imports
     for them (hellaswag, plot) must not import `train_gpt2` back, which would load the whole script a second
