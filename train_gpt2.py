@@ -617,26 +617,24 @@ def finite_float(s):
     return value
 
 
-def config_parser(config_class, prog, doc, with_defaults=True):
+def config_parser(config_class, prog, doc):
     """A parser with one flag per field of config_class (`--name value` or `--name=value`; booleans take
-    1/0/true/false, numbers must be finite; --device, --dtype and --compile explained as SHARED_FLAGS_HELP says) and doc's first
-    line as its description. Without defaults, parsing returns only the flags given. Every script's
-    flags but fineweb.py's and plot.py's (which import no torch) come from here."""
-    parser = OneLineParser(prog=prog, description=doc.splitlines()[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                           argument_default=None if with_defaults else argparse.SUPPRESS)
+    1/0/true/false, numbers must be finite; --device, --dtype and --compile explained as SHARED_FLAGS_HELP
+    says) and doc's first line as its description. Parsing returns only the flags given; the dataclass
+    holds the defaults. Every script's flags but fineweb.py's and plot.py's (which import no torch) come
+    from here."""
+    parser = OneLineParser(prog=prog, description=doc.splitlines()[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(config_class):
-        kwargs = {"default": f.default} if with_defaults else {}
+        help = f.metadata.get("help", SHARED_FLAGS_HELP.get(f.name))
         parser.add_argument(f"--{f.name}", type={bool: parse_bool, float: finite_float}.get(f.type, f.type),
-                            help=f.metadata.get("help", SHARED_FLAGS_HELP.get(f.name)), **kwargs)
+                            help=f"{help} (default: {f.default})")
     return parser
 
 
 def parse_args(argv=None):
-    """The run's flags, and the names of those given on the command line."""
-    cfg = TrainConfig(**vars(config_parser(TrainConfig, "train_gpt2.py", __doc__).parse_args(argv)))
-    given = vars(config_parser(TrainConfig, "train_gpt2.py", __doc__, with_defaults=False).parse_args(argv))
-    return cfg, given
+    """The run's flags, and those given on the command line (by name)."""
+    given = vars(config_parser(TrainConfig, "train_gpt2.py", __doc__).parse_args(argv))
+    return TrainConfig(**given), given
 
 
 def check_flags(cfg, checks):

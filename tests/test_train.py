@@ -84,6 +84,15 @@ def test_flag_syntax_and_booleans():
         parse_args(["--shuffle", "maybe"])
 
 
+def test_the_command_line_is_parsed_once(monkeypatch):
+    """One parse tells both the flags and which of them were given (before: two parsers, two parses)."""
+    import argparse
+    calls, parse = [], argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda *a, **k: calls.append(a) or parse(*a, **k))
+    cfg, given = parse_args(["--max_steps", "7", "--shuffle", "0"])
+    assert len(calls) == 1 and given == {"max_steps": 7, "shuffle": False} and cfg.max_steps == 7
+
+
 def test_help_lists_every_flag():
     out = subprocess.run([sys.executable, "train_gpt2.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0
