@@ -35,7 +35,7 @@ class GenerateConfig:
     seed: int = option(42, "seed of the sampling; the same flags give the same samples")
     device: str = "auto"  # help: train_gpt2.SHARED_FLAGS_HELP
     dtype: str = "auto"
-    compile: str = "auto"
+    compile: str | bool = "auto"
 
 
 def parse_args(argv=None):

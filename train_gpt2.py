@@ -540,7 +540,7 @@ def option(default, help):
 
 
 # --device, --dtype and --compile mean the same in every script: a config field of one of these names
-# (default "auto") gets its help here, and resolve_system (in the training section) checks and resolves them.
+# (default "auto") gets its help here, and resolve_system (in the training section) resolves them.
 SHARED_FLAGS_HELP = {
     "device": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps",
     "dtype": "autocast dtype: auto (bfloat16 on CUDA GPUs that have it, float16 on older ones such as V100, T4, "
@@ -580,15 +580,15 @@ class TrainConfig:
     # evaluation: val loss, HellaSwag, samples
     eval_interval: int = option(250, "steps between val-loss evaluations")
     val_steps: int = option(20, "val micro-batches per rank per evaluation")
-    hellaswag: str = option("auto", "HellaSwag acc_norm at every eval: auto (on for CUDA), 1 or 0")
+    hellaswag: str | bool = option("auto", "HellaSwag acc_norm at every eval: auto (on for CUDA), 1 or 0")
     hellaswag_dir: str = option("", "folder holding hellaswag_val.jsonl ('' = download it to hellaswag.py's cache)")
     hellaswag_limit: int = option(0, "HellaSwag val examples per eval (0 = all 10042)")
     sample_interval: int = option(250, "steps between 4 samples printed and added to samples.txt (0 = never)")
     # system
     device: str = "auto"  # help: SHARED_FLAGS_HELP
     dtype: str = "auto"
-    compile: str = "auto"
-    chunked_loss: str = option("auto", "the loss chunk by chunk, never holding the B x T x vocab logits: auto (on for "
+    compile: str | bool = "auto"
+    chunked_loss: str | bool = option("auto", "the loss chunk by chunk, never holding the B x T x vocab logits: auto (on for "
                                        "CPU, where it is measured faster; off elsewhere until measured), 1 or 0")
     fsdp: bool = option(False, "shard weights, gradients and AdamW state over the ranks (FSDP2; needs torchrun), "
                                "for models whose 16 bytes per parameter do not fit one GPU")
@@ -617,16 +617,24 @@ def finite_float(s):
     return value
 
 
+def auto_or_bool(s):
+    """The value of a flag taking auto, 1/true or 0/false (a str | bool field): "auto", True or False."""
+    value = {"auto": "auto", "1": True, "true": True, "0": False, "false": False}.get(s.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected auto, 1, 0, true or false, got {s!r}")
+    return value
+
+
 def config_parser(config_class, prog, doc):
     """A parser with one flag per field of config_class (`--name value` or `--name=value`; booleans take
-    1/0/true/false, numbers must be finite; --device, --dtype and --compile explained as SHARED_FLAGS_HELP
+    1/0/true/false, str | bool fields auto too, numbers must be finite; --device, --dtype and --compile explained as SHARED_FLAGS_HELP
     says) and doc's first line as its description. Parsing returns only the flags given; the dataclass
     holds the defaults. Every script's flags but fineweb.py's and plot.py's (which import no torch) come
     from here."""
     parser = OneLineParser(prog=prog, description=doc.splitlines()[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(config_class):
         help = f.metadata.get("help", SHARED_FLAGS_HELP.get(f.name))
-        parser.add_argument(f"--{f.name}", type={bool: parse_bool, float: finite_float}.get(f.type, f.type),
+        parser.add_argument(f"--{f.name}", type={bool: parse_bool, float: finite_float, str | bool: auto_or_bool}.get(f.type, f.type),
                             help=f"{help} (default: {f.default})")
     return parser
 
@@ -658,10 +666,6 @@ def check_train_flags(cfg):
                 + [("max_lr", cfg.max_lr > 0, "must be > 0"),
                    ("min_lr", cfg.min_lr <= cfg.max_lr, f"must be <= --max_lr {cfg.max_lr}"),
                    ("n_embd", cfg.n_embd % cfg.n_head == 0, f"must be divisible by --n_head {cfg.n_head}"),
-                   ("hellaswag", cfg.hellaswag.lower() in ("auto", "1", "0", "true", "false"),
-                    "expected auto, 1, 0, true or false"),
-                   ("chunked_loss", cfg.chunked_loss.lower() in ("auto", "1", "0", "true", "false"),
-                    "expected auto, 1, 0, true or false"),
                    ("fsdp", not cfg.fsdp or "RANK" in os.environ,
                     "shards over the ranks of a torchrun launch (torchrun --standalone --nproc_per_node=N "
                     "train_gpt2.py --fsdp 1 ...); without torchrun, --fsdp 0"),
@@ -838,6 +842,8 @@ def resume_config(cfg, given):
         raise TrainError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
     ckpt = load_checkpoint(paths[-1])
     saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+    for k in {"hellaswag", "compile", "chunked_loss"} & set(saved):  # older checkpoints hold them as text: "1"
+        saved[k] = auto_or_bool(str(saved[k]))
     cfg = TrainConfig(**{**saved, **given, "init_from": "resume"})
     for k in MODEL_FLAGS:
         setattr(cfg, k, ckpt["model_config"][k])
@@ -1019,8 +1025,8 @@ def resolve_dtype(value, device):
 
 
 def auto_flag(value, device_type, auto_on=("cuda",)):
-    """A flag taking auto (on for the device types auto_on), 1/true or 0/false."""
-    return value.lower() in ("1", "true") or (value.lower() == "auto" and device_type in auto_on)
+    """A flag taking auto (on for the device types auto_on), True or False (auto_or_bool's values)."""
+    return value is True or (value == "auto" and device_type in auto_on)
 
 
 def cuda_compile_problem(device):
@@ -1037,15 +1043,13 @@ def cuda_compile_problem(device):
 
 def resolve_compile(value, device):
     """--compile: auto is on for CUDA, or off with a note where torch.compile cannot run; 1 there is an error."""
-    if value.lower() not in ("auto", "1", "0", "true", "false"):
-        raise TrainError(f"--compile {value}: expected auto, 1, 0, true or false")
     wanted = auto_flag(value, device.split(":")[0])
     problem = cuda_compile_problem(device) if wanted and device.startswith("cuda") else None
-    if problem and value.lower() == "auto":
+    if problem and value == "auto":
         print0(f"note: --compile auto is off: {problem}")
         return False
     if problem:
-        raise TrainError(f"--compile {value}: {problem}; use --compile 0")
+        raise TrainError(f"--compile 1: {problem}; use --compile 0")
     return wanted
 
 

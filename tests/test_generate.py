@@ -184,7 +184,7 @@ def test_defaults_and_flag_syntax():
     assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed, cfg.device, cfg.dtype, cfg.compile) == \
         (1.0, 50, 1.0, 42, "auto", "auto", "auto")
     cfg = parse_args(["--top_k=5", "--top_p", "0.9", "--compile=false", "--prompt=a b"])
-    assert (cfg.top_k, cfg.top_p, cfg.compile, cfg.prompt) == (5, 0.9, "false", "a b")
+    assert (cfg.top_k, cfg.top_p, cfg.compile, cfg.prompt) == (5, 0.9, False, "a b")
 
 
 def test_help_lists_every_flag_and_the_context_limit(capsys):
@@ -299,7 +299,7 @@ def test_a_training_log_dir_means_its_newest_checkpoint(capsys, checkpoint, tmp_
     ("negative max_new_tokens", ["--max_new_tokens", "-3"], "--max_new_tokens -3"),
     ("bad device", ["--device", "tpu"], "--device tpu"),
     ("bad dtype", ["--dtype", "float8"], "--dtype float8"),
-    ("bad compile", ["--compile", "maybe"], "--compile maybe"),
+    ("bad compile", ["--compile", "maybe"], "--compile: expected auto, 1, 0, true or false, got 'maybe'"),
     ("not a number", ["--top_k", "ten"], "--top_k"),
     ("unknown flag", ["--beam_width", "4"], "--beam_width"),
     ("FILE: not UTF-8", ["--prompt", "FILE:{tmp}/latin1.txt"], "--prompt FILE:{tmp}/latin1.txt: not UTF-8 text (byte 0xe9"),

@@ -93,6 +93,29 @@ def test_the_command_line_is_parsed_once(monkeypatch):
     assert len(calls) == 1 and given == {"max_steps": 7, "shuffle": False} and cfg.max_steps == 7
 
 
+@pytest.mark.parametrize("flag", ["--hellaswag", "--compile", "--chunked_loss"])
+def test_auto_flags_are_auto_true_or_false_checked_at_parse_time(capsys, flag):
+    """auto/1/0 flags are checked and converted by one argparse type, as finite_float checks numbers."""
+    for text, value in (("auto", "auto"), ("AUTO", "auto"), ("1", True), ("true", True), ("0", False),
+                        ("False", False)):
+        assert getattr(parse_args([flag, text])[0], flag[2:]) == value and \
+            type(getattr(parse_args([flag, text])[0], flag[2:])) is type(value)
+    with pytest.raises(SystemExit) as e:
+        parse_args([flag, "maybe"])
+    assert e.value.code == 2 and capsys.readouterr().err == \
+        f"train_gpt2.py: error: argument {flag}: expected auto, 1, 0, true or false, got 'maybe'\n"
+
+
+def test_resume_reads_the_auto_flags_of_older_checkpoints_saved_as_text(tmp_path):
+    """Checkpoints written before the flags became "auto"/True/False hold the text given: "1", "0"."""
+    from train_gpt2 import resume_config
+    config = dict(vars(TrainConfig()), hellaswag="1", compile="0", chunked_loss="AUTO")
+    torch.save({"model": {}, "optimizer": {}, "model_config": dict(vars(GPTConfig())), "config": config,
+                "step": 5, "loader_position": [0, 0, 0]}, tmp_path / "model_00005.pt")
+    cfg, _ = resume_config(TrainConfig(log_dir=str(tmp_path), init_from="resume"), {})
+    assert (cfg.hellaswag, cfg.compile, cfg.chunked_loss) == (True, False, "auto")
+
+
 def test_help_lists_every_flag():
     out = subprocess.run([sys.executable, "train_gpt2.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0
@@ -201,15 +224,15 @@ def test_compile_auto_is_off_with_a_note_where_triton_cannot_run(monkeypatch, ca
     assert capsys.readouterr().out == "note: --compile auto is off: torch.compile needs Triton for CUDA and it is " \
                                       "not installed (pip install triton; on Windows, use WSL)\n"
     with pytest.raises(TrainError, match=r"^--compile 1: torch.compile needs Triton .*; use --compile 0$"):
-        resolve_compile("1", "cuda")
+        resolve_compile(True, "cuda")
     triton["installed"] = True
     assert resolve_compile("auto", "cuda:0") is False
     assert "compute capability 7.0 or newer; Tesla P100-PCIE-16GB is 6.0" in capsys.readouterr().out
-    with pytest.raises(TrainError, match="^--compile true: .* is 6.0; use --compile 0$"):
-        resolve_compile("true", "cuda")
+    with pytest.raises(TrainError, match="^--compile 1: .* is 6.0; use --compile 0$"):
+        resolve_compile(True, "cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert resolve_compile("auto", "cuda") is True and resolve_compile("0", "cuda") is False
-    assert resolve_compile("auto", "cpu") is False and resolve_compile("1", "cpu") is True  # CPU: no Triton needed
+    assert resolve_compile("auto", "cuda") is True and resolve_compile(False, "cuda") is False
+    assert resolve_compile("auto", "cpu") is False and resolve_compile(True, "cpu") is True  # CPU: no Triton needed
     assert capsys.readouterr().out == ""
 
 
