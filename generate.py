@@ -21,10 +21,11 @@ from train_gpt2 import (PRETRAINED, SAMPLE_PROMPT, TrainError, autocast_context,
 @dataclass
 class GenerateConfig:
     init_from: str = option("gpt2", "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder, "
-                                    "or a train_gpt2.py checkpoint (log/model_NNNNN.pt, or log: its newest)")
+                                    "or a train_gpt2.py checkpoint (log/model_NNNNN.pt, or log: its newest)",
+                            group="model")
     prompt: str = option(SAMPLE_PROMPT, "the text to continue, or FILE:path to read it from a file "
                                                          "('' starts from <|endoftext|>: unconditional samples)")
-    num_return_sequences: int = option(10, "samples of the prompt")
+    num_return_sequences: int = option(10, "samples of the prompt", group="sampling")
     max_length: int = option(30, "tokens per sample, the prompt's included. A sample never runs past the model's "
                                  "context (block_size, 1024 for GPT-2): it stops there, with a note, whatever the "
                                  "length flags ask")
@@ -33,7 +34,7 @@ class GenerateConfig:
     top_k: int = option(50, "sample among the k most likely tokens only (0 = all)")
     top_p: float = option(1.0, "nucleus sampling: among the fewest top tokens whose probability reaches p (1 = off)")
     seed: int = option(42, "seed of the sampling; the same flags give the same samples")
-    device: str = "auto"  # help: train_gpt2.SHARED_FLAGS_HELP
+    device: str = option("auto", group="system")  # help: train_gpt2.SHARED_FLAGS_HELP
     dtype: str = "auto"
     compile: str | bool = "auto"
 

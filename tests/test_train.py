@@ -123,6 +123,17 @@ def test_help_lists_every_flag():
         assert f"--{name}" in out.stdout
 
 
+def test_help_groups_the_flags_under_the_configs_headings():
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--help"], cwd=REPO, capture_output=True, text=True).stdout
+    sections = re.split(r"^(\S[^\n]*):\n", out, flags=re.M)  # [usage, title, body, title, body, ...]
+    groups = {title: re.findall(r"^  (--\w+)", body, re.M) for title, body in zip(sections[1::2], sections[2::2])}
+    assert {title: flags[0] for title, flags in groups.items() if title != "options"} == {
+        "I/O": "--log_dir", "data": "--data_dir", "model": "--block_size", "optimizer": "--max_steps",
+        "evaluation": "--eval_interval", "system": "--device", "logging": "--plot"}
+    assert sum(groups.values(), []) == [f"--{name}" for name in TrainConfig.__dataclass_fields__]
+    assert "where the run starts from, where it writes" in out
+
+
 def test_import_has_no_side_effects():
     out = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['x', '--bogus']; import train_gpt2"],
                          cwd=REPO, capture_output=True, text=True)
