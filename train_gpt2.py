@@ -642,9 +642,24 @@ def config_parser(config_class, prog, doc):
     return parser
 
 
+# --preset NAME is short for its flags; flags given as well override them (as fineweb.py's --preset)
+PRESETS = {
+    # the README's quick start: GPT-2's recipe on Tiny Shakespeare (python fineweb.py --preset shakespeare)
+    # at a size a CPU trains in minutes
+    "shakespeare": dict(data_dir="shakespeare", n_layer=2, n_head=4, n_embd=64, block_size=64, seq_len=64,
+                        micro_batch_size=8, total_batch_size=512, max_steps=300, warmup_steps=20, max_lr=3e-3,
+                        min_lr=3e-4, eval_interval=100, val_steps=8),
+}
+
+
 def parse_args(argv=None):
-    """The run's flags, and those given on the command line (by name)."""
-    given = vars(config_parser(TrainConfig, "train_gpt2.py", __doc__).parse_args(argv))
+    """The run's flags, and those given on the command line (by name), a --preset's included: they
+    override a checkpoint's on --init_from resume, as if typed."""
+    parser = config_parser(TrainConfig, "train_gpt2.py", __doc__)
+    parser.add_argument("--preset", choices=PRESETS, help="short for a set of flags, which flags given as well "
+                        "override: shakespeare, the README's quick start")
+    given = vars(parser.parse_args(argv))
+    given = {**PRESETS.get(given.pop("preset", None), {}), **given}
     return TrainConfig(**given), given
 
 

@@ -116,6 +116,30 @@ def test_resume_reads_the_auto_flags_of_older_checkpoints_saved_as_text(tmp_path
     assert (cfg.hellaswag, cfg.compile, cfg.chunked_loss) == (True, False, "auto")
 
 
+SHAKESPEARE = ("--data_dir shakespeare --n_layer 2 --n_head 4 --n_embd 64 --block_size 64 --seq_len 64 "
+               "--micro_batch_size 8 --total_batch_size 512 --max_steps 300 --warmup_steps 20 --max_lr 3e-3 "
+               "--min_lr 3e-4 --eval_interval 100 --val_steps 8").split()  # the README's quick start, before presets
+
+
+def test_the_shakespeare_preset_is_the_readme_quick_starts_flags_which_flags_given_override():
+    assert parse_args(["--preset", "shakespeare"]) == parse_args(SHAKESPEARE)
+    for argv in (["--preset", "shakespeare", "--max_steps", "50"], ["--max_steps=50", "--preset=shakespeare"]):
+        cfg, given = parse_args(argv)
+        assert (cfg.max_steps, cfg.n_layer, given["max_steps"], given["n_layer"]) == (50, 2, 50, 2)
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "tinystories"])
+
+
+def test_a_preset_run_resumes_with_the_preset_and_a_new_max_steps(capsys, shakespeare_shards, tmp_path):
+    """The preset's flags count as given, as if typed: the same on resume, so the run continues."""
+    args = ["--data_dir", str(shakespeare_shards), "--log_dir", str(tmp_path), "--device", "cpu", "--compile", "0",
+            "--plot", "0", "--sample_interval", "0"]
+    main(["--preset", "shakespeare", "--max_steps", "1", *args])
+    main(["--preset", "shakespeare", "--init_from", "resume", "--max_steps", "2", *args])
+    assert f"resuming from {tmp_path / 'model_00001.pt'} at step 1" in capsys.readouterr().out
+    assert sorted(read_log(tmp_path)["train"]) == [0, 1] and (tmp_path / "model_00002.pt").exists()
+
+
 def test_help_lists_every_flag():
     out = subprocess.run([sys.executable, "train_gpt2.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0
