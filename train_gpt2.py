@@ -33,14 +33,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-# fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing and the disk writes; it imports
-# no torch, so that its tokenizing processes start fast and small
+# fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing and the
+# disk writes; it imports no torch, so that its tokenizing processes start fast and small
 from fineweb import (GPT2_EOT, GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, OneLineParser,
                      disk_full, gpt2_tokenizer, hold_folder, parse_bool, write_synced)
 
@@ -72,7 +72,8 @@ class KVCache:
     def update(self, layer, k, v):
         """Store k, v (B, nh, T, hs) at positions pos..pos+T-1; return the keys and values of 0..pos+T-1."""
         if self.k[layer] is None:  # allocated at first use, in the dtype autocast gives k and v
-            self.k[layer], self.v[layer] = (torch.zeros(self.shape, dtype=k.dtype, device=k.device) for _ in "kv")
+            self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v[layer] = torch.zeros_like(self.k[layer])
         end = self.pos + k.size(2)
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
@@ -92,7 +93,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if kv_cache is None or kv_cache.pos == 0:
             if kv_cache is not None:
                 kv_cache.update(self.layer, k, v)
@@ -133,8 +135,8 @@ class Block(nn.Module):
         return x
 
 
-# ChunkedCrossEntropy's chunk: 256 x 50304 float32 logits are 52 MB (of 128-1024, fastest on CPU at both 64
-# and 768 wide)
+# ChunkedCrossEntropy's chunk: 256 x 50304 float32 logits are 52 MB (of 128-1024, fastest on CPU at both
+# 64 and 768 wide)
 LOSS_CHUNK_TOKENS = 256
 
 
@@ -171,9 +173,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if not with_grads:  # evaluation, under torch.no_grad()
                 continue
             g = e.div_(total * n)  # d(mean loss)/d(logits): softmax / n, minus 1/n at each target
-            g.scatter_add_(1, y[:, None], torch.full((y.size(0), 1), -1.0 / n, dtype=g.dtype, device=g.device))
+            g.scatter_add_(1, y[:, None], torch.full_like(target_logits, -1.0 / n))
             grad_h[start:start + chunk] = g.to(weight.dtype) @ weight  # in autocast's dtype where it is on
-            # in float32 (in-place ops are not autocast); beta=0 on the first chunk overwrites the empty grad_w
+            # float32 (in-place ops are not autocast); beta=0 on the first chunk overwrites the empty grad_w
             grad_w.addmm_(g.t(), hc.float(), beta=0.0 if start == 0 else 1.0)
         if with_grads:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
@@ -197,13 +199,13 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
-        self.chunked_loss = False  # the loss through ChunkedCrossEntropy (train_gpt2.py's --chunked_loss)
-        # A training-run setting (--activation_checkpointing), not the model's shape: not in GPTConfig, so
-        # checkpoints' model_config and the scripts that read them do not change.
+        # Training-run settings (--chunked_loss, --activation_checkpointing), not the model's shape: not in
+        # GPTConfig, so checkpoints' model_config and the scripts that read them do not change.
+        self.chunked_loss = False  # the loss through ChunkedCrossEntropy
         self.activation_checkpointing = False
         self.apply(self._init_weights)
-        # Each block adds two branches (attn, mlp) to the residual stream; scaling their output
-        # projections by 1/sqrt(2*n_layer) keeps the stream's variance from growing with depth (GPT-2 paper).
+        # Each block adds two branches (attn, mlp) to the residual stream; scaling their output projections
+        # by 1/sqrt(2*n_layer) keeps the stream's variance from growing with depth (GPT-2 paper).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -223,11 +225,12 @@ class GPT(nn.Module):
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+            raise ValueError(f"sequence of length {start + T} is longer than block_size "
+                             f"{self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
-            if self.activation_checkpointing and self.training:  # keep only each block's input; redo it in backward
+            if self.activation_checkpointing and self.training:  # keep its input only; redo it in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x, kv_cache)
@@ -235,12 +238,13 @@ class GPT(nn.Module):
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
         if targets is not None and self.chunked_loss and not return_logits:
-            return None, ChunkedCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                                   LOSS_CHUNK_TOKENS, torch.is_grad_enabled())
+            h, y = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+            return None, ChunkedCrossEntropy.apply(h, self.lm_head.weight, y, LOSS_CHUNK_TOKENS,
+                                                   torch.is_grad_enabled())
         logits = self.lm_head(x)
         loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))  # any layout, e.g. x[:, 1:]
+        if targets is not None:  # any layout, e.g. x[:, 1:]
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def flops_per_token(self, seq_len):
@@ -258,37 +262,41 @@ class GPT(nn.Module):
         """GPT-2 weights: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' from the Hugging Face Hub,
         or a local folder in Hugging Face GPT-2 format (config.json + model.safetensors or .bin)."""
         from transformers import GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
         config_file = os.path.join(name_or_dir, "config.json")
-        if os.path.isfile(config_file):  # a folder: transformers would load another model type as a random GPT-2
+        # A folder: transformers would load another model type as a random GPT-2
+        if os.path.isfile(config_file):
             with open(config_file) as f:
                 model_type = json.load(f).get("model_type")
             if model_type != "gpt2":
                 raise ValueError(f"{name_or_dir}: a {model_type} model, not GPT-2 (config.json's model_type)")
-        from transformers.utils import logging as hf_logging
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its table of missing tensors: the one line below says it
         try:
             hf, info = GPT2LMHeadModel.from_pretrained(name_or_dir, output_loading_info=True)
         finally:
             hf_logging.set_verbosity(verbosity)
-        problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = [(kind, info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                    if info.get(kind)]
         if problems:  # transformers fills missing tensors with random ones: that would be no fine-tune at all
-            kind, keys = next(iter(problems.items()))
-            raise ValueError(f"{name_or_dir}: not a complete GPT-2 checkpoint: {len(keys)} {kind.replace('_', ' ')} "
-                             f"(e.g. {sorted(map(str, keys))[0]})")
+            kind, keys = problems[0]
+            raise ValueError(f"{name_or_dir}: not a complete GPT-2 checkpoint: {len(keys)} "
+                             f"{kind.replace('_', ' ')} (e.g. {sorted(map(str, keys))[0]})")
         c = hf.config
-        architecture = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "n_inner": (None, 4 * c.n_embd),
-                        "layer_norm_epsilon": (1e-5,), "scale_attn_weights": (True,),
-                        "scale_attn_by_inverse_layer_idx": (False,), "tie_word_embeddings": (True,)}
+        architecture = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+                        "n_inner": (None, 4 * c.n_embd), "layer_norm_epsilon": (1e-5,),
+                        "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
+                        "tie_word_embeddings": (True,)}
         for key, allowed in architecture.items():
-            value = getattr(c, key)
-            if value not in allowed:
-                raise ValueError(f"{name_or_dir}: {key}={value} is not the GPT-2 architecture this model implements")
+            if getattr(c, key) not in allowed:
+                raise ValueError(f"{name_or_dir}: {key}={getattr(c, key)} is not the GPT-2 architecture this "
+                                 f"model implements")
         model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                               n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
         sd, sd_hf = model.state_dict(), hf.state_dict()
         if set(sd) != set(sd_hf):
-            raise ValueError(f"{name_or_dir}: weight names differ from GPT-2's: {sorted(set(sd) ^ set(sd_hf))[:4]}")
+            raise ValueError(f"{name_or_dir}: weight names differ from GPT-2's: "
+                             f"{sorted(set(sd) ^ set(sd_hf))[:4]}")
         with torch.no_grad():
             for k, w in sd_hf.items():
                 sd[k].copy_(w.t() if k.endswith(cls.CONV1D_WEIGHTS) else w)
@@ -297,15 +305,14 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, device_type):
         # Decay the matmul weights and embeddings (every tensor of dim >= 2), not biases or LayerNorm gains.
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                  fused=device_type == "cuda")
 
     @torch.no_grad()
-    def generate(self, tokens, num_return_sequences, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0, seed=42,
-                 autocast=contextlib.nullcontext(), recompute=False, n_vocab=None):
+    def generate(self, tokens, num_return_sequences, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0,
+                 seed=42, autocast=contextlib.nullcontext(), recompute=False, n_vocab=None):
         """num_return_sequences continuations of the prompt `tokens` (a list of ids), as a LongTensor
         (num_return_sequences, len(tokens) + n_new) on the model's device: the prompt, then n_new =
         max_new_tokens new tokens, or fewer where block_size comes first. The prompt runs through the model
@@ -318,7 +325,6 @@ class GPT(nn.Module):
         if not 0 < len(tokens) <= block_size:
             raise ValueError(f"the prompt has {len(tokens)} tokens; the model takes 1 to {block_size} "
                              f"(its context, block_size)")
-        n_new = min(max_new_tokens, block_size - len(tokens))
         device = self.lm_head.weight.device
         was_training = self.training
         self.eval()
@@ -327,11 +333,10 @@ class GPT(nn.Module):
         cache = None if recompute else KVCache(self.config, num_return_sequences)
         new = seq  # what the cached forward reads next: the whole prompt once, then only the newest token
         try:
-            for _ in range(n_new):
+            for _ in range(min(max_new_tokens, block_size - len(tokens))):
                 with autocast:
                     logits, _ = self(seq if recompute else new, kv_cache=cache)
-                logits = logits[:, -1, :n_vocab].float()
-                new = sample_next(logits, temperature, top_k, top_p, generator)
+                new = sample_next(logits[:, -1, :n_vocab].float(), temperature, top_k, top_p, generator)
                 seq = torch.cat([seq, new], dim=1)
         finally:
             self.train(was_training)
@@ -376,13 +381,15 @@ def open_shard(path):
     if path.endswith(".bin"):
         header = np.fromfile(path, dtype=np.int32, count=LLMC_HEADER_INTS)
         if len(header) < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
-            raise TrainError(f"{path}: not an llm.c token shard (magic number {LLMC_MAGIC} missing from its header)")
+            raise TrainError(f"{path}: not an llm.c token shard (magic number {LLMC_MAGIC} missing from its "
+                             f"header)")
         if header[1] != LLMC_VERSION:
             raise TrainError(f"{path}: llm.c shard version {header[1]}, expected {LLMC_VERSION} "
                              f"(uint16 GPT-2 tokens; version 2 holds uint32 Llama-3 tokens)")
         n_tokens, n_bytes = int(header[2]), os.path.getsize(path)
         if n_bytes != 4 * LLMC_HEADER_INTS + 2 * n_tokens:
-            raise TrainError(f"{path}: header says {n_tokens} tokens but the file has {n_bytes} bytes; it is truncated")
+            raise TrainError(f"{path}: header says {n_tokens} tokens but the file has {n_bytes} bytes; it is "
+                             f"truncated")
         return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * LLMC_HEADER_INTS, shape=(n_tokens,))
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -412,16 +419,18 @@ def find_shards(data_dir, split):
                              f"holding neither")
         if found:
             splits[n] = found[1]
-    manifest = os.path.join(data_dir, "manifest.json")  # fineweb.py's record of its run; llm.c's folders have none
+    manifest = os.path.join(data_dir, "manifest.json")  # fineweb.py's record of its run; llm.c's have none
     if os.path.isfile(manifest):
         try:
             with open(manifest) as f:
                 record = json.load(f)
         except (OSError, ValueError):
-            raise TrainError(f"{manifest}: unreadable; rerun the fineweb.py command that made {data_dir}/") from None
+            raise TrainError(f"{manifest}: unreadable; rerun the fineweb.py command that made "
+                             f"{data_dir}/") from None
         if isinstance(record, dict) and record.get("done") is False:  # fineweb.py's, of a run stopped partway
-            raise TrainError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its manifest.json says "
-                             f"so); rerun the same fineweb.py command, which resumes where it stopped")
+            raise TrainError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its "
+                             f"manifest.json says so); rerun the same fineweb.py command, which resumes "
+                             f"where it stopped")
         if isinstance(record, dict) and "shards" in record:  # fineweb.py's: the shards are those it lists
             listed = {e["name"]: e["bytes"] for e in record["shards"]}
             for n in sorted(set(listed) | set(splits)):
@@ -436,8 +445,9 @@ def find_shards(data_dir, split):
                                      f"rerun the fineweb.py command that made the folder, which redoes it")
     names = [n for n in splits if splits[n] == split]
     if not names:
-        raise TrainError(f"no {split} shards in {data_dir}/: expected files like edufineweb_{split}_000001.npy "
-                         f"or llm.c's *_{split}_*.bin; make them with `python fineweb.py`")
+        raise TrainError(f"no {split} shards in {data_dir}/: expected files like "
+                         f"edufineweb_{split}_000001.npy or llm.c's *_{split}_*.bin; make them with "
+                         f"`python fineweb.py`")
     return [os.path.join(data_dir, n) for n in names]
 
 
@@ -469,7 +479,8 @@ class DataLoaderLite:
         self.batches_per_epoch = sum(self.counts)
         if self.batches_per_epoch == 0:
             raise TrainError(f"no {split} shard in {data_dir}/ holds one micro-batch of {B}x{T}+1 tokens "
-                             f"(largest has {max(len(s) for s in self.shards)}); lower --micro_batch_size or --seq_len")
+                             f"(largest has {max(map(len, self.shards))}); lower --micro_batch_size or "
+                             f"--seq_len")
         # What a checkpoint records of the data: each shard's name, tokens, and a hash of its ends and middle
         self.record = [[os.path.basename(p), len(s), zlib.crc32(b"".join(
             s[i:i + 2048].tobytes() for i in (0, len(s) // 2, max(0, len(s) - 2048))))]
@@ -545,8 +556,8 @@ def option(default, help=None, group=None):
 # (default "auto") gets its help here, and resolve_system (in the training section) resolves them.
 SHARED_FLAGS_HELP = {
     "device": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps",
-    "dtype": "autocast dtype: auto (bfloat16 on CUDA GPUs that have it, float16 on older ones such as V100, T4, "
-             "RTX 20xx; float32 off CUDA), bfloat16, float16 or float32",
+    "dtype": "autocast dtype: auto (bfloat16 on CUDA GPUs that have it, float16 on older ones such as V100, "
+             "T4, RTX 20xx; float32 off CUDA), bfloat16, float16 or float32",
     "compile": "torch.compile the model: auto (on for CUDA, where Triton can run), 1 or 0",
 }
 
@@ -555,7 +566,8 @@ SHARED_FLAGS_HELP = {
 class TrainConfig:
     log_dir: str = option("log", "where log.txt and model_NNNNN.pt checkpoints go",
                           group="I/O: where the run starts from, where it writes")
-    init_from: str = option("scratch", "scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder")
+    init_from: str = option("scratch", "scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a "
+                                       "Hugging Face GPT-2 folder")
     auto_resume: bool = option(False, "continue from log_dir's newest checkpoint if it has one, else start "
                                       "as --init_from says: for torchrun --max-restarts and requeued jobs")
     ckpt_interval: int = option(5000, "steps between checkpoints (one is always written at the end)")
@@ -564,10 +576,13 @@ class TrainConfig:
                            group="data")
     micro_batch_size: int = option(64, "sequences per forward pass per GPU; lower it if out of memory")
     seq_len: int = option(1024, "tokens per sequence")
-    total_batch_size: int = option(524288, "tokens per optimizer step, over all GPUs (2**19, ~0.5M, as GPT-3 small)")
-    shuffle: bool = option(False, "shuffle the train shard order and each shard's micro-batch order, each epoch (from the seed)")
-    block_size: int = option(1024, "model context length (scratch only; else from the weights)", group="model: "
-                             "GPT-2 124M (the shape of a run from scratch; weights and checkpoints bring their own)")
+    total_batch_size: int = option(524288, "tokens per optimizer step, over all GPUs (2**19, ~0.5M, as GPT-3 "
+                                           "small)")
+    shuffle: bool = option(False, "shuffle the train shard order and each shard's micro-batch order, each "
+                                  "epoch (from the seed)")
+    block_size: int = option(1024, "model context length (scratch only; else from the weights)",
+                             group="model: GPT-2 124M (the shape of a run from scratch; weights and "
+                                   "checkpoints bring their own)")
     n_layer: int = option(12, "transformer blocks (scratch only)")
     n_head: int = option(12, "attention heads (scratch only)")
     n_embd: int = option(768, "model width (scratch only)")
@@ -583,29 +598,33 @@ class TrainConfig:
                                 group="evaluation: val loss, HellaSwag, samples")
     val_steps: int = option(20, "val micro-batches per rank per evaluation")
     hellaswag: str | bool = option("auto", "HellaSwag acc_norm at every eval: auto (on for CUDA), 1 or 0")
-    hellaswag_dir: str = option("", "folder holding hellaswag_val.jsonl ('' = download it to hellaswag.py's cache)")
+    hellaswag_dir: str = option("", "folder holding hellaswag_val.jsonl ('' = download it to hellaswag.py's "
+                                    "cache)")
     hellaswag_limit: int = option(0, "HellaSwag val examples per eval (0 = all 10042)")
     sample_interval: int = option(250, "steps between 4 samples printed and added to samples.txt (0 = never)")
     device: str = option("auto", group="system")
     dtype: str = "auto"
     compile: str | bool = "auto"
-    chunked_loss: str | bool = option("auto", "the loss chunk by chunk, never holding the B x T x vocab logits: auto (on for "
-                                       "CPU, where it is measured faster; off elsewhere until measured), 1 or 0")
-    fsdp: bool = option(False, "shard weights, gradients and AdamW state over the ranks (FSDP2; needs torchrun), "
-                               "for models whose 16 bytes per parameter do not fit one GPU")
-    activation_checkpointing: bool = option(False, "recompute each block's activations in backward: less memory, "
-                                                   "more time")
+    chunked_loss: str | bool = option("auto", "the loss chunk by chunk, never holding the B x T x vocab "
+                                              "logits: auto (on for CPU, where it is measured faster; off "
+                                              "elsewhere until measured), 1 or 0")
+    fsdp: bool = option(False, "shard weights, gradients and AdamW state over the ranks (FSDP2; needs "
+                               "torchrun), for models whose 16 bytes per parameter do not fit one GPU")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward: less "
+                                                   "memory, more time")
     seed: int = option(1337, "random seed for the init and the data shuffle")
     dist_timeout: int = option(600, "seconds a collective waits for the other ranks before the run ends "
                                     "with an error (a rank frozen or dead); NCCL's own default")
     plot: bool = option(True, "redraw log_dir/loss.png at every eval (needs matplotlib)", group="logging")
-    wandb: bool = option(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works without network)")
+    wandb: bool = option(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works "
+                                "without network)")
     wandb_project: str = option("gpt2-repro", "W&B project")
     wandb_run_name: str = option("", "W&B run name ('' = W&B picks one)")
 
+
 MODEL_FLAGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-POSITIVE_FLAGS = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "eval_interval", "val_steps",
-                  "ckpt_interval", "dist_timeout") + MODEL_FLAGS
+POSITIVE_FLAGS = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "eval_interval",
+                  "val_steps", "ckpt_interval", "dist_timeout") + MODEL_FLAGS
 NON_NEGATIVE_FLAGS = ("warmup_steps", "keep_last", "min_lr", "weight_decay", "grad_clip", "hellaswag_limit",
                       "sample_interval")
 
@@ -632,13 +651,14 @@ def config_parser(config_class, prog, doc):
     holds the defaults. Every script's flags but fineweb.py's and plot.py's (which import no torch) come
     from here."""
     parser = OneLineParser(prog=prog, description=doc.splitlines()[0], argument_default=argparse.SUPPRESS)
+    types = {bool: parse_bool, float: finite_float, str | bool: auto_or_bool}
     group = parser
     for f in dataclasses.fields(config_class):
         if f.metadata.get("group"):
             group = parser.add_argument_group(*f.metadata["group"].split(": ", 1))
         help = f.metadata.get("help") or SHARED_FLAGS_HELP.get(f.name)
-        group.add_argument(f"--{f.name}", type={bool: parse_bool, float: finite_float, str | bool: auto_or_bool}.get(f.type, f.type),
-                            help=f"{help} (default: {f.default})")
+        group.add_argument(f"--{f.name}", type=types.get(f.type, f.type),
+                           help=f"{help} (default: {f.default})")
     return parser
 
 
@@ -656,8 +676,8 @@ def parse_args(argv=None):
     """The run's flags, and those given on the command line (by name), a --preset's included: they
     override a checkpoint's on --init_from resume, as if typed."""
     parser = config_parser(TrainConfig, "train_gpt2.py", __doc__)
-    parser.add_argument("--preset", choices=PRESETS, help="short for a set of flags, which flags given as well "
-                        "override: shakespeare, the README's quick start")
+    parser.add_argument("--preset", choices=PRESETS, help="short for a set of flags, which flags given as "
+                        "well override: shakespeare, the README's quick start")
     given = vars(parser.parse_args(argv))
     given = {**PRESETS.get(given.pop("preset", None), {}), **given}
     return TrainConfig(**given), given
@@ -674,8 +694,9 @@ def check_flags(cfg, checks):
 def check_train_flags(cfg):
     outputs = [os.path.join(cfg.log_dir, n) for n in ("log.txt", "samples.txt", "loss.png")]
     blocked = [p for p in outputs if os.path.exists(p) and not os.path.isfile(p)]  # would fail mid-run
-    check_flags(cfg, [("init_from", cfg.init_from in ("scratch", "resume") + PRETRAINED or os.path.isdir(cfg.init_from),
-                       "expected scratch, resume, " + ", ".join(PRETRAINED) + " or a Hugging Face GPT-2 folder"),
+    init_from = cfg.init_from in ("scratch", "resume") + PRETRAINED or os.path.isdir(cfg.init_from)
+    check_flags(cfg, [("init_from", init_from, f"expected scratch, resume, {', '.join(PRETRAINED)} or a "
+                                               f"Hugging Face GPT-2 folder"),
                       ("log_dir", not blocked, f"{blocked[0] if blocked else ''} is not a file, and this run "
                                                f"writes there; move it away or pick another --log_dir"),
                       ("seed", 0 <= cfg.seed < 2**64, "must be in [0, 2**64), as torch and numpy need")]
