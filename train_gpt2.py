@@ -495,17 +495,17 @@ class DataLoaderLite:
 
     def shard_order(self, epoch):
         if epoch != self.order_epoch:
-            n = len(self.shards)
-            self.order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else range(n)
-            self.order_epoch = epoch
+            self.order, self.order_epoch = range(len(self.shards)), epoch
+            if self.shuffle:
+                self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         return self.order
 
     def shard_batch_order(self, epoch, shard):
         """The order of shard's micro-batches in this epoch (shuffle only); cached, as a rank reads one
         shard's micro-batches one after another."""
         if (epoch, shard) != self.batch_order_of:
-            self.batch_order = np.random.default_rng([self.seed, epoch, shard]).permutation(self.counts[shard])
-            self.batch_order_of = (epoch, shard)
+            rng = np.random.default_rng([self.seed, epoch, shard])
+            self.batch_order, self.batch_order_of = rng.permutation(self.counts[shard]), (epoch, shard)
         return self.batch_order
 
     def locate(self, n):

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from conftest import REPO
-from train_gpt2 import parse_bool
+from train_gpt2 import auto_or_bool, parse_bool
 
 SCRIPTS = [("train_gpt2.py", "train_gpt2", "TrainConfig"), ("fineweb.py", "fineweb", "FinewebConfig"),
            ("hellaswag.py", "hellaswag", "HellaswagConfig"), ("generate.py", "generate", "GenerateConfig"),
@@ -25,5 +25,6 @@ def test_flags_table_lists_every_flag_with_its_default(script, module, config):
     for f in fields:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         value = rows[f.name].strip()
-        parse = {bool: parse_bool, list: lambda v: [v] if v else []}.get(f.type, f.type)
+        parsers = {bool: parse_bool, list: lambda v: [v] if v else [], str | bool: auto_or_bool}
+        parse = parsers.get(f.type, f.type)
         assert parse(value) == default, f"--{f.name}: README says {value!r}, the default is {default!r}"
