@@ -553,7 +553,7 @@ def option(default, help=None, group=None):
 
 
 # --device, --dtype and --compile mean the same in every script: a config field of one of these names
-# (default "auto") gets its help here, and resolve_system (in the training section) resolves them.
+# (default "auto") gets its help here; resolve_system (in the training section) checks and resolves them.
 SHARED_FLAGS_HELP = {
     "device": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps",
     "dtype": "autocast dtype: auto (bfloat16 on CUDA GPUs that have it, float16 on older ones such as V100, "

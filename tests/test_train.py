@@ -88,7 +88,8 @@ def test_the_command_line_is_parsed_once(monkeypatch):
     """One parse tells both the flags and which of them were given (before: two parsers, two parses)."""
     import argparse
     calls, parse = [], argparse.ArgumentParser.parse_args
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda *a, **k: calls.append(a) or parse(*a, **k))
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda *a, **k: calls.append(a) or parse(*a, **k))
     cfg, given = parse_args(["--max_steps", "7", "--shuffle", "0"])
     assert len(calls) == 1 and given == {"max_steps": 7, "shuffle": False} and cfg.max_steps == 7
 
@@ -118,12 +119,13 @@ def test_resume_reads_the_auto_flags_of_older_checkpoints_saved_as_text(tmp_path
 
 SHAKESPEARE = ("--data_dir shakespeare --n_layer 2 --n_head 4 --n_embd 64 --block_size 64 --seq_len 64 "
                "--micro_batch_size 8 --total_batch_size 512 --max_steps 300 --warmup_steps 20 --max_lr 3e-3 "
-               "--min_lr 3e-4 --eval_interval 100 --val_steps 8").split()  # the README's quick start, before presets
+               "--min_lr 3e-4 --eval_interval 100 --val_steps 8").split()  # README's quick start before presets
 
 
 def test_the_shakespeare_preset_is_the_readme_quick_starts_flags_which_flags_given_override():
     assert parse_args(["--preset", "shakespeare"]) == parse_args(SHAKESPEARE)
-    for argv in (["--preset", "shakespeare", "--max_steps", "50"], ["--max_steps=50", "--preset=shakespeare"]):
+    for argv in (["--preset", "shakespeare", "--max_steps", "50"],
+                 ["--max_steps=50", "--preset=shakespeare"]):
         cfg, given = parse_args(argv)
         assert (cfg.max_steps, cfg.n_layer, given["max_steps"], given["n_layer"]) == (50, 2, 50, 2)
     with pytest.raises(SystemExit):
@@ -132,8 +134,8 @@ def test_the_shakespeare_preset_is_the_readme_quick_starts_flags_which_flags_giv
 
 def test_a_preset_run_resumes_with_the_preset_and_a_new_max_steps(capsys, shakespeare_shards, tmp_path):
     """The preset's flags count as given, as if typed: the same on resume, so the run continues."""
-    args = ["--data_dir", str(shakespeare_shards), "--log_dir", str(tmp_path), "--device", "cpu", "--compile", "0",
-            "--plot", "0", "--sample_interval", "0"]
+    args = ["--data_dir", str(shakespeare_shards), "--log_dir", str(tmp_path), "--device", "cpu",
+            "--compile", "0", "--plot", "0", "--sample_interval", "0"]
     main(["--preset", "shakespeare", "--max_steps", "1", *args])
     main(["--preset", "shakespeare", "--init_from", "resume", "--max_steps", "2", *args])
     assert f"resuming from {tmp_path / 'model_00001.pt'} at step 1" in capsys.readouterr().out
@@ -148,13 +150,16 @@ def test_help_lists_every_flag():
 
 
 def test_help_groups_the_flags_under_the_configs_headings():
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--help"], cwd=REPO, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--help"], cwd=REPO, capture_output=True,
+                         text=True).stdout
     sections = re.split(r"^(\S[^\n]*):\n", out, flags=re.M)  # [usage, title, body, title, body, ...]
-    groups = {title: re.findall(r"^  (--\w+)", body, re.M) for title, body in zip(sections[1::2], sections[2::2])}
+    groups = {title: re.findall(r"^  (--\w+)", body, re.M)
+              for title, body in zip(sections[1::2], sections[2::2])}
     assert {title: flags[0] for title, flags in groups.items() if title != "options"} == {
         "I/O": "--log_dir", "data": "--data_dir", "model": "--block_size", "optimizer": "--max_steps",
         "evaluation": "--eval_interval", "system": "--device", "logging": "--plot"}
-    assert sum(groups.values(), []) == [f"--{name}" for name in TrainConfig.__dataclass_fields__]
+    flags = ["--preset"] + [f"--{name}" for name in TrainConfig.__dataclass_fields__]  # --preset: "options"
+    assert sum(groups.values(), []) == flags
     assert "where the run starts from, where it writes" in out
 
 
@@ -1028,9 +1033,9 @@ def test_hellaswag_on_a_vocabulary_smaller_than_gpt2s_is_a_one_line_error(capsys
     any step (the model does not check its ids on every forward)."""
     code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *TINY, "--hellaswag", 1,
                          "--hellaswag_dir", hellaswag_dir(), "--hellaswag_limit", 4, "--plot", 0)
-    assert code == 1 and err == "train_gpt2.py: error: --hellaswag: the model: its vocabulary has 256 tokens, " \
-                                "fewer than GPT-2's 50257, so it cannot read GPT-2 tokens (it was trained with a " \
-                                "smaller --vocab_size)\n"
+    assert code == 1 and err == "train_gpt2.py: error: --hellaswag: the model: its vocabulary has 256 " \
+                                "tokens, fewer than GPT-2's 50257, so it cannot read GPT-2 tokens (it was " \
+                                "trained with a smaller --vocab_size)\n"
 
 
 def test_run_as_a_script_never_loads_a_second_train_gpt2(shakespeare_shards, tmp_path):
