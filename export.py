@@ -1,9 +1,9 @@
 """Turn a train_gpt2.py checkpoint into a Hugging Face model folder: weights, GPT-2's tokenizer, a model card.
 
-    python export.py                                          # newest checkpoint in log/ -> log/hf_model_NNNNN/
+    python export.py                                    # newest checkpoint in log/ -> log/hf_model_NNNNN/
     python export.py --checkpoint log/model_19073.pt --out_dir gpt2-repro
-    python export.py --push_to_hub user/name                  # then upload it (token: HF_TOKEN or `hf auth login`)
-    python export.py --help                                   # every flag
+    python export.py --push_to_hub user/name            # then upload it (token: HF_TOKEN or `hf auth login`)
+    python export.py --help                             # every flag
 
 The folder holds config.json + model.safetensors (GPT2LMHeadModel; the vocabulary's padding rows past
 GPT-2's 50257 tokens are dropped), GPT-2's tokenizer files (made from OpenAI's encoder.json + vocab.bpe
@@ -22,24 +22,26 @@ from dataclasses import dataclass
 
 from fineweb import DATA_DIR, GPT2_EOT, GPT2_VOCAB_SIZE, disk_full
 from plot import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS
-from train_gpt2 import (TrainError, checkpoint_file, config_parser, load_checkpoint, model_from_checkpoint,
-                        option)
+from train_gpt2 import (GPT, TrainError, checkpoint_file, config_parser, load_checkpoint,
+                        model_from_checkpoint, option)
 
 EOT = "<|endoftext|>"  # GPT-2's only special token, id GPT2_EOT: its bos, eos and unk token
 HELLASWAG_VAL_EXAMPLES = 10042
-CARD_FLAGS = ("data_dir", "init_from", "max_steps", "total_batch_size", "seq_len", "max_lr", "min_lr", "warmup_steps",
-              "weight_decay", "grad_clip", "shuffle", "seed")
+CARD_FLAGS = ("data_dir", "init_from", "max_steps", "total_batch_size", "seq_len", "max_lr", "min_lr",
+              "warmup_steps", "weight_decay", "grad_clip", "shuffle", "seed")
 
 
 @dataclass
 class ExportConfig:
-    checkpoint: str = option("log", "a train_gpt2.py checkpoint (log/model_NNNNN.pt), or a folder: its newest one")
-    out_dir: str = option("", "the folder to write, which must not exist or be empty ('' = hf_model_NNNNN beside the "
-                              "checkpoint)")
-    tokenizer: str = option("", "'' = GPT-2's, from OpenAI's encoder.json + vocab.bpe shipped in data/; or a Hugging "
-                                "Face tokenizer folder, or another folder holding encoder.json + vocab.bpe")
-    push_to_hub: str = option("", "then upload the folder to this Hugging Face model repo, user/name (created if "
-                                  "missing); the token comes from HF_TOKEN or `hf auth login`")
+    checkpoint: str = option("log", "a train_gpt2.py checkpoint (log/model_NNNNN.pt), or a folder: its "
+                                    "newest one")
+    out_dir: str = option("", "the folder to write, which must not exist or be empty ('' = hf_model_NNNNN "
+                              "beside the checkpoint)")
+    tokenizer: str = option("", "'' = GPT-2's, from OpenAI's encoder.json + vocab.bpe shipped in data/; or a "
+                                "Hugging Face tokenizer folder, or another folder holding encoder.json + "
+                                "vocab.bpe")
+    push_to_hub: str = option("", "then upload the folder to this Hugging Face model repo, user/name "
+                                  "(created if missing); the token comes from HF_TOKEN or `hf auth login`")
     private: bool = option(False, "create the --push_to_hub repo as private")
 
 
@@ -61,15 +63,17 @@ def load_tokenizer(source, block_size):
     special = dict(bos_token=EOT, eos_token=EOT, unk_token=EOT, model_max_length=block_size)
     source = source or DATA_DIR
     if not os.path.isdir(source):
-        raise TrainError(f"--tokenizer {source}: no such folder; expected a Hugging Face tokenizer folder or a folder "
-                         f"holding OpenAI's encoder.json + vocab.bpe ('' for the ones in {DATA_DIR})")
+        raise TrainError(f"--tokenizer {source}: no such folder; expected a Hugging Face tokenizer folder or "
+                         f"a folder holding OpenAI's encoder.json + vocab.bpe ('' for the ones in "
+                         f"{DATA_DIR})")
     encoder, bpe = os.path.join(source, "encoder.json"), os.path.join(source, "vocab.bpe")
     try:
         if os.path.isfile(encoder) and os.path.isfile(bpe):
             with open(encoder, encoding="utf-8") as f:
                 vocab = json.load(f)
             with open(bpe, encoding="utf-8") as f:
-                merges = [tuple(line.split(" ")) for line in f.read().split("\n")[1:] if line]  # [0]: "#version: 0.2"
+                lines = f.read().split("\n")[1:]  # [0]: "#version: 0.2"
+                merges = [tuple(line.split(" ")) for line in lines if line]
             # The loaded vocab and merges, not their paths: GPT2TokenizerFast(vocab_file=..., merges_file=...)
             # silently builds an empty tokenizer in transformers 5.
             tok = GPT2TokenizerFast(vocab=vocab, merges=merges, **special)
@@ -84,23 +88,43 @@ def load_tokenizer(source, block_size):
     return tok
 
 
+def save_pretrained(model, out_dir, vocab_size):
+    """Write model as a Hugging Face GPT-2 folder (config.json + model.safetensors) of its first vocab_size
+    tokens: the rows past GPT-2's 50257 are padding that no token id reaches."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    c = model.config
+    eot = GPT2_EOT if vocab_size == GPT2_VOCAB_SIZE else None  # <|endoftext|>, if the vocab has it
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                                    n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
+                                    bos_token_id=eot, eos_token_id=eot))
+    sd = {k: (w.t() if k.endswith(GPT.CONV1D_WEIGHTS) else w) for k, w in model.state_dict().items()}
+    for k in ("transformer.wte.weight", "lm_head.weight"):
+        sd[k] = sd[k][:vocab_size]
+    hf.load_state_dict({k: w.detach().cpu().float().contiguous() for k, w in sd.items()})
+    hf.save_pretrained(out_dir)
+
+
 def model_card(ckpt, model_id, checkpoint_name, n_params, vocab_size, has_tokenizer):
-    """README.md: the Hub's metadata, then what the model is, how it scores next to GPT-2 124M, and how to use it."""
+    """README.md: the Hub's metadata, then what the model is, how it scores next to GPT-2 124M, and how to use
+    it."""
     run, c, step = ckpt["config"], ckpt["model_config"], ckpt["step"]
     val_loss, hellaswag = ckpt.get("val_loss"), ckpt.get("hellaswag")  # None where not measured
-    val_loss = "not measured" if val_loss is None else f"{val_loss:.4f} on the val split of `{run['data_dir']}`"
+    val_loss = "not measured" if val_loss is None else (f"{val_loss:.4f} on the val split of "
+                                                        f"`{run['data_dir']}`")
     hellaswag_n = run.get("hellaswag_limit") or HELLASWAG_VAL_EXAMPLES
     hellaswag = "not measured" if hellaswag is None else f"{hellaswag:.4f} on {hellaswag_n:,} val examples"
     vocab, padding = f"{vocab_size}", c["vocab_size"] - vocab_size
     if padding:
-        vocab += f" (trained with {c['vocab_size']}; the {padding} padding rows, which no token reaches, are dropped)"
+        vocab += (f" (trained with {c['vocab_size']}; the {padding} padding rows, which no token reaches, "
+                  f"are dropped)")
     flags = "\n".join(f"| `--{k}` | `{run[k]}` |" for k in CARD_FLAGS if k in run)
     if has_tokenizer:
         usage = f"""```python
 from transformers import pipeline
 
 generator = pipeline("text-generation", model="{model_id}")
-print(generator("Hello, I'm a language model,", max_new_tokens=30, do_sample=True, top_k=50)[0]["generated_text"])
+out = generator("Hello, I'm a language model,", max_new_tokens=30, do_sample=True, top_k=50)
+print(out[0]["generated_text"])
 ```"""
     else:
         usage = (f"Its vocabulary is not GPT-2's, so it comes without a tokenizer: load it with "
@@ -154,10 +178,12 @@ def push(folder, repo_id, private):
     api = HfApi()  # the token: HF_TOKEN, or the one `hf auth login` saved
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"export.py: {os.path.basename(folder)}")
+        api.upload_folder(repo_id=repo_id, folder_path=folder,
+                          commit_message=f"export.py: {os.path.basename(folder)}")
     except Exception as e:  # offline, no network, no or bad token, no rights: many exception types
-        raise TrainError(f"--push_to_hub {repo_id}: {reason(e)}; the folder is saved in {folder}: upload it later "
-                         f"with `hf upload {repo_id} {folder}{' --private' if private else ''}`") from None
+        private_flag = " --private" if private else ""
+        raise TrainError(f"--push_to_hub {repo_id}: {reason(e)}; the folder is saved in {folder}: upload it "
+                         f"later with `hf upload {repo_id} {folder}{private_flag}`") from None
     print(f"pushed to {url}")
 
 
@@ -171,25 +197,27 @@ def export(cfg):
         ckpt = load_checkpoint(path)
     except TrainError as e:
         raise TrainError(f"--checkpoint {e}") from None
-    out_dir = os.path.normpath(cfg.out_dir or os.path.join(os.path.dirname(path), f"hf_model_{ckpt['step']:05d}"))
+    default_dir = os.path.join(os.path.dirname(path), f"hf_model_{ckpt['step']:05d}")
+    out_dir = os.path.normpath(cfg.out_dir or default_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise TrainError(f"--out_dir {out_dir}: already exists and is not an empty folder; pick another --out_dir "
-                         f"or delete it")
+        raise TrainError(f"--out_dir {out_dir}: already exists and is not an empty folder; pick another "
+                         f"--out_dir or delete it")
 
     model = model_from_checkpoint(ckpt)
-    vocab_size = min(model.config.vocab_size, GPT2_VOCAB_SIZE)  # what save_pretrained keeps
+    vocab_size = min(model.config.vocab_size, GPT2_VOCAB_SIZE)  # the padding rows past GPT-2's go
     tokenizer = None
     if vocab_size == GPT2_VOCAB_SIZE:
         tokenizer = load_tokenizer(cfg.tokenizer, model.config.block_size)
     else:
-        print(f"note: the model's vocabulary has {vocab_size} tokens, fewer than GPT-2's {GPT2_VOCAB_SIZE}, so "
-              f"GPT-2's tokenizer cannot go with it: exporting the weights without tokenizer files")
-    n_params = sum(p.numel() for p in model.parameters()) - (model.config.vocab_size - vocab_size) * model.config.n_embd
+        print(f"note: the model's vocabulary has {vocab_size} tokens, fewer than GPT-2's {GPT2_VOCAB_SIZE}, "
+              f"so GPT-2's tokenizer cannot go with it: exporting the weights without tokenizer files")
+    padding = (model.config.vocab_size - vocab_size) * model.config.n_embd  # the rows save_pretrained drops
+    n_params = sum(p.numel() for p in model.parameters()) - padding
 
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     try:
         os.makedirs(tmp)
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp, vocab_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)  # tokenizer.json, tokenizer_config.json
             tokenizer.backend_tokenizer.model.save(tmp)  # vocab.json + merges.txt, for tools that read those
@@ -200,8 +228,8 @@ def export(cfg):
         os.replace(tmp, out_dir)  # replaces an empty out_dir; fails, touching nothing, on a non-empty one
     except Exception as e:
         if disk_full(e):
-            raise TrainError(f"disk full in {os.path.dirname(os.path.abspath(out_dir))}: {out_dir} was not written; "
-                             f"free space and export again") from None
+            raise TrainError(f"disk full in {os.path.dirname(os.path.abspath(out_dir))}: {out_dir} was not "
+                             f"written; free space and export again") from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,21 +21,23 @@ from train_gpt2 import (PRETRAINED, SAMPLE_PROMPT, TrainError, autocast_context,
 @dataclass
 class GenerateConfig:
     init_from: str = option("gpt2", "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder, "
-                                    "or a train_gpt2.py checkpoint (log/model_NNNNN.pt, or log: its newest)")
-    prompt: str = option(SAMPLE_PROMPT, "the text to continue, or FILE:path to read it from a file "
-                                                         "('' starts from <|endoftext|>: unconditional samples)")
-    num_return_sequences: int = option(10, "samples of the prompt")
-    max_length: int = option(30, "tokens per sample, the prompt's included. A sample never runs past the model's "
-                                 "context (block_size, 1024 for GPT-2): it stops there, with a note, whatever the "
-                                 "length flags ask")
+                                    "or a train_gpt2.py checkpoint (log/model_NNNNN.pt, or log: its newest)",
+                            group="model")
+    prompt: str = option(SAMPLE_PROMPT, "the text to continue, or FILE:path to read it from a file ('' "
+                                        "starts from <|endoftext|>: unconditional samples)")
+    num_return_sequences: int = option(10, "samples of the prompt", group="sampling")
+    max_length: int = option(30, "tokens per sample, the prompt's included. A sample never runs past the "
+                                 "model's context (block_size, 1024 for GPT-2): it stops there, with a note, "
+                                 "whatever the length flags ask")
     max_new_tokens: int = option(0, "tokens to add to the prompt; overrides --max_length when > 0")
     temperature: float = option(1.0, "softmax temperature (0 = greedy: always the most likely token)")
     top_k: int = option(50, "sample among the k most likely tokens only (0 = all)")
-    top_p: float = option(1.0, "nucleus sampling: among the fewest top tokens whose probability reaches p (1 = off)")
+    top_p: float = option(1.0, "nucleus sampling: among the fewest top tokens whose probability reaches p "
+                               "(1 = off)")
     seed: int = option(42, "seed of the sampling; the same flags give the same samples")
-    device: str = "auto"  # help: train_gpt2.SHARED_FLAGS_HELP
+    device: str = option("auto", group="system")  # help: train_gpt2.SHARED_FLAGS_HELP
     dtype: str = "auto"
-    compile: str = "auto"
+    compile: str | bool = "auto"
 
 
 def parse_args(argv=None):
@@ -58,7 +60,8 @@ def check_generate_flags(cfg):
 
 
 def read_prompt(prompt, enc):
-    """The prompt's token ids. <|endoftext|> in it is the document separator token, as in the training data."""
+    """The prompt's token ids. <|endoftext|> in it is the document separator token, as in the training
+    data."""
     if prompt.startswith("FILE:"):
         try:
             with open(prompt[5:], encoding="utf-8") as f:
@@ -80,19 +83,23 @@ def run(cfg):
         model = require_gpt2_vocab(load_model(cfg.init_from), cfg.init_from).to(device)
     except TrainError as e:
         raise TrainError(f"--init_from {e}") from None
-    if len(tokens) > model.config.block_size:
-        raise TrainError(f"--prompt: {len(tokens)} tokens, more than the model's context of {model.config.block_size} "
+    block_size = model.config.block_size
+    if len(tokens) > block_size:
+        raise TrainError(f"--prompt: {len(tokens)} tokens, more than the model's context of {block_size} "
                          f"tokens (block_size)")
     n_new = cfg.max_new_tokens or cfg.max_length - len(tokens)
     if n_new <= 0:
-        raise TrainError(f"--max_length {cfg.max_length}: the prompt alone has {len(tokens)} tokens; raise it or "
-                         f"give --max_new_tokens")
+        raise TrainError(f"--max_length {cfg.max_length}: the prompt alone has {len(tokens)} tokens; raise "
+                         f"it or give --max_new_tokens")
+    if len(tokens) + n_new > block_size:
+        print(f"note: stopping at the model's context of {block_size} tokens: {block_size - len(tokens)} new "
+              f"tokens, not {n_new}")
     if use_compile:
         # In place, so that generate()'s forwards are compiled. dynamic: the cache's length grows every
         # token; without it each length would be a recompile.
         model.compile(dynamic=True)
-    rows = model.generate(tokens, cfg.num_return_sequences, n_new, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed,
-                          autocast_context(device, dtype))
+    rows = model.generate(tokens, cfg.num_return_sequences, n_new, cfg.temperature, cfg.top_k, cfg.top_p,
+                          cfg.seed, autocast_context(device, dtype), n_vocab=enc.n_vocab)
     # An <|endoftext|> the model samples is kept and printed as "<|endoftext|>": what follows is a new
     # document, the way the model saw documents joined in training.
     for row in rows:

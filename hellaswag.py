@@ -213,7 +213,7 @@ class HellaswagConfig:
     batch_size: int = dataclasses.field(default=16, metadata={"help": "tasks per forward pass (4 rows each)"})
     device: str = "auto"  # help: train_gpt2.SHARED_FLAGS_HELP
     dtype: str = "auto"
-    compile: str = "auto"
+    compile: str | bool = "auto"
 
 
 def parse_args(argv=None):

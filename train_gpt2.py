@@ -33,39 +33,28 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-# fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing and the disk writes; it imports
-# no torch, so that its tokenizing processes start fast and small
+# fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing and the
+# disk writes; it imports no torch, so that its tokenizing processes start fast and small
 from fineweb import (GPT2_EOT, GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, OneLineParser,
                      disk_full, gpt2_tokenizer, hold_folder, parse_bool, write_synced)
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-LOSS_CHUNK_TOKENS = 256  # ChunkedCrossEntropy's chunk: 256 x 50304 float32 logits are 52 MB (of 128-1024, fastest on CPU at both 64 and 768 wide)
-
-
-def print0(*args, **kwargs):
-    """print() on rank 0 only, so 8 ranks do not print everything 8 times."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-class TrainError(ValueError):
-    """Bad flags, data or checkpoints, or a diverged run: main() prints it as one line and exits 1."""
 
 
 # -----------------------------------------------------------------------------
-# The model
+# The model: it uses nothing below it; its errors are ValueErrors, which the scripts turn into one line
 
 
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # max sequence length
-    vocab_size: int = GPT2_VOCAB_SIZE
+    vocab_size: int = 50257  # GPT-2's tokens
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -83,7 +72,8 @@ class KVCache:
     def update(self, layer, k, v):
         """Store k, v (B, nh, T, hs) at positions pos..pos+T-1; return the keys and values of 0..pos+T-1."""
         if self.k[layer] is None:  # allocated at first use, in the dtype autocast gives k and v
-            self.k[layer], self.v[layer] = (torch.zeros(self.shape, dtype=k.dtype, device=k.device) for _ in "kv")
+            self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v[layer] = torch.zeros_like(self.k[layer])
         end = self.pos + k.size(2)
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
@@ -103,7 +93,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if kv_cache is None or kv_cache.pos == 0:
             if kv_cache is not None:
                 kv_cache.update(self.layer, k, v)
@@ -144,6 +135,11 @@ class Block(nn.Module):
         return x
 
 
+# ChunkedCrossEntropy's chunk: 256 x 50304 float32 logits are 52 MB (of 128-1024, fastest on CPU at both
+# 64 and 768 wide)
+LOSS_CHUNK_TOKENS = 256
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """The mean cross-entropy of logits h @ weight.T (h: N x C, weight: V x C) against targets, made
     chunk tokens at a time, so the N x V logits and their gradient never exist whole: at GPT-2's
@@ -177,9 +173,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if not with_grads:  # evaluation, under torch.no_grad()
                 continue
             g = e.div_(total * n)  # d(mean loss)/d(logits): softmax / n, minus 1/n at each target
-            g.scatter_add_(1, y[:, None], torch.full((y.size(0), 1), -1.0 / n, dtype=g.dtype, device=g.device))
+            g.scatter_add_(1, y[:, None], torch.full_like(target_logits, -1.0 / n))
             grad_h[start:start + chunk] = g.to(weight.dtype) @ weight  # in autocast's dtype where it is on
-            # in float32 (in-place ops are not autocast); beta=0 on the first chunk overwrites the empty grad_w
+            # float32 (in-place ops are not autocast); beta=0 on the first chunk overwrites the empty grad_w
             grad_w.addmm_(g.t(), hc.float(), beta=0.0 if start == 0 else 1.0)
         if with_grads:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
@@ -203,13 +199,13 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
-        self.chunked_loss = False  # the loss through ChunkedCrossEntropy (train_gpt2.py's --chunked_loss)
-        # A training-run setting (--activation_checkpointing), not the model's shape: not in GPTConfig, so
-        # checkpoints' model_config and the scripts that read them do not change.
+        # Training-run settings (--chunked_loss, --activation_checkpointing), not the model's shape: not in
+        # GPTConfig, so checkpoints' model_config and the scripts that read them do not change.
+        self.chunked_loss = False  # the loss through ChunkedCrossEntropy
         self.activation_checkpointing = False
         self.apply(self._init_weights)
-        # Each block adds two branches (attn, mlp) to the residual stream; scaling their output
-        # projections by 1/sqrt(2*n_layer) keeps the stream's variance from growing with depth (GPT-2 paper).
+        # Each block adds two branches (attn, mlp) to the residual stream; scaling their output projections
+        # by 1/sqrt(2*n_layer) keeps the stream's variance from growing with depth (GPT-2 paper).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -229,16 +225,12 @@ class GPT(nn.Module):
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
-        # A bad id would be a silent wrong lookup on CPU and a device-side assert on CUDA. The check
-        # syncs with the GPU, so it is left out of compiled graphs (the data loader checks training data).
-        if not torch.compiler.is_compiling() and ((idx < 0) | (idx >= self.config.vocab_size)).any():
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got min {int(idx.min())} "
-                             f"max {int(idx.max())}")
+            raise ValueError(f"sequence of length {start + T} is longer than block_size "
+                             f"{self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
-            if self.activation_checkpointing and self.training:  # keep only each block's input; redo it in backward
+            if self.activation_checkpointing and self.training:  # keep its input only; redo it in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x, kv_cache)
@@ -246,12 +238,13 @@ class GPT(nn.Module):
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
         if targets is not None and self.chunked_loss and not return_logits:
-            return None, ChunkedCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                                   LOSS_CHUNK_TOKENS, torch.is_grad_enabled())
+            h, y = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+            return None, ChunkedCrossEntropy.apply(h, self.lm_head.weight, y, LOSS_CHUNK_TOKENS,
+                                                   torch.is_grad_enabled())
         logits = self.lm_head(x)
         loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))  # any layout, e.g. x[:, 1:]
+        if targets is not None:  # any layout, e.g. x[:, 1:]
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def flops_per_token(self, seq_len):
@@ -269,87 +262,69 @@ class GPT(nn.Module):
         """GPT-2 weights: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' from the Hugging Face Hub,
         or a local folder in Hugging Face GPT-2 format (config.json + model.safetensors or .bin)."""
         from transformers import GPT2LMHeadModel
-        print0(f"loading GPT-2 weights from {name_or_dir}")
+        from transformers.utils import logging as hf_logging
         config_file = os.path.join(name_or_dir, "config.json")
-        if os.path.isfile(config_file):  # a folder: transformers would load another model type as a random GPT-2
+        # A folder: transformers would load another model type as a random GPT-2
+        if os.path.isfile(config_file):
             with open(config_file) as f:
                 model_type = json.load(f).get("model_type")
             if model_type != "gpt2":
                 raise ValueError(f"{name_or_dir}: a {model_type} model, not GPT-2 (config.json's model_type)")
-        from transformers.utils import logging as hf_logging
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its table of missing tensors: the one line below says it
         try:
             hf, info = GPT2LMHeadModel.from_pretrained(name_or_dir, output_loading_info=True)
         finally:
             hf_logging.set_verbosity(verbosity)
-        problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = [(kind, info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                    if info.get(kind)]
         if problems:  # transformers fills missing tensors with random ones: that would be no fine-tune at all
-            kind, keys = next(iter(problems.items()))
-            raise ValueError(f"{name_or_dir}: not a complete GPT-2 checkpoint: {len(keys)} {kind.replace('_', ' ')} "
-                             f"(e.g. {sorted(map(str, keys))[0]})")
+            kind, keys = problems[0]
+            raise ValueError(f"{name_or_dir}: not a complete GPT-2 checkpoint: {len(keys)} "
+                             f"{kind.replace('_', ' ')} (e.g. {sorted(map(str, keys))[0]})")
         c = hf.config
-        architecture = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "n_inner": (None, 4 * c.n_embd),
-                        "layer_norm_epsilon": (1e-5,), "scale_attn_weights": (True,),
-                        "scale_attn_by_inverse_layer_idx": (False,), "tie_word_embeddings": (True,)}
+        architecture = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+                        "n_inner": (None, 4 * c.n_embd), "layer_norm_epsilon": (1e-5,),
+                        "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
+                        "tie_word_embeddings": (True,)}
         for key, allowed in architecture.items():
-            value = getattr(c, key)
-            if value not in allowed:
-                raise ValueError(f"{name_or_dir}: {key}={value} is not the GPT-2 architecture this model implements")
+            if getattr(c, key) not in allowed:
+                raise ValueError(f"{name_or_dir}: {key}={getattr(c, key)} is not the GPT-2 architecture this "
+                                 f"model implements")
         model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                               n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
         sd, sd_hf = model.state_dict(), hf.state_dict()
         if set(sd) != set(sd_hf):
-            raise ValueError(f"{name_or_dir}: weight names differ from GPT-2's: {sorted(set(sd) ^ set(sd_hf))[:4]}")
+            raise ValueError(f"{name_or_dir}: weight names differ from GPT-2's: "
+                             f"{sorted(set(sd) ^ set(sd_hf))[:4]}")
         with torch.no_grad():
             for k, w in sd_hf.items():
                 sd[k].copy_(w.t() if k.endswith(cls.CONV1D_WEIGHTS) else w)
         return model
 
-    def save_pretrained(self, out_dir):
-        """Write a Hugging Face GPT-2 folder (config.json + model.safetensors). Vocab rows past GPT-2's
-        50257 tokens are padding that no token id reaches, so they are dropped."""
-        from transformers import GPT2Config, GPT2LMHeadModel
-        c = self.config
-        vocab_size = min(c.vocab_size, GPT2_VOCAB_SIZE)
-        eot = GPT2_EOT if vocab_size == GPT2_VOCAB_SIZE else None  # <|endoftext|>, if the vocab has it
-        hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-                                        n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
-                                        bos_token_id=eot, eos_token_id=eot))
-        sd = {k: (w.t() if k.endswith(self.CONV1D_WEIGHTS) else w) for k, w in self.state_dict().items()}
-        for k in ("transformer.wte.weight", "lm_head.weight"):
-            sd[k] = sd[k][:vocab_size]
-        hf.load_state_dict({k: w.detach().cpu().float().contiguous() for k, w in sd.items()})
-        hf.save_pretrained(out_dir)
-
     def configure_optimizers(self, weight_decay, learning_rate, device_type):
         # Decay the matmul weights and embeddings (every tensor of dim >= 2), not biases or LayerNorm gains.
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        print0(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters), "
-               f"not decayed: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters)")
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                  fused=device_type == "cuda")
 
     @torch.no_grad()
-    def generate(self, tokens, num_return_sequences, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0, seed=42,
-                 autocast=contextlib.nullcontext(), recompute=False):
+    def generate(self, tokens, num_return_sequences, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0,
+                 seed=42, autocast=contextlib.nullcontext(), recompute=False, n_vocab=None):
         """num_return_sequences continuations of the prompt `tokens` (a list of ids), as a LongTensor
         (num_return_sequences, len(tokens) + n_new) on the model's device: the prompt, then n_new =
         max_new_tokens new tokens, or fewer where block_size comes first. The prompt runs through the model
         once, filling a KVCache; after that each new token costs one token's forward. Seeded: the same
         arguments give the same tokens. recompute=True is the baseline without the cache: every new token
-        runs the whole sequence. After `model.compile()` the forwards here are the compiled ones."""
+        runs the whole sequence. After `model.compile()` the forwards here are the compiled ones. n_vocab:
+        the tokenizer's size; ids past it (a padded vocabulary's rows) are never sampled, as it cannot
+        decode them."""
         block_size = self.config.block_size
         if not 0 < len(tokens) <= block_size:
-            raise TrainError(f"the prompt has {len(tokens)} tokens; the model takes 1 to {block_size} "
+            raise ValueError(f"the prompt has {len(tokens)} tokens; the model takes 1 to {block_size} "
                              f"(its context, block_size)")
-        n_new = min(max_new_tokens, block_size - len(tokens))
-        if n_new < max_new_tokens:
-            print0(f"note: stopping at the model's context of {block_size} tokens: {n_new} new tokens, "
-                   f"not {max_new_tokens}")
         device = self.lm_head.weight.device
         was_training = self.training
         self.eval()
@@ -358,13 +333,10 @@ class GPT(nn.Module):
         cache = None if recompute else KVCache(self.config, num_return_sequences)
         new = seq  # what the cached forward reads next: the whole prompt once, then only the newest token
         try:
-            for _ in range(n_new):
+            for _ in range(min(max_new_tokens, block_size - len(tokens))):
                 with autocast:
                     logits, _ = self(seq if recompute else new, kv_cache=cache)
-                logits = logits[:, -1, :].float()
-                # Rows past GPT-2's 50257 (a 50304-row model's padding) are no token; tiktoken cannot decode them.
-                logits[:, GPT2_VOCAB_SIZE:] = -math.inf
-                new = sample_next(logits, temperature, top_k, top_p, generator)
+                new = sample_next(logits[:, -1, :n_vocab].float(), temperature, top_k, top_p, generator)
                 seq = torch.cat([seq, new], dim=1)
         finally:
             self.train(was_training)
@@ -394,18 +366,30 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 # The data: uint16 token shards, as fineweb.py (.npy) or llm.c (.bin) writes them
 
 
+def print0(*args, **kwargs):
+    """print() on rank 0 only, so 8 ranks do not print everything 8 times."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+class TrainError(ValueError):
+    """Bad flags, data or checkpoints, or a diverged run: main() prints it as one line and exits 1."""
+
+
 def open_shard(path):
     """Memory-map one shard as a 1-D uint16 array; nothing is read until a batch is sliced out."""
     if path.endswith(".bin"):
         header = np.fromfile(path, dtype=np.int32, count=LLMC_HEADER_INTS)
         if len(header) < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
-            raise TrainError(f"{path}: not an llm.c token shard (magic number {LLMC_MAGIC} missing from its header)")
+            raise TrainError(f"{path}: not an llm.c token shard (magic number {LLMC_MAGIC} missing from its "
+                             f"header)")
         if header[1] != LLMC_VERSION:
             raise TrainError(f"{path}: llm.c shard version {header[1]}, expected {LLMC_VERSION} "
                              f"(uint16 GPT-2 tokens; version 2 holds uint32 Llama-3 tokens)")
         n_tokens, n_bytes = int(header[2]), os.path.getsize(path)
         if n_bytes != 4 * LLMC_HEADER_INTS + 2 * n_tokens:
-            raise TrainError(f"{path}: header says {n_tokens} tokens but the file has {n_bytes} bytes; it is truncated")
+            raise TrainError(f"{path}: header says {n_tokens} tokens but the file has {n_bytes} bytes; it is "
+                             f"truncated")
         return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * LLMC_HEADER_INTS, shape=(n_tokens,))
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -435,16 +419,18 @@ def find_shards(data_dir, split):
                              f"holding neither")
         if found:
             splits[n] = found[1]
-    manifest = os.path.join(data_dir, "manifest.json")  # fineweb.py's record of its run; llm.c's folders have none
+    manifest = os.path.join(data_dir, "manifest.json")  # fineweb.py's record of its run; llm.c's have none
     if os.path.isfile(manifest):
         try:
             with open(manifest) as f:
                 record = json.load(f)
         except (OSError, ValueError):
-            raise TrainError(f"{manifest}: unreadable; rerun the fineweb.py command that made {data_dir}/") from None
+            raise TrainError(f"{manifest}: unreadable; rerun the fineweb.py command that made "
+                             f"{data_dir}/") from None
         if isinstance(record, dict) and record.get("done") is False:  # fineweb.py's, of a run stopped partway
-            raise TrainError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its manifest.json says "
-                             f"so); rerun the same fineweb.py command, which resumes where it stopped")
+            raise TrainError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its "
+                             f"manifest.json says so); rerun the same fineweb.py command, which resumes "
+                             f"where it stopped")
         if isinstance(record, dict) and "shards" in record:  # fineweb.py's: the shards are those it lists
             listed = {e["name"]: e["bytes"] for e in record["shards"]}
             for n in sorted(set(listed) | set(splits)):
@@ -459,8 +445,9 @@ def find_shards(data_dir, split):
                                      f"rerun the fineweb.py command that made the folder, which redoes it")
     names = [n for n in splits if splits[n] == split]
     if not names:
-        raise TrainError(f"no {split} shards in {data_dir}/: expected files like edufineweb_{split}_000001.npy "
-                         f"or llm.c's *_{split}_*.bin; make them with `python fineweb.py`")
+        raise TrainError(f"no {split} shards in {data_dir}/: expected files like "
+                         f"edufineweb_{split}_000001.npy or llm.c's *_{split}_*.bin; make them with "
+                         f"`python fineweb.py`")
     return [os.path.join(data_dir, n) for n in names]
 
 
@@ -492,7 +479,8 @@ class DataLoaderLite:
         self.batches_per_epoch = sum(self.counts)
         if self.batches_per_epoch == 0:
             raise TrainError(f"no {split} shard in {data_dir}/ holds one micro-batch of {B}x{T}+1 tokens "
-                             f"(largest has {max(len(s) for s in self.shards)}); lower --micro_batch_size or --seq_len")
+                             f"(largest has {max(map(len, self.shards))}); lower --micro_batch_size or "
+                             f"--seq_len")
         # What a checkpoint records of the data: each shard's name, tokens, and a hash of its ends and middle
         self.record = [[os.path.basename(p), len(s), zlib.crc32(b"".join(
             s[i:i + 2048].tobytes() for i in (0, len(s) // 2, max(0, len(s) - 2048))))]
@@ -507,17 +495,17 @@ class DataLoaderLite:
 
     def shard_order(self, epoch):
         if epoch != self.order_epoch:
-            n = len(self.shards)
-            self.order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else range(n)
-            self.order_epoch = epoch
+            self.order, self.order_epoch = range(len(self.shards)), epoch
+            if self.shuffle:
+                self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         return self.order
 
     def shard_batch_order(self, epoch, shard):
         """The order of shard's micro-batches in this epoch (shuffle only); cached, as a rank reads one
         shard's micro-batches one after another."""
         if (epoch, shard) != self.batch_order_of:
-            self.batch_order = np.random.default_rng([self.seed, epoch, shard]).permutation(self.counts[shard])
-            self.batch_order_of = (epoch, shard)
+            rng = np.random.default_rng([self.seed, epoch, shard])
+            self.batch_order, self.batch_order_of = rng.permutation(self.counts[shard]), (epoch, shard)
         return self.batch_order
 
     def locate(self, n):
@@ -557,78 +545,86 @@ class DataLoaderLite:
 # Run configuration: one dataclass; its fields are the command-line flags
 
 
-def option(default, help):
-    """A field of a config dataclass: its default, and its help for the command line."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default, help=None, group=None):
+    """A field of a config dataclass: its default, its help for the command line (None: SHARED_FLAGS_HELP's)
+    and, on the first field of a group, the group's "title: description" that --help shows above it and
+    the fields after it."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group})
 
 
 # --device, --dtype and --compile mean the same in every script: a config field of one of these names
-# (default "auto") gets its help here, and resolve_system (in the training section) checks and resolves them.
+# (default "auto") gets its help here; resolve_system (in the training section) checks and resolves them.
 SHARED_FLAGS_HELP = {
     "device": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps",
-    "dtype": "autocast dtype: auto (bfloat16 on CUDA GPUs that have it, float16 on older ones such as V100, T4, "
-             "RTX 20xx; float32 off CUDA), bfloat16, float16 or float32",
+    "dtype": "autocast dtype: auto (bfloat16 on CUDA GPUs that have it, float16 on older ones such as V100, "
+             "T4, RTX 20xx; float32 off CUDA), bfloat16, float16 or float32",
     "compile": "torch.compile the model: auto (on for CUDA, where Triton can run), 1 or 0",
 }
 
 
 @dataclass
 class TrainConfig:
-    # I/O: where the run starts from, where it writes
-    log_dir: str = option("log", "where log.txt and model_NNNNN.pt checkpoints go")
-    init_from: str = option("scratch", "scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder")
+    log_dir: str = option("log", "where log.txt and model_NNNNN.pt checkpoints go",
+                          group="I/O: where the run starts from, where it writes")
+    init_from: str = option("scratch", "scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a "
+                                       "Hugging Face GPT-2 folder")
     auto_resume: bool = option(False, "continue from log_dir's newest checkpoint if it has one, else start "
                                       "as --init_from says: for torchrun --max-restarts and requeued jobs")
     ckpt_interval: int = option(5000, "steps between checkpoints (one is always written at the end)")
     keep_last: int = option(3, "checkpoints kept in log_dir, newest first (0 = keep all)")
-    # data
-    data_dir: str = option("edu_fineweb10B", "folder of *train*/*val* token shards (.npy or llm.c .bin)")
+    data_dir: str = option("edu_fineweb10B", "folder of *train*/*val* token shards (.npy or llm.c .bin)",
+                           group="data")
     micro_batch_size: int = option(64, "sequences per forward pass per GPU; lower it if out of memory")
     seq_len: int = option(1024, "tokens per sequence")
-    total_batch_size: int = option(524288, "tokens per optimizer step, over all GPUs (2**19, ~0.5M, as GPT-3 small)")
-    shuffle: bool = option(False, "shuffle the train shard order and each shard's micro-batch order, each epoch (from the seed)")
-    # model: GPT-2 124M (the shape of a run from scratch; weights and checkpoints bring their own)
-    block_size: int = option(1024, "model context length (scratch only; else from the weights)")
+    total_batch_size: int = option(524288, "tokens per optimizer step, over all GPUs (2**19, ~0.5M, as GPT-3 "
+                                           "small)")
+    shuffle: bool = option(False, "shuffle the train shard order and each shard's micro-batch order, each "
+                                  "epoch (from the seed)")
+    block_size: int = option(1024, "model context length (scratch only; else from the weights)",
+                             group="model: GPT-2 124M (the shape of a run from scratch; weights and "
+                                   "checkpoints bring their own)")
     n_layer: int = option(12, "transformer blocks (scratch only)")
     n_head: int = option(12, "attention heads (scratch only)")
     n_embd: int = option(768, "model width (scratch only)")
     vocab_size: int = option(50304, "50257 padded to a multiple of 128, for faster matmuls (scratch only)")
-    # optimizer: AdamW, linear warmup then cosine decay
-    max_steps: int = option(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)")
+    max_steps: int = option(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)",
+                            group="optimizer: AdamW, linear warmup then cosine decay")
     warmup_steps: int = option(715, "steps of linear LR warmup (375M tokens, as GPT-3)")
     max_lr: float = option(6e-4, "peak learning rate")
     min_lr: float = option(6e-5, "learning rate at and after max_steps (cosine decay)")
     weight_decay: float = option(0.1, "AdamW weight decay, on tensors of dim >= 2 only")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
-    # evaluation: val loss, HellaSwag, samples
-    eval_interval: int = option(250, "steps between val-loss evaluations")
+    eval_interval: int = option(250, "steps between val-loss evaluations",
+                                group="evaluation: val loss, HellaSwag, samples")
     val_steps: int = option(20, "val micro-batches per rank per evaluation")
-    hellaswag: str = option("auto", "HellaSwag acc_norm at every eval: auto (on for CUDA), 1 or 0")
-    hellaswag_dir: str = option("", "folder holding hellaswag_val.jsonl ('' = download it to hellaswag.py's cache)")
+    hellaswag: str | bool = option("auto", "HellaSwag acc_norm at every eval: auto (on for CUDA), 1 or 0")
+    hellaswag_dir: str = option("", "folder holding hellaswag_val.jsonl ('' = download it to hellaswag.py's "
+                                    "cache)")
     hellaswag_limit: int = option(0, "HellaSwag val examples per eval (0 = all 10042)")
     sample_interval: int = option(250, "steps between 4 samples printed and added to samples.txt (0 = never)")
-    # system
-    device: str = "auto"  # help: SHARED_FLAGS_HELP
+    device: str = option("auto", group="system")
     dtype: str = "auto"
-    compile: str = "auto"
-    chunked_loss: str = option("auto", "the loss chunk by chunk, never holding the B x T x vocab logits: auto (on for "
-                                       "CPU, where it is measured faster; off elsewhere until measured), 1 or 0")
-    fsdp: bool = option(False, "shard weights, gradients and AdamW state over the ranks (FSDP2; needs torchrun), "
-                               "for models whose 16 bytes per parameter do not fit one GPU")
-    activation_checkpointing: bool = option(False, "recompute each block's activations in backward: less memory, "
-                                                   "more time")
+    compile: str | bool = "auto"
+    chunked_loss: str | bool = option("auto", "the loss chunk by chunk, never holding the B x T x vocab "
+                                              "logits: auto (on for CPU, where it is measured faster; off "
+                                              "elsewhere until measured), 1 or 0")
+    fsdp: bool = option(False, "shard weights, gradients and AdamW state over the ranks (FSDP2; needs "
+                               "torchrun), for models whose 16 bytes per parameter do not fit one GPU")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward: less "
+                                                   "memory, more time")
     seed: int = option(1337, "random seed for the init and the data shuffle")
     dist_timeout: int = option(600, "seconds a collective waits for the other ranks before the run ends "
                                     "with an error (a rank frozen or dead); NCCL's own default")
-    # logging
-    plot: bool = option(True, "redraw log_dir/loss.png at every eval (needs matplotlib)")
-    wandb: bool = option(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works without network)")
+    plot: bool = option(True, "redraw log_dir/loss.png at every eval (needs matplotlib)", group="logging")
+    wandb: bool = option(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works "
+                                "without network)")
     wandb_project: str = option("gpt2-repro", "W&B project")
     wandb_run_name: str = option("", "W&B run name ('' = W&B picks one)")
 
+
 MODEL_FLAGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-POSITIVE_FLAGS = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "eval_interval", "val_steps",
-                  "ckpt_interval", "dist_timeout") + MODEL_FLAGS
+POSITIVE_FLAGS = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "eval_interval",
+                  "val_steps", "ckpt_interval", "dist_timeout") + MODEL_FLAGS
 NON_NEGATIVE_FLAGS = ("warmup_steps", "keep_last", "min_lr", "weight_decay", "grad_clip", "hellaswag_limit",
                       "sample_interval")
 
@@ -640,26 +636,51 @@ def finite_float(s):
     return value
 
 
-def config_parser(config_class, prog, doc, with_defaults=True):
+def auto_or_bool(s):
+    """The value of a flag taking auto, 1/true or 0/false (a str | bool field): "auto", True or False."""
+    value = {"auto": "auto", "1": True, "true": True, "0": False, "false": False}.get(s.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected auto, 1, 0, true or false, got {s!r}")
+    return value
+
+
+def config_parser(config_class, prog, doc):
     """A parser with one flag per field of config_class (`--name value` or `--name=value`; booleans take
-    1/0/true/false, numbers must be finite; --device, --dtype and --compile explained as SHARED_FLAGS_HELP says) and doc's first
-    line as its description. Without defaults, parsing returns only the flags given. Every script's
-    flags but fineweb.py's and plot.py's (which import no torch) come from here."""
-    parser = OneLineParser(prog=prog, description=doc.splitlines()[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                           argument_default=None if with_defaults else argparse.SUPPRESS)
+    1/0/true/false, str | bool fields auto too, numbers must be finite), in --help under the fields' group
+    headings, and doc's first line as its description. Parsing returns only the flags given; the dataclass
+    holds the defaults. Every script's flags but fineweb.py's and plot.py's (which import no torch) come
+    from here."""
+    parser = OneLineParser(prog=prog, description=doc.splitlines()[0], argument_default=argparse.SUPPRESS)
+    types = {bool: parse_bool, float: finite_float, str | bool: auto_or_bool}
+    group = parser
     for f in dataclasses.fields(config_class):
-        kwargs = {"default": f.default} if with_defaults else {}
-        parser.add_argument(f"--{f.name}", type={bool: parse_bool, float: finite_float}.get(f.type, f.type),
-                            help=f.metadata.get("help", SHARED_FLAGS_HELP.get(f.name)), **kwargs)
+        if f.metadata.get("group"):
+            group = parser.add_argument_group(*f.metadata["group"].split(": ", 1))
+        help = f.metadata.get("help") or SHARED_FLAGS_HELP.get(f.name)
+        group.add_argument(f"--{f.name}", type=types.get(f.type, f.type),
+                           help=f"{help} (default: {f.default})")
     return parser
 
 
+# --preset NAME is short for its flags; flags given as well override them (as fineweb.py's --preset)
+PRESETS = {
+    # the README's quick start: GPT-2's recipe on Tiny Shakespeare (python fineweb.py --preset shakespeare)
+    # at a size a CPU trains in minutes
+    "shakespeare": dict(data_dir="shakespeare", n_layer=2, n_head=4, n_embd=64, block_size=64, seq_len=64,
+                        micro_batch_size=8, total_batch_size=512, max_steps=300, warmup_steps=20, max_lr=3e-3,
+                        min_lr=3e-4, eval_interval=100, val_steps=8),
+}
+
+
 def parse_args(argv=None):
-    """The run's flags, and the names of those given on the command line."""
-    cfg = TrainConfig(**vars(config_parser(TrainConfig, "train_gpt2.py", __doc__).parse_args(argv)))
-    given = vars(config_parser(TrainConfig, "train_gpt2.py", __doc__, with_defaults=False).parse_args(argv))
-    return cfg, given
+    """The run's flags, and those given on the command line (by name), a --preset's included: they
+    override a checkpoint's on --init_from resume, as if typed."""
+    parser = config_parser(TrainConfig, "train_gpt2.py", __doc__)
+    parser.add_argument("--preset", choices=PRESETS, help="short for a set of flags, which flags given as "
+                        "well override: shakespeare, the README's quick start")
+    given = vars(parser.parse_args(argv))
+    given = {**PRESETS.get(given.pop("preset", None), {}), **given}
+    return TrainConfig(**given), given
 
 
 def check_flags(cfg, checks):
@@ -673,8 +694,9 @@ def check_flags(cfg, checks):
 def check_train_flags(cfg):
     outputs = [os.path.join(cfg.log_dir, n) for n in ("log.txt", "samples.txt", "loss.png")]
     blocked = [p for p in outputs if os.path.exists(p) and not os.path.isfile(p)]  # would fail mid-run
-    check_flags(cfg, [("init_from", cfg.init_from in ("scratch", "resume") + PRETRAINED or os.path.isdir(cfg.init_from),
-                       "expected scratch, resume, " + ", ".join(PRETRAINED) + " or a Hugging Face GPT-2 folder"),
+    init_from = cfg.init_from in ("scratch", "resume") + PRETRAINED or os.path.isdir(cfg.init_from)
+    check_flags(cfg, [("init_from", init_from, f"expected scratch, resume, {', '.join(PRETRAINED)} or a "
+                                               f"Hugging Face GPT-2 folder"),
                       ("log_dir", not blocked, f"{blocked[0] if blocked else ''} is not a file, and this run "
                                                f"writes there; move it away or pick another --log_dir"),
                       ("seed", 0 <= cfg.seed < 2**64, "must be in [0, 2**64), as torch and numpy need")]
@@ -683,10 +705,6 @@ def check_train_flags(cfg):
                 + [("max_lr", cfg.max_lr > 0, "must be > 0"),
                    ("min_lr", cfg.min_lr <= cfg.max_lr, f"must be <= --max_lr {cfg.max_lr}"),
                    ("n_embd", cfg.n_embd % cfg.n_head == 0, f"must be divisible by --n_head {cfg.n_head}"),
-                   ("hellaswag", cfg.hellaswag.lower() in ("auto", "1", "0", "true", "false"),
-                    "expected auto, 1, 0, true or false"),
-                   ("chunked_loss", cfg.chunked_loss.lower() in ("auto", "1", "0", "true", "false"),
-                    "expected auto, 1, 0, true or false"),
                    ("fsdp", not cfg.fsdp or "RANK" in os.environ,
                     "shards over the ranks of a torchrun launch (torchrun --standalone --nproc_per_node=N "
                     "train_gpt2.py --fsdp 1 ...); without torchrun, --fsdp 0"),
@@ -764,6 +782,7 @@ def load_model(init_from):
     if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json")):
         raise TrainError(f"{init_from}: neither a Hugging Face GPT-2 folder (no config.json) nor a "
                          f"train_gpt2.py --log_dir (no model_NNNNN.pt checkpoint)")
+    print0(f"loading GPT-2 weights from {init_from}")
     try:
         return GPT.from_pretrained(init_from)
     except (OSError, ValueError) as e:  # no such folder, no weights (offline), not GPT-2: transformers says which
@@ -862,6 +881,8 @@ def resume_config(cfg, given):
         raise TrainError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
     ckpt = load_checkpoint(paths[-1])
     saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+    for k in {"hellaswag", "compile", "chunked_loss"} & set(saved):  # older checkpoints hold them as text: "1"
+        saved[k] = auto_or_bool(str(saved[k]))
     cfg = TrainConfig(**{**saved, **given, "init_from": "resume"})
     for k in MODEL_FLAGS:
         setattr(cfg, k, ckpt["model_config"][k])
@@ -1043,8 +1064,8 @@ def resolve_dtype(value, device):
 
 
 def auto_flag(value, device_type, auto_on=("cuda",)):
-    """A flag taking auto (on for the device types auto_on), 1/true or 0/false."""
-    return value.lower() in ("1", "true") or (value.lower() == "auto" and device_type in auto_on)
+    """A flag taking auto (on for the device types auto_on), True or False (auto_or_bool's values)."""
+    return value is True or (value == "auto" and device_type in auto_on)
 
 
 def cuda_compile_problem(device):
@@ -1061,15 +1082,13 @@ def cuda_compile_problem(device):
 
 def resolve_compile(value, device):
     """--compile: auto is on for CUDA, or off with a note where torch.compile cannot run; 1 there is an error."""
-    if value.lower() not in ("auto", "1", "0", "true", "false"):
-        raise TrainError(f"--compile {value}: expected auto, 1, 0, true or false")
     wanted = auto_flag(value, device.split(":")[0])
     problem = cuda_compile_problem(device) if wanted and device.startswith("cuda") else None
-    if problem and value.lower() == "auto":
+    if problem and value == "auto":
         print0(f"note: --compile auto is off: {problem}")
         return False
     if problem:
-        raise TrainError(f"--compile {value}: {problem}; use --compile 0")
+        raise TrainError(f"--compile 1: {problem}; use --compile 0")
     return wanted
 
 
@@ -1307,7 +1326,8 @@ def write_samples(model, prompt, enc, step, log_dir, autocast, rank):
     """4 samples of the prompt (32 tokens in all, seed 42), printed and added to samples.txt. Every rank
     generates them, the same (seeded), since under FSDP each forward all-gathers the weights, which every
     rank must join; rank 0 writes them."""
-    rows = model.generate(prompt, 4, max_new_tokens=32 - len(prompt), seed=42, autocast=autocast)
+    rows = model.generate(prompt, 4, max_new_tokens=32 - len(prompt), seed=42, autocast=autocast,
+                          n_vocab=enc.n_vocab)
     if rank != 0:
         return
     with open(os.path.join(log_dir, "samples.txt"), "a") as f:
@@ -1372,6 +1392,9 @@ def train(cfg, given, ckpt):
     else:
         raw_model.to(device)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type)
+    decay, no_decay = (group["params"] for group in optimizer.param_groups)
+    print0(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters), "
+           f"not decayed: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters)")
     # float16 (GPUs without bfloat16): gradients as small as float16's 6e-8 would round to 0, so the loss
     # is scaled up before backward and the gradients back down before clipping. A step whose gradients
     # overflow is skipped and the scale halved; it doubles again after 2000 good steps.
@@ -1401,6 +1424,8 @@ def train(cfg, given, ckpt):
     plots = rank == 0 and cfg.plot
     prompt = sample_prompt(cfg.sample_interval, raw_model.config)
     enc = load_tokenizer() if prompt or use_hellaswag else None
+    if use_hellaswag:  # its examples are GPT-2 tokens
+        require_gpt2_vocab(raw_model, "--hellaswag: the model")
     hella_examples, hella_len = hellaswag_share(cfg.hellaswag_dir, cfg.hellaswag_limit, enc, raw_model.config.block_size,
                                                 rank, world_size) if use_hellaswag else ([], None)
     flops_per_step = raw_model.flops_per_token(T) * cfg.total_batch_size

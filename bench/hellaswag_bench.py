@@ -29,7 +29,8 @@ SHARED_HELLASWAG = os.path.normpath(os.path.join(REPO, "../shared/data/hellaswag
 
 import hellaswag  # noqa: E402
 from fineweb import gpt2_tokenizer  # noqa: E402
-from train_gpt2 import GPT, SHARED_FLAGS_HELP, GPTConfig, autocast_context, resolve_system  # noqa: E402
+from train_gpt2 import (GPT, SHARED_FLAGS_HELP, GPTConfig, auto_or_bool, autocast_context,  # noqa: E402
+                        resolve_system)
 
 FLAGS = dict(  # name: (default, help)
     limit=(200, "val tasks to score (0 = all 10,042)"),
@@ -49,7 +50,8 @@ FLAGS = dict(  # name: (default, help)
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, (default, help) in FLAGS.items():
-        parser.add_argument(f"--{name}", type=type(default), default=default, help=help)
+        kind = auto_or_bool if name == "compile" else type(default)
+        parser.add_argument(f"--{name}", type=kind, default=default, help=help)
     return parser.parse_args()
 
 

@@ -138,7 +138,7 @@ def test_pipeline_greedy_continuation_equals_ours(perturbed):
     generator = pipeline("text-generation", model=str(folder), device="cpu")
     prompt = "First Citizen:\nBefore we proceed any further, hear me speak."
     ids = tiktoken_gpt2().encode_ordinary(prompt)
-    ours = load_model(str(path)).generate(ids, 1, max_new_tokens=10, temperature=0)[0].tolist()
+    ours = load_model(str(path)).generate(ids, 1, max_new_tokens=10, temperature=0, n_vocab=50257)[0].tolist()
     assert len(set(ours[len(ids):])) > 5  # a real continuation, not one token repeated
     got = generator(prompt, max_new_tokens=10, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
     assert list(got) == ours

@@ -168,7 +168,7 @@ def test_hellaswag_and_samples_under_fsdp(tmp_path, shakespeare_shards):
     _, correct_norm, n = score(model, list(iterate_examples("val", HELLASWAG_EXCERPT))[:41], enc)
     assert n == 41 and read_log(tmp_path)["hella"][2] == pytest.approx(correct_norm / n, abs=1e-4)
     prompt = enc.encode(SAMPLE_PROMPT)
-    rows = model.generate(prompt, 4, max_new_tokens=32 - len(prompt), seed=42)
+    rows = model.generate(prompt, 4, max_new_tokens=32 - len(prompt), seed=42, n_vocab=enc.n_vocab)
     expected = [f"2 sample {i}: {enc.decode(row.tolist())!r}" for i, row in enumerate(rows)]
     assert (tmp_path / "samples.txt").read_text().splitlines() == expected
 

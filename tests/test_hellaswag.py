@@ -324,7 +324,7 @@ def test_help_lists_every_flag(capsys):
     (["--model", "log/model_99999.pt"], "--model log/model_99999.pt"),
     (["--device", "tpu"], "--device tpu"),
     (["--dtype", "float8"], "--dtype float8"),
-    (["--compile", "maybe"], "--compile maybe"),
+    (["--compile", "maybe"], "--compile: expected auto, 1, 0, true or false, got 'maybe'"),
     (["--bogus", "1"], "--bogus"),
 ])
 def test_bad_flags_are_one_line_errors(capsys, data_dir, argv, needle):

@@ -84,11 +84,83 @@ def test_flag_syntax_and_booleans():
         parse_args(["--shuffle", "maybe"])
 
 
+def test_the_command_line_is_parsed_once(monkeypatch):
+    """One parse tells both the flags and which of them were given (before: two parsers, two parses)."""
+    import argparse
+    calls, parse = [], argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda *a, **k: calls.append(a) or parse(*a, **k))
+    cfg, given = parse_args(["--max_steps", "7", "--shuffle", "0"])
+    assert len(calls) == 1 and given == {"max_steps": 7, "shuffle": False} and cfg.max_steps == 7
+
+
+@pytest.mark.parametrize("flag", ["--hellaswag", "--compile", "--chunked_loss"])
+def test_auto_flags_are_auto_true_or_false_checked_at_parse_time(capsys, flag):
+    """auto/1/0 flags are checked and converted by one argparse type, as finite_float checks numbers."""
+    for text, value in (("auto", "auto"), ("AUTO", "auto"), ("1", True), ("true", True), ("0", False),
+                        ("False", False)):
+        assert getattr(parse_args([flag, text])[0], flag[2:]) == value and \
+            type(getattr(parse_args([flag, text])[0], flag[2:])) is type(value)
+    with pytest.raises(SystemExit) as e:
+        parse_args([flag, "maybe"])
+    assert e.value.code == 2 and capsys.readouterr().err == \
+        f"train_gpt2.py: error: argument {flag}: expected auto, 1, 0, true or false, got 'maybe'\n"
+
+
+def test_resume_reads_the_auto_flags_of_older_checkpoints_saved_as_text(tmp_path):
+    """Checkpoints written before the flags became "auto"/True/False hold the text given: "1", "0"."""
+    from train_gpt2 import resume_config
+    config = dict(vars(TrainConfig()), hellaswag="1", compile="0", chunked_loss="AUTO")
+    torch.save({"model": {}, "optimizer": {}, "model_config": dict(vars(GPTConfig())), "config": config,
+                "step": 5, "loader_position": [0, 0, 0]}, tmp_path / "model_00005.pt")
+    cfg, _ = resume_config(TrainConfig(log_dir=str(tmp_path), init_from="resume"), {})
+    assert (cfg.hellaswag, cfg.compile, cfg.chunked_loss) == (True, False, "auto")
+
+
+SHAKESPEARE = ("--data_dir shakespeare --n_layer 2 --n_head 4 --n_embd 64 --block_size 64 --seq_len 64 "
+               "--micro_batch_size 8 --total_batch_size 512 --max_steps 300 --warmup_steps 20 --max_lr 3e-3 "
+               "--min_lr 3e-4 --eval_interval 100 --val_steps 8").split()  # README's quick start before presets
+
+
+def test_the_shakespeare_preset_is_the_readme_quick_starts_flags_which_flags_given_override():
+    assert parse_args(["--preset", "shakespeare"]) == parse_args(SHAKESPEARE)
+    for argv in (["--preset", "shakespeare", "--max_steps", "50"],
+                 ["--max_steps=50", "--preset=shakespeare"]):
+        cfg, given = parse_args(argv)
+        assert (cfg.max_steps, cfg.n_layer, given["max_steps"], given["n_layer"]) == (50, 2, 50, 2)
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "tinystories"])
+
+
+def test_a_preset_run_resumes_with_the_preset_and_a_new_max_steps(capsys, shakespeare_shards, tmp_path):
+    """The preset's flags count as given, as if typed: the same on resume, so the run continues."""
+    args = ["--data_dir", str(shakespeare_shards), "--log_dir", str(tmp_path), "--device", "cpu",
+            "--compile", "0", "--plot", "0", "--sample_interval", "0"]
+    main(["--preset", "shakespeare", "--max_steps", "1", *args])
+    main(["--preset", "shakespeare", "--init_from", "resume", "--max_steps", "2", *args])
+    assert f"resuming from {tmp_path / 'model_00001.pt'} at step 1" in capsys.readouterr().out
+    assert sorted(read_log(tmp_path)["train"]) == [0, 1] and (tmp_path / "model_00002.pt").exists()
+
+
 def test_help_lists_every_flag():
     out = subprocess.run([sys.executable, "train_gpt2.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0
     for name in TrainConfig.__dataclass_fields__:
         assert f"--{name}" in out.stdout
+
+
+def test_help_groups_the_flags_under_the_configs_headings():
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--help"], cwd=REPO, capture_output=True,
+                         text=True).stdout
+    sections = re.split(r"^(\S[^\n]*):\n", out, flags=re.M)  # [usage, title, body, title, body, ...]
+    groups = {title: re.findall(r"^  (--\w+)", body, re.M)
+              for title, body in zip(sections[1::2], sections[2::2])}
+    assert {title: flags[0] for title, flags in groups.items() if title != "options"} == {
+        "I/O": "--log_dir", "data": "--data_dir", "model": "--block_size", "optimizer": "--max_steps",
+        "evaluation": "--eval_interval", "system": "--device", "logging": "--plot"}
+    flags = ["--preset"] + [f"--{name}" for name in TrainConfig.__dataclass_fields__]  # --preset: "options"
+    assert sum(groups.values(), []) == flags
+    assert "where the run starts from, where it writes" in out
 
 
 def test_import_has_no_side_effects():
@@ -192,15 +264,15 @@ def test_compile_auto_is_off_with_a_note_where_triton_cannot_run(monkeypatch, ca
     assert capsys.readouterr().out == "note: --compile auto is off: torch.compile needs Triton for CUDA and it is " \
                                       "not installed (pip install triton; on Windows, use WSL)\n"
     with pytest.raises(TrainError, match=r"^--compile 1: torch.compile needs Triton .*; use --compile 0$"):
-        resolve_compile("1", "cuda")
+        resolve_compile(True, "cuda")
     triton["installed"] = True
     assert resolve_compile("auto", "cuda:0") is False
     assert "compute capability 7.0 or newer; Tesla P100-PCIE-16GB is 6.0" in capsys.readouterr().out
-    with pytest.raises(TrainError, match="^--compile true: .* is 6.0; use --compile 0$"):
-        resolve_compile("true", "cuda")
+    with pytest.raises(TrainError, match="^--compile 1: .* is 6.0; use --compile 0$"):
+        resolve_compile(True, "cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert resolve_compile("auto", "cuda") is True and resolve_compile("0", "cuda") is False
-    assert resolve_compile("auto", "cpu") is False and resolve_compile("1", "cpu") is True  # CPU: no Triton needed
+    assert resolve_compile("auto", "cuda") is True and resolve_compile(False, "cuda") is False
+    assert resolve_compile("auto", "cpu") is False and resolve_compile(True, "cpu") is True  # CPU: no Triton needed
     assert capsys.readouterr().out == ""
 
 
@@ -954,6 +1026,16 @@ def test_in_training_hellaswag_and_samples(shakespeare_shards, tmp_path):
     lines = (tmp_path / "samples.txt").read_text().splitlines()
     assert [ln.split(" sample ")[0] for ln in lines] == ["2"] * 4 + ["4"] * 4
     assert all("Hello, I'm a language model," in ln for ln in lines)
+
+
+def test_hellaswag_on_a_vocabulary_smaller_than_gpt2s_is_a_one_line_error(capsys, data, tmp_path):
+    """HellaSwag's examples are GPT-2 tokens, which a 256-token model cannot look up: one line, before
+    any step (the model does not check its ids on every forward)."""
+    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *TINY, "--hellaswag", 1,
+                         "--hellaswag_dir", hellaswag_dir(), "--hellaswag_limit", 4, "--plot", 0)
+    assert code == 1 and err == "train_gpt2.py: error: --hellaswag: the model: its vocabulary has 256 " \
+                                "tokens, fewer than GPT-2's 50257, so it cannot read GPT-2 tokens (it was " \
+                                "trained with a smaller --vocab_size)\n"
 
 
 def test_run_as_a_script_never_loads_a_second_train_gpt2(shakespeare_shards, tmp_path):
