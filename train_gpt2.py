@@ -676,8 +676,10 @@ def parse_args(argv=None):
     """The run's flags, and those given on the command line (by name), a --preset's included: they
     override a checkpoint's on --init_from resume, as if typed."""
     parser = config_parser(TrainConfig, "train_gpt2.py", __doc__)
-    parser.add_argument("--preset", choices=PRESETS, help="short for a set of flags, which flags given as "
-                        "well override: shakespeare, the README's quick start")
+    presets = "; ".join(f"{name} = " + " ".join(f"--{k} {v}" for k, v in flags.items())
+                        for name, flags in PRESETS.items())
+    parser.add_argument("--preset", choices=PRESETS, help=f"short for flags, which flags given as well override: "
+                                                          f"{presets}")
     given = vars(parser.parse_args(argv))
     given = {**PRESETS.get(given.pop("preset", None), {}), **given}
     return TrainConfig(**given), given

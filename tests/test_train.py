@@ -161,6 +161,7 @@ def test_help_groups_the_flags_under_the_configs_headings():
     flags = ["--preset"] + [f"--{name}" for name in TrainConfig.__dataclass_fields__]  # --preset: "options"
     assert sum(groups.values(), []) == flags
     assert "where the run starts from, where it writes" in out
+    assert "--n_layer 2 --n_head 4 --n_embd 64" in " ".join(out.split())  # what --preset shakespeare stands for
 
 
 def test_import_has_no_side_effects():
