@@ -277,7 +277,7 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
                             save_checkpoint)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
-    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
+    [optimizer] = model.configure_optimizers(0.1, 1e-3, "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     loaders = [DataLoaderLite(str(data), split, 4, 32, vocab_size=256) for split in ("train", "val")]
     x, y = loaders[0].next_batch()
@@ -285,14 +285,15 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
     scaler.step(optimizer)
     scaler.update()
     cfg = TrainConfig(data_dir=str(data), micro_batch_size=4, seq_len=32)
-    state = checkpoint_state(model, optimizer, scaler, cfg, 1, 5.5, None, None, loaders, "cpu", 1)
+    state = checkpoint_state(model, [optimizer], scaler, cfg, 1, 5.5, None, None, loaders, "cpu", 1)
     path = save_checkpoint(state, tmp_path, keep_last=3)
     rng_after_save = torch.rand(3)
     model2 = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
-    optimizer2, scaler2 = model2.configure_optimizers(0.1, 1e-3, "cpu"), torch.amp.GradScaler("cpu", enabled=True)
+    [optimizer2] = model2.configure_optimizers(0.1, 1e-3, "cpu")
+    scaler2 = torch.amp.GradScaler("cpu", enabled=True)
     loaders2 = [DataLoaderLite(str(data), split, 4, 32, vocab_size=256) for split in ("train", "val")]
     ckpt = load_checkpoint(path)
-    assert restore_state(ckpt, model2, optimizer2, scaler2, loaders2, 0, 1, "cpu") == 1
+    assert restore_state(ckpt, model2, [optimizer2], scaler2, loaders2, 0, 1, "cpu") == 1
     assert loaders2[0].position == (0, 0, 128)
     assert torch.equal(torch.rand(3), rng_after_save) and scaler2.state_dict() == scaler.state_dict()
     assert optimizer2.state_dict()["state"][0]["step"] == 1 and ckpt["val_loss"] == 5.5
@@ -300,12 +301,12 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
 
     old = {k: v for k, v in ckpt.items() if k not in ("loader_position", "data")}
     torch.save({**old, "loader_positions": [1]}, path)
-    restore_state(load_checkpoint(path), model2, optimizer2, scaler2, loaders2, 0, 1, "cpu")
+    restore_state(load_checkpoint(path), model2, [optimizer2], scaler2, loaders2, 0, 1, "cpu")
     assert loaders2[0].position == (0, 0, 128)
     halved = [DataLoaderLite(str(data), split, 2, 32, vocab_size=256) for split in ("train", "val")]
     with pytest.raises(TrainError, match="^--micro_batch_size 2 --seq_len 32: the checkpoint, from an older "
                                          "train_gpt2.py, .*; keep --micro_batch_size 4 --seq_len 32$"):
-        restore_state(load_checkpoint(path), model2, optimizer2, scaler2, halved, 0, 1, "cpu")
+        restore_state(load_checkpoint(path), model2, [optimizer2], scaler2, halved, 0, 1, "cpu")
 
 
 def test_grad_accumulation_equals_one_big_batch(data, tmp_path):
