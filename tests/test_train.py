@@ -745,11 +745,39 @@ def test_resume_errors(capsys, data, tmp_path):
     code, err = run_main(capsys, *base, *map(str, TINY), "--max_steps", 2)
     assert code == 1 and "already holds checkpoints" in err and "--init_from resume" in err
 
+    code, err = run_main(capsys, *base, "--init_from", "resume", "--optimizer", "muon")  # not a fresh Muon
     path = tmp_path / "model_00002.pt"
+    assert code == 1 and err == f"train_gpt2.py: error: --optimizer muon: {path} holds the state of " \
+                                f"--optimizer adamw; resume with that, or start a new run\n"
+
     path.write_bytes(path.read_bytes()[:5000])  # truncated, as by a full disk
     code, err = run_main(capsys, *base, "--init_from", "resume")
     assert code == 1 and str(path) in err and "corrupt or truncated" in err
     assert err.strip().count("\n") == 0
+
+
+def test_muon_with_activation_checkpointing_and_what_muon_refuses(capsys, data, tmp_path):
+    """--optimizer muon with --activation_checkpointing 1 (which recomputes the model's forward in backward,
+    unseen by the optimizers, as --compile's graphs are) trains as without; one line each for an unknown
+    --optimizer, for muon with --fsdp 1 (Muon orthogonalizes whole matrices, FSDP shards them), and for
+    resuming a muon checkpoint as adamw (a fresh AdamW for the matrices, silently)."""
+    muon = ["--optimizer", "muon", "--max_steps", 3]
+    train(data, tmp_path / "plain", *muon)
+    train(data, tmp_path / "recomputed", *muon, "--activation_checkpointing", 1)
+    assert read_log(tmp_path / "recomputed") == read_log(tmp_path / "plain")
+
+    base = ["--data_dir", data, "--log_dir", tmp_path / "new", *map(str, TINY)]
+    code, err = run_main(capsys, *base, "--optimizer", "sgd")
+    assert code == 1 and err == "train_gpt2.py: error: --optimizer sgd: expected adamw or muon\n"
+    code, err = run_main(capsys, *base, "--optimizer", "muon", "--fsdp", 1)
+    assert code == 1 and err == "train_gpt2.py: error: --optimizer muon: Muon orthogonalizes whole " \
+                                "matrices, which --fsdp 1 shards over the ranks; with muon use DDP " \
+                                "(--fsdp 0)\n"
+    code, err = run_main(capsys, "--log_dir", tmp_path / "plain", "--init_from", "resume", "--max_steps", 4,
+                         "--optimizer", "adamw")
+    path = tmp_path / "plain" / "model_00003.pt"
+    assert code == 1 and err == f"train_gpt2.py: error: --optimizer adamw: {path} holds the state of " \
+                                f"--optimizer muon; resume with that, or start a new run\n"
 
 
 def test_a_log_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(capsys, data, tmp_path):
