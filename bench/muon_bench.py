@@ -20,6 +20,7 @@ part Muon steps, hold most of a small model's parameters instead of a 50K-row em
 """
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -66,7 +67,7 @@ def remap_vocab(data_dir, n):
 
 
 def run(optimizer, lr, data_dir, cfg, log_dir):
-    """One train_gpt2.py run: {step: val loss}."""
+    """One train_gpt2.py run: ({step: val loss}, its output)."""
     shutil.rmtree(log_dir, ignore_errors=True)
     args = [sys.executable, os.path.join(REPO, "train_gpt2.py"), *shlex.split(cfg.train_flags), "--data_dir",
             data_dir, "--log_dir", log_dir, "--optimizer", optimizer, "--max_lr", str(lr), "--min_lr", str(lr / 10),
@@ -82,7 +83,7 @@ def run(optimizer, lr, data_dir, cfg, log_dir):
             os.remove(os.path.join(log_dir, f))
     with open(os.path.join(log_dir, "log.txt")) as f:  # `STEP KIND VALUE` lines
         lines = [line.split() for line in f]
-    return {int(step): float(value) for step, kind, value in lines if kind == "val"}
+    return {int(step): float(value) for step, kind, value in lines if kind == "val"}, proc.stdout
 
 
 def first_reaching(val, target):
@@ -101,9 +102,11 @@ def main(argv=None):
 
     order = [(name, lr) for i in range(max(map(len, lrs.values())))
              for name in ("adamw", "muon") for lr in lrs[name][i:i + 1]]
-    runs = {}
+    runs, split = {}, None
     for name, lr in order:
-        runs[name, lr] = run(name, lr, data_dir, cfg, os.path.join(cfg.out_dir, f"{name}_{lr:g}"))
+        runs[name, lr], out = run(name, lr, data_dir, cfg, os.path.join(cfg.out_dir, f"{name}_{lr:g}"))
+        split = re.search(r"^muon: \d+ block matrices \(([\d,]+) parameters\)", out, re.M) or split
+        total = re.search(r"^([\d,]+) parameters \|", out, re.M)[1]
         print(f"{name} max_lr {lr:g}: final val {runs[name, lr][max(runs[name, lr])]:.4f}", file=sys.stderr,
               flush=True)
 
@@ -112,6 +115,10 @@ def main(argv=None):
     target = runs[best][steps]
     best_needs = first_reaching(runs[best], target)
     marks = [min(runs[best], key=lambda s: abs(s - steps * q)) for q in (0.25, 0.5, 0.75, 1)]
+    muon_share = int(split[1].replace(",", "")) / int(total.replace(",", ""))
+    print(f"{train_cfg.n_layer}L/{train_cfg.n_head}H/{train_cfg.n_embd}d, vocab {cfg.vocab_size or 'GPT-2'}, "
+          f"{total} parameters ({100 * muon_share:.0f}% in the blocks' matrices, which Muon steps), "
+          f"T={train_cfg.seq_len}, {tokens:,} tokens per step, {steps} steps\n")
     print(f"| optimizer | max_lr | " + " | ".join(f"val @ {s * tokens / 1e6:.3g}M tok" for s in marks)
           + f" | tokens to val {target:.4f} | vs best AdamW |\n|---|---:|" + "---:|" * (len(marks) + 2))
     for name, lr in sorted(runs):

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -105,3 +106,32 @@ def test_memory_bench_table_from_real_runs(tmp_path):
     for r in rows:
         assert 50 < float(r[4].removesuffix(" MB")) < 4000 and int(r[5].replace(",", "")) > 0
     assert os.listdir(tmp_path / "data" / "runs") == []
+
+
+@pytest.mark.slow
+def test_muon_bench_table_from_real_runs(shakespeare_shards, tmp_path):
+    """bench/muon_bench.py on a tiny shape, one learning rate each: Tiny Shakespeare remapped to its 255 most
+    frequent ids and one for the rest; the table's val losses are the runs' log.txt's, and the tokens to
+    reach the best AdamW run's final val loss are counted at the first eval at or below it."""
+    flags = "--n_layer 2 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 --micro_batch_size 4 " \
+            "--total_batch_size 128 --max_steps 8 --warmup_steps 2 --eval_interval 2 --val_steps 2 --device cpu " \
+            "--dtype float32 --compile 0"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "muon_bench.py"), "--data_dir",
+                           str(shakespeare_shards), "--vocab_size", "256", "--train_flags", flags, "--adamw_lrs",
+                           "3e-3", "--muon_lrs", "1e-2", "--out_dir", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    remapped = np.load(f"{shakespeare_shards}_vocab256/shakespeare_train_000001.npy")
+    assert remapped.max() == 255 and len(np.unique(remapped)) == 256
+    assert re.search(r"^2L/2H/32d, vocab 256, [\d,]+ parameters \(\d+% in the blocks' matrices", proc.stdout, re.M)
+    rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+                              if line.startswith("| adamw") or line.startswith("| muon"))}
+    val = {name: {int(s): float(v) for s, k, v in (ln.split() for ln in open(tmp_path / f"{name}_{lr}" / "log.txt"))
+                  if k == "val"} for name, lr in (("adamw", "0.003"), ("muon", "0.01"))}
+    assert rows["adamw"][2:6] == [f"{val['adamw'][s]:.4f}" for s in (2, 4, 6, 8)]
+    assert rows["muon"][2:6] == [f"{val['muon'][s]:.4f}" for s in (2, 4, 6, 8)]
+    reach = next(s for s in (2, 4, 6, 8) if val["adamw"][s] <= val["adamw"][8])
+    assert rows["adamw"][6:] == [f"{reach * 128 / 1e6:.3g}M", "1.00x"]
+    muon_reach = next((s for s in (0, 2, 4, 6, 8) if val["muon"][s] <= val["adamw"][8]), None)
+    assert rows["muon"][7] == (f"{muon_reach / reach:.2f}x" if muon_reach is not None else "-")
+    assert not any(f.endswith(".pt") for d in os.listdir(tmp_path) for f in os.listdir(tmp_path / d))
