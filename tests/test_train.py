@@ -336,8 +336,8 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path, optimizer):
     a = torch.load(tmp_path / "ddp" / "model_00006.pt", weights_only=True)
     b = torch.load(tmp_path / "single" / "model_00006.pt", weights_only=True)
     assert a["loader_position"] == b["loader_position"] == [0, 0, 24 * 64]  # 24 micro-batches of 2x32 read
-    # Muon orthogonalizes in bfloat16 (torch's Newton-Schulz), where the all-reduce's float32 summation order
-    # (~1e-7 apart) can flip a rounding: its weights agree to 1e-4 (measured), the losses as closely as AdamW's.
+    # Muon orthogonalizes in bfloat16 (torch's Newton-Schulz), where the all-reduce's float32 summation
+    # order (~1e-7 apart) can flip a rounding: its weights agree to 1e-4 (measured), its losses to 2e-5.
     atol = 1e-5 if optimizer == "adamw" else 5e-4
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=atol, rtol=1e-4)
