@@ -302,13 +302,21 @@ class GPT(nn.Module):
                 sd[k].copy_(w.t() if k.endswith(cls.CONV1D_WEIGHTS) else w)
         return model
 
-    def configure_optimizers(self, weight_decay, learning_rate, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, name="adamw"):
+        """[AdamW], or with name "muon" [Muon for the blocks' matrices, AdamW for the rest]."""
         # Decay the matmul weights and embeddings (every tensor of dim >= 2), not biases or LayerNorm gains.
         params = [p for p in self.parameters() if p.requires_grad]
+        hidden = [p for p in self.transformer.h.parameters() if p.dim() == 2] if name == "muon" else []
+        params = [p for p in params if all(p is not h for h in hidden)]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                 fused=device_type == "cuda")
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                  fused=device_type == "cuda")
+        if not hidden:
+            return [adamw]
+        # match_rms_adamw scales each matrix's orthogonalized update to AdamW's RMS: one lr drives both
+        return [torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay,
+                                 adjust_lr_fn="match_rms_adamw"), adamw]
 
     @torch.no_grad()
     def generate(self, tokens, num_return_sequences, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0,
@@ -594,6 +602,8 @@ class TrainConfig:
     min_lr: float = option(6e-5, "learning rate at and after max_steps (cosine decay)")
     weight_decay: float = option(0.1, "AdamW weight decay, on tensors of dim >= 2 only")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    optimizer: str = option("adamw", "adamw (the GPT-2 recipe), or muon: torch.optim.Muon for the blocks' "
+                                     "2-D weights, AdamW for the rest, one lr schedule for both")
     eval_interval: int = option(250, "steps between val-loss evaluations",
                                 group="evaluation: val loss, HellaSwag, samples")
     val_steps: int = option(20, "val micro-batches per rank per evaluation")
@@ -707,6 +717,9 @@ def check_train_flags(cfg):
                 + [("max_lr", cfg.max_lr > 0, "must be > 0"),
                    ("min_lr", cfg.min_lr <= cfg.max_lr, f"must be <= --max_lr {cfg.max_lr}"),
                    ("n_embd", cfg.n_embd % cfg.n_head == 0, f"must be divisible by --n_head {cfg.n_head}"),
+                   ("optimizer", cfg.optimizer in ("adamw", "muon"), "expected adamw or muon"),
+                   ("optimizer", cfg.optimizer != "muon" or not cfg.fsdp, "Muon orthogonalizes whole "
+                    "matrices, which --fsdp 1 shards over the ranks; with muon use DDP (--fsdp 0)"),
                    ("fsdp", not cfg.fsdp or "RANK" in os.environ,
                     "shards over the ranks of a torchrun launch (torchrun --standalone --nproc_per_node=N "
                     "train_gpt2.py --fsdp 1 ...); without torchrun, --fsdp 0"),
@@ -804,10 +817,11 @@ def require_gpt2_vocab(model, source):
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def optimizer_state(model, optimizer):
-    """The whole optimizer state in optimizer.state_dict()'s format (parameters numbered in param_groups
-    order), however the model is sharded; torch.distributed.checkpoint names them instead."""
-    named = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+def optimizer_state(model, optimizers):
+    """The optimizers' whole state in optimizer.state_dict()'s format (parameters numbered in param_groups
+    order, one optimizer's after another's), however the model is sharded; torch.distributed.checkpoint
+    names them instead."""
+    named = get_optimizer_state_dict(model, optimizers, options=FULL_STATE)
     if not named:  # ranks but 0
         return {}
     groups = named["param_groups"]
@@ -816,18 +830,18 @@ def optimizer_state(model, optimizer):
             "param_groups": [{**group, "params": [ids[n] for n in group["params"]]} for group in groups]}
 
 
-def load_optimizer_state(model, optimizer, state):
-    """optimizer_state's dict back into optimizer, into this rank's shards under FSDP."""
+def load_optimizer_state(model, optimizers, state):
+    """optimizer_state's dict back into the optimizers, into this rank's shards under FSDP."""
     names = {p: name for name, p in model.named_parameters()}
-    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    order = [names[p] for opt in optimizers for group in opt.param_groups for p in group["params"]]
     groups = state["param_groups"]
     named = {"state": {order[i]: v for i, v in state["state"].items()},
              "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in groups]}
-    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizers, named, options=StateDictOptions(full_state_dict=True))
 
 
-def checkpoint_state(model, optimizer, scaler, cfg, step, val_loss, hellaswag, wandb_id, loaders, device_type,
-                     world_size):
+def checkpoint_state(model, optimizers, scaler, cfg, step, val_loss, hellaswag, wandb_id, loaders,
+                     device_type, world_size):
     """What a resume needs, after `step` optimizer steps: weights, optimizer and loss scale, the flags, the
     data read (the train loader's position, the same on every rank, and the shards of each split) and every
     rank's RNG state. Under DDP or FSDP every rank calls it (and only rank 0's is whole: weights and
@@ -839,7 +853,8 @@ def checkpoint_state(model, optimizer, scaler, cfg, step, val_loss, hellaswag, w
         rngs = [None] * world_size
         dist.all_gather_object(rngs, rng)
     data = {"dir": os.path.realpath(cfg.data_dir), "train": train_loader.record, "val": val_loader.record}
-    return {"model": get_model_state_dict(model, options=FULL_STATE), "optimizer": optimizer_state(model, optimizer),
+    return {"model": get_model_state_dict(model, options=FULL_STATE),
+            "optimizer": optimizer_state(model, optimizers),
             "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(model.config),
             "config": dataclasses.asdict(cfg), "step": step, "val_loss": val_loss, "hellaswag": hellaswag,
             "wandb_id": wandb_id, "loader_position": list(train_loader.position), "data": data,
@@ -888,15 +903,18 @@ def resume_config(cfg, given):
     cfg = TrainConfig(**{**saved, **given, "init_from": "resume"})
     for k in MODEL_FLAGS:
         setattr(cfg, k, ckpt["model_config"][k])
+    if cfg.optimizer != saved.get("optimizer", "adamw"):
+        raise TrainError(f"--optimizer {cfg.optimizer}: {paths[-1]} holds the state of --optimizer "
+                         f"{saved.get('optimizer', 'adamw')}; resume with that, or start a new run")
     if cfg.max_steps < ckpt["step"]:
         raise TrainError(f"--max_steps {cfg.max_steps}: {paths[-1]} is at step {ckpt['step']} already, so there is "
                          f"nothing to train; give --max_steps above {ckpt['step']}")
     return cfg, ckpt
 
 
-def restore_state(ckpt, model, optimizer, scaler, loaders, rank, world_size, device_type):
-    """Load a checkpoint's optimizer, loss scale, data position and RNG state; returns its step."""
-    load_optimizer_state(model, optimizer, ckpt["optimizer"])
+def restore_state(ckpt, model, optimizers, scaler, loaders, rank, world_size, device_type):
+    """Load a checkpoint's optimizer state, loss scale, data position and RNG state; returns its step."""
+    load_optimizer_state(model, optimizers, ckpt["optimizer"])
     if scaler.is_enabled() and ckpt.get("scaler"):  # a float16 run's loss scale (a new one after bf16/fp32)
         scaler.load_state_dict(ckpt["scaler"])
     resume_data(ckpt, *loaders)
@@ -1393,10 +1411,13 @@ def train(cfg, given, ckpt):
         shard_model(raw_model, dtype, device_type, world_size)
     else:
         raw_model.to(device)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type)
-    decay, no_decay = (group["params"] for group in optimizer.param_groups)
+    optimizers = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type, cfg.optimizer)
+    decay, no_decay = (group["params"] for group in optimizers[-1].param_groups)  # AdamW's
     print0(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters), "
            f"not decayed: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters)")
+    if cfg.optimizer == "muon":
+        hidden = optimizers[0].param_groups[0]["params"]
+        print0(f"muon: {len(hidden)} block matrices ({sum(p.numel() for p in hidden):,} parameters)")
     # float16 (GPUs without bfloat16): gradients as small as float16's 6e-8 would round to 0, so the loss
     # is scaled up before backward and the gradients back down before clipping. A step whose gradients
     # overflow is skipped and the scale halved; it doubles again after 2000 good steps.
@@ -1406,7 +1427,7 @@ def train(cfg, given, ckpt):
     val_steps = distinct_val_steps(cfg.val_steps, val_loader)
     start_step = 0
     if ckpt is not None:
-        start_step = restore_state(ckpt, raw_model, optimizer, scaler, (train_loader, val_loader), rank,
+        start_step = restore_state(ckpt, raw_model, optimizers, scaler, (train_loader, val_loader), rank,
                                    world_size, device_type)
         print0(f"resuming from {checkpoint_paths(cfg.log_dir)[-1]} at step {start_step}")
     # One static graph per input shape (train, val, HellaSwag): with dynamic shapes, the second shape
@@ -1464,8 +1485,8 @@ def train(cfg, given, ckpt):
             if do_samples:
                 write_samples(raw_model, prompt, enc, step, cfg.log_dir, autocast, rank)
             if do_checkpoint:
-                state = checkpoint_state(raw_model, optimizer, scaler, cfg, step, val_loss, acc_norm, wandb_run.id,
-                                         (train_loader, val_loader), device_type, world_size)
+                state = checkpoint_state(raw_model, optimizers, scaler, cfg, step, val_loss, acc_norm,
+                                         wandb_run.id, (train_loader, val_loader), device_type, world_size)
                 if rank == 0:
                     print0(f"wrote {save_checkpoint(state, cfg.log_dir, cfg.keep_last)}")
             if last:
@@ -1474,7 +1495,8 @@ def train(cfg, given, ckpt):
             # One optimizer step: total_batch_size tokens, grad_accum_steps micro-batches on each rank
             t0 = time.time()
             model.train()
-            optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             loss_accum = torch.zeros((), device=device)
             for micro_step in range(grad_accum_steps):
                 x, y = train_loader.next_batch()
@@ -1491,7 +1513,8 @@ def train(cfg, given, ckpt):
             # One all-reduce and one host sync per step: the mean loss, and whether any rank was signalled.
             stats = all_reduce_mean(torch.stack([loss_accum, torch.tensor(float(stop.requested), device=device)]),
                                     world_size)
-            scaler.unscale_(optimizer)  # float16: the true gradients again, for clipping
+            for opt in optimizers:
+                scaler.unscale_(opt)  # float16: the true gradients again, for clipping
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             if isinstance(norm, DTensor):  # FSDP: each rank's part of the norm of its gradient shards
                 norm = norm.full_tensor()
@@ -1500,10 +1523,12 @@ def train(cfg, given, ckpt):
             if not scaler.is_enabled():  # in float16, inf/nan gradients are an overflow: the scaler skips the step
                 check_finite(step, cfg.log_dir, grad_norm=norm_value)
             lr = get_lr(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             loss_scale = scaler.get_scale() if scaler.is_enabled() else None
-            scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                if math.isfinite(norm_value):  # float16 overflow anywhere: every optimizer skips the step
+                    scaler.step(opt)  # opt.step(), unless float16 gradients overflowed
             scaler.update()
             skipped = scaler.is_enabled() and scaler.get_scale() < loss_scale  # halved exactly when it skipped
             if device_type == "cuda":

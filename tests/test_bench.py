@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from bench.train_bench import parse_args
@@ -108,3 +109,44 @@ def test_memory_bench_table_from_real_runs(tmp_path):
     for r in rows:
         assert 50 < float(r[4].removesuffix(" MB")) < 4000 and int(r[5].replace(",", "")) > 0
     assert os.listdir(tmp_path / "data" / "runs") == []
+
+
+@pytest.mark.slow
+def test_muon_bench_table_from_real_runs(shakespeare_shards, tmp_path):
+    """bench/muon_bench.py on a tiny shape, one learning rate each and Muon's again on half the schedule:
+    Tiny Shakespeare remapped to its 255 most frequent ids and one for the rest; the table's val losses are
+    the runs' log.txt's, the tokens to reach the best AdamW run's final val loss are counted at the first
+    eval at or below it; run again, it reuses the finished runs."""
+    flags = "--n_layer 2 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 --micro_batch_size 4 " \
+            "--total_batch_size 128 --max_steps 8 --warmup_steps 2 --eval_interval 2 --val_steps 2 --device cpu " \
+            "--dtype float32 --compile 0"
+    args = [sys.executable, os.path.join(REPO, "bench", "muon_bench.py"), "--data_dir", str(shakespeare_shards),
+            "--vocab_size", "256", "--train_flags", flags, "--adamw_lrs", "3e-3", "--muon_lrs", "1e-2",
+            "--short_schedule", "0.5", "--out_dir", str(tmp_path)]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    remapped = np.load(f"{shakespeare_shards}_vocab256/shakespeare_train_000001.npy")
+    assert remapped.max() == 255 and len(np.unique(remapped)) == 256
+    assert re.search(r"^2L/2H/32d, vocab 256, [\d,]+ parameters \(\d+% in the blocks' matrices", proc.stdout, re.M)
+    rows = {(r[0], r[2]): r for r in ([c.strip() for c in line.strip("|").split("|")]
+                                      for line in proc.stdout.splitlines() if re.match(r"\| (adamw|muon) ", line))}
+    assert list(rows) == [("adamw", "8 steps"), ("muon", "8 steps"), ("muon", "4 steps")]
+
+    def val(folder):
+        lines = [line.split() for line in open(tmp_path / folder / "log.txt")]
+        return {int(step): float(v) for step, kind, v in lines if kind == "val"}
+
+    adamw, muon, short = val("adamw_0.003"), val("muon_0.01"), val("muon_0.01_4steps")
+    assert rows["adamw", "8 steps"][3:7] == [f"{adamw[s]:.4f}" for s in (2, 4, 6, 8)]
+    assert rows["muon", "8 steps"][3:7] == [f"{muon[s]:.4f}" for s in (2, 4, 6, 8)]
+    assert rows["muon", "4 steps"][3:7] == [f"{short[2]:.4f}", f"{short[4]:.4f}", "", ""]
+    reach = next(s for s in (2, 4, 6, 8) if adamw[s] <= adamw[8])
+    assert rows["adamw", "8 steps"][7:] == [f"{reach * 128 / 1e6:.3g}M", "1.00x"]
+    for key, v in (("muon", "8 steps"), muon), (("muon", "4 steps"), short):
+        needs = next((s for s in sorted(v) if v[s] <= adamw[8]), None)
+        assert rows[key][8] == (f"{needs / reach:.2f}x" if needs is not None else "-")
+    assert not any(f.endswith(".pt") for d in os.listdir(tmp_path) for f in os.listdir(tmp_path / d))
+    written = {d: os.path.getmtime(tmp_path / d / "log.txt") for d in os.listdir(tmp_path)}
+    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout == proc.stdout
+    assert {d: os.path.getmtime(tmp_path / d / "log.txt") for d in os.listdir(tmp_path)} == written

@@ -343,7 +343,7 @@ def test_too_long_input_raises(small_model):
 
 
 def test_configure_optimizers(small_model):
-    opt = small_model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
+    [opt] = small_model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
     assert isinstance(opt, torch.optim.AdamW)
     seen = []
     for group in opt.param_groups:

@@ -350,7 +350,7 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
                             save_checkpoint)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
-    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
+    [optimizer] = model.configure_optimizers(0.1, 1e-3, "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     loaders = [DataLoaderLite(str(data), split, 4, 32, vocab_size=256) for split in ("train", "val")]
     x, y = loaders[0].next_batch()
@@ -358,14 +358,15 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
     scaler.step(optimizer)
     scaler.update()
     cfg = TrainConfig(data_dir=str(data), micro_batch_size=4, seq_len=32)
-    state = checkpoint_state(model, optimizer, scaler, cfg, 1, 5.5, None, None, loaders, "cpu", 1)
+    state = checkpoint_state(model, [optimizer], scaler, cfg, 1, 5.5, None, None, loaders, "cpu", 1)
     path = save_checkpoint(state, tmp_path, keep_last=3)
     rng_after_save = torch.rand(3)
     model2 = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
-    optimizer2, scaler2 = model2.configure_optimizers(0.1, 1e-3, "cpu"), torch.amp.GradScaler("cpu", enabled=True)
+    [optimizer2] = model2.configure_optimizers(0.1, 1e-3, "cpu")
+    scaler2 = torch.amp.GradScaler("cpu", enabled=True)
     loaders2 = [DataLoaderLite(str(data), split, 4, 32, vocab_size=256) for split in ("train", "val")]
     ckpt = load_checkpoint(path)
-    assert restore_state(ckpt, model2, optimizer2, scaler2, loaders2, 0, 1, "cpu") == 1
+    assert restore_state(ckpt, model2, [optimizer2], scaler2, loaders2, 0, 1, "cpu") == 1
     assert loaders2[0].position == (0, 0, 128)
     assert torch.equal(torch.rand(3), rng_after_save) and scaler2.state_dict() == scaler.state_dict()
     assert optimizer2.state_dict()["state"][0]["step"] == 1 and ckpt["val_loss"] == 5.5
@@ -373,12 +374,12 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
 
     old = {k: v for k, v in ckpt.items() if k not in ("loader_position", "data")}
     torch.save({**old, "loader_positions": [1]}, path)
-    restore_state(load_checkpoint(path), model2, optimizer2, scaler2, loaders2, 0, 1, "cpu")
+    restore_state(load_checkpoint(path), model2, [optimizer2], scaler2, loaders2, 0, 1, "cpu")
     assert loaders2[0].position == (0, 0, 128)
     halved = [DataLoaderLite(str(data), split, 2, 32, vocab_size=256) for split in ("train", "val")]
     with pytest.raises(TrainError, match="^--micro_batch_size 2 --seq_len 32: the checkpoint, from an older "
                                          "train_gpt2.py, .*; keep --micro_batch_size 4 --seq_len 32$"):
-        restore_state(load_checkpoint(path), model2, optimizer2, scaler2, halved, 0, 1, "cpu")
+        restore_state(load_checkpoint(path), model2, [optimizer2], scaler2, halved, 0, 1, "cpu")
 
 
 def test_grad_accumulation_equals_one_big_batch(data, tmp_path):
@@ -391,12 +392,14 @@ def test_grad_accumulation_equals_one_big_batch(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process(data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_two_processes_equal_one_process(data, tmp_path, optimizer):
     """2 gloo ranks accumulating 2 micro-batches each == 1 process accumulating 4, step for step; and the
     2-rank checkpoint resumes on 1 process with the same token stream. Shuffled, so that the ranks must
-    agree on the order of the micro-batches within a shard too (test_multinode runs the default order)."""
+    agree on the order of the micro-batches within a shard too (test_multinode runs the default order).
+    With muon, every rank orthogonalizes the same all-reduced whole matrices."""
     common = ["--max_steps", 6, "--ckpt_interval", 3, "--micro_batch_size", 2, "--total_batch_size", 256,
-              "--shuffle", 1]
+              "--shuffle", 1, "--optimizer", optimizer]
     train(data, tmp_path / "ddp", *common, nproc=2)
     train(data, tmp_path / "single", *common)
     ddp, single = read_log(tmp_path / "ddp"), read_log(tmp_path / "single")
@@ -406,8 +409,11 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path):
     a = torch.load(tmp_path / "ddp" / "model_00006.pt", weights_only=True)
     b = torch.load(tmp_path / "single" / "model_00006.pt", weights_only=True)
     assert a["loader_position"] == b["loader_position"] == [0, 0, 24 * 64]  # 24 micro-batches of 2x32 read
+    # Muon orthogonalizes in bfloat16 (torch's Newton-Schulz), where the all-reduce's float32 summation
+    # order (~1e-7 apart) can flip a rounding: its weights agree to 1e-4 (measured), its losses to 2e-5.
+    atol = 1e-5 if optimizer == "adamw" else 5e-4
     for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=atol, rtol=1e-4)
 
     os.remove(tmp_path / "ddp" / "model_00006.pt")
     resume(tmp_path / "ddp")
@@ -443,12 +449,16 @@ def test_checkpoints_are_safe_and_complete(data, tmp_path):
     assert read_log(tmp_path)["val"][9] == pytest.approx(ckpt["val_loss"], abs=1e-4)
 
 
-@pytest.mark.parametrize("dtype,shuffle", [("float32", 0), ("float16", 0), ("float32", 1)])
-def test_resume_after_crash_equals_uninterrupted_run(data, tmp_path, dtype, shuffle):
+@pytest.mark.parametrize("dtype,shuffle,optimizer", [("float32", 0, "adamw"), ("float16", 0, "adamw"),
+                                                     ("float32", 1, "adamw"), ("float32", 0, "muon"),
+                                                     ("float16", 0, "muon")])
+def test_resume_after_crash_equals_uninterrupted_run(data, tmp_path, dtype, shuffle, optimizer):
     """A 12-step run, and the same run crashed after its step-6 checkpoint and resumed: identical losses
-    (no compile; float16 with its GradScaler state restored; shuffled, the same order of micro-batches),
-    and the lines the crashed run logged after its checkpoint are replaced."""
-    args = ["--max_steps", 12, "--ckpt_interval", 6, "--dtype", dtype, "--shuffle", shuffle]
+    (no compile; float16 with its GradScaler state restored; shuffled, the same order of micro-batches;
+    muon with both its optimizers' state), and the lines the crashed run logged after its checkpoint are
+    replaced."""
+    args = ["--max_steps", 12, "--ckpt_interval", 6, "--dtype", dtype, "--shuffle", shuffle,
+            "--optimizer", optimizer]
     train(data, tmp_path / "full", *args)
     train(data, tmp_path / "crashed", *args)
     os.remove(tmp_path / "crashed" / "model_00012.pt")  # as if it died before step 12
@@ -485,21 +495,27 @@ def test_float16_run_learns_like_float32_and_its_checkpoint_holds_the_scaler(dat
     assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {8}
 
 
-def test_float16_overflow_skips_exactly_one_step(data, tmp_path, monkeypatch, capsys):
-    """Step 3's gradients made inf (a hook on its first micro-batch's loss, whose value stays finite): the
-    GradScaler skips that update and halves the loss scale, the step line says so, and the run goes on."""
-    forward, calls = GPT.forward, []
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_float16_overflow_skips_exactly_one_step(data, tmp_path, monkeypatch, capsys, optimizer):
+    """Step 3's gradients made inf (a hook on its first micro-batch's loss, whose value stays finite; with
+    muon, on one block matrix's gradient only, which Muon steps): the GradScaler skips that update, of
+    every optimizer, and halves the loss scale, the step line says so, and the run goes on."""
+    forward, calls, hooks = GPT.forward, [], []
 
     def overflowing_forward(self, idx, targets=None, kv_cache=None):
         logits, loss = forward(self, idx, targets, kv_cache)
         if self.training:
             calls.append(len(calls))
+            while hooks:
+                hooks.pop().remove()
             if len(calls) == 7:  # 2 micro-batches a step: the first of step 3
-                loss.register_hook(lambda grad: grad * math.inf)
+                target = self.transformer.h[0].mlp.c_fc.weight if optimizer == "muon" else loss
+                hooks.append(target.register_hook(lambda grad: grad * math.inf))
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", overflowing_forward)
-    main([str(a) for a in ["--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 8, "--dtype", "float16"]])
+    main([str(a) for a in ["--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 8,
+                           "--dtype", "float16", "--optimizer", optimizer]])
     lines = step_lines(capsys.readouterr().out)
     assert len(calls) == 16 and len(lines) == 8
     skipped = [ln for ln in lines if "skipped" in ln]
@@ -513,7 +529,8 @@ def test_float16_overflow_skips_exactly_one_step(data, tmp_path, monkeypatch, ca
     assert log["val"][8] < log["val"][0]
     ckpt = torch.load(tmp_path / "model_00008.pt", weights_only=True)
     assert ckpt["scaler"]["scale"] == 32768.0
-    assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {7}  # 8 steps, one skipped
+    adamw_states = [s for s in ckpt["optimizer"]["state"].values() if "step" in s]  # Muon's have no count
+    assert {int(s["step"]) for s in adamw_states} == {7}  # 8 steps, one skipped
 
 
 def test_n_steps_then_n_more_equals_2n_steps(data, tmp_path):
@@ -801,11 +818,39 @@ def test_resume_errors(capsys, data, tmp_path):
     code, err = run_main(capsys, *base, *map(str, TINY), "--max_steps", 2)
     assert code == 1 and "already holds checkpoints" in err and "--init_from resume" in err
 
+    code, err = run_main(capsys, *base, "--init_from", "resume", "--optimizer", "muon")  # not a fresh Muon
     path = tmp_path / "model_00002.pt"
+    assert code == 1 and err == f"train_gpt2.py: error: --optimizer muon: {path} holds the state of " \
+                                f"--optimizer adamw; resume with that, or start a new run\n"
+
     path.write_bytes(path.read_bytes()[:5000])  # truncated, as by a full disk
     code, err = run_main(capsys, *base, "--init_from", "resume")
     assert code == 1 and str(path) in err and "corrupt or truncated" in err
     assert err.strip().count("\n") == 0
+
+
+def test_muon_with_activation_checkpointing_and_what_muon_refuses(capsys, data, tmp_path):
+    """--optimizer muon with --activation_checkpointing 1 (which recomputes the model's forward in backward,
+    unseen by the optimizers, as --compile's graphs are) trains as without; one line each for an unknown
+    --optimizer, for muon with --fsdp 1 (Muon orthogonalizes whole matrices, FSDP shards them), and for
+    resuming a muon checkpoint as adamw (a fresh AdamW for the matrices, silently)."""
+    muon = ["--optimizer", "muon", "--max_steps", 3]
+    train(data, tmp_path / "plain", *muon)
+    train(data, tmp_path / "recomputed", *muon, "--activation_checkpointing", 1)
+    assert read_log(tmp_path / "recomputed") == read_log(tmp_path / "plain")
+
+    base = ["--data_dir", data, "--log_dir", tmp_path / "new", *map(str, TINY)]
+    code, err = run_main(capsys, *base, "--optimizer", "sgd")
+    assert code == 1 and err == "train_gpt2.py: error: --optimizer sgd: expected adamw or muon\n"
+    code, err = run_main(capsys, *base, "--optimizer", "muon", "--fsdp", 1)
+    assert code == 1 and err == "train_gpt2.py: error: --optimizer muon: Muon orthogonalizes whole " \
+                                "matrices, which --fsdp 1 shards over the ranks; with muon use DDP " \
+                                "(--fsdp 0)\n"
+    code, err = run_main(capsys, "--log_dir", tmp_path / "plain", "--init_from", "resume", "--max_steps", 4,
+                         "--optimizer", "adamw")
+    path = tmp_path / "plain" / "model_00003.pt"
+    assert code == 1 and err == f"train_gpt2.py: error: --optimizer adamw: {path} holds the state of " \
+                                f"--optimizer muon; resume with that, or start a new run\n"
 
 
 def test_a_log_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(capsys, data, tmp_path):
