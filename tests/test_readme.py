@@ -135,7 +135,7 @@ def command_problems(fenced, tokens):
     known, owner, problems = known_flags(), None, []
     for t in tokens:
         owner = t if t in known else {"lm-eval": "lm_eval"}.get(t, owner)
-        flag = re.match(r"--[a-z][\w-]*", t)
+        flag = re.match(r"--[a-z][\w-]*", t) if " " not in t else None  # not a quoted value: "--max_steps 9"
         if flag and flag.group() not in (known[owner] if owner else set().union(*known.values())):
             problems.append(f"{flag.group()} is not a flag of {owner or 'any script'}: {shlex.join(tokens)}")
     return problems
