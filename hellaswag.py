@@ -236,10 +236,9 @@ def parse_args(argv=None):
 
 def evaluate(cfg):
     from tqdm import tqdm
-    from train_gpt2 import (TrainError, autocast_context, load_model, load_tokenizer, require_gpt2_vocab,
-                            resolve_system)
+    from train_gpt2 import TrainError, load_model, load_tokenizer, require_gpt2_vocab, resolve_system
     try:
-        device, dtype, use_compile = resolve_system(cfg.device, cfg.dtype, cfg.compile)
+        device, _, use_compile, autocast = resolve_system(cfg.device, cfg.dtype, cfg.compile)
         enc = load_tokenizer()
     except TrainError as e:
         raise HellaswagError(str(e)) from None
@@ -259,7 +258,7 @@ def evaluate(cfg):
     if use_compile:
         model, pad_to = torch.compile(model, dynamic=False), longest  # one shape for every forward: compiled once
     with tqdm(total=len(examples), desc=f"hellaswag {cfg.split}", unit="task") as bar:
-        correct, correct_norm, n = score(model, examples, enc, device, cfg.batch_size, autocast_context(device, dtype),
+        correct, correct_norm, n = score(model, examples, enc, device, cfg.batch_size, autocast,
                                          pad_to, progress=bar)
     print(f"acc: {correct / n:.4f} acc_norm: {correct_norm / n:.4f} n: {n}", flush=True)
 

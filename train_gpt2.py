@@ -1015,91 +1015,56 @@ def refresh_plot(log_file, out_png):
 # The machine: --device, --dtype and --compile (every script's), DDP, peak FLOP/s
 
 
-def resolve_device(value):
-    """--device: auto is cuda, else mps, else cpu. A device this machine lacks is an error."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
-        raise TrainError(f"--device {value}: expected auto, cpu, cuda, cuda:N or mps")
-    if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (value.startswith("cuda") and not torch.cuda.is_available()) or (value == "mps" and not torch.backends.mps.is_available()):
-        raise TrainError(f"--device {value}: not available on this machine")
-    return value
-
-
-def resolve_dtype(value, device):
-    """--dtype: the autocast dtype, or None for float32. bfloat16 needs an Ampere or newer GPU; older ones
-    (V100, T4, RTX 20xx) get float16, which training pairs with a GradScaler."""
-    if value not in ("auto", "bfloat16", "float16", "float32"):
-        raise TrainError(f"--dtype {value}: expected auto, bfloat16, float16 or float32")
-    cuda = device.startswith("cuda")
-    # including_emulation=False: emulated bfloat16 "works" on a T4, many times slower than float16
-    native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-    if value == "auto":
-        return (torch.bfloat16 if native_bf16 else torch.float16) if cuda else None
-    if value == "bfloat16" and cuda and not native_bf16:
-        raise TrainError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 (GPUs have it from "
-                         f"Ampere on); use --dtype float16")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[value]
-
-
-def auto_flag(value, device_type, auto_on=("cuda",)):
-    """A flag taking auto (on for the device types auto_on), 1/true or 0/false."""
-    return value.lower() in ("1", "true") or (value.lower() == "auto" and device_type in auto_on)
-
-
-def cuda_compile_problem(device):
-    """Why torch.compile cannot run on this CUDA GPU, or None. It generates GPU code with Triton, which
-    ships with PyTorch's Linux wheels but not for native Windows, and needs compute capability 7.0+."""
-    if importlib.util.find_spec("triton") is None:
-        return "torch.compile needs Triton for CUDA and it is not installed (pip install triton; on Windows, use WSL)"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 7:
-        return (f"torch.compile's Triton needs a GPU of compute capability 7.0 or newer; "
-                f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
-    return None
-
-
-def resolve_compile(value, device):
-    """--compile: auto is on for CUDA, or off with a note where torch.compile cannot run; 1 there is an error."""
-    if value.lower() not in ("auto", "1", "0", "true", "false"):
-        raise TrainError(f"--compile {value}: expected auto, 1, 0, true or false")
-    wanted = auto_flag(value, device.split(":")[0])
-    problem = cuda_compile_problem(device) if wanted and device.startswith("cuda") else None
-    if problem and value.lower() == "auto":
-        print0(f"note: --compile auto is off: {problem}")
-        return False
-    if problem:
-        raise TrainError(f"--compile {value}: {problem}; use --compile 0")
-    return wanted
+def auto_flag(value, on):
+    """A flag taking auto (then `on`), 1/true or 0/false."""
+    return on if str(value).lower() == "auto" else str(value).lower() in ("1", "true")
 
 
 def resolve_system(device, dtype, compile):
     """Every script's --device, --dtype and --compile, checked: (device, autocast dtype or None for float32,
-    whether to torch.compile)."""
-    device = resolve_device(device)
-    return device, resolve_dtype(dtype, device), resolve_compile(compile, device)
-
-
-def autocast_context(device, dtype):
-    """Autocast to dtype (from resolve_system) on device; nothing for float32 (None)."""
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
-
-
-def ddp_backend(device):
-    """NCCL for CUDA, where this PyTorch has it (native Windows builds do not: gloo then, with a note); gloo on CPU."""
-    if not device.startswith("cuda"):
-        return "gloo"
-    if dist.is_nccl_available():
-        return "nccl"
-    print0("note: this PyTorch has no NCCL (native Windows builds have none): DDP runs on gloo, which is slower")
-    return "gloo"
+    whether to torch.compile, the autocast context). auto is: cuda, else mps, else cpu; bfloat16 on GPUs
+    that have it (Ampere on), float16 on older ones (V100, T4, RTX 20xx; training pairs it with a
+    GradScaler), float32 off CUDA; compile on CUDA, off with a note where torch.compile cannot run there
+    (its Triton is not built for native Windows, and needs compute capability 7.0+), where 1 is an error."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise TrainError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
+    if dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise TrainError(f"--dtype {dtype}: expected auto, bfloat16, float16 or float32")
+    if str(compile).lower() not in ("auto", "1", "0", "true", "false"):
+        raise TrainError(f"--compile {compile}: expected auto, 1, 0, true or false")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if device == "auto":
+        device = next(d for d, ok in available.items() if ok)
+    elif not available[device.split(":")[0]]:
+        raise TrainError(f"--device {device}: not available on this machine")
+    cuda = device.startswith("cuda")
+    # including_emulation=False: emulated bfloat16 "works" on a T4, many times slower than float16
+    native_bf16 = cuda and dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported(including_emulation=False)
+    if dtype == "bfloat16" and cuda and not native_bf16:
+        raise TrainError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 (GPUs have it "
+                         f"from Ampere on); use --dtype float16")
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None,
+             "auto": (torch.bfloat16 if native_bf16 else torch.float16) if cuda else None}[dtype]
+    use_compile, problem = auto_flag(compile, cuda), None
+    capability = torch.cuda.get_device_capability(device) if use_compile and cuda else (7, 0)
+    if use_compile and cuda and importlib.util.find_spec("triton") is None:
+        problem = "torch.compile needs Triton for CUDA and it is not installed (pip install triton; on Windows, use WSL)"
+    elif capability < (7, 0):
+        problem = (f"torch.compile's Triton needs a GPU of compute capability 7.0 or newer; "
+                   f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
+    if problem and str(compile).lower() == "auto":
+        print0(f"note: --compile auto is off: {problem}")
+    elif problem:
+        raise TrainError(f"--compile {compile}: {problem}; use --compile 0")
+    autocast = torch.autocast(device.split(":")[0], dtype) if dtype else contextlib.nullcontext()
+    return device, dtype, use_compile and not problem, autocast
 
 
 def setup_distributed(device, timeout):
-    """(ddp, rank, local_rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
-    ddp = "RANK" in os.environ
-    if not ddp:
-        return False, 0, 0, 1, device
+    """(rank, local_rank, world_size, device); DDP where torchrun set RANK, LOCAL_RANK and WORLD_SIZE, on NCCL
+    for CUDA where this PyTorch has it (native Windows builds do not: gloo then, with a note), gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, device
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     if shared_store and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":  # PyTorch #135712, #167288
@@ -1107,11 +1072,15 @@ def setup_distributed(device, timeout):
                          "addresses from torchrun's shared store and fail to connect; run torchrun with "
                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (and --standalone or "
                          "--rdzv-backend c10d)")
+    backend = "gloo"
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=ddp_backend(device), timeout=datetime.timedelta(seconds=timeout))
-    return True, rank, local_rank, world_size, device
+        backend = "nccl" if dist.is_nccl_available() else "gloo"
+    if backend == "gloo" and device.startswith("cuda"):
+        print0("note: this PyTorch has no NCCL (native Windows builds have none): DDP runs on gloo, which is slower")
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    return rank, local_rank, world_size, device
 
 
 def shard_model(model, dtype, device_type, world_size):
@@ -1349,21 +1318,22 @@ class StopRequest:
 
 def train(cfg, given, ckpt):
     check_train_flags(cfg)
-    device, dtype, use_compile = resolve_system(cfg.device, cfg.dtype, cfg.compile)
+    device, dtype, use_compile, autocast = resolve_system(cfg.device, cfg.dtype, cfg.compile)
     for split in ("train", "val"):  # fail on a wrong --data_dir before loading or downloading any weights
         find_shards(cfg.data_dir, split)
-    ddp, rank, local_rank, world_size, device = setup_distributed(device, cfg.dist_timeout)
+    rank, local_rank, world_size, device = setup_distributed(device, cfg.dist_timeout)
+    ddp = dist.is_initialized()
     device_type = "cuda" if device.startswith("cuda") else device
     B, T = cfg.micro_batch_size, cfg.seq_len
     grad_accum_steps = accumulation_steps(cfg.total_batch_size, B, T, world_size)
-    use_hellaswag = auto_flag(cfg.hellaswag, device_type)
+    use_hellaswag = auto_flag(cfg.hellaswag, device_type == "cuda")
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
 
     # The model, its optimizer and the data; on resume, all as the checkpoint left them
     torch.manual_seed(cfg.seed)
     torch.cuda.manual_seed(cfg.seed)
     raw_model = build_model(cfg, given, ckpt)
-    raw_model.chunked_loss = auto_flag(cfg.chunked_loss, device_type, auto_on=("cpu",))
+    raw_model.chunked_loss = auto_flag(cfg.chunked_loss, device_type == "cpu")
     for k in MODEL_FLAGS:  # record the shape the run really has (from weights or checkpoint)
         setattr(cfg, k, getattr(raw_model.config, k))
     raw_model.activation_checkpointing = cfg.activation_checkpointing
@@ -1393,7 +1363,6 @@ def train(cfg, given, ckpt):
     model = eval_model  # DDP wraps it only for training: evaluations have no gradients to all-reduce
     if ddp and not cfg.fsdp:  # FSDP's modules reduce their gradients themselves
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    autocast = autocast_context(device, dtype)
 
     # What the loop writes (log.txt, loss.png, W&B, samples) and scores (HellaSwag)
     log_file = start_log(cfg.log_dir, start_step if ckpt else None) if rank == 0 else None

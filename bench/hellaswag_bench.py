@@ -29,7 +29,7 @@ SHARED_HELLASWAG = os.path.normpath(os.path.join(REPO, "../shared/data/hellaswag
 
 import hellaswag  # noqa: E402
 from fineweb import gpt2_tokenizer  # noqa: E402
-from train_gpt2 import GPT, SHARED_FLAGS_HELP, GPTConfig, autocast_context, resolve_system  # noqa: E402
+from train_gpt2 import GPT, SHARED_FLAGS_HELP, GPTConfig, resolve_system  # noqa: E402
 
 FLAGS = dict(  # name: (default, help)
     limit=(200, "val tasks to score (0 = all 10,042)"),
@@ -73,9 +73,8 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype, use_compile = resolve_system(args.device, args.dtype, args.compile)
+    device, dtype, use_compile, autocast = resolve_system(args.device, args.dtype, args.compile)
     device_type = device.split(":")[0]
-    autocast = autocast_context(device, dtype)
 
     enc = gpt2_tokenizer()
     examples = hellaswag.iterate_examples("val", args.data_dir or None)

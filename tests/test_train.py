@@ -143,13 +143,18 @@ def test_errors_from_torchrun_are_one_line_and_nonzero(data, tmp_path):
 def gpu(monkeypatch):
     """Pretend to be a CUDA GPU: set(name, bf16) names it and says whether it has bfloat16 natively."""
     def set_gpu(name, bf16):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
     return set_gpu
 
 
-def test_dtype_auto_is_bfloat16_where_the_gpu_has_it_else_float16(gpu):
-    from train_gpt2 import TrainError, resolve_dtype
+def test_dtype_auto_is_bfloat16_where_the_gpu_has_it_else_float16(gpu, monkeypatch):
+    from train_gpt2 import TrainError, resolve_system
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+
+    def resolve_dtype(dtype, device):
+        return resolve_system(device, dtype, "0")[1]
     assert resolve_dtype("auto", "cpu") is None and resolve_dtype("auto", "mps") is None  # float32
     assert resolve_dtype("float16", "cpu") == torch.float16 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     gpu("NVIDIA H100 80GB HBM3", bf16=True)
@@ -161,10 +166,10 @@ def test_dtype_auto_is_bfloat16_where_the_gpu_has_it_else_float16(gpu):
 
 
 def test_autocast_context_computes_in_the_resolved_dtype():
-    from train_gpt2 import autocast_context
+    from train_gpt2 import resolve_system
     linear, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
-    for dtype in (torch.float16, torch.bfloat16, None):
-        with autocast_context("cpu", dtype):
+    for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16), ("float32", None)):
+        with resolve_system("cpu", name, "0")[3]:
             assert linear(x).dtype == (dtype or torch.float32)
 
 
@@ -181,7 +186,11 @@ def test_compile_auto_is_off_with_a_note_where_triton_cannot_run(monkeypatch, ca
     """No Triton (native Windows), or a GPU older than compute capability 7.0: --compile auto is off and
     says why in one line; --compile 1 is a one-line error."""
     import importlib.util
-    from train_gpt2 import TrainError, resolve_compile
+    from train_gpt2 import TrainError, resolve_system
+
+    def resolve_compile(value, device):
+        return resolve_system(device, "float32", value)[2]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     find_spec, triton = importlib.util.find_spec, {"installed": False}
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: (find_spec("math") if triton["installed"] else None) if name == "triton"
@@ -206,7 +215,16 @@ def test_compile_auto_is_off_with_a_note_where_triton_cannot_run(monkeypatch, ca
 
 def test_ddp_uses_gloo_with_a_note_where_pytorch_has_no_nccl(monkeypatch, capsys):
     import torch.distributed as dist
-    from train_gpt2 import ddp_backend
+    from train_gpt2 import setup_distributed
+    backends = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: backends.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    for k, v in {"RANK": "0", "LOCAL_RANK": "3", "WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(k, v)
+
+    def ddp_backend(device):
+        assert setup_distributed(device, 60) == (0, 3, 4, "cuda:3" if device.startswith("cuda") else device)
+        return backends[-1]
     monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
     assert (ddp_backend("cuda:3"), ddp_backend("cpu")) == ("nccl", "gloo")
     monkeypatch.setattr(dist, "is_nccl_available", lambda: False)  # native Windows builds
