@@ -783,28 +783,6 @@ def require_gpt2_vocab(model, source):
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def optimizer_state(model, optimizer):
-    """The whole optimizer state in optimizer.state_dict()'s format (parameters numbered in param_groups
-    order), however the model is sharded; torch.distributed.checkpoint names them instead."""
-    named = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
-    if not named:  # ranks but 0
-        return {}
-    groups = named["param_groups"]
-    ids = {name: i for i, name in enumerate(n for group in groups for n in group["params"])}
-    return {"state": {ids[name]: v for name, v in named["state"].items()},
-            "param_groups": [{**group, "params": [ids[n] for n in group["params"]]} for group in groups]}
-
-
-def load_optimizer_state(model, optimizer, state):
-    """optimizer_state's dict back into optimizer, into this rank's shards under FSDP."""
-    names = {p: name for name, p in model.named_parameters()}
-    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
-    groups = state["param_groups"]
-    named = {"state": {order[i]: v for i, v in state["state"].items()},
-             "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in groups]}
-    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
-
-
 def checkpoint_state(model, optimizer, scaler, cfg, step, val_loss, hellaswag, wandb_id, loaders, device_type,
                      world_size):
     """What a resume needs, after `step` optimizer steps: weights, optimizer and loss scale, the flags, the
@@ -818,7 +796,7 @@ def checkpoint_state(model, optimizer, scaler, cfg, step, val_loss, hellaswag, w
         rngs = [None] * world_size
         dist.all_gather_object(rngs, rng)
     data = {"dir": os.path.realpath(cfg.data_dir), "train": train_loader.record, "val": val_loader.record}
-    return {"model": get_model_state_dict(model, options=FULL_STATE), "optimizer": optimizer_state(model, optimizer),
+    return {"model": get_model_state_dict(model, options=FULL_STATE), "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL_STATE),
             "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(model.config),
             "config": dataclasses.asdict(cfg), "step": step, "val_loss": val_loss, "hellaswag": hellaswag,
             "wandb_id": wandb_id, "loader_position": list(train_loader.position), "data": data,
@@ -861,6 +839,9 @@ def resume_config(cfg, given):
     if not paths:
         raise TrainError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
     ckpt = load_checkpoint(paths[-1])
+    if not all(isinstance(n, str) for group in ckpt["optimizer"]["param_groups"] for n in group["params"]):
+        raise TrainError(f"{paths[-1]}: written by an older train_gpt2.py, whose optimizer state this one cannot "
+                         f"read; continue that run with the train_gpt2.py that wrote it, or pick a new --log_dir")
     saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
     cfg = TrainConfig(**{**saved, **given, "init_from": "resume"})
     for k in MODEL_FLAGS:
@@ -873,7 +854,7 @@ def resume_config(cfg, given):
 
 def restore_state(ckpt, model, optimizer, scaler, loaders, rank, world_size, device_type):
     """Load a checkpoint's optimizer, loss scale, data position and RNG state; returns its step."""
-    load_optimizer_state(model, optimizer, ckpt["optimizer"])
+    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
     if scaler.is_enabled() and ckpt.get("scaler"):  # a float16 run's loss scale (a new one after bf16/fp32)
         scaler.load_state_dict(ckpt["scaler"])
     resume_data(ckpt, *loaders)

@@ -289,8 +289,7 @@ def test_log_lines_and_the_do_nothing_wandb(tmp_path):
 
 
 def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
-    """What checkpoint_state() saves, restore_state() puts back: optimizer, loss scale, data position, RNG. A
-    checkpoint of an older version (its position in micro-batches) resumes with the same micro-batch only."""
+    """What checkpoint_state() saves, restore_state() puts back: optimizer, loss scale, data position, RNG."""
     from train_gpt2 import (DataLoaderLite, TrainError, checkpoint_state, load_checkpoint, restore_state,
                             save_checkpoint)
     torch.manual_seed(0)
@@ -316,14 +315,23 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
     assert optimizer2.state_dict()["state"][0]["step"] == 1 and ckpt["val_loss"] == 5.5
     assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
 
+
+
+def test_a_checkpoint_of_the_older_format_is_refused_in_one_line(data, tmp_path, capsys):
+    """Checkpoints before the optimizer state was saved by parameter name (numbered instead, with the
+    position in micro-batches) cannot be resumed: one line says so; their weights still load."""
+    from train_gpt2 import load_model
+    train(data, tmp_path, "--max_steps", 1)
+    ckpt = load_checkpoint(tmp_path / "model_00001.pt")
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
     old = {k: v for k, v in ckpt.items() if k not in ("loader_position", "data")}
-    torch.save({**old, "loader_positions": [1]}, path)
-    restore_state(load_checkpoint(path), model2, optimizer2, scaler2, loaders2, 0, 1, "cpu")
-    assert loaders2[0].position == (0, 0, 128)
-    halved = [DataLoaderLite(str(data), split, 2, 32, vocab_size=256) for split in ("train", "val")]
-    with pytest.raises(TrainError, match="^--micro_batch_size 2 --seq_len 32: the checkpoint, from an older "
-                                         "train_gpt2.py, .*; keep --micro_batch_size 4 --seq_len 32$"):
-        restore_state(load_checkpoint(path), model2, optimizer2, scaler2, halved, 0, 1, "cpu")
+    torch.save({**old, "optimizer": optimizer.state_dict(), "loader_positions": [1]}, tmp_path / "model_00001.pt")
+    code, err = run_main(capsys, "--log_dir", tmp_path, "--init_from", "resume", "--max_steps", 2)
+    assert code == 1 and err == f"train_gpt2.py: error: {tmp_path}/model_00001.pt: written by an older " \
+                                f"train_gpt2.py, whose optimizer state this one cannot read; continue that run " \
+                                f"with the train_gpt2.py that wrote it, or pick a new --log_dir\n"
+    assert torch.equal(load_model(str(tmp_path)).state_dict()["lm_head.weight"], ckpt["model"]["lm_head.weight"])
 
 
 def test_grad_accumulation_equals_one_big_batch(data, tmp_path):
