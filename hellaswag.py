@@ -20,7 +20,6 @@ The test split's labels are not public, so only train and val can be scored. The
 are train_gpt2.py's, whose evals score HellaSwag too; this script is their command line.
 """
 
-import dataclasses
 import itertools
 import os
 import sys
@@ -29,16 +28,18 @@ from dataclasses import dataclass
 import torch
 
 from train_gpt2 import (PRETRAINED, TrainError, config_parser, hellaswag_file, iterate_examples, load_model,
-                        load_tokenizer, longest_example, require_gpt2_vocab, resolve_system, score)
+                        load_tokenizer, longest_example, option, require_gpt2_vocab, resolve_system, score)
 
 
 @dataclass
 class HellaswagConfig:
-    model: str = dataclasses.field(default="gpt2", metadata={"help": "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder, or a train_gpt2.py checkpoint (log/model_NNNNN.pt, or log: its newest)"})
-    split: str = dataclasses.field(default="val", metadata={"help": "train or val"})
-    data_dir: str = dataclasses.field(default="", metadata={"help": "folder holding hellaswag_{split}.jsonl ('' = $HELLASWAG_DIR or ~/.cache/gpt2-repro/hellaswag, downloaded there on first use)"})
-    limit: int = dataclasses.field(default=0, metadata={"help": "score the first N tasks only (0 = all)"})
-    batch_size: int = dataclasses.field(default=16, metadata={"help": "tasks per forward pass (4 rows each)"})
+    model: str = option("gpt2", "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder, or a "
+                                "train_gpt2.py checkpoint (log/model_NNNNN.pt, or log: its newest)")
+    split: str = option("val", "train or val")
+    data_dir: str = option("", "folder holding hellaswag_{split}.jsonl ('' = $HELLASWAG_DIR or "
+                               "~/.cache/gpt2-repro/hellaswag, downloaded there on first use)")
+    limit: int = option(0, "score the first N tasks only (0 = all)")
+    batch_size: int = option(16, "tasks per forward pass (4 rows each)")
     device: str = "auto"  # help: train_gpt2.SHARED_FLAGS_HELP
     dtype: str = "auto"
     compile: str = "auto"
@@ -47,7 +48,8 @@ class HellaswagConfig:
 def parse_args(argv=None):
     parser = config_parser(HellaswagConfig, "hellaswag.py", __doc__)
     cfg = HellaswagConfig(**vars(parser.parse_args(argv)))
-    checks = [("split", cfg.split in ("train", "val"), "expected train or val (HellaSwag's test labels are not public)"),
+    checks = [("split", cfg.split in ("train", "val"),
+               "expected train or val (HellaSwag's test labels are not public)"),
               ("limit", cfg.limit >= 0, "must be >= 0"),
               ("batch_size", cfg.batch_size > 0, "must be a positive integer"),
               ("model", cfg.model in PRETRAINED or os.path.isdir(cfg.model) or os.path.isfile(cfg.model),
@@ -74,12 +76,15 @@ def evaluate(cfg):
     model.to(device).eval()
     longest = longest_example(examples, enc)
     if longest > model.config.block_size:
-        raise TrainError(f"a task has {longest} tokens, more than the model's block_size {model.config.block_size}")
+        raise TrainError(f"a task has {longest} tokens, more than the model's block_size "
+                         f"{model.config.block_size}")
     pad_to = None
     if use_compile:
-        model, pad_to = torch.compile(model, dynamic=False), longest  # one shape for every forward: compiled once
+        # one shape for every forward: compiled once
+        model, pad_to = torch.compile(model, dynamic=False), longest
     with tqdm(total=len(examples), desc=f"hellaswag {cfg.split}", unit="task") as bar:
-        correct, correct_norm, n = score(model, examples, enc, device, cfg.batch_size, autocast, pad_to, progress=bar)
+        correct, correct_norm, n = score(model, examples, enc, device, cfg.batch_size, autocast, pad_to,
+                                         progress=bar)
     print(f"acc: {correct / n:.4f} acc_norm: {correct_norm / n:.4f} n: {n}", flush=True)
 
 

@@ -37,7 +37,8 @@ def read_log(log_file):
         try:
             text = f.read().decode("utf-8")
         except UnicodeDecodeError as e:
-            raise PlotError(f"{log_file}: not a text log (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+            raise PlotError(f"{log_file}: not a text log (byte {e.object[e.start]:#04x} at offset "
+                            f"{e.start})") from None
     series = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("# "):
