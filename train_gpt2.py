@@ -860,7 +860,8 @@ def restore_state(ckpt, model, optimizer, scaler, train_loader, val_loader):
     """Load a checkpoint's optimizer, loss scale and RNG state, and continue at its first unread token, in
     the same data whatever B, T and the rank count; changed data is refused at its first difference,
     another --data_dir (a new corpus) read from its start."""
-    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True)  # whole tensors, as saved, into this rank's shards
+    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=options)
     if scaler.is_enabled() and ckpt.get("scaler"):  # a float16 run's loss scale (a new one after bf16/fp32)
         scaler.load_state_dict(ckpt["scaler"])
     rank, rngs = train_loader.process_rank, ckpt["rng_states"]
