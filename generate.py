@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from train_gpt2 import (PRETRAINED, SAMPLE_PROMPT, TrainError, autocast_context, check_flags, config_parser,
+from train_gpt2 import (PRETRAINED, SAMPLE_PROMPT, TrainError, check_flags, config_parser,
                         load_model, load_tokenizer, option, require_gpt2_vocab, resolve_system)
 
 
@@ -76,7 +76,7 @@ def read_prompt(prompt, enc):
 
 def run(cfg):
     check_generate_flags(cfg)
-    device, dtype, use_compile = resolve_system(cfg.device, cfg.dtype, cfg.compile)
+    device, _, use_compile, autocast = resolve_system(cfg.device, cfg.dtype, cfg.compile)
     enc = load_tokenizer()
     tokens = read_prompt(cfg.prompt, enc)
     try:
@@ -99,7 +99,7 @@ def run(cfg):
         # token; without it each length would be a recompile.
         model.compile(dynamic=True)
     rows = model.generate(tokens, cfg.num_return_sequences, n_new, cfg.temperature, cfg.top_k, cfg.top_p,
-                          cfg.seed, autocast_context(device, dtype), n_vocab=enc.n_vocab)
+                          cfg.seed, autocast, n_vocab=enc.n_vocab)
     # An <|endoftext|> the model samples is kept and printed as "<|endoftext|>": what follows is a new
     # document, the way the model saw documents joined in training.
     for row in rows:

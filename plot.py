@@ -27,7 +27,8 @@ class PlotError(ValueError):
 
 def read_log(log_file):
     """log.txt's `STEP KIND VALUE` lines as {kind: ([steps], [values])}, in file order. Every kind is
-    kept, not only train, val and hella; plot_log() draws those three and ignores the rest."""
+    kept, not only train, val and hella; plot_log() draws those three and ignores the rest. `# ` lines
+    (the run's provenance: torch, device, source hash) are not data."""
     if not os.path.exists(log_file):
         raise PlotError(f"{log_file} not found; pass --log_file")
     if os.path.isdir(log_file):
@@ -36,10 +37,11 @@ def read_log(log_file):
         try:
             text = f.read().decode("utf-8")
         except UnicodeDecodeError as e:
-            raise PlotError(f"{log_file}: not a text log (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+            raise PlotError(f"{log_file}: not a text log (byte {e.object[e.start]:#04x} at offset "
+                            f"{e.start})") from None
     series = {}
     for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+        if not line.strip() or line.startswith("# "):
             continue
         try:
             step, kind, value = line.split()

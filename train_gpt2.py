@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import importlib.util
 import json
 import math
@@ -24,6 +25,7 @@ import signal
 import stat
 import sys
 import time
+import urllib.request
 import zlib
 from dataclasses import dataclass
 
@@ -746,7 +748,7 @@ def checkpoint_paths(log_dir):
     """Checkpoints in log_dir, oldest first."""
     if not os.path.isdir(log_dir):
         return []
-    names = sorted(n for n in os.listdir(log_dir) if re.fullmatch(r"model_\d{5,}\.pt", n))
+    names = [n for n in os.listdir(log_dir) if re.fullmatch(r"model_\d{5,}\.pt", n)]
     return [os.path.join(log_dir, n) for n in sorted(names, key=lambda n: int(n[6:-3]))]
 
 
@@ -760,10 +762,10 @@ def load_checkpoint(path):
     except Exception as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if isinstance(e, pickle.UnpicklingError) and found:  # weights_only met pickled objects, maybe code
-            raise TrainError(f"{path}: holds objects that are not plain tensors and data ({found[1]}), so it was "
-                             f"refused without loading it") from None
-        raise TrainError(f"{path}: cannot read the checkpoint ({type(e).__name__}); it is corrupt or truncated: "
-                         f"move it away and use the one before") from None
+            raise TrainError(f"{path}: holds objects that are not plain tensors and data ({found[1]}), so it "
+                             f"was refused without loading it") from None
+        raise TrainError(f"{path}: cannot read the checkpoint ({type(e).__name__}); it is corrupt or "
+                         f"truncated: move it away and use the one before") from None
     if missing:
         raise TrainError(f"{path}: not a train_gpt2.py checkpoint (no {', '.join(sorted(missing))})")
     return ckpt
@@ -800,7 +802,7 @@ def load_model(init_from):
     print0(f"loading GPT-2 weights from {init_from}")
     try:
         return GPT.from_pretrained(init_from)
-    except (OSError, ValueError) as e:  # no such folder, no weights (offline), not GPT-2: transformers says which
+    except (OSError, ValueError) as e:  # no such folder, no weights (offline), not GPT-2: transformers says
         raise TrainError(f"{init_from}: {str(e).strip().splitlines()[0]}") from None
 
 
@@ -817,48 +819,25 @@ def require_gpt2_vocab(model, source):
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def optimizer_state(model, optimizers):
-    """The optimizers' whole state in optimizer.state_dict()'s format (parameters numbered in param_groups
-    order, one optimizer's after another's), however the model is sharded; torch.distributed.checkpoint
-    names them instead."""
-    named = get_optimizer_state_dict(model, optimizers, options=FULL_STATE)
-    if not named:  # ranks but 0
-        return {}
-    groups = named["param_groups"]
-    ids = {name: i for i, name in enumerate(n for group in groups for n in group["params"])}
-    return {"state": {ids[name]: v for name, v in named["state"].items()},
-            "param_groups": [{**group, "params": [ids[n] for n in group["params"]]} for group in groups]}
-
-
-def load_optimizer_state(model, optimizers, state):
-    """optimizer_state's dict back into the optimizers, into this rank's shards under FSDP."""
-    names = {p: name for name, p in model.named_parameters()}
-    order = [names[p] for opt in optimizers for group in opt.param_groups for p in group["params"]]
-    groups = state["param_groups"]
-    named = {"state": {order[i]: v for i, v in state["state"].items()},
-             "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in groups]}
-    set_optimizer_state_dict(model, optimizers, named, options=StateDictOptions(full_state_dict=True))
-
-
-def checkpoint_state(model, optimizers, scaler, cfg, step, val_loss, hellaswag, wandb_id, loaders,
-                     device_type, world_size):
-    """What a resume needs, after `step` optimizer steps: weights, optimizer and loss scale, the flags, the
-    data read (the train loader's position, the same on every rank, and the shards of each split) and every
-    rank's RNG state. Under DDP or FSDP every rank calls it (and only rank 0's is whole: weights and
-    optimizer state are gathered there, RNG states from every rank)."""
+def checkpoint_state(model, optimizers, scaler, cfg, step, loaders, provenance, **values):
+    """What a resume needs, after `step` optimizer steps: weights, optimizer (by parameter name) and loss
+    scale, the flags, the data read (the train loader's position, the same on every rank, and the shards
+    of each split), every rank's RNG state, and what made it (provenance); values (val_loss, hellaswag,
+    wandb_id) for export.py and W&B. Under DDP or FSDP every rank calls it (and only rank 0's is whole:
+    weights and optimizer state are gathered there, RNG states from every rank)."""
     train_loader, val_loader = loaders
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+    rng = {"cpu": torch.get_rng_state(), "cuda": cuda_rng}
     rngs = [rng]
-    if world_size > 1:
-        rngs = [None] * world_size
+    if dist.is_initialized():
+        rngs = [None] * dist.get_world_size()
         dist.all_gather_object(rngs, rng)
     data = {"dir": os.path.realpath(cfg.data_dir), "train": train_loader.record, "val": val_loader.record}
-    return {"model": get_model_state_dict(model, options=FULL_STATE),
-            "optimizer": optimizer_state(model, optimizers),
-            "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(model.config),
-            "config": dataclasses.asdict(cfg), "step": step, "val_loss": val_loss, "hellaswag": hellaswag,
-            "wandb_id": wandb_id, "loader_position": list(train_loader.position), "data": data,
-            "rng_states": rngs}
+    return {"model": get_model_state_dict(model, options=FULL_STATE), "scaler": scaler.state_dict(),
+            "optimizer": get_optimizer_state_dict(model, optimizers, options=FULL_STATE),
+            "model_config": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg), "step": step,
+            "loader_position": list(train_loader.position), "data": data, "rng_states": rngs,
+            "provenance": provenance, **values}
 
 
 def save_checkpoint(ckpt, log_dir, keep_last):
@@ -868,12 +847,12 @@ def save_checkpoint(ckpt, log_dir, keep_last):
         write_synced(path + ".tmp", lambda f: torch.save(ckpt, f))
     except Exception as e:
         if disk_full(e):
-            raise TrainError(f"disk full in {log_dir}: {os.path.basename(path)} was not written and the checkpoints "
-                             f"before it are untouched; free space, then continue with --init_from resume") from None
+            raise TrainError(f"disk full in {log_dir}: {os.path.basename(path)} was not written and the "
+                             f"checkpoints before it are untouched; free space, then continue with "
+                             f"--init_from resume") from None
         raise
     os.replace(path + ".tmp", path)
-    old = checkpoint_paths(log_dir)
-    for p in old[:-keep_last] if keep_last else []:
+    for p in checkpoint_paths(log_dir)[:-keep_last] if keep_last else []:
         os.remove(p)
     return path
 
@@ -885,8 +864,8 @@ def resume_config(cfg, given):
     paths = checkpoint_paths(cfg.log_dir)
     if cfg.init_from != "resume" and not (cfg.auto_resume and paths):
         if paths:
-            raise TrainError(f"{cfg.log_dir}/ already holds checkpoints (newest {paths[-1]}): continue them with "
-                             f"--init_from resume, or pick a new --log_dir")
+            raise TrainError(f"{cfg.log_dir}/ already holds checkpoints (newest {paths[-1]}): continue them "
+                             f"with --init_from resume, or pick a new --log_dir")
         # A new run would overwrite log.txt and add to samples.txt; an --auto_resume run restarting before its
         # first checkpoint starts its own log again
         for name in () if cfg.auto_resume else ("log.txt", "samples.txt"):
@@ -897,6 +876,10 @@ def resume_config(cfg, given):
     if not paths:
         raise TrainError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
     ckpt = load_checkpoint(paths[-1])
+    if not all(isinstance(n, str) for group in ckpt["optimizer"]["param_groups"] for n in group["params"]):
+        raise TrainError(f"{paths[-1]}: written by an older train_gpt2.py, whose optimizer state this one "
+                         f"cannot read; continue that run with the train_gpt2.py that wrote it, or pick a "
+                         f"new --log_dir")
     saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
     for k in {"hellaswag", "compile", "chunked_loss"} & set(saved):  # older checkpoints hold them as text: "1"
         saved[k] = auto_or_bool(str(saved[k]))
@@ -907,37 +890,33 @@ def resume_config(cfg, given):
         raise TrainError(f"--optimizer {cfg.optimizer}: {paths[-1]} holds the state of --optimizer "
                          f"{saved.get('optimizer', 'adamw')}; resume with that, or start a new run")
     if cfg.max_steps < ckpt["step"]:
-        raise TrainError(f"--max_steps {cfg.max_steps}: {paths[-1]} is at step {ckpt['step']} already, so there is "
-                         f"nothing to train; give --max_steps above {ckpt['step']}")
+        raise TrainError(f"--max_steps {cfg.max_steps}: {paths[-1]} is at step {ckpt['step']} already, so "
+                         f"there is nothing to train; give --max_steps above {ckpt['step']}")
     return cfg, ckpt
 
 
-def restore_state(ckpt, model, optimizers, scaler, loaders, rank, world_size, device_type):
-    """Load a checkpoint's optimizer state, loss scale, data position and RNG state; returns its step."""
-    load_optimizer_state(model, optimizers, ckpt["optimizer"])
+def restore_state(ckpt, model, optimizers, scaler, train_loader, val_loader):
+    """Load a checkpoint's optimizer, loss scale and RNG state, and continue at its first unread token, in
+    the same data whatever B, T and the rank count; changed data is refused at its first difference,
+    another --data_dir (a new corpus) read from its start."""
+    options = StateDictOptions(full_state_dict=True)  # whole tensors, as saved, into this rank's shards
+    set_optimizer_state_dict(model, optimizers, ckpt["optimizer"], options=options)
     if scaler.is_enabled() and ckpt.get("scaler"):  # a float16 run's loss scale (a new one after bf16/fp32)
         scaler.load_state_dict(ckpt["scaler"])
-    resume_data(ckpt, *loaders)
-    if len(ckpt["rng_states"]) == world_size:
-        torch.set_rng_state(ckpt["rng_states"][rank]["cpu"])
-        if device_type == "cuda" and ckpt["rng_states"][rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng_states"][rank]["cuda"])
-    return ckpt["step"]
-
-
-def resume_data(ckpt, train_loader, val_loader):
-    """Continue at the checkpoint's first unread token, in the same data whatever B, T and the rank count;
-    changed data is refused at its first difference, another --data_dir (a new corpus) read from its start."""
-    then, data = ckpt["config"], ckpt.get("data")  # no "data" in checkpoints of older versions
-    data_dir, now = os.path.dirname(train_loader.paths[0]), {"train": train_loader.record,
-                                                             "val": val_loader.record}
+    rank, rngs = train_loader.process_rank, ckpt["rng_states"]
+    if len(rngs) == train_loader.num_processes:
+        torch.set_rng_state(rngs[rank]["cpu"])
+        if torch.cuda.is_initialized() and rngs[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(rngs[rank]["cuda"])
+    then, data = ckpt["config"], ckpt["data"]
+    data_dir = os.path.dirname(train_loader.paths[0])
+    now = {"train": train_loader.record, "val": val_loader.record}
     train_loader.reset()
-    if os.path.realpath(data_dir) != (data["dir"] if data else os.path.realpath(then["data_dir"])):
-        if data is None or {k: data[k] for k in now} != now:  # not a copy of the same shards
-            print0(f"note: --data_dir {data_dir} is not the data of the checkpoint ({then['data_dir']}): its "
-                   f"train split is read from its beginning, and val loss measured on its val split")
-            return
-    for split in now if data else []:
+    if os.path.realpath(data_dir) != data["dir"] and {k: data[k] for k in now} != now:  # not a copy of them
+        print0(f"note: --data_dir {data_dir} is not the data of the checkpoint ({then['data_dir']}): its "
+               f"train split is read from its beginning, and val loss measured on its val split")
+        return
+    for split in now:
         old, new = ({n: (t, h) for n, t, h in record} for record in (data[split], now[split]))
         n = next((n for n in sorted(old.keys() | new.keys()) if old.get(n) != new.get(n)), None)
         if n:
@@ -951,83 +930,83 @@ def resume_data(ckpt, train_loader, val_loader):
         raise TrainError(f"--shuffle {int(train_loader.shuffle)}: the checkpoint's run read its data in "
                          f"{'shuffled' if shuffle else 'sorted'} order and its position holds in that order "
                          f"only; keep --shuffle {int(shuffle)}")
-    if (shuffle or data is None) and b * t != train_loader.B * train_loader.T:
-        why = "a shuffled run's position holds for micro-batches of its size only" if data \
-            else "the checkpoint, from an older train_gpt2.py, counts its position in micro-batches"
-        raise TrainError(f"--micro_batch_size {train_loader.B} --seq_len {train_loader.T}: {why}; keep "
-                         f"--micro_batch_size {b} --seq_len {t}")
-    train_loader.position = tuple(ckpt["loader_position"]) if data else \
-        train_loader.locate(ckpt["loader_positions"][0])
+    if shuffle and b * t != train_loader.B * train_loader.T:
+        raise TrainError(f"--micro_batch_size {train_loader.B} --seq_len {train_loader.T}: a shuffled run's "
+                         f"position holds for micro-batches of its size only; keep --micro_batch_size {b} "
+                         f"--seq_len {t}")
+    train_loader.position = tuple(ckpt["loader_position"])
 
 
 # -----------------------------------------------------------------------------
-# Logs: log.txt (build-nanogpt's STEP KIND VALUE lines), loss.png, W&B; rank 0 only
+# Logs: log.txt (build-nanogpt's STEP KIND VALUE lines, and a `# STEP` line of provenance at each start),
+# loss.png, W&B; rank 0 only
 
 
 def read_log_lines(log_file):
-    """log.txt's well-formed `STEP KIND VALUE` lines as (step, kind, text), and the numbers of the damaged
-    ones (a line torn by a crash mid-write, bytes that are not text)."""
+    """log.txt's well-formed lines as (step, kind, text), provenance lines (`# STEP ...`) of kind "#",
+    and the numbers of the damaged ones (a line torn by a crash mid-write, bytes that are not text)."""
     lines, damaged = [], []
     with open(log_file, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
-                step, kind, value = raw.decode("utf-8").split()
+                text = raw.decode("utf-8")
+                if text.startswith("# "):
+                    lines.append((int(text.split()[1]), "#", text.rstrip("\n") + "\n"))
+                    continue
+                step, kind, value = text.split()
                 float(value)
                 lines.append((int(step), kind, f"{step} {kind} {value}\n"))
-            except ValueError:  # UnicodeDecodeError is one too
+            except (ValueError, IndexError):  # UnicodeDecodeError is a ValueError too
                 if raw.strip():
                     damaged.append(n)
     return lines, damaged
 
 
-def start_log(log_dir, resume_step):
+def start_log(log_dir, resume_step, provenance):
     """log_dir/log.txt, new; or, resuming at resume_step, without the lines a crashed run wrote after
     its checkpoint (train line N is the update after N). Damaged lines are dropped, with a note; the file
-    is rewritten atomically, so a crash here loses nothing."""
+    is rewritten atomically, so a crash here loses nothing. Then `# STEP {provenance}`, unless the run's
+    last such line says the same: a resume with other code, torch or device says so where it starts."""
     log_file = os.path.join(log_dir, "log.txt")
     try:
         os.makedirs(log_dir, exist_ok=True)
-        lines, damaged = read_log_lines(log_file) if resume_step is not None and os.path.exists(log_file) else ([], [])
+        resuming = resume_step is not None and os.path.exists(log_file)
+        lines, damaged = read_log_lines(log_file) if resuming else ([], [])
+        kept = [text for n, kind, text in lines if n < resume_step or (n == resume_step and kind != "train")]
+        records = [text.split(maxsplit=2)[2] for text in kept if text.startswith("# ")]
+        if records[-1:] != [json.dumps(provenance) + "\n"]:
+            kept.append(f"# {resume_step or 0} {json.dumps(provenance)}\n")
         with open(log_file + ".tmp", "w") as f:
-            f.writelines(text for n, kind, text in lines if n < resume_step or (n == resume_step and kind != "train"))
+            f.writelines(kept)
         os.replace(log_file + ".tmp", log_file)
     except OSError as e:  # a file where the folder should be, a read-only disk
         raise TrainError(f"--log_dir {log_dir}: cannot write {log_file} there ({e.strerror}); pick another "
                          f"--log_dir") from None
     if damaged:
-        print0(f"note: {log_file}: dropped {len(damaged)} damaged line(s) (line {', '.join(map(str, damaged[:5]))}"
-               f"{', ...' if len(damaged) > 5 else ''}), e.g. torn by a crash mid-write; every other line is kept")
+        print0(f"note: {log_file}: dropped {len(damaged)} damaged line(s) (line "
+               f"{', '.join(map(str, damaged[:5]))}{', ...' if len(damaged) > 5 else ''}), e.g. torn by a "
+               f"crash mid-write; every other line is kept")
     return log_file
-
-
-class NoWandb:
-    """Stands in for a W&B run where there is none (--wandb 0, and ranks but 0): logs nothing."""
-    id = None
-
-    def log(self, values, step):
-        pass
-
-    def finish(self):
-        pass
 
 
 def start_wandb(cfg, ckpt):
     """A W&B run for this run; a resumed run continues the checkpoint's W&B run."""
     import wandb
     return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, dir=cfg.log_dir,
-                      config=dataclasses.asdict(cfg), id=ckpt.get("wandb_id") if ckpt else None, resume="allow")
+                      config=dataclasses.asdict(cfg), id=ckpt and ckpt.get("wandb_id"), resume="allow")
 
 
 def log_values(log_file, wandb_run, step, **values):
-    """The val, hella and train values as log.txt lines (log_file None, on ranks but 0: none), and every
-    value but None to W&B."""
+    """The val, hella and train values as log.txt lines, and every value but None to W&B (log_file and
+    wandb_run None, as on ranks but 0: neither)."""
     values = {k: v for k, v in values.items() if v is not None}
     if log_file is not None:
         with open(log_file, "a") as f:
             for kind in ("val", "hella", "train"):
                 if kind in values:
                     f.write(f"{step} {kind} {values[kind]:.{6 if kind == 'train' else 4}f}\n")
-    wandb_run.log(values, step=step)
+    if wandb_run is not None:
+        wandb_run.log(values, step=step)
 
 
 def step_line(step, loss, lr, norm, dt, tokens, mfu, loss_scale, skipped):
@@ -1046,7 +1025,8 @@ def refresh_plot(log_file, out_png):
         plot_log(log_file, out_png)
         return True
     except ImportError:
-        print0("matplotlib is not installed, so no loss.png: pip install matplotlib, or --plot 0 to hide this")
+        print0("matplotlib is not installed, so no loss.png: pip install matplotlib, or --plot 0 to hide "
+               "this")
     except Exception as e:
         print0(f"plotting loss.png failed ({type(e).__name__}: {e}); training goes on without plots")
     return False
@@ -1056,89 +1036,57 @@ def refresh_plot(log_file, out_png):
 # The machine: --device, --dtype and --compile (every script's), DDP, peak FLOP/s
 
 
-def resolve_device(value):
-    """--device: auto is cuda, else mps, else cpu. A device this machine lacks is an error."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
-        raise TrainError(f"--device {value}: expected auto, cpu, cuda, cuda:N or mps")
-    if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (value.startswith("cuda") and not torch.cuda.is_available()) or (value == "mps" and not torch.backends.mps.is_available()):
-        raise TrainError(f"--device {value}: not available on this machine")
-    return value
-
-
-def resolve_dtype(value, device):
-    """--dtype: the autocast dtype, or None for float32. bfloat16 needs an Ampere or newer GPU; older ones
-    (V100, T4, RTX 20xx) get float16, which training pairs with a GradScaler."""
-    if value not in ("auto", "bfloat16", "float16", "float32"):
-        raise TrainError(f"--dtype {value}: expected auto, bfloat16, float16 or float32")
-    cuda = device.startswith("cuda")
-    # including_emulation=False: emulated bfloat16 "works" on a T4, many times slower than float16
-    native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-    if value == "auto":
-        return (torch.bfloat16 if native_bf16 else torch.float16) if cuda else None
-    if value == "bfloat16" and cuda and not native_bf16:
-        raise TrainError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 (GPUs have it from "
-                         f"Ampere on); use --dtype float16")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[value]
-
-
-def auto_flag(value, device_type, auto_on=("cuda",)):
-    """A flag taking auto (on for the device types auto_on), True or False (auto_or_bool's values)."""
-    return value is True or (value == "auto" and device_type in auto_on)
-
-
-def cuda_compile_problem(device):
-    """Why torch.compile cannot run on this CUDA GPU, or None. It generates GPU code with Triton, which
-    ships with PyTorch's Linux wheels but not for native Windows, and needs compute capability 7.0+."""
-    if importlib.util.find_spec("triton") is None:
-        return "torch.compile needs Triton for CUDA and it is not installed (pip install triton; on Windows, use WSL)"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 7:
-        return (f"torch.compile's Triton needs a GPU of compute capability 7.0 or newer; "
-                f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
-    return None
-
-
-def resolve_compile(value, device):
-    """--compile: auto is on for CUDA, or off with a note where torch.compile cannot run; 1 there is an error."""
-    wanted = auto_flag(value, device.split(":")[0])
-    problem = cuda_compile_problem(device) if wanted and device.startswith("cuda") else None
-    if problem and value == "auto":
-        print0(f"note: --compile auto is off: {problem}")
-        return False
-    if problem:
-        raise TrainError(f"--compile 1: {problem}; use --compile 0")
-    return wanted
+def auto_flag(value, on):
+    """A flag taking auto (then `on`), 1/true or 0/false."""
+    return on if str(value).lower() == "auto" else str(value).lower() in ("1", "true")
 
 
 def resolve_system(device, dtype, compile):
     """Every script's --device, --dtype and --compile, checked: (device, autocast dtype or None for float32,
-    whether to torch.compile)."""
-    device = resolve_device(device)
-    return device, resolve_dtype(dtype, device), resolve_compile(compile, device)
-
-
-def autocast_context(device, dtype):
-    """Autocast to dtype (from resolve_system) on device; nothing for float32 (None)."""
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
-
-
-def ddp_backend(device):
-    """NCCL for CUDA, where this PyTorch has it (native Windows builds do not: gloo then, with a note); gloo on CPU."""
-    if not device.startswith("cuda"):
-        return "gloo"
-    if dist.is_nccl_available():
-        return "nccl"
-    print0("note: this PyTorch has no NCCL (native Windows builds have none): DDP runs on gloo, which is slower")
-    return "gloo"
+    whether to torch.compile, the autocast context). auto is: cuda, else mps, else cpu; bfloat16 on GPUs
+    that have it (Ampere on), float16 on older ones (V100, T4, RTX 20xx; training pairs it with a
+    GradScaler), float32 off CUDA; compile on CUDA, off with a note where torch.compile cannot run there
+    (its Triton is not built for native Windows, and needs compute capability 7.0+), where 1 is an error."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise TrainError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
+    if dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise TrainError(f"--dtype {dtype}: expected auto, bfloat16, float16 or float32")
+    if str(compile).lower() not in ("auto", "1", "0", "true", "false"):
+        raise TrainError(f"--compile {compile}: expected auto, 1, 0, true or false")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if device == "auto":
+        device = next(d for d, ok in available.items() if ok)
+    elif not available[device.split(":")[0]]:
+        raise TrainError(f"--device {device}: not available on this machine")
+    cuda = device.startswith("cuda")
+    # including_emulation=False: emulated bfloat16 "works" on a T4, many times slower than float16
+    native_bf16 = cuda and dtype != "float32" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if dtype == "bfloat16" and cuda and not native_bf16:
+        raise TrainError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 (GPUs have "
+                         f"it from Ampere on); use --dtype float16")
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None,
+             "auto": (torch.bfloat16 if native_bf16 else torch.float16) if cuda else None}[dtype]
+    use_compile, problem = auto_flag(compile, cuda), None
+    capability = torch.cuda.get_device_capability(device) if use_compile and cuda else (7, 0)
+    if use_compile and cuda and importlib.util.find_spec("triton") is None:
+        problem = ("torch.compile needs Triton for CUDA and it is not installed (pip install triton; on "
+                   "Windows, use WSL)")
+    elif capability < (7, 0):
+        problem = (f"torch.compile's Triton needs a GPU of compute capability 7.0 or newer; "
+                   f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
+    if problem and str(compile).lower() == "auto":
+        print0(f"note: --compile auto is off: {problem}")
+    elif problem:
+        raise TrainError(f"--compile {compile}: {problem}; use --compile 0")
+    autocast = torch.autocast(device.split(":")[0], dtype) if dtype else contextlib.nullcontext()
+    return device, dtype, use_compile and not problem, autocast
 
 
 def setup_distributed(device, timeout):
-    """(ddp, rank, local_rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
-    ddp = "RANK" in os.environ
-    if not ddp:
-        return False, 0, 0, 1, device
+    """(rank, local_rank, world_size, device); DDP where torchrun set RANK, LOCAL_RANK and WORLD_SIZE, on NCCL
+    for CUDA where this PyTorch has it (native Windows builds do not: gloo then, with a note), gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, device
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     if shared_store and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":  # PyTorch #135712, #167288
@@ -1146,20 +1094,25 @@ def setup_distributed(device, timeout):
                          "addresses from torchrun's shared store and fail to connect; run torchrun with "
                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (and --standalone or "
                          "--rdzv-backend c10d)")
+    backend = "gloo"
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=ddp_backend(device), timeout=datetime.timedelta(seconds=timeout))
-    return True, rank, local_rank, world_size, device
+        backend = "nccl" if dist.is_nccl_available() else "gloo"
+    if backend == "gloo" and device.startswith("cuda"):
+        print0("note: this PyTorch has no NCCL (native Windows builds have none): DDP runs on gloo, which "
+               "is slower")
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    return rank, local_rank, world_size, device
 
 
 def shard_model(model, dtype, device_type, world_size):
     """FSDP2, in place: each Block, then the root, which holds the rest (wte, wpe, ln_f, and lm_head, whose
     weight is wte's: one parameter, sharded once, so the tying survives). Each module's weights go to the
-    device as it is sharded, so the whole model is never there at once. Under autocast the weights are all-gathered in its dtype and
-    the gradients reduced in float32."""
+    device as it is sharded, so the whole model is never there at once. Under autocast the weights are
+    all-gathered in its dtype and the gradients reduced in float32."""
     mesh = init_device_mesh(device_type, (world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -1167,28 +1120,8 @@ def shard_model(model, dtype, device_type, world_size):
 
 def format_bytes(n):
     """n bytes to 3 significant digits: 498 MB, 1.99 GB."""
-    e, unit = next((e, unit) for e, unit in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "bytes")) if n >= 10 ** e or e == 0)
+    e, unit = next((e, u) for e, u in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "bytes")) if n >= 10**e or not e)
     return f"{n / 10 ** e:.3g} {unit}"
-
-
-def state_memory_line(model, fsdp, world_size):
-    """What training keeps per rank before any activation: weights, gradients (as many) and AdamW's two
-    float32 moments per parameter, counted from this rank's own tensors (its shards under FSDP)."""
-    local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
-    weights = sum(t.numel() * t.element_size() for t in local)
-    adamw = sum(2 * t.numel() * 4 for t in local)
-    return (f"memory per rank: weights {format_bytes(weights)}, gradients {format_bytes(weights)}, AdamW state "
-            f"{format_bytes(adamw)} = {format_bytes(2 * weights + adamw)}, "
-            + (f"sharded over {world_size} ranks" if fsdp else "a full copy on every rank") + ", before activations")
-
-
-def peak_memory_line(device_type):
-    """This process's peak memory so far: the CUDA allocator's peak, or the peak RSS on CPU."""
-    if device_type == "cuda":
-        return f"peak memory after the first step: {format_bytes(torch.cuda.max_memory_allocated())} (CUDA, rank 0)"
-    import resource  # Unix; ru_maxrss is in KiB on Linux, bytes on macOS
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return f"peak memory after the first step: {format_bytes(rss)} (peak RSS of rank 0)"
 
 
 def all_reduce_mean(t, world_size):
@@ -1201,9 +1134,9 @@ def all_reduce_mean(t, world_size):
 
 # Dense 16-bit (bf16, or fp16 on GPUs without bf16) tensor-core peak FLOP/s from the vendors' spec
 # sheets, for MFU; bf16 and fp16 peaks are equal on the GPUs that have both. First match wins.
-GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
-                  ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12),
-                  ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12))
+GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+                  ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+                  ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12))
 
 
 def peak_flops(device):
@@ -1211,6 +1144,163 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
+
+
+# -----------------------------------------------------------------------------
+# HellaSwag, scored at every eval and by hellaswag.py: one JSON task per line (ctx, endings[4], label)
+# rendered as 4 rows, the context's tokens then one ending's; acc picks the ending of the lowest summed
+# loss, acc_norm the lowest mean loss per token, as build-nanogpt does
+
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
+
+
+def hellaswag_cache():
+    return os.environ.get("HELLASWAG_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2-repro",
+                                                           "hellaswag")
+
+
+def hellaswag_file(split, data_dir=""):
+    """hellaswag_{split}.jsonl in data_dir, which must hold it, or in the cache, downloaded if missing:
+    through a temp file renamed when complete, so an interrupted download leaves no truncated file
+    behind, and ranks downloading at once each write their own temp file."""
+    name = f"hellaswag_{split}.jsonl"
+    path = os.path.join(data_dir or hellaswag_cache(), name)
+    if data_dir and not os.path.isfile(path):
+        raise TrainError(f"{path}: no such file (without --data_dir it is downloaded to {hellaswag_cache()})")
+    if os.path.isfile(path):
+        return path
+    from tqdm import tqdm
+    url = os.environ.get("HELLASWAG_URL", HELLASWAG_URL).rstrip("/") + "/" + name
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0)
+            with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
+                while chunk := r.read(1 << 20):
+                    bar.update(f.write(chunk))
+            if total and f.tell() != total:
+                raise OSError(f"got {f.tell()} of {total} bytes")
+        os.replace(tmp, path)
+    except Exception as e:  # urllib raises OSError, ValueError and http.client's own exceptions
+        raise TrainError(f"{path}: not downloaded yet, and downloading it from {url} failed "
+                         f"({type(e).__name__}: {e}); connect to the network, or pass --data_dir a folder "
+                         f"that holds it") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def check_example(ex):
+    """What is wrong with a parsed line, or None if it is a task we can score."""
+    if not isinstance(ex, dict):
+        return f"expected a JSON object, got {type(ex).__name__}"
+    missing = [k for k in ("ctx", "endings", "label") if k not in ex]
+    if missing:
+        return "no " + ", ".join(missing) + " field"
+    if not isinstance(ex["ctx"], str) or not ex["ctx"]:
+        return "ctx must be a non-empty string"  # else an ending's first token would have nothing before it
+    endings = ex["endings"]
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        return f"endings must be a list of 4 strings, got {json.dumps(endings)[:80]}"
+    if type(ex["label"]) is not int or not 0 <= ex["label"] < 4:
+        return f"label must be 0, 1, 2 or 3, got {json.dumps(ex['label'])}"
+    return None
+
+
+def iterate_examples(split, data_dir=""):
+    """Yield the tasks of a split (train or val) as dicts, in file order, checking each line."""
+    if split not in ("train", "val"):
+        raise TrainError(f"split {split!r}: expected train or val (HellaSwag's test labels are not public)")
+    path = hellaswag_file(split, data_dir)
+    with open(path, "rb") as f:  # bytes: json.loads reports bad UTF-8 as a ValueError, like bad JSON
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except ValueError as e:
+                raise TrainError(f"{path} line {n}: not valid JSON ({e})") from None
+            problem = check_example(ex)
+            if problem:
+                raise TrainError(f"{path} line {n}: {problem}")
+            yield ex
+
+
+def render_example(example, enc):
+    """(tokens (4, T) long, mask (4, T) long, 1 on each row's ending tokens, label); rows padded with 0."""
+    ctx = enc.encode(example["ctx"])
+    endings = [enc.encode(" " + e) for e in example["endings"]]  # GPT-2's BPE folds the space into the word
+    tokens = torch.zeros(4, len(ctx) + max(map(len, endings)), dtype=torch.long)
+    mask = torch.zeros_like(tokens)
+    for i, end in enumerate(endings):
+        tokens[i, :len(ctx) + len(end)] = torch.tensor(ctx + end)
+        mask[i, len(ctx):len(ctx) + len(end)] = 1
+    return tokens, mask, example["label"]
+
+
+def longest_example(examples, enc):
+    """Tokens in the longest rendered example: the pad_to that fits them all."""
+    return max((render_example(ex, enc)[0].size(1) for ex in examples), default=1)
+
+
+def iterate_losses(model, rendered, device="cpu", batch_size=16, autocast=contextlib.nullcontext(),
+                   pad_to=None):
+    """Yield (sums (4,), means (4,)) for each rendered (tokens, mask, label), batch_size examples per forward:
+    each ending's summed and mean cross-entropy, each token predicted from the tokens before it (float32,
+    on the CPU); padding after a row's tokens cannot change them, as attention is causal. With pad_to,
+    every forward is (batch_size * 4, pad_to): a short last batch gets all-padding rows, so a compiled
+    model sees one shape."""
+    for start in range(0, len(rendered), batch_size):
+        batch = rendered[start:start + batch_size]
+        width = pad_to or max(t.size(1) for t, _, _ in batch)
+        tokens = torch.zeros(batch_size * 4 if pad_to else len(batch) * 4, width, dtype=torch.long)
+        mask = torch.zeros_like(tokens)
+        for i, (t, m, _) in enumerate(batch):
+            if t.size(1) > width:
+                raise TrainError(f"an example of {t.size(1)} tokens is longer than pad_to={pad_to}")
+            tokens[4 * i:4 * i + 4, :t.size(1)], mask[4 * i:4 * i + 4, :t.size(1)] = t, m
+        tokens, scored = tokens.to(device), mask[:, 1:].bool().to(device)  # position t's logits predict t+1
+        with torch.no_grad(), autocast:
+            logits = model(tokens)[0]  # our GPT returns (logits, loss); transformers' models, logits first
+        ce = F.cross_entropy(logits[:, :-1][scored].float(), tokens[:, 1:][scored], reduction="none")
+        sums = torch.zeros(scored.shape, device=ce.device).masked_scatter_(scored, ce).sum(1)
+        n = 4 * len(batch)
+        yield from zip(sums[:n].view(-1, 4).cpu(), (sums / scored.sum(1))[:n].view(-1, 4).cpu())
+
+
+def score(model, examples, enc, device="cpu", batch_size=16, autocast=contextlib.nullcontext(), pad_to=None,
+          progress=None, world_size=1):
+    """(n_correct, n_correct_norm, n) over the example dicts, tokenized with enc (GPT-2's BPE,
+    fineweb.gpt2_tokenizer()); with world_size > 1 (DDP or FSDP), summed over the ranks, each scoring its
+    own share. progress: a tqdm bar to advance, showing the running acc_norm (without pad_to the tasks
+    are scored shortest first, so it is an estimate until the end)."""
+    rendered = [render_example(ex, enc) for ex in examples]
+    if pad_to is None:  # batches of like lengths waste less on padding (27% fewer positions on val, batch 16)
+        rendered.sort(key=lambda r: r[0].size(1))
+    # Under FSDP every forward all-gathers the weights, which every rank must join: a rank whose share is
+    # one example short may be a batch short, and then runs that batch on padding.
+    most = torch.tensor(len(examples), device=device)
+    if world_size > 1:
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    n = correct = correct_norm = 0
+    losses = iterate_losses(model, rendered, device, batch_size, autocast, pad_to)
+    for (sums, means), (_, _, label) in zip(losses, rendered):
+        n += 1
+        correct += int(sums.argmin()) == label
+        correct_norm += int(means.argmin()) == label
+        if progress is not None:
+            progress.set_postfix(acc_norm=f"{correct_norm / n:.4f}", refresh=False)
+            progress.update()
+    for _ in range(-(-most.item() // batch_size) - -(-len(examples) // batch_size)):
+        with torch.no_grad(), autocast:
+            model(torch.zeros(4 * batch_size, pad_to, dtype=torch.long, device=device))
+    counts = torch.tensor([correct, correct_norm, n], device=device)
+    if world_size > 1:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return tuple(counts.tolist())
 
 
 # -----------------------------------------------------------------------------
@@ -1233,18 +1323,20 @@ def build_model(cfg, given, ckpt):
             source = cfg.init_from
         for k in MODEL_FLAGS:
             if k in given and given[k] != getattr(model.config, k):
-                raise TrainError(f"--{k} {given[k]} contradicts {source} ({k} {getattr(model.config, k)}); drop the flag")
+                raise TrainError(f"--{k} {given[k]} contradicts {source} ({k} {getattr(model.config, k)}); "
+                                 f"drop the flag")
     if cfg.seq_len > model.config.block_size:
-        raise TrainError(f"--seq_len {cfg.seq_len}: must be <= the model's block_size {model.config.block_size}")
+        raise TrainError(f"--seq_len {cfg.seq_len}: must be <= the model's block_size "
+                         f"{model.config.block_size}")
     return model
 
 
 def accumulation_steps(total_batch_size, B, T, world_size):
     """Micro-steps per optimizer step, on each rank: total_batch_size tokens in all."""
     if total_batch_size % (B * T * world_size):
-        raise TrainError(f"--total_batch_size {total_batch_size} must be divisible by micro_batch_size * seq_len * "
-                         f"world_size = {B} * {T} * {world_size} = {B * T * world_size}; change --total_batch_size "
-                         f"or --micro_batch_size")
+        raise TrainError(f"--total_batch_size {total_batch_size} must be divisible by micro_batch_size * "
+                         f"seq_len * world_size = {B} * {T} * {world_size} = {B * T * world_size}; change "
+                         f"--total_batch_size or --micro_batch_size")
     return total_batch_size // (B * T * world_size)
 
 
@@ -1291,70 +1383,44 @@ def load_tokenizer():
 
 def hellaswag_share(data_dir, limit, enc, block_size, rank, world_size):
     """This rank's share of the HellaSwag val examples, and the longest rendered example's length."""
-    from hellaswag import data_file, iterate_examples, longest_example
     try:
         if rank == 0:
-            data_file("val", data_dir or None)  # downloads it on first use, once
+            hellaswag_file("val", data_dir)  # downloads it on first use, once
         if world_size > 1:
             dist.barrier()
-        examples = list(iterate_examples("val", data_dir or None))[:limit or None]
-    except ValueError as e:  # hellaswag.py's errors: missing, unreachable or corrupt data
+        examples = list(iterate_examples("val", data_dir))[:limit or None]
+    except TrainError as e:  # missing, unreachable or corrupt data
         raise TrainError(f"--hellaswag: {e}") from None
     longest = longest_example(examples, enc)
     if longest > block_size:
-        raise TrainError(f"--hellaswag: the longest HellaSwag example has {longest} tokens, more than the model's "
-                         f"block_size {block_size}; use --hellaswag 0")
+        raise TrainError(f"--hellaswag: the longest HellaSwag example has {longest} tokens, more than the "
+                         f"model's block_size {block_size}; use --hellaswag 0")
     return examples[rank::world_size], longest
-
-
-def hellaswag_acc_norm(model, examples, enc, device, batch_size, autocast, pad_to, world_size):
-    """acc_norm over the val examples, each rank scoring its own share. Every batch is padded to one shape
-    (pad_to), so that torch.compile compiles it once, not at every eval."""
-    from hellaswag import score
-    # Under FSDP every forward all-gathers the weights, which every rank must join: a rank whose share is
-    # one example short may be a batch short, and then runs that batch on padding.
-    most = torch.tensor(len(examples), device=device)
-    if world_size > 1:
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    counts = torch.tensor(score(model, examples, enc, device, batch_size, autocast, pad_to=pad_to), device=device)
-    for _ in range(-(-most.item() // batch_size) - -(-len(examples) // batch_size)):
-        with torch.no_grad(), autocast:
-            model(torch.zeros(4 * batch_size, pad_to, dtype=torch.long, device=device))
-    if world_size > 1:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    return counts[1].item() / counts[2].item()
 
 
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 
 
-def sample_prompt(sample_interval, model_config):
-    """The token ids of the samples' prompt; None where no samples are written: with --sample_interval 0,
-    for a model that cannot read GPT-2 text (a toy vocabulary), and for one whose context cannot hold the
-    prompt (with a note)."""
-    if sample_interval == 0 or model_config.vocab_size < GPT2_VOCAB_SIZE:
-        return None
-    prompt = load_tokenizer().encode(SAMPLE_PROMPT)
-    if len(prompt) >= model_config.block_size:
-        print0(f"note: no samples: their prompt has {len(prompt)} tokens and the model's context (block_size) "
-               f"{model_config.block_size}; --sample_interval 0 hides this note")
-        return None
-    return prompt
-
-
-def write_samples(model, prompt, enc, step, log_dir, autocast, rank):
-    """4 samples of the prompt (32 tokens in all, seed 42), printed and added to samples.txt. Every rank
-    generates them, the same (seeded), since under FSDP each forward all-gathers the weights, which every
-    rank must join; rank 0 writes them."""
+def write_samples(model, enc, step, log_dir, autocast, rank):
+    """4 samples of SAMPLE_PROMPT (32 tokens in all, seed 42), printed and added to samples.txt; whether to
+    go on sampling: not where the model's context cannot hold the prompt (which it says). Every rank
+    generates them, the same (seeded), since under FSDP each forward all-gathers the weights, which
+    every rank must join; rank 0 writes them."""
+    prompt = enc.encode(SAMPLE_PROMPT)
+    if len(prompt) >= model.config.block_size:
+        print0(f"note: no samples: their prompt has {len(prompt)} tokens and the model's context "
+               f"(block_size) {model.config.block_size}; --sample_interval 0 hides this note")
+        return False
     rows = model.generate(prompt, 4, max_new_tokens=32 - len(prompt), seed=42, autocast=autocast,
                           n_vocab=enc.n_vocab)
     if rank != 0:
-        return
+        return True
     with open(os.path.join(log_dir, "samples.txt"), "a") as f:
         for i, row in enumerate(rows):
             text = enc.decode(row.tolist())
             print0(f"step {step:5d} | sample {i}: {text}")
             f.write(f"{step} sample {i}: {text!r}\n")
+    return True
 
 
 class StopRequest:
@@ -1389,21 +1455,24 @@ class StopRequest:
 
 def train(cfg, given, ckpt):
     check_train_flags(cfg)
-    device, dtype, use_compile = resolve_system(cfg.device, cfg.dtype, cfg.compile)
+    device, dtype, use_compile, autocast = resolve_system(cfg.device, cfg.dtype, cfg.compile)
     for split in ("train", "val"):  # fail on a wrong --data_dir before loading or downloading any weights
         find_shards(cfg.data_dir, split)
-    ddp, rank, local_rank, world_size, device = setup_distributed(device, cfg.dist_timeout)
-    device_type = "cuda" if device.startswith("cuda") else device
+    rank, local_rank, world_size, device = setup_distributed(device, cfg.dist_timeout)
+    ddp, device_type = dist.is_initialized(), device.split(":")[0]
     B, T = cfg.micro_batch_size, cfg.seq_len
     grad_accum_steps = accumulation_steps(cfg.total_batch_size, B, T, world_size)
-    use_hellaswag = auto_flag(cfg.hellaswag, device_type)
+    use_hellaswag = auto_flag(cfg.hellaswag, device_type == "cuda")
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+    with open(__file__, "rb") as f:  # what made this run, in log.txt and every checkpoint
+        provenance = {"torch": str(torch.__version__), "device": device,
+                      "source_sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
 
     # The model, its optimizer and the data; on resume, all as the checkpoint left them
     torch.manual_seed(cfg.seed)
     torch.cuda.manual_seed(cfg.seed)
     raw_model = build_model(cfg, given, ckpt)
-    raw_model.chunked_loss = auto_flag(cfg.chunked_loss, device_type, auto_on=("cpu",))
+    raw_model.chunked_loss = auto_flag(cfg.chunked_loss, device_type == "cpu")
     for k in MODEL_FLAGS:  # record the shape the run really has (from weights or checkpoint)
         setattr(cfg, k, getattr(raw_model.config, k))
     raw_model.activation_checkpointing = cfg.activation_checkpointing
@@ -1422,71 +1491,79 @@ def train(cfg, given, ckpt):
     # is scaled up before backward and the gradients back down before clipping. A step whose gradients
     # overflow is skipped and the scale halved; it doubles again after 2000 good steps.
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, rank, world_size, cfg.vocab_size, cfg.shuffle, cfg.seed)
+    train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, rank, world_size, cfg.vocab_size, cfg.shuffle,
+                                  cfg.seed)
     val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, rank, world_size, cfg.vocab_size)
     val_steps = distinct_val_steps(cfg.val_steps, val_loader)
-    start_step = 0
+    start_step = 0 if ckpt is None else ckpt["step"]
     if ckpt is not None:
-        start_step = restore_state(ckpt, raw_model, optimizers, scaler, (train_loader, val_loader), rank,
-                                   world_size, device_type)
+        restore_state(ckpt, raw_model, optimizers, scaler, train_loader, val_loader)
         print0(f"resuming from {checkpoint_paths(cfg.log_dir)[-1]} at step {start_step}")
     # One static graph per input shape (train, val, HellaSwag): with dynamic shapes, the second shape
     # seen would recompile everything, the training step too, into a slower dynamic-shape graph.
     eval_model = torch.compile(raw_model, dynamic=False) if use_compile and not cfg.fsdp else raw_model
-    if use_compile and cfg.fsdp:  # the root's FSDP hooks would send its whole forward back to eager: block by block
+    if use_compile and cfg.fsdp:  # the root's FSDP hooks would send its whole forward back to eager: by block
         for block in raw_model.transformer.h:
             block.compile(dynamic=False)
     model = eval_model  # DDP wraps it only for training: evaluations have no gradients to all-reduce
     if ddp and not cfg.fsdp:  # FSDP's modules reduce their gradients themselves
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    autocast = autocast_context(device, dtype)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda"
+                                                    else None)
 
     # What the loop writes (log.txt, loss.png, W&B, samples) and scores (HellaSwag)
-    log_file = start_log(cfg.log_dir, start_step if ckpt else None) if rank == 0 else None
-    wandb_run = start_wandb(cfg, ckpt) if cfg.wandb and rank == 0 else NoWandb()
+    log_file = start_log(cfg.log_dir, start_step if ckpt else None, provenance) if rank == 0 else None
+    wandb_run = start_wandb(cfg, ckpt) if cfg.wandb and rank == 0 else None
     plots = rank == 0 and cfg.plot
-    prompt = sample_prompt(cfg.sample_interval, raw_model.config)
-    enc = load_tokenizer() if prompt or use_hellaswag else None
+    samples = cfg.sample_interval > 0 and raw_model.config.vocab_size >= GPT2_VOCAB_SIZE  # GPT-2 text only
+    enc = load_tokenizer() if samples or use_hellaswag else None
     if use_hellaswag:  # its examples are GPT-2 tokens
         require_gpt2_vocab(raw_model, "--hellaswag: the model")
-    hella_examples, hella_len = hellaswag_share(cfg.hellaswag_dir, cfg.hellaswag_limit, enc, raw_model.config.block_size,
-                                                rank, world_size) if use_hellaswag else ([], None)
+    hella_examples, hella_len = hellaswag_share(cfg.hellaswag_dir, cfg.hellaswag_limit, enc,
+                                                raw_model.config.block_size, rank, world_size) \
+        if use_hellaswag else ([], None)
     flops_per_step = raw_model.flops_per_token(T) * cfg.total_batch_size
     peak = peak_flops(device)
-    print0(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world_size} process(es) on {device} | "
-           f"{str(dtype or torch.float32).removeprefix('torch.')} | compile {'on' if use_compile else 'off'} | "
-           f"chunked loss {'on' if raw_model.chunked_loss else 'off'} | {cfg.total_batch_size:,} tokens per step = "
-           f"{B} x {T} x {world_size} x {grad_accum_steps} accumulation steps")
-    print0(state_memory_line(raw_model, cfg.fsdp, world_size))
+    print0(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world_size} process(es) on "
+           f"{device} | {str(dtype or torch.float32).removeprefix('torch.')} | compile "
+           f"{'on' if use_compile else 'off'} | chunked loss {'on' if raw_model.chunked_loss else 'off'} | "
+           f"{cfg.total_batch_size:,} tokens per step = {B} x {T} x {world_size} x {grad_accum_steps} "
+           f"accumulation steps")
+    # What training keeps per rank before any activation: weights, gradients (as many) and AdamW's two
+    # float32 moments per parameter, counted from this rank's own tensors (its shards under FSDP)
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in raw_model.parameters()]
+    weights, adamw = sum(t.numel() * t.element_size() for t in local), sum(2 * 4 * t.numel() for t in local)
+    print0(f"memory per rank: weights {format_bytes(weights)}, gradients {format_bytes(weights)}, AdamW "
+           f"state {format_bytes(adamw)} = {format_bytes(2 * weights + adamw)}, "
+           f"{f'sharded over {world_size} ranks' if cfg.fsdp else 'a full copy on every rank'}, before "
+           f"activations")
 
     with StopRequest() as stop:
         stopping = False
         for step in range(start_step, cfg.max_steps + 1):
-            # At each step: evaluate, sample and checkpoint the model as `step` updates left it, then update it.
-            # A resumed run's first step was evaluated before its checkpoint; a stop request only checkpoints.
+            # At each step: evaluate, sample and checkpoint the model as `step` updates left it, then update
+            # it. A resumed run's first step was evaluated before its checkpoint; a stop request only
+            # checkpoints.
             last = step == cfg.max_steps or stopping
-            do_eval = (step % cfg.eval_interval == 0 or step % cfg.ckpt_interval == 0 or last) and not stopping \
-                and not (ckpt is not None and step == start_step)
-            do_samples = prompt is not None and step > start_step and (step % cfg.sample_interval == 0 or step == cfg.max_steps)
-            do_checkpoint = step > start_step and (step % cfg.ckpt_interval == 0 or last)
-
             val_loss = acc_norm = None
-            if do_eval:
+            if (step % cfg.eval_interval == 0 or step % cfg.ckpt_interval == 0 or last) and not stopping \
+                    and not (ckpt is not None and step == start_step):
                 val_loss = estimate_val_loss(eval_model, val_loader, val_steps, device, autocast, world_size)
                 check_finite(step, cfg.log_dir, val_loss=val_loss)
                 print0(f"step {step:5d} | val loss {val_loss:.4f}")
                 if use_hellaswag:
-                    acc_norm = hellaswag_acc_norm(eval_model, hella_examples, enc, device, max(1, B // 4), autocast,
-                                                  hella_len, world_size)
+                    _, correct_norm, n = score(eval_model, hella_examples, enc, device, max(1, B // 4),
+                                               autocast, hella_len, world_size=world_size)
+                    acc_norm = correct_norm / n
                     print0(f"step {step:5d} | hellaswag acc_norm {acc_norm:.4f}")
                 log_values(log_file, wandb_run, step, val=val_loss, hella=acc_norm)
                 if plots:
                     plots = refresh_plot(log_file, os.path.join(cfg.log_dir, "loss.png"))
-            if do_samples:
-                write_samples(raw_model, prompt, enc, step, cfg.log_dir, autocast, rank)
-            if do_checkpoint:
-                state = checkpoint_state(raw_model, optimizers, scaler, cfg, step, val_loss, acc_norm,
-                                         wandb_run.id, (train_loader, val_loader), device_type, world_size)
+            if samples and step > start_step and (step % cfg.sample_interval == 0 or step == cfg.max_steps):
+                samples = write_samples(raw_model, enc, step, cfg.log_dir, autocast, rank)
+            if step > start_step and (step % cfg.ckpt_interval == 0 or last):
+                state = checkpoint_state(raw_model, optimizers, scaler, cfg, step, (train_loader, val_loader),
+                                         provenance, val_loss=val_loss, hellaswag=acc_norm,
+                                         wandb_id=wandb_run.id if wandb_run else None)
                 if rank == 0:
                     print0(f"wrote {save_checkpoint(state, cfg.log_dir, cfg.keep_last)}")
             if last:
@@ -1507,20 +1584,20 @@ def train(cfg, given, ckpt):
                 with contextlib.nullcontext() if sync or cfg.fsdp else model.no_sync():
                     with autocast:
                         _, loss = model(x.to(device), y.to(device))
-                    loss = loss / grad_accum_steps  # the mean over the whole batch, not a sum of micro-batch means
+                    loss = loss / grad_accum_steps  # the whole batch's mean, not a sum of micro-batch means
                     loss_accum += loss.detach()
                     scaler.scale(loss).backward()  # scaled in float16 only
             # One all-reduce and one host sync per step: the mean loss, and whether any rank was signalled.
-            stats = all_reduce_mean(torch.stack([loss_accum, torch.tensor(float(stop.requested), device=device)]),
-                                    world_size)
+            stop_flag = torch.tensor(float(stop.requested), device=device)
+            stats = all_reduce_mean(torch.stack([loss_accum, stop_flag]), world_size)
             for opt in optimizers:
                 scaler.unscale_(opt)  # float16: the true gradients again, for clipping
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             if isinstance(norm, DTensor):  # FSDP: each rank's part of the norm of its gradient shards
                 norm = norm.full_tensor()
-            loss_value, stop_value, norm_value = torch.stack([stats[0], stats[1], norm.to(stats.dtype)]).tolist()
+            loss_value, stop_value, norm_value = torch.cat([stats, norm.to(stats.dtype).view(1)]).tolist()
             check_finite(step, cfg.log_dir, loss=loss_value)
-            if not scaler.is_enabled():  # in float16, inf/nan gradients are an overflow: the scaler skips the step
+            if not scaler.is_enabled():  # in float16, inf/nan gradients are an overflow: the step is skipped
                 check_finite(step, cfg.log_dir, grad_norm=norm_value)
             lr = get_lr(step, cfg)
             loss_scale = scaler.get_scale() if scaler.is_enabled() else None
@@ -1530,14 +1607,22 @@ def train(cfg, given, ckpt):
                 if math.isfinite(norm_value):  # float16 overflow anywhere: every optimizer skips the step
                     scaler.step(opt)  # opt.step(), unless float16 gradients overflowed
             scaler.update()
-            skipped = scaler.is_enabled() and scaler.get_scale() < loss_scale  # halved exactly when it skipped
+            skipped = scaler.is_enabled() and scaler.get_scale() < loss_scale  # halved exactly on a skip
             if device_type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
+
             mfu = 100 * flops_per_step / dt / (peak * world_size) if peak else None
-            print0(step_line(step, loss_value, lr, norm_value, dt, cfg.total_batch_size, mfu, loss_scale, skipped))
-            if step == start_step:
-                print0(peak_memory_line(device_type))
+            print0(step_line(step, loss_value, lr, norm_value, dt, cfg.total_batch_size, mfu, loss_scale,
+                             skipped))
+            if step == start_step and device_type == "cuda":
+                print0(f"peak memory after the first step: {format_bytes(torch.cuda.max_memory_allocated())} "
+                       f"(CUDA, rank 0)")
+            elif step == start_step:
+                import resource  # Unix
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+                rss *= 1 if sys.platform == "darwin" else 1024
+                print0(f"peak memory after the first step: {format_bytes(rss)} (peak RSS of rank 0)")
             log_values(log_file, wandb_run, step, train=loss_value, lr=lr, grad_norm=norm_value,
                        tokens_per_sec=cfg.total_batch_size / dt, mfu=mfu, loss_scale=loss_scale)
             stopping = stop_value > 0
@@ -1545,7 +1630,8 @@ def train(cfg, given, ckpt):
                 print0("stop requested (SIGTERM/SIGINT/SIGHUP): writing a checkpoint, then exiting "
                        "(Ctrl-C again to abort)")
 
-    wandb_run.finish()
+    if wandb_run is not None:
+        wandb_run.finish()
     if ddp:
         dist.destroy_process_group()
 

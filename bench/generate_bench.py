@@ -30,7 +30,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from train_gpt2 import GPT, GPTConfig, autocast_context, config_parser, option, resolve_dtype  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, config_parser, option, resolve_system  # noqa: E402
 
 PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model," in GPT-2 tokens
 TARGET = 5.0  # the KV cache's speedup we aim for at 5 x 200 on CPU
@@ -96,7 +96,7 @@ def main(argv=None):
     shape = {} if cfg.shape == "124M" else dict(zip(("n_layer", "n_head", "n_embd"), map(int, cfg.shape.split("x"))))
     model = GPT(GPTConfig(**shape)).to(cfg.device).eval()
     device_type = "cuda" if cfg.device.startswith("cuda") else cfg.device
-    autocast = autocast_context(cfg.device, resolve_dtype(cfg.dtype, cfg.device))
+    autocast = resolve_system(cfg.device, cfg.dtype, "0")[3]
     rows = [bench_size(model, n_seq, n_new, decoding, cfg, autocast) for n_seq, n_new in sizes
             for decoding in ("greedy", "sampled") if decoding == "greedy" or cfg.sampling]
 

@@ -8,7 +8,7 @@ The model is a GPT of the given shape with random weights (speed does not depend
 its token embedding, tied to the output layer, is drawn with std 0.3 instead of 0.02 so that the
 endings' losses differ by more than rounding noise and "same predictions" is a meaningful check.
 Run A scores one task (4 rows) per forward, eager, in file order: build-nanogpt's loop. Run B is what
-hellaswag.score() does: --batch_size tasks per forward, shortest first when eager, or, compiled,
+train_gpt2.score() does: --batch_size tasks per forward, shortest first when eager, or, compiled,
 every forward padded to the longest task (one shape, compiled once; compile time reported apart).
 Each run gets one untimed warm-up forward. Rendering (tokenizing) is done once, untimed. Prints a
 markdown table, and whether both runs chose the same ending for every task (acc and acc_norm).
@@ -27,10 +27,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SHARED_HELLASWAG = os.path.normpath(os.path.join(REPO, "../shared/data/hellaswag"))
 
-import hellaswag  # noqa: E402
 from fineweb import gpt2_tokenizer  # noqa: E402
-from train_gpt2 import (GPT, SHARED_FLAGS_HELP, GPTConfig, auto_or_bool, autocast_context,  # noqa: E402
-                        resolve_system)
+from train_gpt2 import (GPT, SHARED_FLAGS_HELP, GPTConfig, auto_or_bool, iterate_examples,  # noqa: E402
+                        iterate_losses, render_example, resolve_system)
 
 FLAGS = dict(  # name: (default, help)
     limit=(200, "val tasks to score (0 = all 10,042)"),
@@ -58,9 +57,9 @@ def parse_args():
 def timed_run(model, rendered, device, batch_size, autocast, pad_to, order):
     """(seconds, forwards, {index: (sums, means)}): score rendered[order] batch_size tasks per forward."""
     tasks = [rendered[i] for i in order]
-    list(hellaswag.iterate_losses(model, tasks[:batch_size], device, batch_size, autocast, pad_to))  # warm-up
+    list(iterate_losses(model, tasks[:batch_size], device, batch_size, autocast, pad_to))  # warm-up
     t0 = time.perf_counter()
-    losses = list(hellaswag.iterate_losses(model, tasks, device, batch_size, autocast, pad_to))  # .cpu() syncs
+    losses = list(iterate_losses(model, tasks, device, batch_size, autocast, pad_to))  # .cpu() syncs
     return time.perf_counter() - t0, -(-len(tasks) // batch_size), dict(zip(order, losses))
 
 
@@ -75,13 +74,12 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype, use_compile = resolve_system(args.device, args.dtype, args.compile)
+    device, dtype, use_compile, autocast = resolve_system(args.device, args.dtype, args.compile)
     device_type = device.split(":")[0]
-    autocast = autocast_context(device, dtype)
 
     enc = gpt2_tokenizer()
-    examples = hellaswag.iterate_examples("val", args.data_dir or None)
-    rendered = [hellaswag.render_example(ex, enc) for i, ex in zip(range(args.limit or 10**9), examples)]
+    examples = iterate_examples("val", args.data_dir)
+    rendered = [render_example(ex, enc) for i, ex in zip(range(args.limit or 10**9), examples)]
     torch.manual_seed(args.seed)
     model = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)).to(device).eval()
     with torch.no_grad():
@@ -94,9 +92,9 @@ def main():
         pad_to = max(t.size(1) for t, _, _ in rendered)
         model_b = torch.compile(model, dynamic=False)
         t0 = time.perf_counter()
-        list(hellaswag.iterate_losses(model_b, rendered[:1], device, args.batch_size, autocast, pad_to))
+        list(iterate_losses(model_b, rendered[:1], device, args.batch_size, autocast, pad_to))
         compile_s = time.perf_counter() - t0
-    order_b = list(range(len(rendered))) if pad_to else hellaswag.length_order(rendered)
+    order_b = list(range(len(rendered))) if pad_to else sorted(range(len(rendered)), key=lambda i: rendered[i][0].size(1))
     b = timed_run(model_b, rendered, device, args.batch_size, autocast, pad_to, order_b)
 
     n = len(rendered)

@@ -47,7 +47,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from train_gpt2 import (GPT, GPT2_VOCAB_SIZE, MODEL_FLAGS, GPTConfig, config_parser, option,  # noqa: E402
-                        parse_args as parse_train_args, resolve_compile, resolve_dtype)
+                        parse_args as parse_train_args, resolve_system)
 
 # Runs a script as __main__ and, when it exits, prints its peak memory: the same probe for both scripts.
 PEAK_PROBE = """
@@ -156,7 +156,7 @@ def reference_edits(cfg, train_cfg, device):
             ("total_batch_size = 524288", f"total_batch_size = {train_cfg.total_batch_size}"),
             ("B = 64 # micro batch size", f"B = {cfg.reference_micro_batch_size} # micro batch size"),
             ("T = 1024 # sequence length", f"T = {train_cfg.seq_len} # sequence length"),
-            ("use_compile = False", f"use_compile = {resolve_compile(train_cfg.compile, device)}"),
+            ("use_compile = False", f"use_compile = {resolve_system(device, 'float32', train_cfg.compile)[2]}"),
             ("max_steps = 19073", f"max_steps = {cfg.warmup + cfg.steps + 1}"),
             ("val_loss_steps = 20", "val_loss_steps = 1"),
             ("model = GPT(GPTConfig(vocab_size=50304))",
@@ -164,7 +164,7 @@ def reference_edits(cfg, train_cfg, device):
             # the training step's autocast (the evals' are indented deeper): in the runs' dtype, as ours
             ("        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):\n            logits, loss",
              f"        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled="
-             f"{resolve_dtype(train_cfg.dtype, device) == torch.bfloat16}):\n            logits, loss"),
+             f"{resolve_system(device, train_cfg.dtype, '0')[1] == torch.bfloat16}):\n            logits, loss"),
             # HellaSwag and sampling: off, as they already are with compile on (no download, no tokenizer).
             ("if (step % 250 == 0 or last_step) and (not use_compile):", "if False:"),
             ("if ((step > 0 and step % 250 == 0) or last_step) and (not use_compile):", "if False:"),
@@ -261,7 +261,7 @@ def main(argv=None):
         r.update(tok_s=statistics.median(x["tok_s"] for x in runs), ms=statistics.median(x["ms"] for x in runs),
                  peak_gb=max(x["peak_gb"] for x in runs), loss=runs[0]["loss"])
 
-    dtype = resolve_dtype(train_cfg.dtype, device) or torch.float32
+    dtype = resolve_system(device, train_cfg.dtype, "0")[1] or torch.float32
     kind = str(dtype).removeprefix("torch.")
     peak = matmul_peak(device, dtype)
     gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{os.cpu_count()} CPU cores"

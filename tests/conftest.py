@@ -101,6 +101,8 @@ def read_log(log_dir):
     out = {}
     with open(os.path.join(log_dir, "log.txt")) as f:
         for line in f:
+            if line.startswith("# "):  # the run's provenance
+                continue
             step, kind, value = line.split()
             out.setdefault(kind, {})[int(step)] = float(value)
     return out

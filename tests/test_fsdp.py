@@ -53,9 +53,10 @@ def test_two_fsdp_ranks_equal_one_process(runs):
     assert set(a["model"]) == set(b["model"])
     for k in a["model"]:  # gathered whole onto rank 0, tied wte/lm_head included
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
-    # The optimizer state in optimizer.state_dict()'s format (parameters by number), whichever way it was written.
+    # The optimizer state by parameter name (get_optimizer_state_dict's format), whichever way it was written.
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys() == set(range(28))
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert len(b["optimizer"]["state"]) == 28 and set(b["optimizer"]["state"]) <= set(b["model"])
     for i, state in b["optimizer"]["state"].items():
         for k in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(a["optimizer"]["state"][i][k], state[k], atol=1e-6, rtol=1e-3)

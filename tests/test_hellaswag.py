@@ -22,10 +22,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import hellaswag
 from conftest import HELLASWAG_EXCERPT, REPO, SHARED_HELLASWAG, tiktoken_gpt2
-from hellaswag import (HellaswagError, example_losses, iterate_examples, iterate_losses, longest_example,
-                       main, render_example, score)
+from hellaswag import main
 from fineweb import gpt2_tokenizer
-from train_gpt2 import load_model
+from train_gpt2 import (TrainError, hellaswag_cache, iterate_examples, iterate_losses, load_model, longest_example,
+                        render_example, score)
 
 TOL = 1e-4  # float32 losses
 LAST_LINE = re.compile(r"acc: (\d\.\d{4}) acc_norm: (\d\.\d{4}) n: (\d+)")
@@ -80,6 +80,11 @@ def run_main(capsys, *argv):
             print(e.code, file=sys.stderr)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def example_losses(model, tokens, mask):
+    """One rendered example, alone in its forward pass: its 4 endings' (summed, mean) losses."""
+    return next(iterate_losses(model, [(tokens, mask, None)], batch_size=1))
 
 
 def assert_one_line_error(code, err, *needles):
@@ -171,7 +176,7 @@ def test_pad_to_gives_every_forward_one_shape(tiny, examples, enc):
     shapes.clear()
     score(recording, examples, enc, batch_size=5)  # without pad_to: each batch as wide as its longest task
     assert len(shapes) == 3 and shapes[-1][0] == 8 and max(s[1] for s in shapes) == longest
-    with pytest.raises(HellaswagError, match="longer than pad_to=10"):
+    with pytest.raises(TrainError, match="longer than pad_to=10"):
         score(ours, examples, enc, pad_to=10)
 
 
@@ -299,10 +304,10 @@ def test_16_bit_autocast_scores_like_float32(tiny, data_dir, capsys, dtype):
     assert lines[0] == lines[1]
 
 
-def test_import_runs_nothing_and_needs_no_train_gpt2():
-    """train_gpt2.py can `from hellaswag import score` at its top: hellaswag imports train_gpt2 only in
-    main(), so there is no import cycle (and no second copy of train_gpt2 with its own TrainError)."""
-    code = "import sys; sys.argv = ['x', '--bogus']; import hellaswag; assert 'train_gpt2' not in sys.modules"
+def test_import_runs_nothing():
+    """hellaswag.py imports its data and scoring from train_gpt2.py, which never imports it back: one way,
+    no cycle (the run-as-a-script test in test_train.py checks the other side)."""
+    code = "import sys; sys.argv = ['x', '--bogus']; import hellaswag"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
 
@@ -360,7 +365,7 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr == f"hellaswag.py: error: {tmp_path}/hellaswag_val.jsonl: no such file " \
-                          f"(without --data_dir it is downloaded to {hellaswag.default_data_dir()})\n"
+                          f"(without --data_dir it is downloaded to {hellaswag_cache()})\n"
 
 
 # -----------------------------------------------------------------------------
@@ -384,7 +389,7 @@ def test_missing_file_without_network(monkeypatch, capsys, tmp_path, url):
     monkeypatch.setenv("HELLASWAG_DIR", str(tmp_path))
     monkeypatch.setenv("HELLASWAG_URL", url)
     path = tmp_path / "hellaswag_val.jsonl"
-    with pytest.raises(HellaswagError, match=f"{re.escape(str(path))}: not downloaded yet, and downloading it from "
+    with pytest.raises(TrainError, match=f"{re.escape(str(path))}: not downloaded yet, and downloading it from "
                                              f"{re.escape(url)}/hellaswag_val.jsonl failed"):
         next(iterate_examples("val"))
     assert os.listdir(tmp_path) == []  # no partial file left behind
@@ -393,9 +398,9 @@ def test_missing_file_without_network(monkeypatch, capsys, tmp_path, url):
 
 
 def test_data_dir_without_the_file(capsys, tmp_path):
-    with pytest.raises(HellaswagError, match=f"{re.escape(str(tmp_path))}/hellaswag_train.jsonl: no such file"):
+    with pytest.raises(TrainError, match=f"{re.escape(str(tmp_path))}/hellaswag_train.jsonl: no such file"):
         next(iterate_examples("train", str(tmp_path)))
-    with pytest.raises(HellaswagError, match="labels are not public"):
+    with pytest.raises(TrainError, match="labels are not public"):
         next(iterate_examples("test", str(tmp_path)))
 
 
@@ -419,7 +424,7 @@ GOOD = {"ind": 0, "activity_label": "x", "ctx": "A man walks.", "split": "val", 
 def test_corrupt_lines_name_file_and_line(capsys, tmp_path, line, problem):
     path = tmp_path / "hellaswag_val.jsonl"
     path.write_bytes(json.dumps(GOOD).encode() + b"\n\n" + (line if isinstance(line, bytes) else line.encode()) + b"\n")
-    with pytest.raises(HellaswagError) as e:
+    with pytest.raises(TrainError) as e:
         list(iterate_examples("val", str(tmp_path)))
     assert str(e.value).startswith(f"{path} line 3: {problem}"), str(e.value)
     code, _, err = run_main(capsys, "--data_dir", tmp_path, "--model", "gpt2")  # fails before loading weights

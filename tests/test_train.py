@@ -1,6 +1,7 @@
 """The training loop as a user runs it: flags, gradient accumulation, DDP, checkpoints, resume, errors; and the
 loop's parts (val loss, log lines, checkpoint state) in-process."""
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -216,13 +217,18 @@ def test_errors_from_torchrun_are_one_line_and_nonzero(data, tmp_path):
 def gpu(monkeypatch):
     """Pretend to be a CUDA GPU: set(name, bf16) names it and says whether it has bfloat16 natively."""
     def set_gpu(name, bf16):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
     return set_gpu
 
 
-def test_dtype_auto_is_bfloat16_where_the_gpu_has_it_else_float16(gpu):
-    from train_gpt2 import TrainError, resolve_dtype
+def test_dtype_auto_is_bfloat16_where_the_gpu_has_it_else_float16(gpu, monkeypatch):
+    from train_gpt2 import TrainError, resolve_system
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+
+    def resolve_dtype(dtype, device):
+        return resolve_system(device, dtype, "0")[1]
     assert resolve_dtype("auto", "cpu") is None and resolve_dtype("auto", "mps") is None  # float32
     assert resolve_dtype("float16", "cpu") == torch.float16 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     gpu("NVIDIA H100 80GB HBM3", bf16=True)
@@ -234,10 +240,10 @@ def test_dtype_auto_is_bfloat16_where_the_gpu_has_it_else_float16(gpu):
 
 
 def test_autocast_context_computes_in_the_resolved_dtype():
-    from train_gpt2 import autocast_context
+    from train_gpt2 import resolve_system
     linear, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
-    for dtype in (torch.float16, torch.bfloat16, None):
-        with autocast_context("cpu", dtype):
+    for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16), ("float32", None)):
+        with resolve_system("cpu", name, "0")[3]:
             assert linear(x).dtype == (dtype or torch.float32)
 
 
@@ -254,7 +260,11 @@ def test_compile_auto_is_off_with_a_note_where_triton_cannot_run(monkeypatch, ca
     """No Triton (native Windows), or a GPU older than compute capability 7.0: --compile auto is off and
     says why in one line; --compile 1 is a one-line error."""
     import importlib.util
-    from train_gpt2 import TrainError, resolve_compile
+    from train_gpt2 import TrainError, resolve_system
+
+    def resolve_compile(value, device):
+        return resolve_system(device, "float32", value)[2]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     find_spec, triton = importlib.util.find_spec, {"installed": False}
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: (find_spec("math") if triton["installed"] else None) if name == "triton"
@@ -279,7 +289,16 @@ def test_compile_auto_is_off_with_a_note_where_triton_cannot_run(monkeypatch, ca
 
 def test_ddp_uses_gloo_with_a_note_where_pytorch_has_no_nccl(monkeypatch, capsys):
     import torch.distributed as dist
-    from train_gpt2 import ddp_backend
+    from train_gpt2 import setup_distributed
+    backends = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: backends.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    for k, v in {"RANK": "0", "LOCAL_RANK": "3", "WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(k, v)
+
+    def ddp_backend(device):
+        assert setup_distributed(device, 60) == (0, 3, 4, "cuda:3" if device.startswith("cuda") else device)
+        return backends[-1]
     monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
     assert (ddp_backend("cuda:3"), ddp_backend("cpu")) == ("nccl", "gloo")
     monkeypatch.setattr(dist, "is_nccl_available", lambda: False)  # native Windows builds
@@ -322,30 +341,33 @@ def test_val_loss_estimate_is_the_mean_over_the_same_val_batches(data):
     assert estimate_val_loss(model, loader, 3, "cpu", contextlib.nullcontext(), world_size=1) == first
 
 
-def test_log_lines_and_the_do_nothing_wandb(tmp_path):
-    from train_gpt2 import NoWandb, log_values, start_log, step_line
-    log_file = start_log(tmp_path / "run", resume_step=None)
+def test_log_lines_and_no_wandb(tmp_path):
+    from train_gpt2 import log_values, start_log, step_line
+    log_file = start_log(tmp_path / "run", None, {"torch": "2.x"})
     logged = []
     wandb_run = type("Recorder", (), {"log": lambda self, values, step: logged.append((step, values))})()
     log_values(log_file, wandb_run, 0, val=10.98765, hella=None)
     log_values(log_file, wandb_run, 0, train=10.1234567, lr=6e-5, mfu=None)
-    log_values(None, NoWandb(), 1, train=9.0)  # a rank but 0: nothing written
-    assert open(log_file).read() == "0 val 10.9877\n0 train 10.123457\n"
+    log_values(None, None, 1, train=9.0)  # a rank but 0: nothing written
+    assert open(log_file).read() == '# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n'
     assert logged == [(0, {"val": 10.98765}), (0, {"train": 10.1234567, "lr": 6e-5})]
-    assert NoWandb().id is None and NoWandb().finish() is None
     assert step_line(7, 3.25, 6e-4, 0.5, 0.25, 524288, None, None, False) == \
         "step     7 | loss 3.250000 | lr 6.0000e-04 | norm 0.5000 | dt 250ms | tok/sec 2,097,152"
     assert step_line(7, 3.25, 6e-4, 0.5, 0.25, 524288, 41.5, 65536.0, True).endswith(
         " | mfu 41.5% | loss scale 65536 | skipped: float16 gradients overflowed, loss scale halved")
     with open(log_file, "a") as f:  # a crashed run's lines after its step-1 checkpoint, then resumed there
-        f.write("1 val 9.5000\n1 train 9.000000\n2 train 8.000000\n")
-    start_log(tmp_path / "run", resume_step=1)
-    assert open(log_file).read() == "0 val 10.9877\n0 train 10.123457\n1 val 9.5000\n"
+        f.write('1 val 9.5000\n1 train 9.000000\n2 train 8.000000\n')
+    start_log(tmp_path / "run", 1, {"torch": "2.x"})  # the same code, torch and device: no new line
+    assert open(log_file).read() == '# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n1 val 9.5000\n'
+    with open(log_file, "a") as f:
+        f.write('1 train 9.000000\n2 train 8.000000\n')
+    start_log(tmp_path / "run", 1, {"torch": "2.y"})  # resumed with another: it says so
+    assert open(log_file).read() == '# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n1 val 9.5000\n' \
+                                    '# 1 {"torch": "2.y"}\n'
 
 
 def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
-    """What checkpoint_state() saves, restore_state() puts back: optimizer, loss scale, data position, RNG. A
-    checkpoint of an older version (its position in micro-batches) resumes with the same micro-batch only."""
+    """What checkpoint_state() saves, restore_state() puts back: optimizer, loss scale, data position, RNG."""
     from train_gpt2 import (DataLoaderLite, TrainError, checkpoint_state, load_checkpoint, restore_state,
                             save_checkpoint)
     torch.manual_seed(0)
@@ -358,7 +380,7 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
     scaler.step(optimizer)
     scaler.update()
     cfg = TrainConfig(data_dir=str(data), micro_batch_size=4, seq_len=32)
-    state = checkpoint_state(model, [optimizer], scaler, cfg, 1, 5.5, None, None, loaders, "cpu", 1)
+    state = checkpoint_state(model, [optimizer], scaler, cfg, 1, loaders, {}, val_loss=5.5)
     path = save_checkpoint(state, tmp_path, keep_last=3)
     rng_after_save = torch.rand(3)
     model2 = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
@@ -366,20 +388,45 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
     scaler2 = torch.amp.GradScaler("cpu", enabled=True)
     loaders2 = [DataLoaderLite(str(data), split, 4, 32, vocab_size=256) for split in ("train", "val")]
     ckpt = load_checkpoint(path)
-    assert restore_state(ckpt, model2, [optimizer2], scaler2, loaders2, 0, 1, "cpu") == 1
+    restore_state(ckpt, model2, [optimizer2], scaler2, *loaders2)
     assert loaders2[0].position == (0, 0, 128)
     assert torch.equal(torch.rand(3), rng_after_save) and scaler2.state_dict() == scaler.state_dict()
     assert optimizer2.state_dict()["state"][0]["step"] == 1 and ckpt["val_loss"] == 5.5
     assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
 
+
+
+def test_a_checkpoint_of_the_older_format_is_refused_in_one_line(data, tmp_path, capsys):
+    """Checkpoints before the optimizer state was saved by parameter name (numbered instead, with the
+    position in micro-batches) cannot be resumed: one line says so; their weights still load."""
+    from train_gpt2 import load_model
+    train(data, tmp_path, "--max_steps", 1)
+    ckpt = load_checkpoint(tmp_path / "model_00001.pt")
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    [optimizer] = model.configure_optimizers(0.1, 1e-3, "cpu")
     old = {k: v for k, v in ckpt.items() if k not in ("loader_position", "data")}
-    torch.save({**old, "loader_positions": [1]}, path)
-    restore_state(load_checkpoint(path), model2, [optimizer2], scaler2, loaders2, 0, 1, "cpu")
-    assert loaders2[0].position == (0, 0, 128)
-    halved = [DataLoaderLite(str(data), split, 2, 32, vocab_size=256) for split in ("train", "val")]
-    with pytest.raises(TrainError, match="^--micro_batch_size 2 --seq_len 32: the checkpoint, from an older "
-                                         "train_gpt2.py, .*; keep --micro_batch_size 4 --seq_len 32$"):
-        restore_state(load_checkpoint(path), model2, [optimizer2], scaler2, halved, 0, 1, "cpu")
+    torch.save({**old, "optimizer": optimizer.state_dict(), "loader_positions": [1]}, tmp_path / "model_00001.pt")
+    code, err = run_main(capsys, "--log_dir", tmp_path, "--init_from", "resume", "--max_steps", 2)
+    assert code == 1 and err == f"train_gpt2.py: error: {tmp_path}/model_00001.pt: written by an older " \
+                                f"train_gpt2.py, whose optimizer state this one cannot read; continue that run " \
+                                f"with the train_gpt2.py that wrote it, or pick a new --log_dir\n"
+    assert torch.equal(load_model(str(tmp_path)).state_dict()["lm_head.weight"], ckpt["model"]["lm_head.weight"])
+
+
+def test_provenance_in_every_checkpoint_and_the_log(data, tmp_path):
+    """What made a run: torch's version, the device and the first 16 hex digits of train_gpt2.py's sha256,
+    in each checkpoint and in log.txt's `# STEP {...}` line, which plot.py and a resume read past (a
+    resume with the same code adds none)."""
+    from plot import read_log as plot_read_log
+    train(data, tmp_path, "--max_steps", 2, "--ckpt_interval", 1, "--plot", 0)
+    with open(os.path.join(REPO, "train_gpt2.py"), "rb") as f:
+        made_by = {"torch": torch.__version__, "device": "cpu", "source_sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
+    assert [load_checkpoint(p)["provenance"] for p in checkpoint_paths(tmp_path)] == [made_by] * 2
+    resume(tmp_path, "--max_steps", 3)
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert [ln for ln in lines if ln.startswith("#")] == lines[:1] == ["# 0 " + json.dumps(made_by)]
+    assert plot_read_log(str(tmp_path / "log.txt"))["train"][0] == [0, 1, 2]
+    assert load_checkpoint(tmp_path / "model_00003.pt")["provenance"] == made_by
 
 
 def test_grad_accumulation_equals_one_big_batch(data, tmp_path):
@@ -1058,7 +1105,7 @@ def hellaswag_dir():
 def test_in_training_hellaswag_and_samples(shakespeare_shards, tmp_path):
     """Every eval logs `{step} hella {acc_norm}`: the acc_norm hellaswag.py gives the same weights; every
     sample_interval steps 4 samples of the default prompt go to samples.txt."""
-    from hellaswag import iterate_examples, score
+    from train_gpt2 import iterate_examples, score
     run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--hellaswag_dir", hellaswag_dir())
     log = read_log(tmp_path)
     assert sorted(log["hella"]) == [0, 2, 4]
@@ -1086,16 +1133,17 @@ def test_hellaswag_on_a_vocabulary_smaller_than_gpt2s_is_a_one_line_error(capsys
 
 def test_run_as_a_script_never_loads_a_second_train_gpt2(shakespeare_shards, tmp_path):
     """`python train_gpt2.py` runs as __main__; with samples, HellaSwag and plots on, the modules it imports
-    for them (hellaswag, plot) must not import `train_gpt2` back, which would load the whole script a second
-    time with its own TrainError. `-X importtime` lists every module a process imports."""
+    for them (plot, fineweb) must not import `train_gpt2` back, which would load the whole script a second
+    time with its own TrainError; hellaswag.py imports train_gpt2, so train_gpt2 never imports it. `-X
+    importtime` lists every module a process imports."""
     args = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--max_steps", 2, "--hellaswag_limit", 8,
             "--hellaswag_dir", hellaswag_dir(), "--plot", 1]
     proc = subprocess.run([sys.executable, "-X", "importtime", "train_gpt2.py", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     imported = re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)$", proc.stderr, re.M)
-    assert {"hellaswag", "plot", "fineweb"} <= set(imported)  # what the evals, samples and plots need
-    assert "train_gpt2" not in imported
+    assert {"plot", "fineweb"} <= set(imported)  # what the evals, samples and plots need
+    assert "train_gpt2" not in imported and "hellaswag" not in imported
     assert (tmp_path / "samples.txt").exists() and (tmp_path / "loss.png").exists() and read_log(tmp_path)["hella"]
 
 
