@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench.train_bench import parse_args
-from conftest import REPO
+from conftest import REPO, ci_only
 
 TINY = "--n_layer 2 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 --total_batch_size 512 --compile 0 --device cpu"
 
@@ -113,6 +113,7 @@ def test_memory_bench_table_from_real_runs(tmp_path):
 
 
 @pytest.mark.slow
+@ci_only
 def test_muon_bench_table_from_real_runs(shakespeare_shards, tmp_path):
     """bench/muon_bench.py on a tiny shape, one learning rate each and Muon's again on half the schedule:
     Tiny Shakespeare remapped to its 255 most frequent ids and one for the rest; the table's val losses are

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.gpu_check import parse_args
-from conftest import REPO
+from conftest import REPO, ci_only
 
 STAGES = ["1. The machine", "2. The GPT-2 124M recipe", "3. Correctness on the device", "4. The levers",
           "5. HellaSwag and generation"]
@@ -32,6 +32,7 @@ def rows(text):
 
 
 @pytest.mark.slow
+@ci_only
 def test_dry_run_rehearses_every_stage(tmp_path):
     proc = gpu_check("--out", tmp_path / "out", "--dry-run", "--work_dir", tmp_path / "work",
                      "--reference", tmp_path / "no-build-nanogpt")  # a developer's checkout may have one
@@ -74,6 +75,7 @@ def test_dry_run_rehearses_every_stage(tmp_path):
 
 
 @pytest.mark.slow
+@ci_only
 def test_budget_stops_the_check_and_still_writes_the_report(tmp_path):
     """At --budget_s the running stage's processes are killed; the stages left are listed as skipped for time."""
     proc = gpu_check("--out", tmp_path, "--dry-run", "--budget_s", 12, "--stages", "2,5")

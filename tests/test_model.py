@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import REPO
+from conftest import REPO, ci_only
 from export import save_pretrained
 from train_gpt2 import GPT, LOSS_CHUNK_TOKENS, GPTConfig, KVCache
 
@@ -105,8 +105,9 @@ def test_from_pretrained_matches_transformers_124M(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n_head,n_embd", [(16, 1024), (20, 1280), (25, 1600)],
-                         ids=["gpt2-medium", "gpt2-large", "gpt2-xl"])
+@pytest.mark.parametrize("n_head,n_embd", [pytest.param(16, 1024, id="gpt2-medium"),
+                                            pytest.param(20, 1280, id="gpt2-large", marks=ci_only),
+                                            pytest.param(25, 1600, id="gpt2-xl", marks=ci_only)])
 def test_from_pretrained_matches_transformers_larger_shapes(tmp_path, n_head, n_embd):
     """The per-layer shapes of gpt2-medium, -large and -xl at their full vocab and context, with only
     2 layers: depth is only a count of identical blocks, and full-depth xl (1.5B parameters, loaded
