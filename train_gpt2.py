@@ -1077,7 +1077,7 @@ def resolve_system(device, dtype, compile):
     if problem and str(compile).lower() == "auto":
         print0(f"note: --compile auto is off: {problem}")
     elif problem:
-        raise TrainError(f"--compile {compile}: {problem}; use --compile 0")
+        raise TrainError(f"--compile 1: {problem}; use --compile 0")
     autocast = torch.autocast(device.split(":")[0], dtype) if dtype else contextlib.nullcontext()
     return device, dtype, use_compile and not problem, autocast
 

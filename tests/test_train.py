@@ -112,7 +112,7 @@ def test_resume_reads_the_auto_flags_of_older_checkpoints_saved_as_text(tmp_path
     """Checkpoints written before the flags became "auto"/True/False hold the text given: "1", "0"."""
     from train_gpt2 import resume_config
     config = dict(vars(TrainConfig()), hellaswag="1", compile="0", chunked_loss="AUTO")
-    torch.save({"model": {}, "optimizer": {}, "model_config": dict(vars(GPTConfig())), "config": config,
+    torch.save({"model": {}, "optimizer": {"state": {}, "param_groups": []}, "model_config": dict(vars(GPTConfig())), "config": config,
                 "step": 5, "loader_position": [0, 0, 0]}, tmp_path / "model_00005.pt")
     cfg, _ = resume_config(TrainConfig(log_dir=str(tmp_path), init_from="resume"), {})
     assert (cfg.hellaswag, cfg.compile, cfg.chunked_loss) == (True, False, "auto")
