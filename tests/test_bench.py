@@ -27,6 +27,7 @@ def table(stdout):
 
 
 @pytest.mark.slow
+@ci_only
 def test_table_from_real_runs_with_max_search(tmp_path):
     proc = bench("--micro_batch_sizes", "4,max", "--train_flags", TINY, "--warmup", "1", "--steps", "2",
                  "--data_dir", str(tmp_path / "data"), "--synthetic_tokens", "20000", "--device", "cpu")
@@ -47,6 +48,7 @@ def test_table_from_real_runs_with_max_search(tmp_path):
 
 
 @pytest.mark.slow
+@ci_only
 def test_repeats_interleave_the_rows_and_report_the_median(tmp_path):
     proc = bench("--micro_batch_sizes", "4", "--train_flags", TINY, "--variants", ";--chunked_loss 0", "--warmup", "1",
                  "--steps", "2", "--repeats", "2", "--data_dir", str(tmp_path / "data"), "--synthetic_tokens", "20000",
@@ -93,6 +95,7 @@ def test_bad_flags_one_line(args, message, capsys):
 
 
 @pytest.mark.slow
+@ci_only
 def test_memory_bench_table_from_real_runs(tmp_path):
     """bench/memory_bench.py on a tiny shape: a row per variant, FSDP's state per rank half the full state,
     each run stopped after its second step with nothing left behind."""

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import train_gpt2
-from conftest import REPO, run_train, tiktoken_gpt2
+from conftest import REPO, ci_only, run_train, tiktoken_gpt2
 from generate import GenerateConfig, main, parse_args
 from train_gpt2 import GPT, GPTConfig, sample_next
 
@@ -362,6 +362,7 @@ def test_end_to_end_on_a_checkpoint_from_train_gpt2(shakespeare_shards, tmp_path
 
 
 @pytest.mark.slow
+@ci_only
 def test_compiled_model_generates_the_same_tokens(model):
     """model.compile(dynamic=True), as --compile 1 does: generate()'s forwards go through torch.compile, and
     give the same greedy tokens as eager."""

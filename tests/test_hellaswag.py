@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import hellaswag
-from conftest import HELLASWAG_EXCERPT, REPO, SHARED_HELLASWAG, tiktoken_gpt2
+from conftest import HELLASWAG_EXCERPT, REPO, SHARED_HELLASWAG, ci_only, tiktoken_gpt2
 from hellaswag import main
 from fineweb import gpt2_tokenizer
 from train_gpt2 import (TrainError, hellaswag_cache, iterate_examples, iterate_losses, load_model, longest_example,
@@ -468,6 +468,7 @@ def test_pad_to_compiles_once(tiny, examples, enc):
 
 
 @pytest.mark.slow
+@ci_only
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # from inductor
 def test_compile_cli_matches_eager(tiny, examples, enc, data_dir, capsys):
     """Inductor on CPU (a C++ build: tens of seconds) scores like eager, through the library and the CLI."""
