@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import HELLASWAG_EXCERPT, read_log, run_train
+from conftest import HELLASWAG_EXCERPT, ci_only, read_log, run_train
 from fineweb import gpt2_tokenizer
 from test_train import HELLA, TINY, data, resume, run_main, train  # noqa: F401 (data: the fixture)
 from train_gpt2 import GPT, GPTConfig, SAMPLE_PROMPT, load_checkpoint, model_from_checkpoint
@@ -84,6 +84,7 @@ def test_fsdp_checkpoint_resumes_in_one_process_and_exports(runs, tmp_path):
 
 
 @pytest.mark.slow
+@ci_only
 def test_plain_checkpoint_resumes_under_fsdp_with_activation_checkpointing_and_compile(runs, tmp_path):
     """The 1-process run's step-3 checkpoint, resumed on 2 FSDP ranks recomputing every block in backward,
     each block compiled (as --compile 1 does under FSDP): the uninterrupted eager run's losses."""

@@ -1169,6 +1169,7 @@ def test_in_training_hellaswag_splits_examples_across_ranks(shakespeare_shards, 
 
 
 @pytest.mark.slow
+@ci_only
 def test_compiled_run_trains_like_eager_and_its_evals_do_not_recompile(shakespeare_shards, tmp_path):
     """--compile 1 (on by default on CUDA) gives the train, val and HellaSwag numbers of eager mode, here on
     CPU. The first evaluations and the first train step compile; the later val, HellaSwag and train steps
@@ -1213,6 +1214,7 @@ def test_without_matplotlib_training_goes_on_and_says_so_once(data, tmp_path):
 # --- Weights & Biases -----------------------------------------------------------------------------------
 
 
+@ci_only
 def test_wandb_logs_the_run_and_a_resume_continues_it(data, tmp_path):
     """--wandb 1 in W&B's offline mode: the run summary W&B prints holds the last train and val losses of
     log.txt, and a resumed run continues the same W&B run (its id is kept in the checkpoint)."""
@@ -1266,6 +1268,7 @@ def test_finetune_from_hugging_face_folder(shakespeare_shards, hf_folder, tmp_pa
 
 
 @pytest.mark.slow
+@ci_only
 def test_end_to_end_on_tiny_shakespeare(shakespeare_shards, tmp_path):
     """Train a small GPT from scratch on Tiny Shakespeare for a few hundred CPU steps: val loss starts at
     ln(50257) ~ 10.8 and must fall far below it."""
