@@ -690,8 +690,8 @@ def parse_args(argv=None):
     parser = config_parser(TrainConfig, "train_gpt2.py", __doc__)
     presets = "; ".join(f"{name} = " + " ".join(f"--{k} {v}" for k, v in flags.items())
                         for name, flags in PRESETS.items())
-    parser.add_argument("--preset", choices=PRESETS, help=f"short for flags, which flags given as well override: "
-                                                          f"{presets}")
+    parser.add_argument("--preset", choices=PRESETS,
+                        help=f"short for flags, which flags given as well override: {presets}")
     given = vars(parser.parse_args(argv))
     given = {**PRESETS.get(given.pop("preset", None), {}), **given}
     return TrainConfig(**given), given
@@ -881,7 +881,7 @@ def resume_config(cfg, given):
                          f"cannot read; continue that run with the train_gpt2.py that wrote it, or pick a "
                          f"new --log_dir")
     saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
-    for k in {"hellaswag", "compile", "chunked_loss"} & set(saved):  # older checkpoints hold them as text: "1"
+    for k in {"hellaswag", "compile", "chunked_loss"} & set(saved):  # older checkpoints: text, e.g. "1"
         saved[k] = auto_or_bool(str(saved[k]))
     cfg = TrainConfig(**{**saved, **given, "init_from": "resume"})
     for k in MODEL_FLAGS:
