@@ -796,7 +796,7 @@ def test_a_frozen_rank_ends_the_run_after_dist_timeout_with_one_line(data, tmp_p
             proc.kill()
             proc.wait()
     last = checkpoint_paths(tmp_path)[-1]
-    assert ranks[0].returncode == 1
+    assert ranks[0].returncode == 1, err[-3000:]  # once seen -6 (SIGABRT) under load: keep what it said
     assert err == f"train_gpt2.py: error: rank 0: a collective waited more than --dist_timeout 5 s for the other " \
                   f"ranks, so one is frozen or dead; the last checkpoint is {last}\n"
     assert load_checkpoint(last)["step"] % 10 == 0 and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
