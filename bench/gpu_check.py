@@ -249,7 +249,8 @@ def read_losses(log_dir):
     path = os.path.join(log_dir, "log.txt")
     if not os.path.exists(path):
         return {}
-    return {int(s): float(v) for s, kind, v in (ln.split() for ln in open(path)) if kind == "train"}
+    rows = (ln.split() for ln in open(path) if not ln.startswith("#"))  # "# STEP {...}": provenance
+    return {int(s): float(v) for s, kind, v in rows if kind == "train"}
 
 
 def bench_rows(out):

@@ -95,7 +95,7 @@ def run(optimizer, lr, steps, data_dir, cfg, log_dir):
         with open(out_file, "w") as f:
             f.write(output)
     with open(log_file) as f:  # `STEP KIND VALUE` lines
-        lines = [line.split() for line in f]
+        lines = [line.split() for line in f if not line.startswith("#")]  # "# STEP {...}": provenance
     return {int(step): float(value) for step, kind, value in lines if kind == "val"}, output
 
 
