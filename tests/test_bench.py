@@ -138,7 +138,7 @@ def test_muon_bench_table_from_real_runs(shakespeare_shards, tmp_path):
     assert list(rows) == [("adamw", "8 steps"), ("muon", "8 steps"), ("muon", "4 steps")]
 
     def val(folder):
-        lines = [line.split() for line in open(tmp_path / folder / "log.txt")]
+        lines = [ln.split() for ln in open(tmp_path / folder / "log.txt") if not ln.startswith("#")]
         return {int(step): float(v) for step, kind, v in lines if kind == "val"}
 
     adamw, muon, short = val("adamw_0.003"), val("muon_0.01"), val("muon_0.01_4steps")
