@@ -65,7 +65,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from bench.train_bench import PEAK_PROBE, model_flops_per_token, write_synthetic_shards  # noqa: E402
-from train_gpt2 import TrainConfig, config_parser, hellaswag_cache, option, parse_args as parse_train_args  # noqa: E402
+from plot import PlotError, read_log  # noqa: E402
+from train_gpt2 import (TrainConfig, config_parser, hellaswag_cache, option,  # noqa: E402
+                        parse_args as parse_train_args)
 
 SHARED_HELLASWAG = os.path.normpath(os.path.join(REPO, "../shared/data/hellaswag"))
 HELLASWAG_EXCERPT = os.path.join(REPO, "tests", "data")  # the first 200 val tasks, in git
@@ -246,11 +248,10 @@ class Check:
 
 def read_losses(log_dir):
     """log.txt's train losses: {step: loss}."""
-    path = os.path.join(log_dir, "log.txt")
-    if not os.path.exists(path):
+    try:
+        return dict(zip(*read_log(os.path.join(log_dir, "log.txt")).get("train", ([], []))))
+    except PlotError:  # no log, or no line in it yet
         return {}
-    rows = (ln.split() for ln in open(path) if not ln.startswith("#"))  # "# STEP {...}": provenance
-    return {int(s): float(v) for s, kind, v in rows if kind == "train"}
 
 
 def bench_rows(out):

@@ -34,6 +34,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from plot import read_log  # noqa: E402
 from train_gpt2 import config_parser, option, parse_args as parse_train_args  # noqa: E402
 
 CPU_SCALE = ("--n_layer 6 --n_head 6 --n_embd 192 --seq_len 128 --micro_batch_size 4 --total_batch_size 512 "
@@ -94,9 +95,7 @@ def run(optimizer, lr, steps, data_dir, cfg, log_dir):
                 os.remove(os.path.join(log_dir, f))
         with open(out_file, "w") as f:
             f.write(output)
-    with open(log_file) as f:  # `STEP KIND VALUE` lines
-        lines = [line.split() for line in f if not line.startswith("#")]  # "# STEP {...}": provenance
-    return {int(step): float(value) for step, kind, value in lines if kind == "val"}, output
+    return dict(zip(*read_log(log_file).get("val", ([], [])))), output
 
 
 def first_reaching(val, target):
