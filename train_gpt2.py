@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import gc
 import hashlib
 import importlib.util
 import json
@@ -1632,8 +1633,6 @@ def train(cfg, given, ckpt):
 
     if wandb_run is not None:
         wandb_run.finish()
-    if ddp:
-        dist.destroy_process_group()
 
 
 def main(argv=None):
@@ -1644,6 +1643,12 @@ def main(argv=None):
         with hold_folder(cfg.log_dir, "--log_dir", TrainError) if rank == 0 else contextlib.nullcontext():
             cfg, ckpt = resume_config(cfg, given)
             train(cfg, given, ckpt)
+        if dist.is_initialized():
+            # Only once train()'s DDP/FSDP modules are freed (FSDP's in reference cycles): a process group
+            # they outlive is torn down by them, or at exit, while gloo's threads may still free a tensor
+            # that needs the GIL: a hang or a SIGABRT instead of exit 0.
+            gc.collect()
+            dist.destroy_process_group()
     except TrainError as e:
         if rank == 0:
             print(f"train_gpt2.py: error: {e}", file=sys.stderr)
@@ -1660,8 +1665,10 @@ def main(argv=None):
             sys.exit(130)
         print(f"train_gpt2.py: error: rank {rank}: a collective waited more than --dist_timeout "
               f"{cfg.dist_timeout} s for the other ranks, so one is frozen or dead; the last checkpoint is "
-              f"{last}", file=sys.stderr)
-        sys.exit(1)
+              f"{last}", file=sys.stderr, flush=True)
+        # Now, without Python's exit: that would tear down the process group mid-collective (SIGABRT)
+        sys.stdout.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":
