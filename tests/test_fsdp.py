@@ -146,6 +146,7 @@ def test_activation_checkpointing_under_ddp_trains_like_one_plain_process(runs, 
 
 
 @pytest.mark.slow
+@ci_only
 def test_ddp_and_compile_train_like_one_plain_process(runs, data, tmp_path):
     """DDP's gradient hooks on a compiled model (Dynamo's DDP path): 2 compiled DDP ranks give 1 eager
     process's losses. (With --activation_checkpointing too, a run hung once in CI on gloo; 40 runs of it

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, read_log, run_train
+from conftest import REPO, ci_only, read_log, run_train
 
 # The recipe is for GPT-2 124M on a GPU; the random stand-in for `gpt2` has a 64-token context,
 # so the shape, batch and step counts shrink. Later flags win, so these override the recipe's.
@@ -25,6 +25,7 @@ def doc_commands(doc, section):
 
 
 @pytest.mark.slow
+@ci_only
 def test_finetune_recipe_end_to_end(tmp_path, hf_folder):
     pytest.importorskip("matplotlib", reason="the recipe's loss.png needs matplotlib (in requirements.txt)")
     from transformers import pipeline

@@ -1159,6 +1159,7 @@ def test_context_shorter_than_the_sample_prompt_skips_the_samples_with_a_note(sh
 
 
 @pytest.mark.slow
+@ci_only
 def test_in_training_hellaswag_splits_examples_across_ranks(shakespeare_shards, tmp_path):
     """2 ranks score 20 examples each and all-reduce the counts: the acc_norm of 1 process."""
     args = ["--data_dir", shakespeare_shards, *HELLA, "--hellaswag_dir", hellaswag_dir(), "--sample_interval", 0,
