@@ -44,8 +44,8 @@ from torch.distributed.tensor import DTensor
 
 # fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing and the
 # disk writes; it imports no torch, so that its tokenizing processes start fast and small
-from fineweb import (GPT2_EOT, GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, OneLineParser,
-                     disk_full, gpt2_tokenizer, hold_folder, parse_bool, write_synced)
+from fineweb import (GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, OneLineParser, disk_full,
+                     gpt2_tokenizer, hold_folder, parse_bool, write_synced)
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -98,13 +98,12 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if kv_cache is None or kv_cache.pos == 0:
-            if kv_cache is not None:
-                kv_cache.update(self.layer, k, v)
+        past = kv_cache.pos if kv_cache is not None else 0
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+        if past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
         else:  # new positions past..past+T-1 attend to every cached position and causally among themselves
-            past = kv_cache.pos
-            k, v = kv_cache.update(self.layer, k, v)
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -214,12 +213,10 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None, kv_cache=None, return_logits=False):
         """(logits (B, T, vocab_size), the mean cross-entropy against targets, None without targets). With
@@ -279,12 +276,11 @@ class GPT(nn.Module):
             hf, info = GPT2LMHeadModel.from_pretrained(name_or_dir, output_loading_info=True)
         finally:
             hf_logging.set_verbosity(verbosity)
-        problems = [(kind, info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
-                    if info.get(kind)]
-        if problems:  # transformers fills missing tensors with random ones: that would be no fine-tune at all
-            kind, keys = problems[0]
-            raise ValueError(f"{name_or_dir}: not a complete GPT-2 checkpoint: {len(keys)} "
-                             f"{kind.replace('_', ' ')} (e.g. {sorted(map(str, keys))[0]})")
+        # transformers fills missing tensors with random ones: that would be no fine-tune at all
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+            if info.get(kind):
+                raise ValueError(f"{name_or_dir}: not a complete GPT-2 checkpoint: {len(info[kind])} "
+                                 f"{kind.replace('_', ' ')} (e.g. {sorted(map(str, info[kind]))[0]})")
         c = hf.config
         architecture = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
                         "n_inner": (None, 4 * c.n_embd), "layer_norm_epsilon": (1e-5,),
@@ -296,21 +292,15 @@ class GPT(nn.Module):
                                  f"model implements")
         model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                               n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
-        sd, sd_hf = model.state_dict(), hf.state_dict()
-        if set(sd) != set(sd_hf):
-            raise ValueError(f"{name_or_dir}: weight names differ from GPT-2's: "
-                             f"{sorted(set(sd) ^ set(sd_hf))[:4]}")
-        with torch.no_grad():
-            for k, w in sd_hf.items():
-                sd[k].copy_(w.t() if k.endswith(cls.CONV1D_WEIGHTS) else w)
+        model.load_state_dict({k: w.t() if k.endswith(cls.CONV1D_WEIGHTS) else w
+                               for k, w in hf.state_dict().items()})
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, name="adamw"):
         """[AdamW], or with name "muon" [Muon for the blocks' matrices, AdamW for the rest]."""
-        # Decay the matmul weights and embeddings (every tensor of dim >= 2), not biases or LayerNorm gains.
-        params = [p for p in self.parameters() if p.requires_grad]
         hidden = [p for p in self.transformer.h.parameters() if p.dim() == 2] if name == "muon" else []
-        params = [p for p in params if all(p is not h for h in hidden)]
+        params = [p for p in self.parameters() if p.requires_grad and all(p is not h for h in hidden)]
+        # Decay the matmul weights and embeddings (every tensor of dim >= 2), not biases or LayerNorm gains.
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
@@ -324,14 +314,12 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, tokens, num_return_sequences, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0,
                  seed=42, autocast=contextlib.nullcontext(), recompute=False, n_vocab=None):
-        """num_return_sequences continuations of the prompt `tokens` (a list of ids), as a LongTensor
-        (num_return_sequences, len(tokens) + n_new) on the model's device: the prompt, then n_new =
-        max_new_tokens new tokens, or fewer where block_size comes first. The prompt runs through the model
-        once, filling a KVCache; after that each new token costs one token's forward. Seeded: the same
-        arguments give the same tokens. recompute=True is the baseline without the cache: every new token
-        runs the whole sequence. After `model.compile()` the forwards here are the compiled ones. n_vocab:
-        the tokenizer's size; ids past it (a padded vocabulary's rows) are never sampled, as it cannot
-        decode them."""
+        """num_return_sequences continuations of the prompt `tokens` (a list of ids): a LongTensor
+        (num_return_sequences, len(tokens) + max_new_tokens, or less where block_size comes first) on the
+        model's device. The prompt fills a KVCache once; each new token then costs one token's forward
+        (recompute=True: the baseline without the cache). Seeded: the same arguments give the same tokens.
+        After `model.compile()` the forwards are the compiled ones. n_vocab: the tokenizer's size; ids past
+        it (a padded vocabulary's rows) are never sampled, as it cannot decode them."""
         block_size = self.config.block_size
         if not 0 < len(tokens) <= block_size:
             raise ValueError(f"the prompt has {len(tokens)} tokens; the model takes 1 to {block_size} "
