@@ -403,12 +403,9 @@ def open_shard(path):
                              f"truncated")
         return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * LLMC_HEADER_INTS, shape=(n_tokens,))
     try:
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+        tokens = np.lib.format.open_memmap(path, mode="r")  # .npy only (an .npz is refused), no pickles
+    except (ValueError, OSError) as e:
         raise TrainError(f"{path}: not a readable .npy token shard ({e})") from None
-    if not isinstance(tokens, np.ndarray):  # an .npz archive under an .npy name
-        tokens.close()
-        raise TrainError(f"{path}: an .npz archive, expected a .npy token shard")
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise TrainError(f"{path}: holds a {tokens.ndim}-D {tokens.dtype} array, expected 1-D uint16 tokens "
                          f"(np.save of a uint16 array, as fineweb.py writes)")
@@ -465,16 +462,15 @@ def find_shards(data_dir, split):
 class DataLoaderLite:
     """Micro-batches (x, y) of B x T tokens from one split's shards (files named {prefix}_{split}_{number}).
 
-    The shards, in sorted order, form one stream of micro-batches: micro-batch i of a shard is its
-    tokens [i*B*T, (i+1)*B*T + 1), x the first B*T and y the same shifted by one. After the last
-    shard the stream wraps around; each pass is an epoch. With shuffle, each epoch reads the shards in
-    a new order and each shard's micro-batches in a new order (as llm.c does), both drawn from the seed
-    and the epoch: every micro-batch is still read once per epoch. Rank r of W reads micro-batches r,
-    r+W, r+2W, ... of the stream, so W ranks each accumulating A micro-batches read exactly what one
-    process accumulating W*A reads. `position`, the same on every rank, is the whole state: (epoch, k,
-    tokens) where the first micro-batch no rank has read begins, `tokens` into the k-th shard of the
-    epoch's order. Saved and restored, a loader of another B, T or W continues at that token (shuffled,
-    the tokens count the shard's micro-batches read, so only the same B*T continues there).
+    The shards, in sorted order, form one stream: micro-batch i of a shard is its tokens
+    [i*B*T, (i+1)*B*T + 1), x the first B*T and y the same shifted by one. After the last shard the
+    stream wraps around: a new epoch. With shuffle, each epoch reads the shards, and each shard's
+    micro-batches, in a new order drawn from the seed and the epoch (as llm.c does). Rank r of W reads
+    micro-batches r, r+W, r+2W, ... of the stream, so W ranks each accumulating A micro-batches read
+    what one process accumulating W*A reads. `position`, the same on every rank, is the whole state:
+    (epoch, k, tokens) where the first micro-batch no rank has read begins, `tokens` into the epoch's
+    k-th shard. Restored, a loader of another B, T or W continues at that token (shuffled, `tokens`
+    counts the shard's micro-batches read, so only the same B*T continues there).
     """
 
     def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, vocab_size=50304,
@@ -497,41 +493,33 @@ class DataLoaderLite:
             s[i:i + 2048].tobytes() for i in (0, len(s) // 2, max(0, len(s) - 2048))))]
             for p, s in zip(self.paths, self.shards)]
         self.checked = set()  # shards whose token ids were checked against vocab_size
-        self.order_epoch, self.order = None, None
-        self.batch_order_of, self.batch_order = None, None
+        self.orders = {}  # the shuffle's orders, each drawn once: ~12 KB per FineWeb shard per epoch
         self.reset()
 
     def reset(self):
         self.position = (0, 0, 0)
 
-    def shard_order(self, epoch):
-        if epoch != self.order_epoch:
-            self.order, self.order_epoch = range(len(self.shards)), epoch
-            if self.shuffle:
-                self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        return self.order
+    def order(self, n, *key):
+        """A permutation of range(n) drawn from the seed and key: (epoch,) for the shards, (epoch, shard)
+        for one shard's micro-batches."""
+        if key not in self.orders:
+            self.orders[key] = np.random.default_rng([self.seed, *key]).permutation(n)
+        return self.orders[key]
 
-    def shard_batch_order(self, epoch, shard):
-        """The order of shard's micro-batches in this epoch (shuffle only); cached, as a rank reads one
-        shard's micro-batches one after another."""
-        if (epoch, shard) != self.batch_order_of:
-            rng = np.random.default_rng([self.seed, epoch, shard])
-            self.batch_order, self.batch_order_of = rng.permutation(self.counts[shard]), (epoch, shard)
-        return self.batch_order
+    def shard_order(self, epoch):
+        return self.order(len(self.shards), epoch) if self.shuffle else range(len(self.shards))
 
     def locate(self, n):
         """The position (epoch, k, tokens) of micro-batch n of the stream from self.position."""
-        epoch, first, skip = self.position
-        left = [max(0, len(self.shards[i]) - 1 - (skip if k == first else 0)) // (self.B * self.T)
-                for k, i in enumerate(self.shard_order(epoch))]
-        if n >= sum(left[first:]):  # past this epoch: whole epochs from the next one on
-            more, n = divmod(n - sum(left[first:]), self.batches_per_epoch)
-            epoch, first, skip = epoch + 1 + more, 0, 0
-            left = [self.counts[i] for i in self.shard_order(epoch)]
-        for k in range(first, len(left)):
-            if n < left[k]:
-                return epoch, k, (skip if k == first else 0) + n * self.B * self.T
-            n -= left[k]
+        epoch, k, start = self.position
+        while True:
+            shard = self.shards[self.shard_order(epoch)[k]]
+            left = max(0, len(shard) - 1 - start) // (self.B * self.T)  # micro-batches not yet read
+            if n < left:
+                return epoch, k, start + n * self.B * self.T
+            n, k, start = n - left, k + 1, 0
+            if k == len(self.shards):
+                epoch, k = epoch + 1, 0
 
     def next_batch(self):
         B, T = self.B, self.T
@@ -546,7 +534,7 @@ class DataLoaderLite:
                                  f"another tokenizer")
             self.checked.add(i)
         if self.shuffle:
-            start = self.shard_batch_order(epoch, i)[start // (B * T)] * B * T
+            start = self.order(self.counts[i], epoch, i)[start // (B * T)] * B * T
         buf = torch.from_numpy(self.shards[i][start: start + B * T + 1].astype(np.int64))
         self.position = self.locate(self.num_processes)
         return buf[:-1].view(B, T), buf[1:].view(B, T)
