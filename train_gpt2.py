@@ -545,9 +545,8 @@ class DataLoaderLite:
 
 
 def option(default, help=None, group=None):
-    """A field of a config dataclass: its default, its help for the command line (None: SHARED_FLAGS_HELP's)
-    and, on the first field of a group, the group's "title: description" that --help shows above it and
-    the fields after it."""
+    """A config field: its default, its --help (None: SHARED_FLAGS_HELP's) and, on a group's first field,
+    the group's "title: description" that --help shows above it and the fields after it."""
     return dataclasses.field(default=default, metadata={"help": help, "group": group})
 
 
@@ -567,25 +566,22 @@ class TrainConfig:
                           group="I/O: where the run starts from, where it writes")
     init_from: str = option("scratch", "scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a "
                                        "Hugging Face GPT-2 folder")
-    auto_resume: bool = option(False, "continue from log_dir's newest checkpoint if it has one, else start "
-                                      "as --init_from says: for torchrun --max-restarts and requeued jobs")
+    auto_resume: bool = option(False, "continue from log_dir's newest checkpoint if any, else as --init_from "
+                                      "says (for torchrun --max-restarts and requeued jobs)")
     ckpt_interval: int = option(5000, "steps between checkpoints (one is always written at the end)")
     keep_last: int = option(3, "checkpoints kept in log_dir, newest first (0 = keep all)")
     data_dir: str = option("edu_fineweb10B", "folder of *train*/*val* token shards (.npy or llm.c .bin)",
                            group="data")
     micro_batch_size: int = option(64, "sequences per forward pass per GPU; lower it if out of memory")
     seq_len: int = option(1024, "tokens per sequence")
-    total_batch_size: int = option(524288, "tokens per optimizer step, over all GPUs (2**19, ~0.5M, as GPT-3 "
-                                           "small)")
-    shuffle: bool = option(False, "shuffle the train shard order and each shard's micro-batch order, each "
-                                  "epoch (from the seed)")
-    block_size: int = option(1024, "model context length (scratch only; else from the weights)",
-                             group="model: GPT-2 124M (the shape of a run from scratch; weights and "
-                                   "checkpoints bring their own)")
-    n_layer: int = option(12, "transformer blocks (scratch only)")
-    n_head: int = option(12, "attention heads (scratch only)")
-    n_embd: int = option(768, "model width (scratch only)")
-    vocab_size: int = option(50304, "50257 padded to a multiple of 128, for faster matmuls (scratch only)")
+    total_batch_size: int = option(524288, "tokens per optimizer step, all GPUs (2**19, as GPT-3 small)")
+    shuffle: bool = option(False, "shuffle the train shards and each one's micro-batches, every epoch")
+    block_size: int = option(1024, "context length", group="model: GPT-2 124M (the shape of a run from "
+                                                           "scratch; weights and checkpoints bring theirs)")
+    n_layer: int = option(12, "transformer blocks")
+    n_head: int = option(12, "attention heads")
+    n_embd: int = option(768, "model width")
+    vocab_size: int = option(50304, "50257 padded to a multiple of 128, for faster matmuls")
     max_steps: int = option(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)",
                             group="optimizer: AdamW, linear warmup then cosine decay")
     warmup_steps: int = option(715, "steps of linear LR warmup (375M tokens, as GPT-3)")
@@ -599,26 +595,23 @@ class TrainConfig:
                                 group="evaluation: val loss, HellaSwag, samples")
     val_steps: int = option(20, "val micro-batches per rank per evaluation")
     hellaswag: str | bool = option("auto", "HellaSwag acc_norm at every eval: auto (on for CUDA), 1 or 0")
-    hellaswag_dir: str = option("", "folder holding hellaswag_val.jsonl ('' = download it to hellaswag.py's "
-                                    "cache)")
+    hellaswag_dir: str = option("", "folder of hellaswag_val.jsonl ('' = download to hellaswag.py's cache)")
     hellaswag_limit: int = option(0, "HellaSwag val examples per eval (0 = all 10042)")
     sample_interval: int = option(250, "steps between 4 samples printed and added to samples.txt (0 = never)")
     device: str = option("auto", group="system")
     dtype: str = "auto"
     compile: str | bool = "auto"
-    chunked_loss: str | bool = option("auto", "the loss chunk by chunk, never holding the B x T x vocab "
-                                              "logits: auto (on for CPU, where it is measured faster; off "
-                                              "elsewhere until measured), 1 or 0")
-    fsdp: bool = option(False, "shard weights, gradients and AdamW state over the ranks (FSDP2; needs "
+    chunked_loss: str | bool = option("auto", "the loss in chunks, never the whole B x T x vocab logits: "
+                                              "auto (on for CPU only, where it was measured faster), 1 or 0")
+    fsdp: bool = option(False, "shard weights, gradients and AdamW state over the ranks (FSDP2, under "
                                "torchrun), for models whose 16 bytes per parameter do not fit one GPU")
-    activation_checkpointing: bool = option(False, "recompute each block's activations in backward: less "
-                                                   "memory, more time")
+    activation_checkpointing: bool = option(False, "recompute activations in backward: less memory, slower")
     seed: int = option(1337, "random seed for the init and the data shuffle")
-    dist_timeout: int = option(600, "seconds a collective waits for the other ranks before the run ends "
-                                    "with an error (a rank frozen or dead); NCCL's own default")
+    dist_timeout: int = option(600, "seconds a collective waits for the other ranks (one frozen or dead) "
+                                    "before the run ends with an error; NCCL's own default")
     plot: bool = option(True, "redraw log_dir/loss.png at every eval (needs matplotlib)", group="logging")
-    wandb: bool = option(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works "
-                                "without network)")
+    wandb: bool = option(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline needs "
+                                "no network)")
     wandb_project: str = option("gpt2-repro", "W&B project")
     wandb_run_name: str = option("", "W&B run name ('' = W&B picks one)")
 
@@ -631,7 +624,7 @@ NON_NEGATIVE_FLAGS = ("warmup_steps", "keep_last", "min_lr", "weight_decay", "gr
 
 
 def finite_float(s):
-    value = float(s)  # argparse turns a ValueError into "invalid finite_float value"
+    value = float(s)  # argparse turns a ValueError into "invalid finite_float value"; nan passes every check
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
     return value
@@ -646,11 +639,9 @@ def auto_or_bool(s):
 
 
 def config_parser(config_class, prog, doc):
-    """A parser with one flag per field of config_class (`--name value` or `--name=value`; booleans take
-    1/0/true/false, str | bool fields auto too, numbers must be finite), in --help under the fields' group
-    headings, and doc's first line as its description. Parsing returns only the flags given; the dataclass
-    holds the defaults. Every script's flags but fineweb.py's and plot.py's (which import no torch) come
-    from here."""
+    """A parser with one flag per field of config_class, under the fields' group headings. Parsing returns
+    only the flags given; the dataclass holds the defaults. Every script's flags but fineweb.py's and
+    plot.py's (which import no torch) come from here."""
     parser = OneLineParser(prog=prog, description=doc.splitlines()[0], argument_default=argparse.SUPPRESS)
     types = {bool: parse_bool, float: finite_float, str | bool: auto_or_bool}
     group = parser
