@@ -392,15 +392,13 @@ def open_shard(path):
     if path.endswith(".bin"):
         header = np.fromfile(path, dtype=np.int32, count=LLMC_HEADER_INTS)
         if len(header) < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
-            raise TrainError(f"{path}: not an llm.c token shard (magic number {LLMC_MAGIC} missing from its "
-                             f"header)")
+            raise TrainError(f"{path}: not an llm.c token shard (no magic number {LLMC_MAGIC} in its header)")
         if header[1] != LLMC_VERSION:
             raise TrainError(f"{path}: llm.c shard version {header[1]}, expected {LLMC_VERSION} "
                              f"(uint16 GPT-2 tokens; version 2 holds uint32 Llama-3 tokens)")
         n_tokens, n_bytes = int(header[2]), os.path.getsize(path)
         if n_bytes != 4 * LLMC_HEADER_INTS + 2 * n_tokens:
-            raise TrainError(f"{path}: header says {n_tokens} tokens but the file has {n_bytes} bytes; it is "
-                             f"truncated")
+            raise TrainError(f"{path}: truncated: header says {n_tokens} tokens, file has {n_bytes} bytes")
         return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * LLMC_HEADER_INTS, shape=(n_tokens,))
     try:
         tokens = np.lib.format.open_memmap(path, mode="r")  # .npy only (an .npz is refused), no pickles
@@ -415,9 +413,8 @@ def open_shard(path):
 def find_shards(data_dir, split):
     if not os.path.isdir(data_dir):
         raise TrainError(f"--data_dir {data_dir}: no such folder; make token shards with `python fineweb.py`")
-    # A shard's split is the word right before its number, as fineweb.py ({prefix}_{split}_000001.npy)
-    # and llm.c (fineweb_train_000001.bin, tiny_shakespeare_val.bin) name them; a word has no letter
-    # beside it ("eval" is none)
+    # A shard's split is the word (no letter beside it: "eval" is none) right before its number, as fineweb.py
+    # ({prefix}_{split}_000001.npy) and llm.c (fineweb_train_000001.bin, tiny_shakespeare_val.bin) name them
     splits = {}
     for n in sorted(os.listdir(data_dir)):
         found = re.search(r"(?<![a-z])(train|val)(?:[_.-]?\d+)?\.(?:npy|bin)$", n)
@@ -436,9 +433,8 @@ def find_shards(data_dir, split):
             raise TrainError(f"{manifest}: unreadable; rerun the fineweb.py command that made "
                              f"{data_dir}/") from None
         if isinstance(record, dict) and record.get("done") is False:  # fineweb.py's, of a run stopped partway
-            raise TrainError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its "
-                             f"manifest.json says so); rerun the same fineweb.py command, which resumes "
-                             f"where it stopped")
+            raise TrainError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its manifest "
+                             f"says so); rerun the same fineweb.py command, which resumes where it stopped")
         if isinstance(record, dict) and "shards" in record:  # fineweb.py's: the shards are those it lists
             listed = {e["name"]: e["bytes"] for e in record["shards"]}
             for n in sorted(set(listed) | set(splits)):
@@ -453,9 +449,8 @@ def find_shards(data_dir, split):
                                      f"rerun the fineweb.py command that made the folder, which redoes it")
     names = [n for n in splits if splits[n] == split]
     if not names:
-        raise TrainError(f"no {split} shards in {data_dir}/: expected files like "
-                         f"edufineweb_{split}_000001.npy or llm.c's *_{split}_*.bin; make them with "
-                         f"`python fineweb.py`")
+        raise TrainError(f"no {split} shards in {data_dir}/, such as edufineweb_{split}_000001.npy or "
+                         f"llm.c's *_{split}_*.bin; make them with `python fineweb.py`")
     return [os.path.join(data_dir, n) for n in names]
 
 
