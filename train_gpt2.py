@@ -569,7 +569,7 @@ class TrainConfig:
                            group="data")
     micro_batch_size: int = option(64, "sequences per forward pass per GPU; lower it if out of memory")
     seq_len: int = option(1024, "tokens per sequence")
-    total_batch_size: int = option(524288, "tokens per optimizer step, all GPUs (2**19, as GPT-3 small)")
+    total_batch_size: int = option(524288, "tokens per optimizer step over all GPUs (2**19, as GPT-3 small)")
     shuffle: bool = option(False, "shuffle the train shards and each one's micro-batches, every epoch")
     block_size: int = option(1024, "context length", group="model: GPT-2 124M (the shape of a run from "
                                                            "scratch; weights and checkpoints bring theirs)")
