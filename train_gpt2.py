@@ -380,23 +380,18 @@ def open_shard(path):
     if path.endswith(".bin"):
         header = np.fromfile(path, dtype=np.int32, count=LLMC_HEADER_INTS)
         if len(header) < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
-            raise TrainError(f"{path}: not an llm.c token shard (magic number {LLMC_MAGIC} missing from its "
-                             f"header)")
+            raise TrainError(f"{path}: not an llm.c token shard (no magic number {LLMC_MAGIC} in its header)")
         if header[1] != LLMC_VERSION:
             raise TrainError(f"{path}: llm.c shard version {header[1]}, expected {LLMC_VERSION} "
                              f"(uint16 GPT-2 tokens; version 2 holds uint32 Llama-3 tokens)")
         n_tokens, n_bytes = int(header[2]), os.path.getsize(path)
         if n_bytes != 4 * LLMC_HEADER_INTS + 2 * n_tokens:
-            raise TrainError(f"{path}: header says {n_tokens} tokens but the file has {n_bytes} bytes; it is "
-                             f"truncated")
+            raise TrainError(f"{path}: truncated: header says {n_tokens} tokens, file has {n_bytes} bytes")
         return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * LLMC_HEADER_INTS, shape=(n_tokens,))
     try:
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+        tokens = np.lib.format.open_memmap(path, mode="r")  # .npy only (an .npz is refused), no pickles
+    except (ValueError, OSError) as e:
         raise TrainError(f"{path}: not a readable .npy token shard ({e})") from None
-    if not isinstance(tokens, np.ndarray):  # an .npz archive under an .npy name
-        tokens.close()
-        raise TrainError(f"{path}: an .npz archive, expected a .npy token shard")
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise TrainError(f"{path}: holds a {tokens.ndim}-D {tokens.dtype} array, expected 1-D uint16 tokens "
                          f"(np.save of a uint16 array, as fineweb.py writes)")
@@ -406,9 +401,8 @@ def open_shard(path):
 def find_shards(data_dir, split):
     if not os.path.isdir(data_dir):
         raise TrainError(f"--data_dir {data_dir}: no such folder; make token shards with `python fineweb.py`")
-    # A shard's split is the word right before its number, as fineweb.py ({prefix}_{split}_000001.npy)
-    # and llm.c (fineweb_train_000001.bin, tiny_shakespeare_val.bin) name them; a word has no letter
-    # beside it ("eval" is none)
+    # A shard's split is the word (no letter beside it: "eval" is none) right before its number, as fineweb.py
+    # ({prefix}_{split}_000001.npy) and llm.c (fineweb_train_000001.bin, tiny_shakespeare_val.bin) name them
     splits = {}
     for n in sorted(os.listdir(data_dir)):
         found = re.search(r"(?<![a-z])(train|val)(?:[_.-]?\d+)?\.(?:npy|bin)$", n)
@@ -427,9 +421,8 @@ def find_shards(data_dir, split):
             raise TrainError(f"{manifest}: unreadable; rerun the fineweb.py command that made "
                              f"{data_dir}/") from None
         if isinstance(record, dict) and record.get("done") is False:  # fineweb.py's, of a run stopped partway
-            raise TrainError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its "
-                             f"manifest.json says so); rerun the same fineweb.py command, which resumes "
-                             f"where it stopped")
+            raise TrainError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its manifest "
+                             f"says so); rerun the same fineweb.py command, which resumes where it stopped")
         if isinstance(record, dict) and "shards" in record:  # fineweb.py's: the shards are those it lists
             listed = {e["name"]: e["bytes"] for e in record["shards"]}
             for n in sorted(set(listed) | set(splits)):
@@ -444,25 +437,23 @@ def find_shards(data_dir, split):
                                      f"rerun the fineweb.py command that made the folder, which redoes it")
     names = [n for n in splits if splits[n] == split]
     if not names:
-        raise TrainError(f"no {split} shards in {data_dir}/: expected files like "
-                         f"edufineweb_{split}_000001.npy or llm.c's *_{split}_*.bin; make them with "
-                         f"`python fineweb.py`")
+        raise TrainError(f"no {split} shards in {data_dir}/, such as edufineweb_{split}_000001.npy or "
+                         f"llm.c's *_{split}_*.bin; make them with `python fineweb.py`")
     return [os.path.join(data_dir, n) for n in names]
 
 
 class DataLoaderLite:
     """Micro-batches (x, y) of B x T tokens from one split's shards (files named {prefix}_{split}_{number}).
 
-    The shards, in sorted order, form one stream of micro-batches: micro-batch i of a shard is its
-    tokens [i*B*T, (i+1)*B*T + 1), x the first B*T and y the same shifted by one. After the last
-    shard the stream wraps around; each pass is an epoch. With shuffle, each epoch reads the shards in
-    a new order and each shard's micro-batches in a new order (as llm.c does), both drawn from the seed
-    and the epoch: every micro-batch is still read once per epoch. Rank r of W reads micro-batches r,
-    r+W, r+2W, ... of the stream, so W ranks each accumulating A micro-batches read exactly what one
-    process accumulating W*A reads. `position`, the same on every rank, is the whole state: (epoch, k,
-    tokens) where the first micro-batch no rank has read begins, `tokens` into the k-th shard of the
-    epoch's order. Saved and restored, a loader of another B, T or W continues at that token (shuffled,
-    the tokens count the shard's micro-batches read, so only the same B*T continues there).
+    The shards, in sorted order, form one stream: micro-batch i of a shard is its tokens
+    [i*B*T, (i+1)*B*T + 1), x the first B*T and y the same shifted by one. After the last shard the
+    stream wraps around: a new epoch. With shuffle, each epoch reads the shards, and each shard's
+    micro-batches, in a new order drawn from the seed and the epoch (as llm.c does). Rank r of W reads
+    micro-batches r, r+W, r+2W, ... of the stream, so W ranks each accumulating A micro-batches read
+    what one process accumulating W*A reads. `position`, the same on every rank, is the whole state:
+    (epoch, k, tokens) where the first micro-batch no rank has read begins, `tokens` into the epoch's
+    k-th shard. Restored, a loader of another B, T or W continues at that token (shuffled, `tokens`
+    counts the shard's micro-batches read, so only the same B*T continues there).
     """
 
     def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, vocab_size=50304,
@@ -485,41 +476,33 @@ class DataLoaderLite:
             s[i:i + 2048].tobytes() for i in (0, len(s) // 2, max(0, len(s) - 2048))))]
             for p, s in zip(self.paths, self.shards)]
         self.checked = set()  # shards whose token ids were checked against vocab_size
-        self.order_epoch, self.order = None, None
-        self.batch_order_of, self.batch_order = None, None
+        self.orders = {}  # the shuffle's orders, each drawn once: ~12 KB per FineWeb shard per epoch
         self.reset()
 
     def reset(self):
         self.position = (0, 0, 0)
 
-    def shard_order(self, epoch):
-        if epoch != self.order_epoch:
-            self.order, self.order_epoch = range(len(self.shards)), epoch
-            if self.shuffle:
-                self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        return self.order
+    def order(self, n, *key):
+        """A permutation of range(n) drawn from the seed and key: (epoch,) for the shards, (epoch, shard)
+        for one shard's micro-batches."""
+        if key not in self.orders:
+            self.orders[key] = np.random.default_rng([self.seed, *key]).permutation(n)
+        return self.orders[key]
 
-    def shard_batch_order(self, epoch, shard):
-        """The order of shard's micro-batches in this epoch (shuffle only); cached, as a rank reads one
-        shard's micro-batches one after another."""
-        if (epoch, shard) != self.batch_order_of:
-            rng = np.random.default_rng([self.seed, epoch, shard])
-            self.batch_order, self.batch_order_of = rng.permutation(self.counts[shard]), (epoch, shard)
-        return self.batch_order
+    def shard_order(self, epoch):
+        return self.order(len(self.shards), epoch) if self.shuffle else range(len(self.shards))
 
     def locate(self, n):
         """The position (epoch, k, tokens) of micro-batch n of the stream from self.position."""
-        epoch, first, skip = self.position
-        left = [max(0, len(self.shards[i]) - 1 - (skip if k == first else 0)) // (self.B * self.T)
-                for k, i in enumerate(self.shard_order(epoch))]
-        if n >= sum(left[first:]):  # past this epoch: whole epochs from the next one on
-            more, n = divmod(n - sum(left[first:]), self.batches_per_epoch)
-            epoch, first, skip = epoch + 1 + more, 0, 0
-            left = [self.counts[i] for i in self.shard_order(epoch)]
-        for k in range(first, len(left)):
-            if n < left[k]:
-                return epoch, k, (skip if k == first else 0) + n * self.B * self.T
-            n -= left[k]
+        epoch, k, start = self.position
+        while True:
+            shard = self.shards[self.shard_order(epoch)[k]]
+            left = max(0, len(shard) - 1 - start) // (self.B * self.T)  # micro-batches not yet read
+            if n < left:
+                return epoch, k, start + n * self.B * self.T
+            n, k, start = n - left, k + 1, 0
+            if k == len(self.shards):
+                epoch, k = epoch + 1, 0
 
     def next_batch(self):
         B, T = self.B, self.T
@@ -534,7 +517,7 @@ class DataLoaderLite:
                                  f"another tokenizer")
             self.checked.add(i)
         if self.shuffle:
-            start = self.shard_batch_order(epoch, i)[start // (B * T)] * B * T
+            start = self.order(self.counts[i], epoch, i)[start // (B * T)] * B * T
         buf = torch.from_numpy(self.shards[i][start: start + B * T + 1].astype(np.int64))
         self.position = self.locate(self.num_processes)
         return buf[:-1].view(B, T), buf[1:].view(B, T)
@@ -545,9 +528,8 @@ class DataLoaderLite:
 
 
 def option(default, help=None, group=None):
-    """A field of a config dataclass: its default, its help for the command line (None: SHARED_FLAGS_HELP's)
-    and, on the first field of a group, the group's "title: description" that --help shows above it and
-    the fields after it."""
+    """A config field: its default, its --help (None: SHARED_FLAGS_HELP's) and, on a group's first field,
+    the group's "title: description" that --help shows above it and the fields after it."""
     return dataclasses.field(default=default, metadata={"help": help, "group": group})
 
 
@@ -567,25 +549,22 @@ class TrainConfig:
                           group="I/O: where the run starts from, where it writes")
     init_from: str = option("scratch", "scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a "
                                        "Hugging Face GPT-2 folder")
-    auto_resume: bool = option(False, "continue from log_dir's newest checkpoint if it has one, else start "
-                                      "as --init_from says: for torchrun --max-restarts and requeued jobs")
+    auto_resume: bool = option(False, "continue from log_dir's newest checkpoint if any, else as --init_from "
+                                      "says (for torchrun --max-restarts and requeued jobs)")
     ckpt_interval: int = option(5000, "steps between checkpoints (one is always written at the end)")
     keep_last: int = option(3, "checkpoints kept in log_dir, newest first (0 = keep all)")
     data_dir: str = option("edu_fineweb10B", "folder of *train*/*val* token shards (.npy or llm.c .bin)",
                            group="data")
     micro_batch_size: int = option(64, "sequences per forward pass per GPU; lower it if out of memory")
     seq_len: int = option(1024, "tokens per sequence")
-    total_batch_size: int = option(524288, "tokens per optimizer step, over all GPUs (2**19, ~0.5M, as GPT-3 "
-                                           "small)")
-    shuffle: bool = option(False, "shuffle the train shard order and each shard's micro-batch order, each "
-                                  "epoch (from the seed)")
-    block_size: int = option(1024, "model context length (scratch only; else from the weights)",
-                             group="model: GPT-2 124M (the shape of a run from scratch; weights and "
-                                   "checkpoints bring their own)")
-    n_layer: int = option(12, "transformer blocks (scratch only)")
-    n_head: int = option(12, "attention heads (scratch only)")
-    n_embd: int = option(768, "model width (scratch only)")
-    vocab_size: int = option(50304, "50257 padded to a multiple of 128, for faster matmuls (scratch only)")
+    total_batch_size: int = option(524288, "tokens per optimizer step over all GPUs (2**19, as GPT-3 small)")
+    shuffle: bool = option(False, "shuffle the train shards and each one's micro-batches, every epoch")
+    block_size: int = option(1024, "context length", group="model: GPT-2 124M (the shape of a run from "
+                                                           "scratch; weights and checkpoints bring theirs)")
+    n_layer: int = option(12, "transformer blocks")
+    n_head: int = option(12, "attention heads")
+    n_embd: int = option(768, "model width")
+    vocab_size: int = option(50304, "50257 padded to a multiple of 128, for faster matmuls")
     max_steps: int = option(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)",
                             group="optimizer: AdamW, linear warmup then cosine decay")
     warmup_steps: int = option(715, "steps of linear LR warmup (375M tokens, as GPT-3)")
@@ -599,26 +578,23 @@ class TrainConfig:
                                 group="evaluation: val loss, HellaSwag, samples")
     val_steps: int = option(20, "val micro-batches per rank per evaluation")
     hellaswag: str | bool = option("auto", "HellaSwag acc_norm at every eval: auto (on for CUDA), 1 or 0")
-    hellaswag_dir: str = option("", "folder holding hellaswag_val.jsonl ('' = download it to hellaswag.py's "
-                                    "cache)")
+    hellaswag_dir: str = option("", "folder of hellaswag_val.jsonl ('' = download to hellaswag.py's cache)")
     hellaswag_limit: int = option(0, "HellaSwag val examples per eval (0 = all 10042)")
     sample_interval: int = option(250, "steps between 4 samples printed and added to samples.txt (0 = never)")
     device: str = option("auto", group="system")
     dtype: str = "auto"
     compile: str | bool = "auto"
-    chunked_loss: str | bool = option("auto", "the loss chunk by chunk, never holding the B x T x vocab "
-                                              "logits: auto (on for CPU, where it is measured faster; off "
-                                              "elsewhere until measured), 1 or 0")
-    fsdp: bool = option(False, "shard weights, gradients and AdamW state over the ranks (FSDP2; needs "
+    chunked_loss: str | bool = option("auto", "the loss in chunks, never the whole B x T x vocab logits: "
+                                              "auto (on for CPU only, where it was measured faster), 1 or 0")
+    fsdp: bool = option(False, "shard weights, gradients and AdamW state over the ranks (FSDP2, under "
                                "torchrun), for models whose 16 bytes per parameter do not fit one GPU")
-    activation_checkpointing: bool = option(False, "recompute each block's activations in backward: less "
-                                                   "memory, more time")
+    activation_checkpointing: bool = option(False, "recompute activations in backward: less memory, slower")
     seed: int = option(1337, "random seed for the init and the data shuffle")
-    dist_timeout: int = option(600, "seconds a collective waits for the other ranks before the run ends "
-                                    "with an error (a rank frozen or dead); NCCL's own default")
+    dist_timeout: int = option(600, "seconds a collective waits for the other ranks (one frozen or dead) "
+                                    "before the run ends with an error; NCCL's own default")
     plot: bool = option(True, "redraw log_dir/loss.png at every eval (needs matplotlib)", group="logging")
-    wandb: bool = option(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works "
-                                "without network)")
+    wandb: bool = option(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline needs "
+                                "no network)")
     wandb_project: str = option("gpt2-repro", "W&B project")
     wandb_run_name: str = option("", "W&B run name ('' = W&B picks one)")
 
@@ -631,7 +607,7 @@ NON_NEGATIVE_FLAGS = ("warmup_steps", "keep_last", "min_lr", "weight_decay", "gr
 
 
 def finite_float(s):
-    value = float(s)  # argparse turns a ValueError into "invalid finite_float value"
+    value = float(s)  # argparse turns a ValueError into "invalid finite_float value"; nan passes every check
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
     return value
@@ -646,11 +622,9 @@ def auto_or_bool(s):
 
 
 def config_parser(config_class, prog, doc):
-    """A parser with one flag per field of config_class (`--name value` or `--name=value`; booleans take
-    1/0/true/false, str | bool fields auto too, numbers must be finite), in --help under the fields' group
-    headings, and doc's first line as its description. Parsing returns only the flags given; the dataclass
-    holds the defaults. Every script's flags but fineweb.py's and plot.py's (which import no torch) come
-    from here."""
+    """A parser with one flag per field of config_class, under the fields' group headings. Parsing returns
+    only the flags given; the dataclass holds the defaults. Every script's flags but fineweb.py's and
+    plot.py's (which import no torch) come from here."""
     parser = OneLineParser(prog=prog, description=doc.splitlines()[0], argument_default=argparse.SUPPRESS)
     types = {bool: parse_bool, float: finite_float, str | bool: auto_or_bool}
     group = parser
