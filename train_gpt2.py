@@ -1103,10 +1103,9 @@ def setup_distributed(device, timeout):
 
 
 def shard_model(model, dtype, device_type, world_size):
-    """FSDP2, in place: each Block, then the root, which holds the rest (wte, wpe, ln_f, and lm_head, whose
-    weight is wte's: one parameter, sharded once, so the tying survives). Each module's weights go to the
-    device as it is sharded, so the whole model is never there at once. Under autocast the weights are
-    all-gathered in its dtype and the gradients reduced in float32."""
+    """FSDP2, in place: each Block, then the root with the rest (lm_head's weight is wte's: sharded once, so
+    the tying survives). Each module goes to the device as it is sharded, so the whole model is never there
+    at once. Under autocast the weights are all-gathered in its dtype, the gradients reduced in float32."""
     mesh = init_device_mesh(device_type, (world_size,))
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
     for block in model.transformer.h:
@@ -1153,9 +1152,8 @@ def hellaswag_cache():
 
 
 def hellaswag_file(split, data_dir=""):
-    """hellaswag_{split}.jsonl in data_dir, which must hold it, or in the cache, downloaded if missing:
-    through a temp file renamed when complete, so an interrupted download leaves no truncated file
-    behind, and ranks downloading at once each write their own temp file."""
+    """hellaswag_{split}.jsonl in data_dir, which must hold it, or in the cache, downloaded if missing into a
+    temp file of this process's, renamed when complete: no truncated file is ever left at the path."""
     name = f"hellaswag_{split}.jsonl"
     path = os.path.join(data_dir or hellaswag_cache(), name)
     if os.path.isfile(path):
@@ -1239,10 +1237,9 @@ def longest_example(examples, enc):
 def iterate_losses(model, rendered, device="cpu", batch_size=16, autocast=contextlib.nullcontext(),
                    pad_to=None, batches=0):
     """Yield (sums (4,), means (4,)) for each rendered (tokens, mask, label), batch_size examples per forward:
-    each ending's summed and mean cross-entropy, each token predicted from the tokens before it (float32,
-    on the CPU); padding after a row's tokens cannot change them, as attention is causal. With pad_to,
-    every forward is (batch_size * 4, pad_to), all-padding rows filling a short batch, so that a compiled
-    model sees one shape; and at least `batches` forwards run, the ones past the examples on padding only."""
+    each ending's summed and mean cross-entropy (float32, on the CPU); padding after a row's tokens cannot
+    change them, as attention is causal. With pad_to every forward is (batch_size * 4, pad_to), so that a
+    compiled model sees one shape, and at least `batches` run, those past the examples on padding only."""
     for start in range(0, max(batches * batch_size, len(rendered)), batch_size):
         batch = rendered[start:start + batch_size]
         width = pad_to or max(t.size(1) for t, _, _ in batch)
