@@ -1269,7 +1269,7 @@ def score(model, examples, enc, device="cpu", batch_size=16, autocast=contextlib
         rendered.sort(key=lambda r: r[0].size(1))
     # Under FSDP every forward all-gathers the weights, which every rank must join: a rank whose share is
     # one example short may be a batch short, and then runs that batch on padding.
-    batches = torch.tensor(-(-len(examples) // batch_size), device=device)
+    batches = torch.tensor(math.ceil(len(examples) / batch_size), device=device)
     if world_size > 1:
         dist.all_reduce(batches, op=dist.ReduceOp.MAX)
     n = correct = correct_norm = 0
