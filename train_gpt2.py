@@ -1000,22 +1000,18 @@ def refresh_plot(log_file, out_png):
 
 
 def auto_flag(value, on):
-    """A flag taking auto (then `on`), 1/true or 0/false."""
-    return on if str(value).lower() == "auto" else str(value).lower() in ("1", "true")
+    """A flag as auto_or_bool parsed it: "auto" (then `on`), True or False."""
+    return on if value == "auto" else value
 
 
 def resolve_system(device, dtype, compile):
-    """Every script's --device, --dtype and --compile, checked: (device, autocast dtype or None for float32,
-    whether to torch.compile, the autocast context). auto is: cuda, else mps, else cpu; bfloat16 on GPUs
-    that have it (Ampere on), float16 on older ones (V100, T4, RTX 20xx; training pairs it with a
-    GradScaler), float32 off CUDA; compile on CUDA, off with a note where torch.compile cannot run there
-    (its Triton is not built for native Windows, and needs compute capability 7.0+), where 1 is an error."""
+    """Every script's --device, --dtype and --compile (as auto_or_bool parsed it), checked and resolved as
+    SHARED_FLAGS_HELP says: (device, autocast dtype or None for float32, whether to torch.compile, the
+    autocast context). Where Triton cannot run, --compile auto is off with a note, and 1 is an error."""
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
         raise TrainError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise TrainError(f"--dtype {dtype}: expected auto, bfloat16, float16 or float32")
-    if str(compile).lower() not in ("auto", "1", "0", "true", "false"):
-        raise TrainError(f"--compile {compile}: expected auto, 1, 0, true or false")
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if device == "auto":
         device = next(d for d, ok in available.items() if ok)
@@ -1037,10 +1033,10 @@ def resolve_system(device, dtype, compile):
     elif capability < (7, 0):
         problem = (f"torch.compile's Triton needs a GPU of compute capability 7.0 or newer; "
                    f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
-    if problem and str(compile).lower() == "auto":
-        print0(f"note: --compile auto is off: {problem}")
-    elif problem:
+    if problem and compile != "auto":
         raise TrainError(f"--compile 1: {problem}; use --compile 0")
+    if problem:
+        print0(f"note: --compile auto is off: {problem}")
     autocast = torch.autocast(device.split(":")[0], dtype) if dtype else contextlib.nullcontext()
     return device, dtype, use_compile and not problem, autocast
 
@@ -1051,18 +1047,17 @@ def setup_distributed(device, timeout):
     if "RANK" not in os.environ:
         return 0, 0, 1, device
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    if shared_store and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":  # PyTorch #135712, #167288
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and \
+            os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":  # PyTorch #135712, #167288
         raise TrainError("torchrun --max-restarts: the restarted ranks would read the previous attempt's "
                          "addresses from torchrun's shared store and fail to connect; run torchrun with "
                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (and --standalone or "
                          "--rdzv-backend c10d)")
-    backend = "gloo"
+    backend = "nccl" if device.startswith("cuda") and dist.is_nccl_available() else "gloo"
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-        backend = "nccl" if dist.is_nccl_available() else "gloo"
-    if backend == "gloo" and device.startswith("cuda"):
+    if device.startswith("cuda") and backend == "gloo":
         print0("note: this PyTorch has no NCCL (native Windows builds have none): DDP runs on gloo, which "
                "is slower")
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
@@ -1070,10 +1065,9 @@ def setup_distributed(device, timeout):
 
 
 def shard_model(model, dtype, device_type, world_size):
-    """FSDP2, in place: each Block, then the root, which holds the rest (wte, wpe, ln_f, and lm_head, whose
-    weight is wte's: one parameter, sharded once, so the tying survives). Each module's weights go to the
-    device as it is sharded, so the whole model is never there at once. Under autocast the weights are
-    all-gathered in its dtype and the gradients reduced in float32."""
+    """FSDP2, in place: each Block, then the root with the rest (lm_head's weight is wte's: sharded once, so
+    the tying survives). Each module goes to the device as it is sharded, so the whole model is never there
+    at once. Under autocast the weights are all-gathered in its dtype, the gradients reduced in float32."""
     mesh = init_device_mesh(device_type, (world_size,))
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
     for block in model.transformer.h:
@@ -1097,9 +1091,9 @@ def all_reduce_mean(t, world_size):
 
 # Dense 16-bit (bf16, or fp16 on GPUs without bf16) tensor-core peak FLOP/s from the vendors' spec
 # sheets, for MFU; bf16 and fp16 peaks are equal on the GPUs that have both. First match wins.
-GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-                  ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
-                  ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12))
+GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12),
+                  ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12),
+                  ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12))
 
 
 def peak_flops(device):
@@ -1115,26 +1109,22 @@ def peak_flops(device):
 # loss, acc_norm the lowest mean loss per token, as build-nanogpt does
 
 
-HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
-
-
 def hellaswag_cache():
-    return os.environ.get("HELLASWAG_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2-repro",
-                                                           "hellaswag")
+    return os.environ.get("HELLASWAG_DIR") or os.path.expanduser("~/.cache/gpt2-repro/hellaswag")
 
 
 def hellaswag_file(split, data_dir=""):
-    """hellaswag_{split}.jsonl in data_dir, which must hold it, or in the cache, downloaded if missing:
-    through a temp file renamed when complete, so an interrupted download leaves no truncated file
-    behind, and ranks downloading at once each write their own temp file."""
+    """hellaswag_{split}.jsonl in data_dir, which must hold it, or in the cache, downloaded if missing into a
+    temp file of this process's, renamed when complete: no truncated file is ever left at the path."""
     name = f"hellaswag_{split}.jsonl"
     path = os.path.join(data_dir or hellaswag_cache(), name)
-    if data_dir and not os.path.isfile(path):
-        raise TrainError(f"{path}: no such file (without --data_dir it is downloaded to {hellaswag_cache()})")
     if os.path.isfile(path):
         return path
+    if data_dir:
+        raise TrainError(f"{path}: no such file (without --data_dir it is downloaded to {hellaswag_cache()})")
     from tqdm import tqdm
-    url = os.environ.get("HELLASWAG_URL", HELLASWAG_URL).rstrip("/") + "/" + name
+    url = os.environ.get("HELLASWAG_URL", "https://raw.githubusercontent.com/rowanz/hellaswag/master/data")
+    url = url.rstrip("/") + "/" + name
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1170,7 +1160,6 @@ def check_example(ex):
         return f"endings must be a list of 4 strings, got {json.dumps(endings)[:80]}"
     if type(ex["label"]) is not int or not 0 <= ex["label"] < 4:
         return f"label must be 0, 1, 2 or 3, got {json.dumps(ex['label'])}"
-    return None
 
 
 def iterate_examples(split, data_dir=""):
@@ -1196,11 +1185,9 @@ def render_example(example, enc):
     """(tokens (4, T) long, mask (4, T) long, 1 on each row's ending tokens, label); rows padded with 0."""
     ctx = enc.encode(example["ctx"])
     endings = [enc.encode(" " + e) for e in example["endings"]]  # GPT-2's BPE folds the space into the word
-    tokens = torch.zeros(4, len(ctx) + max(map(len, endings)), dtype=torch.long)
-    mask = torch.zeros_like(tokens)
-    for i, end in enumerate(endings):
-        tokens[i, :len(ctx) + len(end)] = torch.tensor(ctx + end)
-        mask[i, len(ctx):len(ctx) + len(end)] = 1
+    tokens = nn.utils.rnn.pad_sequence([torch.tensor(ctx + end) for end in endings], batch_first=True)
+    mask = nn.utils.rnn.pad_sequence([torch.tensor([0] * len(ctx) + [1] * len(end)) for end in endings],
+                                     batch_first=True)
     return tokens, mask, example["label"]
 
 
@@ -1210,13 +1197,12 @@ def longest_example(examples, enc):
 
 
 def iterate_losses(model, rendered, device="cpu", batch_size=16, autocast=contextlib.nullcontext(),
-                   pad_to=None):
+                   pad_to=None, batches=0):
     """Yield (sums (4,), means (4,)) for each rendered (tokens, mask, label), batch_size examples per forward:
-    each ending's summed and mean cross-entropy, each token predicted from the tokens before it (float32,
-    on the CPU); padding after a row's tokens cannot change them, as attention is causal. With pad_to,
-    every forward is (batch_size * 4, pad_to): a short last batch gets all-padding rows, so a compiled
-    model sees one shape."""
-    for start in range(0, len(rendered), batch_size):
+    each ending's summed and mean cross-entropy (float32, on the CPU); padding after a row's tokens cannot
+    change them, as attention is causal. With pad_to every forward is (batch_size * 4, pad_to), so that a
+    compiled model sees one shape, and at least `batches` run, those past the examples on padding only."""
+    for start in range(0, max(batches * batch_size, len(rendered)), batch_size):
         batch = rendered[start:start + batch_size]
         width = pad_to or max(t.size(1) for t, _, _ in batch)
         tokens = torch.zeros(batch_size * 4 if pad_to else len(batch) * 4, width, dtype=torch.long)
@@ -1237,29 +1223,26 @@ def iterate_losses(model, rendered, device="cpu", batch_size=16, autocast=contex
 def score(model, examples, enc, device="cpu", batch_size=16, autocast=contextlib.nullcontext(), pad_to=None,
           progress=None, world_size=1):
     """(n_correct, n_correct_norm, n) over the example dicts, tokenized with enc (GPT-2's BPE,
-    fineweb.gpt2_tokenizer()); with world_size > 1 (DDP or FSDP), summed over the ranks, each scoring its
-    own share. progress: a tqdm bar to advance, showing the running acc_norm (without pad_to the tasks
-    are scored shortest first, so it is an estimate until the end)."""
+    fineweb.gpt2_tokenizer()); with world_size > 1 (DDP or FSDP, and pad_to), summed over the ranks, each
+    scoring its own share. progress: a tqdm bar to advance, showing the running acc_norm (without pad_to
+    the tasks are scored shortest first, so it is an estimate until the end)."""
     rendered = [render_example(ex, enc) for ex in examples]
     if pad_to is None:  # batches of like lengths waste less on padding (27% fewer positions on val, batch 16)
         rendered.sort(key=lambda r: r[0].size(1))
     # Under FSDP every forward all-gathers the weights, which every rank must join: a rank whose share is
     # one example short may be a batch short, and then runs that batch on padding.
-    most = torch.tensor(len(examples), device=device)
+    batches = torch.tensor(math.ceil(len(examples) / batch_size), device=device)
     if world_size > 1:
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        dist.all_reduce(batches, op=dist.ReduceOp.MAX)
     n = correct = correct_norm = 0
-    losses = iterate_losses(model, rendered, device, batch_size, autocast, pad_to)
-    for (sums, means), (_, _, label) in zip(losses, rendered):
+    losses = iterate_losses(model, rendered, device, batch_size, autocast, pad_to, batches.item())
+    for (sums, means), (_, _, label) in zip(losses, rendered, strict=True):
         n += 1
         correct += int(sums.argmin()) == label
         correct_norm += int(means.argmin()) == label
         if progress is not None:
             progress.set_postfix(acc_norm=f"{correct_norm / n:.4f}", refresh=False)
             progress.update()
-    for _ in range(-(-most.item() // batch_size) - -(-len(examples) // batch_size)):
-        with torch.no_grad(), autocast:
-            model(torch.zeros(4 * batch_size, pad_to, dtype=torch.long, device=device))
     counts = torch.tensor([correct, correct_norm, n], device=device)
     if world_size > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)

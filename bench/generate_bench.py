@@ -96,7 +96,7 @@ def main(argv=None):
     shape = {} if cfg.shape == "124M" else dict(zip(("n_layer", "n_head", "n_embd"), map(int, cfg.shape.split("x"))))
     model = GPT(GPTConfig(**shape)).to(cfg.device).eval()
     device_type = "cuda" if cfg.device.startswith("cuda") else cfg.device
-    autocast = resolve_system(cfg.device, cfg.dtype, "0")[3]
+    autocast = resolve_system(cfg.device, cfg.dtype, False)[3]
     rows = [bench_size(model, n_seq, n_new, decoding, cfg, autocast) for n_seq, n_new in sizes
             for decoding in ("greedy", "sampled") if decoding == "greedy" or cfg.sampling]
 

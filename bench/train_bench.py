@@ -164,7 +164,7 @@ def reference_edits(cfg, train_cfg, device):
             # the training step's autocast (the evals' are indented deeper): in the runs' dtype, as ours
             ("        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):\n            logits, loss",
              f"        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled="
-             f"{resolve_system(device, train_cfg.dtype, '0')[1] == torch.bfloat16}):\n            logits, loss"),
+             f"{resolve_system(device, train_cfg.dtype, False)[1] == torch.bfloat16}):\n            logits, loss"),
             # HellaSwag and sampling: off, as they already are with compile on (no download, no tokenizer).
             ("if (step % 250 == 0 or last_step) and (not use_compile):", "if False:"),
             ("if ((step > 0 and step % 250 == 0) or last_step) and (not use_compile):", "if False:"),
@@ -261,7 +261,7 @@ def main(argv=None):
         r.update(tok_s=statistics.median(x["tok_s"] for x in runs), ms=statistics.median(x["ms"] for x in runs),
                  peak_gb=max(x["peak_gb"] for x in runs), loss=runs[0]["loss"])
 
-    dtype = resolve_system(device, train_cfg.dtype, "0")[1] or torch.float32
+    dtype = resolve_system(device, train_cfg.dtype, False)[1] or torch.float32
     kind = str(dtype).removeprefix("torch.")
     peak = matmul_peak(device, dtype)
     gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{os.cpu_count()} CPU cores"

@@ -228,7 +228,7 @@ def test_dtype_auto_is_bfloat16_where_the_gpu_has_it_else_float16(gpu, monkeypat
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
 
     def resolve_dtype(dtype, device):
-        return resolve_system(device, dtype, "0")[1]
+        return resolve_system(device, dtype, False)[1]
     assert resolve_dtype("auto", "cpu") is None and resolve_dtype("auto", "mps") is None  # float32
     assert resolve_dtype("float16", "cpu") == torch.float16 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     gpu("NVIDIA H100 80GB HBM3", bf16=True)
@@ -243,7 +243,7 @@ def test_autocast_context_computes_in_the_resolved_dtype():
     from train_gpt2 import resolve_system
     linear, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
     for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16), ("float32", None)):
-        with resolve_system("cpu", name, "0")[3]:
+        with resolve_system("cpu", name, False)[3]:
             assert linear(x).dtype == (dtype or torch.float32)
 
 
