@@ -942,37 +942,35 @@ def start_log(log_dir, resume_step, provenance):
     its checkpoint (train line N is the update after N), nor damaged lines (torn by a crash mid-write,
     bytes that are not text: dropped with a note). Then `# STEP {provenance}`, unless the run's last such
     line says the same: a resume with other code, torch or device says so where it starts."""
-    log_file = os.path.join(log_dir, "log.txt")
+    log_file = os.path.join(log_dir, "log.txt")  # in log_dir, made by main() (hold_folder)
+    lines = []
+    if resume_step is not None and os.path.exists(log_file):
+        with open(log_file, "rb") as f:
+            lines = f.readlines()
     kept, damaged, made_by = [], [], None
-    try:
-        os.makedirs(log_dir, exist_ok=True)
-        lines = []
-        if resume_step is not None and os.path.exists(log_file):
-            with open(log_file, "rb") as f:
-                lines = f.readlines()
-        for n, raw in enumerate(lines, 1):
-            try:
-                text = raw.decode("utf-8")
-                first, second, rest = text.split(maxsplit=2)
-                if first == "#":  # `# STEP {provenance}`
-                    step, kind = int(second), "#"
-                else:  # `STEP KIND VALUE`
-                    step, kind = int(first), second
-                    float(rest)
-            except ValueError:  # UnicodeDecodeError is a ValueError too
-                if raw.strip():
-                    damaged.append(n)
-                continue
-            if step < resume_step or (step == resume_step and kind != "train"):
-                kept.append(text.rstrip("\n") + "\n")
-                if kind == "#":
-                    made_by = rest.strip()
-        if made_by != json.dumps(provenance):
-            kept.append(f"# {resume_step or 0} {json.dumps(provenance)}\n")
-        # Rewritten atomically: a crash here loses nothing
+    for n, raw in enumerate(lines, 1):
+        try:
+            text = raw.decode("utf-8")
+            first, second, rest = text.split(maxsplit=2)
+            if first == "#":  # `# STEP {provenance}`
+                step, kind = int(second), "#"
+            else:  # `STEP KIND VALUE`
+                step, kind = int(first), second
+                float(rest)
+        except ValueError:  # UnicodeDecodeError is a ValueError too
+            if raw.strip():
+                damaged.append(n)
+            continue
+        if step < resume_step or (step == resume_step and kind != "train"):
+            kept.append(text.rstrip("\n") + "\n")
+            if kind == "#":
+                made_by = rest.strip()
+    if made_by != json.dumps(provenance):
+        kept.append(f"# {resume_step or 0} {json.dumps(provenance)}\n")
+    try:  # rewritten atomically: a crash here loses nothing
         write_synced(log_file + ".tmp", lambda f: f.write("".join(kept).encode()))
         os.replace(log_file + ".tmp", log_file)
-    except OSError as e:  # a file where the folder should be, a read-only disk
+    except OSError as e:  # a full disk
         raise TrainError(f"--log_dir {log_dir}: cannot write {log_file} there ({e.strerror}); pick another "
                          f"--log_dir") from None
     if damaged:
