@@ -721,7 +721,6 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: loading runs no code
         missing = {"model", "optimizer", "model_config", "config", "step"} - set(ckpt)
-        missing |= set() if {"loader_position", "loader_positions"} & set(ckpt) else {"loader_position"}
     except Exception as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if isinstance(e, pickle.UnpicklingError) and found:  # weights_only met pickled objects, maybe code
@@ -754,9 +753,8 @@ def checkpoint_file(path):
 
 
 def load_model(init_from):
-    """A GPT from GPT-2 weights (gpt2, ..., gpt2-xl, or a Hugging Face folder) or from one of our
-    checkpoints (a model_NNNNN.pt file, or a --log_dir: its newest one), as generate.py and hellaswag.py
-    take them."""
+    """A GPT from GPT-2 weights (gpt2, ..., gpt2-xl, a Hugging Face folder) or a checkpoint (a
+    model_NNNNN.pt, or a --log_dir: its newest), as generate.py and hellaswag.py take them."""
     if init_from.endswith((".pt", ".pt.tmp")) or checkpoint_paths(init_from):
         return model_from_checkpoint(load_checkpoint(checkpoint_file(init_from)))
     if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json")):
@@ -778,26 +776,22 @@ def require_gpt2_vocab(model, source):
     return model
 
 
-# Whole tensors, on the CPU, on rank 0 (other ranks get none): under FSDP they are gathered from the shards.
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
 def checkpoint_state(model, optimizers, scaler, cfg, step, loaders, provenance, **values):
-    """What a resume needs, after `step` optimizer steps: weights, optimizer (by parameter name) and loss
-    scale, the flags, the data read (the train loader's position, the same on every rank, and the shards
-    of each split), every rank's RNG state, and what made it (provenance); values (val_loss, hellaswag,
-    wandb_id) for export.py and W&B. Under DDP or FSDP every rank calls it (and only rank 0's is whole:
-    weights and optimizer state are gathered there, RNG states from every rank)."""
+    """What a resume needs after `step` optimizer steps (the train loader's position is the same on every
+    rank; the shards' record lets a resume check its data), what made it, and values (val_loss, hellaswag,
+    wandb_id) for export.py and W&B. Every rank calls it; under DDP or FSDP only rank 0's is whole."""
     train_loader, val_loader = loaders
-    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
-    rng = {"cpu": torch.get_rng_state(), "cuda": cuda_rng}
+    rng = {"cpu": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
     rngs = [rng]
     if dist.is_initialized():
         rngs = [None] * dist.get_world_size()
         dist.all_gather_object(rngs, rng)
+    # Whole tensors, on the CPU, on rank 0 (other ranks get none): under FSDP gathered from the shards
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     data = {"dir": os.path.realpath(cfg.data_dir), "train": train_loader.record, "val": val_loader.record}
-    return {"model": get_model_state_dict(model, options=FULL_STATE), "scaler": scaler.state_dict(),
-            "optimizer": get_optimizer_state_dict(model, optimizers, options=FULL_STATE),
+    return {"model": get_model_state_dict(model, options=full), "scaler": scaler.state_dict(),
+            "optimizer": get_optimizer_state_dict(model, optimizers, options=full),
             "model_config": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg), "step": step,
             "loader_position": list(train_loader.position), "data": data, "rng_states": rngs,
             "provenance": provenance, **values}
@@ -866,19 +860,19 @@ def restore_state(ckpt, model, optimizers, scaler, train_loader, val_loader):
     set_optimizer_state_dict(model, optimizers, ckpt["optimizer"], options=options)
     if scaler.is_enabled() and ckpt.get("scaler"):  # a float16 run's loss scale (a new one after bf16/fp32)
         scaler.load_state_dict(ckpt["scaler"])
-    rank, rngs = train_loader.process_rank, ckpt["rng_states"]
+    rngs = ckpt["rng_states"]
     if len(rngs) == train_loader.num_processes:
-        torch.set_rng_state(rngs[rank]["cpu"])
-        if torch.cuda.is_initialized() and rngs[rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(rngs[rank]["cuda"])
+        rng = rngs[train_loader.process_rank]
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_initialized() and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
     then, data = ckpt["config"], ckpt["data"]
     data_dir = os.path.dirname(train_loader.paths[0])
     now = {"train": train_loader.record, "val": val_loader.record}
-    train_loader.reset()
-    if os.path.realpath(data_dir) != data["dir"] and {k: data[k] for k in now} != now:  # not a copy of them
+    if os.path.realpath(data_dir) != data["dir"] and [data["train"], data["val"]] != list(now.values()):
         print0(f"note: --data_dir {data_dir} is not the data of the checkpoint ({then['data_dir']}): its "
                f"train split is read from its beginning, and val loss measured on its val split")
-        return
+        return  # a new corpus; a copy of the same data continues where the checkpoint stopped
     for split in now:
         old, new = ({n: (t, h) for n, t, h in record} for record in (data[split], now[split]))
         n = next((n for n in sorted(old.keys() | new.keys()) if old.get(n) != new.get(n)), None)
@@ -905,44 +899,40 @@ def restore_state(ckpt, model, optimizers, scaler, train_loader, val_loader):
 # loss.png, W&B; rank 0 only
 
 
-def read_log_lines(log_file):
-    """log.txt's well-formed lines as (step, kind, text), provenance lines (`# STEP ...`) of kind "#",
-    and the numbers of the damaged ones (a line torn by a crash mid-write, bytes that are not text)."""
-    lines, damaged = [], []
-    with open(log_file, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-                if text.startswith("# "):
-                    lines.append((int(text.split()[1]), "#", text.rstrip("\n") + "\n"))
-                    continue
-                step, kind, value = text.split()
-                float(value)
-                lines.append((int(step), kind, f"{step} {kind} {value}\n"))
-            except (ValueError, IndexError):  # UnicodeDecodeError is a ValueError too
-                if raw.strip():
-                    damaged.append(n)
-    return lines, damaged
-
-
 def start_log(log_dir, resume_step, provenance):
     """log_dir/log.txt, new; or, resuming at resume_step, without the lines a crashed run wrote after
-    its checkpoint (train line N is the update after N). Damaged lines are dropped, with a note; the file
-    is rewritten atomically, so a crash here loses nothing. Then `# STEP {provenance}`, unless the run's
-    last such line says the same: a resume with other code, torch or device says so where it starts."""
-    log_file = os.path.join(log_dir, "log.txt")
-    try:
-        os.makedirs(log_dir, exist_ok=True)
-        resuming = resume_step is not None and os.path.exists(log_file)
-        lines, damaged = read_log_lines(log_file) if resuming else ([], [])
-        kept = [text for n, kind, text in lines if n < resume_step or (n == resume_step and kind != "train")]
-        records = [text.split(maxsplit=2)[2] for text in kept if text.startswith("# ")]
-        if records[-1:] != [json.dumps(provenance) + "\n"]:
-            kept.append(f"# {resume_step or 0} {json.dumps(provenance)}\n")
-        with open(log_file + ".tmp", "w") as f:
-            f.writelines(kept)
+    its checkpoint (train line N is the update after N), nor damaged lines (torn by a crash mid-write,
+    bytes that are not text: dropped with a note). Then `# STEP {provenance}`, unless the run's last such
+    line says the same: a resume with other code, torch or device says so where it starts."""
+    log_file = os.path.join(log_dir, "log.txt")  # in log_dir, made by main() (hold_folder)
+    lines = []
+    if resume_step is not None and os.path.exists(log_file):
+        with open(log_file, "rb") as f:
+            lines = f.readlines()
+    kept, damaged, made_by = [], [], None
+    for n, raw in enumerate(lines, 1):
+        try:
+            text = raw.decode("utf-8")
+            first, second, rest = text.split(maxsplit=2)
+            if first == "#":  # `# STEP {provenance}`
+                step, kind = int(second), "#"
+            else:  # `STEP KIND VALUE`
+                step, kind = int(first), second
+                float(rest)
+        except ValueError:  # UnicodeDecodeError is a ValueError too
+            if raw.strip():
+                damaged.append(n)
+            continue
+        if step < resume_step or (step == resume_step and kind != "train"):
+            kept.append(text.rstrip("\n") + "\n")
+            if kind == "#":
+                made_by = rest.strip()
+    if made_by != json.dumps(provenance):
+        kept.append(f"# {resume_step or 0} {json.dumps(provenance)}\n")
+    try:  # rewritten atomically: a crash here loses nothing
+        write_synced(log_file + ".tmp", lambda f: f.write("".join(kept).encode()))
         os.replace(log_file + ".tmp", log_file)
-    except OSError as e:  # a file where the folder should be, a read-only disk
+    except OSError as e:  # a full disk
         raise TrainError(f"--log_dir {log_dir}: cannot write {log_file} there ({e.strerror}); pick another "
                          f"--log_dir") from None
     if damaged:
