@@ -907,8 +907,12 @@ def start_log(log_dir, resume_step, provenance):
     log_file = os.path.join(log_dir, "log.txt")  # in log_dir, made by main() (hold_folder)
     lines = []
     if resume_step is not None and os.path.exists(log_file):
-        with open(log_file, "rb") as f:
-            lines = f.readlines()
+        try:
+            with open(log_file, "rb") as f:
+                lines = f.readlines()
+        except OSError as e:  # e.g. a folder named log.txt
+            raise TrainError(f"--log_dir {log_dir}: cannot read {log_file} ({e.strerror}); move it away or "
+                             f"pick another --log_dir") from None
     kept, damaged, made_by = [], [], None
     for n, raw in enumerate(lines, 1):
         try:

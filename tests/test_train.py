@@ -342,7 +342,7 @@ def test_val_loss_estimate_is_the_mean_over_the_same_val_batches(data):
 
 
 def test_log_lines_and_no_wandb(tmp_path):
-    from train_gpt2 import log_values, start_log, step_line
+    from train_gpt2 import TrainError, log_values, start_log, step_line
     (tmp_path / "run").mkdir()  # as main() makes it
     log_file = start_log(tmp_path / "run", None, {"torch": "2.x"})
     logged = []
@@ -365,6 +365,9 @@ def test_log_lines_and_no_wandb(tmp_path):
     start_log(tmp_path / "run", 1, {"torch": "2.y"})  # resumed with another: it says so
     assert open(log_file).read() == '# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n1 val 9.5000\n' \
                                     '# 1 {"torch": "2.y"}\n'
+    (tmp_path / "odd" / "log.txt").mkdir(parents=True)  # a log.txt it cannot read: one line, not a traceback
+    with pytest.raises(TrainError, match=r"--log_dir .*odd: cannot read .*log.txt \(Is a directory\); move it"):
+        start_log(tmp_path / "odd", 1, {"torch": "2.x"})
 
 
 def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
