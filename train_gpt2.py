@@ -1513,11 +1513,10 @@ def train(cfg, given, ckpt):
     # What training keeps per rank before any activation: weights, gradients (as many) and AdamW's two
     # float32 moments per parameter, counted from this rank's own tensors (its shards under FSDP)
     local = [p.to_local() if isinstance(p, DTensor) else p for p in raw_model.parameters()]
-    weights, adamw = sum(t.numel() * t.element_size() for t in local), sum(2 * 4 * t.numel() for t in local)
+    weights, adamw = sum(t.nbytes for t in local), sum(2 * 4 * t.numel() for t in local)
+    held = f"sharded over {world_size} ranks" if cfg.fsdp else "a full copy on every rank"
     print0(f"memory per rank: weights {format_bytes(weights)}, gradients {format_bytes(weights)}, AdamW "
-           f"state {format_bytes(adamw)} = {format_bytes(2 * weights + adamw)}, "
-           f"{f'sharded over {world_size} ranks' if cfg.fsdp else 'a full copy on every rank'}, before "
-           f"activations")
+           f"state {format_bytes(adamw)} = {format_bytes(2 * weights + adamw)}, {held}, before activations")
 
     with StopRequest() as stop:
         stopping = False
