@@ -1552,7 +1552,9 @@ def train(cfg, given, ckpt):
             # One optimizer step: total_batch_size tokens, grad_accum_steps micro-batches on each rank
             t0 = time.time()
             model.train()
-            model.zero_grad(set_to_none=True)
+            # Not model.zero_grad(): after an eval, FSDP's root module holds its unsharded parameters
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             loss_accum = torch.zeros((), device=device)
             for micro_step in range(grad_accum_steps):
                 x, y = train_loader.next_batch()
