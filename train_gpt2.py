@@ -1244,50 +1244,31 @@ def score(model, examples, enc, device="cpu", batch_size=16, autocast=contextlib
 
 
 # -----------------------------------------------------------------------------
-# What the loop calls: the model, evaluations, samples, and a stop on SIGTERM/SIGINT
+# What the loop calls: the model, evaluations, samples, and a stop on SIGTERM/SIGINT/SIGHUP
 
 
 def build_model(cfg, given, ckpt):
-    """The model, from a checkpoint, GPT-2 weights or scratch; shape flags must agree with loaded weights."""
-    if cfg.init_from == "scratch":
+    """The model, from the checkpoint, GPT-2 weights or scratch. Shape flags given must agree with loaded
+    weights; cfg then records the shape the run really has."""
+    source = f"the checkpoint in {cfg.log_dir}" if ckpt else cfg.init_from
+    if ckpt is not None:
+        model = model_from_checkpoint(ckpt)
+    elif cfg.init_from == "scratch":
         model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FLAGS}))
     else:
-        if ckpt is not None:
-            model = model_from_checkpoint(ckpt)
-            source = f"the checkpoint in {cfg.log_dir}"
-        else:
-            try:
-                model = load_model(cfg.init_from)
-            except TrainError as e:
-                raise TrainError(f"--init_from {e}") from None
-            source = cfg.init_from
-        for k in MODEL_FLAGS:
-            if k in given and given[k] != getattr(model.config, k):
-                raise TrainError(f"--{k} {given[k]} contradicts {source} ({k} {getattr(model.config, k)}); "
-                                 f"drop the flag")
+        try:
+            model = load_model(cfg.init_from)
+        except TrainError as e:
+            raise TrainError(f"--init_from {e}") from None
+    for k in MODEL_FLAGS:
+        if k in given and given[k] != getattr(model.config, k):
+            raise TrainError(f"--{k} {given[k]} contradicts {source} ({k} {getattr(model.config, k)}); "
+                             f"drop the flag")
+        setattr(cfg, k, getattr(model.config, k))
     if cfg.seq_len > model.config.block_size:
         raise TrainError(f"--seq_len {cfg.seq_len}: must be <= the model's block_size "
                          f"{model.config.block_size}")
     return model
-
-
-def accumulation_steps(total_batch_size, B, T, world_size):
-    """Micro-steps per optimizer step, on each rank: total_batch_size tokens in all."""
-    if total_batch_size % (B * T * world_size):
-        raise TrainError(f"--total_batch_size {total_batch_size} must be divisible by micro_batch_size * "
-                         f"seq_len * world_size = {B} * {T} * {world_size} = {B * T * world_size}; change "
-                         f"--total_batch_size or --micro_batch_size")
-    return total_batch_size // (B * T * world_size)
-
-
-def distinct_val_steps(val_steps, val_loader):
-    """val_steps, or fewer (with a note) where the val split holds fewer distinct micro-batches per rank:
-    more would re-read the same ones."""
-    distinct = max(1, val_loader.batches_per_epoch // val_loader.num_processes)
-    if val_steps > distinct:
-        print0(f"note: --val_steps {val_steps}: the val split holds {distinct} distinct micro-batches of "
-               f"{val_loader.B}x{val_loader.T} per rank, so each eval reads those {distinct}")
-    return min(val_steps, distinct)
 
 
 def estimate_val_loss(model, val_loader, val_steps, device, autocast, world_size):
@@ -1295,12 +1276,11 @@ def estimate_val_loss(model, val_loader, val_steps, device, autocast, world_size
     model.eval()
     val_loader.reset()
     val_loss = torch.zeros((), device=device)
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         for _ in range(val_steps):
             x, y = val_loader.next_batch()
-            with autocast:
-                _, loss = model(x.to(device), y.to(device))
-            val_loss += loss.detach() / val_steps
+            _, loss = model(x.to(device), y.to(device))
+            val_loss += loss / val_steps
     return all_reduce_mean(val_loss, world_size).item()
 
 
@@ -1321,8 +1301,9 @@ def load_tokenizer():
         raise TrainError(str(e)) from None
 
 
-def hellaswag_share(data_dir, limit, enc, block_size, rank, world_size):
+def hellaswag_share(data_dir, limit, enc, model, rank, world_size):
     """This rank's share of the HellaSwag val examples, and the longest rendered example's length."""
+    require_gpt2_vocab(model, "--hellaswag: the model")  # the examples are GPT-2 tokens
     try:
         if rank == 0:
             hellaswag_file("val", data_dir)  # downloads it on first use, once
@@ -1332,9 +1313,9 @@ def hellaswag_share(data_dir, limit, enc, block_size, rank, world_size):
     except TrainError as e:  # missing, unreachable or corrupt data
         raise TrainError(f"--hellaswag: {e}") from None
     longest = longest_example(examples, enc)
-    if longest > block_size:
+    if longest > model.config.block_size:
         raise TrainError(f"--hellaswag: the longest HellaSwag example has {longest} tokens, more than the "
-                         f"model's block_size {block_size}; use --hellaswag 0")
+                         f"model's block_size {model.config.block_size}; use --hellaswag 0")
     return examples[rank::world_size], longest
 
 
@@ -1342,30 +1323,23 @@ SAMPLE_PROMPT = "Hello, I'm a language model,"
 
 
 def write_samples(model, enc, step, log_dir, autocast, rank):
-    """4 samples of SAMPLE_PROMPT (32 tokens in all, seed 42), printed and added to samples.txt; whether to
-    go on sampling: not where the model's context cannot hold the prompt (which it says). Every rank
-    generates them, the same (seeded), since under FSDP each forward all-gathers the weights, which
-    every rank must join; rank 0 writes them."""
+    """4 samples of SAMPLE_PROMPT (32 tokens in all, seed 42), printed and added to samples.txt by rank 0.
+    Every rank generates them, since under FSDP each forward all-gathers the weights, which every rank
+    must join."""
     prompt = enc.encode(SAMPLE_PROMPT)
-    if len(prompt) >= model.config.block_size:
-        print0(f"note: no samples: their prompt has {len(prompt)} tokens and the model's context "
-               f"(block_size) {model.config.block_size}; --sample_interval 0 hides this note")
-        return False
     rows = model.generate(prompt, 4, max_new_tokens=32 - len(prompt), seed=42, autocast=autocast,
                           n_vocab=enc.n_vocab)
-    if rank != 0:
-        return True
-    with open(os.path.join(log_dir, "samples.txt"), "a") as f:
-        for i, row in enumerate(rows):
-            text = enc.decode(row.tolist())
-            print0(f"step {step:5d} | sample {i}: {text}")
-            f.write(f"{step} sample {i}: {text!r}\n")
-    return True
+    if rank == 0:
+        with open(os.path.join(log_dir, "samples.txt"), "a") as f:
+            for i, row in enumerate(rows):
+                text = enc.decode(row.tolist())
+                print0(f"step {step:5d} | sample {i}: {text}")
+                f.write(f"{step} sample {i}: {text!r}\n")
 
 
 class StopRequest:
-    """While active, SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session) set a flag: the loop
-    finishes its step, writes a checkpoint and exits 0. A second Ctrl-C aborts at once (main says so)."""
+    """While active, SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session) set `requested`: the loop
+    finishes its step, writes a checkpoint and exits 0. A second Ctrl-C raises KeyboardInterrupt at once."""
 
     def __enter__(self):
         self.requested = False
@@ -1401,7 +1375,11 @@ def train(cfg, given, ckpt):
     rank, local_rank, world_size, device = setup_distributed(device, cfg.dist_timeout)
     ddp, device_type = dist.is_initialized(), device.split(":")[0]
     B, T = cfg.micro_batch_size, cfg.seq_len
-    grad_accum_steps = accumulation_steps(cfg.total_batch_size, B, T, world_size)
+    if cfg.total_batch_size % (B * T * world_size):
+        raise TrainError(f"--total_batch_size {cfg.total_batch_size} must be divisible by micro_batch_size * "
+                         f"seq_len * world_size = {B} * {T} * {world_size} = {B * T * world_size}; change "
+                         f"--total_batch_size or --micro_batch_size")
+    grad_accum_steps = cfg.total_batch_size // (B * T * world_size)
     use_hellaswag = auto_flag(cfg.hellaswag, device_type == "cuda")
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     with open(__file__, "rb") as f:  # what made this run, in log.txt and every checkpoint
@@ -1409,12 +1387,9 @@ def train(cfg, given, ckpt):
                       "source_sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
 
     # The model, its optimizer and the data; on resume, all as the checkpoint left them
-    torch.manual_seed(cfg.seed)
-    torch.cuda.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # on every device
     raw_model = build_model(cfg, given, ckpt)
     raw_model.chunked_loss = auto_flag(cfg.chunked_loss, device_type == "cpu")
-    for k in MODEL_FLAGS:  # record the shape the run really has (from weights or checkpoint)
-        setattr(cfg, k, getattr(raw_model.config, k))
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.fsdp:  # before the optimizer, which then holds this rank's shards only
         shard_model(raw_model, dtype, device_type, world_size)
@@ -1434,7 +1409,10 @@ def train(cfg, given, ckpt):
     train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, rank, world_size, cfg.vocab_size, cfg.shuffle,
                                   cfg.seed)
     val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, rank, world_size, cfg.vocab_size)
-    val_steps = distinct_val_steps(cfg.val_steps, val_loader)
+    val_steps = min(cfg.val_steps, max(1, val_loader.batches_per_epoch // world_size))
+    if val_steps < cfg.val_steps:  # more would re-read the same micro-batches
+        print0(f"note: --val_steps {cfg.val_steps}: the val split holds {val_steps} distinct micro-batches "
+               f"of {B}x{T} per rank, so each eval reads those {val_steps}")
     start_step = 0 if ckpt is None else ckpt["step"]
     if ckpt is not None:
         restore_state(ckpt, raw_model, optimizers, scaler, train_loader, val_loader)
@@ -1456,11 +1434,14 @@ def train(cfg, given, ckpt):
     plots = rank == 0 and cfg.plot
     samples = cfg.sample_interval > 0 and raw_model.config.vocab_size >= GPT2_VOCAB_SIZE  # GPT-2 text only
     enc = load_tokenizer() if samples or use_hellaswag else None
-    if use_hellaswag:  # its examples are GPT-2 tokens
-        require_gpt2_vocab(raw_model, "--hellaswag: the model")
-    hella_examples, hella_len = hellaswag_share(cfg.hellaswag_dir, cfg.hellaswag_limit, enc,
-                                                raw_model.config.block_size, rank, world_size) \
-        if use_hellaswag else ([], None)
+    prompt = enc.encode(SAMPLE_PROMPT) if samples else []
+    if len(prompt) >= raw_model.config.block_size:
+        print0(f"note: no samples: their prompt has {len(prompt)} tokens and the model's context "
+               f"(block_size) {raw_model.config.block_size}; --sample_interval 0 hides this note")
+        samples = False
+    if use_hellaswag:
+        hella_examples, hella_len = hellaswag_share(cfg.hellaswag_dir, cfg.hellaswag_limit, enc, raw_model,
+                                                    rank, world_size)
     flops_per_step = raw_model.flops_per_token(T) * cfg.total_batch_size
     peak = peak_flops(device)
     print0(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world_size} process(es) on "
@@ -1471,18 +1452,16 @@ def train(cfg, given, ckpt):
     # What training keeps per rank before any activation: weights, gradients (as many) and AdamW's two
     # float32 moments per parameter, counted from this rank's own tensors (its shards under FSDP)
     local = [p.to_local() if isinstance(p, DTensor) else p for p in raw_model.parameters()]
-    weights, adamw = sum(t.numel() * t.element_size() for t in local), sum(2 * 4 * t.numel() for t in local)
+    weights, adamw = sum(t.nbytes for t in local), sum(2 * 4 * t.numel() for t in local)
+    held = f"sharded over {world_size} ranks" if cfg.fsdp else "a full copy on every rank"
     print0(f"memory per rank: weights {format_bytes(weights)}, gradients {format_bytes(weights)}, AdamW "
-           f"state {format_bytes(adamw)} = {format_bytes(2 * weights + adamw)}, "
-           f"{f'sharded over {world_size} ranks' if cfg.fsdp else 'a full copy on every rank'}, before "
-           f"activations")
+           f"state {format_bytes(adamw)} = {format_bytes(2 * weights + adamw)}, {held}, before activations")
 
     with StopRequest() as stop:
         stopping = False
         for step in range(start_step, cfg.max_steps + 1):
-            # At each step: evaluate, sample and checkpoint the model as `step` updates left it, then update
-            # it. A resumed run's first step was evaluated before its checkpoint; a stop request only
-            # checkpoints.
+            # Evaluate, sample and checkpoint the model as `step` updates left it, then update it. A resumed
+            # run's first step was evaluated before its checkpoint; a stop request only checkpoints.
             last = step == cfg.max_steps or stopping
             val_loss = acc_norm = None
             if (step % cfg.eval_interval == 0 or step % cfg.ckpt_interval == 0 or last) and not stopping \
@@ -1499,7 +1478,7 @@ def train(cfg, given, ckpt):
                 if plots:
                     plots = refresh_plot(log_file, os.path.join(cfg.log_dir, "loss.png"))
             if samples and step > start_step and (step % cfg.sample_interval == 0 or step == cfg.max_steps):
-                samples = write_samples(raw_model, enc, step, cfg.log_dir, autocast, rank)
+                write_samples(raw_model, enc, step, cfg.log_dir, autocast, rank)
             if step > start_step and (step % cfg.ckpt_interval == 0 or last):
                 state = checkpoint_state(raw_model, optimizers, scaler, cfg, step, (train_loader, val_loader),
                                          provenance, val_loss=val_loss, hellaswag=acc_norm,
@@ -1512,21 +1491,23 @@ def train(cfg, given, ckpt):
             # One optimizer step: total_batch_size tokens, grad_accum_steps micro-batches on each rank
             t0 = time.time()
             model.train()
+            # Not model.zero_grad(): after an eval, FSDP's root module holds its unsharded parameters
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss_accum = torch.zeros((), device=device)
             for micro_step in range(grad_accum_steps):
                 x, y = train_loader.next_batch()
-                # Under DDP or FSDP, reduce the gradients only after the last micro-step's backward.
-                sync = not ddp or micro_step == grad_accum_steps - 1
+                # Under DDP or FSDP, reduce the gradients only after the last micro-step's backward
+                sync = micro_step == grad_accum_steps - 1
                 if cfg.fsdp:
                     raw_model.set_requires_gradient_sync(sync)
-                with contextlib.nullcontext() if sync or cfg.fsdp else model.no_sync():
-                    with autocast:
-                        _, loss = model(x.to(device), y.to(device))
-                    loss = loss / grad_accum_steps  # the whole batch's mean, not a sum of micro-batch means
-                    loss_accum += loss.detach()
-                    scaler.scale(loss).backward()  # scaled in float16 only
+                elif ddp:
+                    model.require_backward_grad_sync = sync  # as build-nanogpt does; what no_sync() sets
+                with autocast:
+                    _, loss = model(x.to(device), y.to(device))
+                loss = loss / grad_accum_steps  # the whole batch's mean, not a sum of micro-batch means
+                loss_accum += loss.detach()
+                scaler.scale(loss).backward()  # scaled in float16 only
             # One all-reduce and one host sync per step: the mean loss, and whether any rank was signalled.
             stop_flag = torch.tensor(float(stop.requested), device=device)
             stats = all_reduce_mean(torch.stack([loss_accum, stop_flag]), world_size)
@@ -1539,15 +1520,15 @@ def train(cfg, given, ckpt):
             check_finite(step, cfg.log_dir, loss=loss_value)
             if not scaler.is_enabled():  # in float16, inf/nan gradients are an overflow: the step is skipped
                 check_finite(step, cfg.log_dir, grad_norm=norm_value)
+            skipped = not math.isfinite(norm_value)  # float16 overflow anywhere: every optimizer skips
             lr = get_lr(step, cfg)
             loss_scale = scaler.get_scale() if scaler.is_enabled() else None
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = lr
-                if math.isfinite(norm_value):  # float16 overflow anywhere: every optimizer skips the step
-                    scaler.step(opt)  # opt.step(), unless float16 gradients overflowed
-            scaler.update()
-            skipped = scaler.is_enabled() and scaler.get_scale() < loss_scale  # halved exactly on a skip
+                if not skipped:
+                    scaler.step(opt)  # opt.step(), after unscale_ above
+            scaler.update()  # float16: the scale halved after an overflow
             if device_type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
@@ -1592,19 +1573,17 @@ def main(argv=None):
         if rank == 0:
             print(f"train_gpt2.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-    except (KeyboardInterrupt, RuntimeError) as e:  # gloo raises on a collective's timeout; NCCL aborts
-        timed_out = dist.is_initialized() and re.search("timed out|timeout", str(e), re.IGNORECASE)
-        if isinstance(e, RuntimeError) and not timed_out:
+    except KeyboardInterrupt:  # Ctrl-C before the loop, or a second one in it
+        if rank == 0:
+            print(f"train_gpt2.py: aborted by Ctrl-C; the last good checkpoint is "
+                  f"{(checkpoint_paths(cfg.log_dir) or ['none'])[-1]}", file=sys.stderr)
+        sys.exit(130)
+    except RuntimeError as e:  # gloo raises on a collective's timeout; NCCL aborts
+        if not (dist.is_initialized() and re.search("timed out|timeout", str(e), re.IGNORECASE)):
             raise
-        last = (checkpoint_paths(cfg.log_dir) or ["none"])[-1]
-        if isinstance(e, KeyboardInterrupt):  # Ctrl-C before the loop, or a second one in it
-            if rank == 0:
-                print(f"train_gpt2.py: aborted by Ctrl-C; the last good checkpoint is {last}",
-                      file=sys.stderr)
-            sys.exit(130)
         print(f"train_gpt2.py: error: rank {rank}: a collective waited more than --dist_timeout "
               f"{cfg.dist_timeout} s for the other ranks, so one is frozen or dead; the last checkpoint is "
-              f"{last}", file=sys.stderr, flush=True)
+              f"{(checkpoint_paths(cfg.log_dir) or ['none'])[-1]}", file=sys.stderr, flush=True)
         # Now, without Python's exit: that would tear down the process group mid-collective (SIGABRT)
         sys.stdout.flush()
         os._exit(1)
