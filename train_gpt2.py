@@ -781,20 +781,13 @@ def checkpoint_state(model, optimizers, scaler, cfg, step, loaders, provenance, 
     rank; the shards' record lets a resume check its data), what made it, and values (val_loss, hellaswag,
     wandb_id) for export.py and W&B. Every rank calls it; under DDP or FSDP only rank 0's is whole."""
     train_loader, val_loader = loaders
-    rng = {"cpu": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
-    rngs = [rng]
-    if dist.is_initialized():
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, rng)
     # Whole tensors, on the CPU, on rank 0 (other ranks get none): under FSDP gathered from the shards
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     data = {"dir": os.path.realpath(cfg.data_dir), "train": train_loader.record, "val": val_loader.record}
     return {"model": get_model_state_dict(model, options=full), "scaler": scaler.state_dict(),
             "optimizer": get_optimizer_state_dict(model, optimizers, options=full),
             "model_config": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg), "step": step,
-            "loader_position": list(train_loader.position), "data": data, "rng_states": rngs,
-            "provenance": provenance, **values}
+            "loader_position": list(train_loader.position), "data": data, "provenance": provenance, **values}
 
 
 def save_checkpoint(ckpt, log_dir, keep_last):
@@ -853,19 +846,13 @@ def resume_config(cfg, given):
 
 
 def restore_state(ckpt, model, optimizers, scaler, train_loader, val_loader):
-    """Load a checkpoint's optimizer, loss scale and RNG state, and continue at its first unread token, in
+    """Load a checkpoint's optimizer and loss scale, and continue at its first unread token, in
     the same data whatever B, T and the rank count; changed data is refused at its first difference,
     another --data_dir (a new corpus) read from its start."""
     options = StateDictOptions(full_state_dict=True)  # whole tensors, as saved, into this rank's shards
     set_optimizer_state_dict(model, optimizers, ckpt["optimizer"], options=options)
     if scaler.is_enabled() and ckpt.get("scaler"):  # a float16 run's loss scale (a new one after bf16/fp32)
         scaler.load_state_dict(ckpt["scaler"])
-    rngs = ckpt["rng_states"]
-    if len(rngs) == train_loader.num_processes:
-        rng = rngs[train_loader.process_rank]
-        torch.set_rng_state(rng["cpu"])
-        if torch.cuda.is_initialized() and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"])
     then, data = ckpt["config"], ckpt["data"]
     data_dir = os.path.dirname(train_loader.paths[0])
     now = {"train": train_loader.record, "val": val_loader.record}

@@ -371,7 +371,7 @@ def test_log_lines_and_no_wandb(tmp_path):
 
 
 def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
-    """What checkpoint_state() saves, restore_state() puts back: optimizer, loss scale, data position, RNG."""
+    """What checkpoint_state() saves, restore_state() puts back: optimizer, loss scale, data position."""
     from train_gpt2 import (DataLoaderLite, TrainError, checkpoint_state, load_checkpoint, restore_state,
                             save_checkpoint)
     torch.manual_seed(0)
@@ -386,7 +386,6 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
     cfg = TrainConfig(data_dir=str(data), micro_batch_size=4, seq_len=32)
     state = checkpoint_state(model, [optimizer], scaler, cfg, 1, loaders, {}, val_loss=5.5)
     path = save_checkpoint(state, tmp_path, keep_last=3)
-    rng_after_save = torch.rand(3)
     model2 = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
     [optimizer2] = model2.configure_optimizers(0.1, 1e-3, "cpu")
     scaler2 = torch.amp.GradScaler("cpu", enabled=True)
@@ -394,7 +393,7 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
     ckpt = load_checkpoint(path)
     restore_state(ckpt, model2, [optimizer2], scaler2, *loaders2)
     assert loaders2[0].position == (0, 0, 128)
-    assert torch.equal(torch.rand(3), rng_after_save) and scaler2.state_dict() == scaler.state_dict()
+    assert scaler2.state_dict() == scaler.state_dict()
     assert optimizer2.state_dict()["state"][0]["step"] == 1 and ckpt["val_loss"] == 5.5
     assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
 
@@ -487,7 +486,6 @@ def test_checkpoints_are_safe_and_complete(data, tmp_path):
     assert [(name, n) for name, n, _ in ckpt["data"]["train"]] == [("synth_train_000001.npy", 12000),
                                                                    ("synth_train_000002.npy", 9000)]
     assert [name for name, _, _ in ckpt["data"]["val"]] == ["synth_val_000000.npy"]
-    assert set(ckpt["rng_states"][0]) == {"cpu", "cuda"}
     assert len(ckpt["optimizer"]["state"]) > 0
     # The final checkpoint is the model after the last update: its val loss is that of the weights it holds.
     model = GPT(GPTConfig(**ckpt["model_config"]))
