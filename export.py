@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from fineweb import DATA_DIR, GPT2_EOT, GPT2_VOCAB_SIZE, disk_full
 from plot import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS
-from train_gpt2 import (GPT, TrainError, checkpoint_file, config_parser, load_checkpoint,
+from train_gpt2 import (GPT, UserError, checkpoint_file, config_parser, load_checkpoint,
                         model_from_checkpoint, option)
 
 EOT = "<|endoftext|>"  # GPT-2's only special token, id GPT2_EOT: its bos, eos and unk token
@@ -63,7 +63,7 @@ def load_tokenizer(source, block_size):
     special = dict(bos_token=EOT, eos_token=EOT, unk_token=EOT, model_max_length=block_size)
     source = source or DATA_DIR
     if not os.path.isdir(source):
-        raise TrainError(f"--tokenizer {source}: no such folder; expected a Hugging Face tokenizer folder or "
+        raise UserError(f"--tokenizer {source}: no such folder; expected a Hugging Face tokenizer folder or "
                          f"a folder holding OpenAI's encoder.json + vocab.bpe ('' for the ones in "
                          f"{DATA_DIR})")
     encoder, bpe = os.path.join(source, "encoder.json"), os.path.join(source, "vocab.bpe")
@@ -80,9 +80,9 @@ def load_tokenizer(source, block_size):
         else:
             tok = GPT2TokenizerFast.from_pretrained(source, **special)
     except Exception as e:  # corrupt files: json, tokenizers and transformers each raise their own types
-        raise TrainError(f"--tokenizer {source}: cannot read the tokenizer ({reason(e)})") from None
+        raise UserError(f"--tokenizer {source}: cannot read the tokenizer ({reason(e)})") from None
     if len(tok) != GPT2_VOCAB_SIZE or tok.convert_tokens_to_ids(EOT) != GPT2_EOT:
-        raise TrainError(f"--tokenizer {source}: no GPT-2 tokenizer there (vocabulary of {len(tok)}, not "
+        raise UserError(f"--tokenizer {source}: no GPT-2 tokenizer there (vocabulary of {len(tok)}, not "
                          f"{GPT2_VOCAB_SIZE} ending in {EOT}); expected a folder holding tokenizer.json, "
                          f"vocab.json + merges.txt, or OpenAI's encoder.json + vocab.bpe")
     return tok
@@ -182,25 +182,25 @@ def push(folder, repo_id, private):
                           commit_message=f"export.py: {os.path.basename(folder)}")
     except Exception as e:  # offline, no network, no or bad token, no rights: many exception types
         private_flag = " --private" if private else ""
-        raise TrainError(f"--push_to_hub {repo_id}: {reason(e)}; the folder is saved in {folder}: upload it "
+        raise UserError(f"--push_to_hub {repo_id}: {reason(e)}; the folder is saved in {folder}: upload it "
                          f"later with `hf upload {repo_id} {folder}{private_flag}`") from None
     print(f"pushed to {url}")
 
 
 def export(cfg):
     if cfg.push_to_hub and not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.push_to_hub):
-        raise TrainError(f"--push_to_hub {cfg.push_to_hub}: expected a Hugging Face repo id, user/name")
+        raise UserError(f"--push_to_hub {cfg.push_to_hub}: expected a Hugging Face repo id, user/name")
     if cfg.private and not cfg.push_to_hub:
-        raise TrainError("--private: only means something with --push_to_hub user/name")
+        raise UserError("--private: only means something with --push_to_hub user/name")
     try:
         path = checkpoint_file(cfg.checkpoint)
         ckpt = load_checkpoint(path)
-    except TrainError as e:
-        raise TrainError(f"--checkpoint {e}") from None
+    except UserError as e:
+        raise UserError(f"--checkpoint {e}") from None
     default_dir = os.path.join(os.path.dirname(path), f"hf_model_{ckpt['step']:05d}")
     out_dir = os.path.normpath(cfg.out_dir or default_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise TrainError(f"--out_dir {out_dir}: already exists and is not an empty folder; pick another "
+        raise UserError(f"--out_dir {out_dir}: already exists and is not an empty folder; pick another "
                          f"--out_dir or delete it")
 
     model = model_from_checkpoint(ckpt)
@@ -228,7 +228,7 @@ def export(cfg):
         os.replace(tmp, out_dir)  # replaces an empty out_dir; fails, touching nothing, on a non-empty one
     except Exception as e:
         if disk_full(e):
-            raise TrainError(f"disk full in {os.path.dirname(os.path.abspath(out_dir))}: {out_dir} was not "
+            raise UserError(f"disk full in {os.path.dirname(os.path.abspath(out_dir))}: {out_dir} was not "
                              f"written; free space and export again") from None
         raise
     finally:
@@ -246,7 +246,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         export(cfg)
-    except TrainError as e:
+    except UserError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         sys.exit(1)
 

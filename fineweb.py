@@ -65,8 +65,9 @@ PRESETS = {
 }
 
 
-class FinewebError(ValueError):
-    """Bad input or flags: main() prints it as one line and exits 1."""
+class UserError(ValueError):
+    """Bad flags, input, data or checkpoints, or a diverged run: every script's main() prints it as one line
+    and exits 1."""
 
 
 # fineweb.py imports nothing from train_gpt2.py, which would load torch (+2 s and +200 MB in every process);
@@ -160,15 +161,15 @@ def input_files(cfg):
         ours = [p for p in found if os.path.commonpath([os.path.realpath(p), out_dir]) == out_dir]
         found = [p for p in found if p not in ours]
         if not found:
-            raise FinewebError(f"--input {pattern}: " + (
+            raise UserError(f"--input {pattern}: " + (
                 f"only files in --out_dir {cfg.out_dir}, which this run writes" if ours
                 else "no such file, or no .txt/.jsonl/.json/.parquet files in it"))
         for p in found:
             if os.path.splitext(p)[1] not in READERS:
-                raise FinewebError(f"--input {p}: cannot read {os.path.splitext(p)[1] or 'extensionless'} files; "
+                raise UserError(f"--input {p}: cannot read {os.path.splitext(p)[1] or 'extensionless'} files; "
                                    f"expected .txt (one document per file), .jsonl/.json or .parquet")
             if READERS[os.path.splitext(p)[1]] != "text" and os.path.getsize(p) == 0:
-                raise FinewebError(f"--input {p}: an empty file, which holds no documents; fill it or leave it out")
+                raise UserError(f"--input {p}: an empty file, which holds no documents; fill it or leave it out")
         files += [p for p in found if p not in files]
     return files
 
@@ -193,9 +194,9 @@ def unreadable(cfg, e, doing):
     found = non_utf8_file(input_files(cfg)) if cfg.input and isinstance(e, UnicodeDecodeError) else None
     if found:
         path, offset, byte = found
-        return FinewebError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); convert it to UTF-8 "
+        return UserError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); convert it to UTF-8 "
                             f"or leave it out of --input")
-    return FinewebError(f"{doing}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return UserError(f"{doing}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 def document_source(cfg, doc):
@@ -248,10 +249,10 @@ def load_corpus(cfg):
     except Exception as e:  # network, missing files, unreadable data: datasets says what
         raise unreadable(cfg, e.__cause__ or e, f"cannot load {', '.join(cfg.input) or cfg.dataset}") from None
     if first is None:
-        raise FinewebError(f"{where} holds no documents")
+        raise UserError(f"{where} holds no documents")
     columns = list(first)
     if cfg.text_column not in columns:
-        raise FinewebError(f"{where} has no column {cfg.text_column!r} (columns: {', '.join(columns)}); "
+        raise UserError(f"{where} has no column {cfg.text_column!r} (columns: {', '.join(columns)}); "
                            f"name the text column with --text_column")
     return ds.select_columns([cfg.text_column])
 
@@ -279,9 +280,9 @@ def gpt2_tokenizer():
             with open(path, "rb") as f:
                 contents[name] = f.read()
         except OSError as e:
-            raise FinewebError(f"{path}: cannot read GPT-2's BPE ({e.strerror}); restore it with `git checkout -- data`") from None
+            raise UserError(f"{path}: cannot read GPT-2's BPE ({e.strerror}); restore it with `git checkout -- data`") from None
         if hashlib.sha256(contents[name]).hexdigest() != sha256:
-            raise FinewebError(f"{path}: damaged (not the bytes of OpenAI's file); restore it with `git checkout -- data`")
+            raise UserError(f"{path}: damaged (not the bytes of OpenAI's file); restore it with `git checkout -- data`")
     # encoder.json spells each token's bytes with one printable character per byte (GPT-2's bytes_to_unicode):
     # the printable bytes as themselves, the other 68 as chr(256), chr(257), ... in byte order. Its ids are
     # the merge ranks tiktoken uses. (tiktoken.load's reader of these files would also copy them into
@@ -463,7 +464,7 @@ class ShardWriter:
         if not self.big_enough:
             total = self.fill + sum(entry["tokens"] for _, entry in self.pending)
             self.discard()
-            raise FinewebError(f"the corpus has {total:,} tokens, too few for --val_tokens {self.cfg.val_tokens:,} and a "
+            raise UserError(f"the corpus has {total:,} tokens, too few for --val_tokens {self.cfg.val_tokens:,} and a "
                                f"train split of at least {MIN_TRAIN_TOKENS} tokens (a token and its target); set "
                                f"--val_tokens to at most {total - MIN_TRAIN_TOKENS:,} or add text")
         if self.fill:
@@ -478,7 +479,7 @@ class ShardWriter:
                   f"--micro_batch_size B and --seq_len T such that B x T + 1 <= {largest:,}")
 
 
-def hold_folder(folder, flag, error=FinewebError):
+def hold_folder(folder, flag):
     """Make folder and lock it for this run (an flock on folder/.lock): a second run on it stops at once,
     saying whose it is. Use it as a context manager; the OS also drops the lock when the process dies,
     killed or not, so none outlives its run."""
@@ -486,8 +487,9 @@ def hold_folder(folder, flag, error=FinewebError):
         os.makedirs(folder, exist_ok=True)
         f = open(os.path.join(folder, ".lock"), "a+")
     except OSError as e:  # a file of that name, or under a file; a read-only disk
-        raise error(f"{flag} {folder}: cannot {'write in' if os.path.isdir(folder) else 'make'} that folder "
-                    f"({e.strerror}); pick another {flag}") from None
+        doing = "write in" if os.path.isdir(folder) else "make"
+        raise UserError(f"{flag} {folder}: cannot {doing} that folder ({e.strerror}); pick another "
+                        f"{flag}") from None
     try:
         if fcntl:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -495,8 +497,8 @@ def hold_folder(folder, flag, error=FinewebError):
         f.seek(0)
         holder = f.read().strip() or "pid unknown"
         f.close()
-        raise error(f"{flag} {folder}: in use by another run ({holder}); wait for it to end or pick another "
-                    f"{flag}") from None
+        raise UserError(f"{flag} {folder}: in use by another run ({holder}); wait for it to end or pick "
+                        f"another {flag}") from None
     except OSError as e:  # a file system without locks (some network ones): run, unguarded
         print(f"note: {flag} {folder}: cannot lock it ({e.strerror}), so nothing keeps a second run out")
     f.truncate(0)
@@ -519,17 +521,17 @@ def open_manifest(cfg, source, enc):
     if not os.path.exists(path):
         shards = [n for n in os.listdir(cfg.out_dir) if n.endswith((".npy", ".bin"))]
         if shards:
-            raise FinewebError(f"--out_dir {cfg.out_dir} holds shards ({shards[0]}, ...) but no manifest.json, so they "
+            raise UserError(f"--out_dir {cfg.out_dir} holds shards ({shards[0]}, ...) but no manifest.json, so they "
                                f"are not this run's; choose another --out_dir or empty it")
         return dict(settings, shards=[], docs=None, done=False)
     try:
         with open(path) as f:
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FinewebError(f"{path} is unreadable ({e}); delete it and the shards beside it to start over") from None
+        raise UserError(f"{path} is unreadable ({e}); delete it and the shards beside it to start over") from None
     for key, value in settings.items():
         if manifest.get(key) != value:
-            raise FinewebError(f"--out_dir {cfg.out_dir} holds shards of a different corpus or settings ({key}: "
+            raise UserError(f"--out_dir {cfg.out_dir} holds shards of a different corpus or settings ({key}: "
                                f"{manifest.get(key)} there, {value} now); choose another --out_dir or empty it")
     for i, shard in enumerate(manifest["shards"]):
         path = os.path.join(cfg.out_dir, shard["name"])
@@ -547,7 +549,7 @@ def main(argv=None):
         enc, source = gpt2_tokenizer(), describe_source(cfg)  # bad input fails here, before out_dir is made
         with hold_folder(cfg.out_dir, "--out_dir"):
             tokenize(cfg, enc, source)
-    except FinewebError as e:
+    except UserError as e:
         sys.exit(f"fineweb.py: error: {e}")
 
 
@@ -586,10 +588,10 @@ def tokenize(cfg, enc, source):
     except Exception as e:
         writer.discard()
         if isinstance(e, NotText):  # in the task that starts at document doc
-            raise FinewebError(f"{document_source(cfg, doc + e.args[0])}: its --text_column {cfg.text_column!r} is "
+            raise UserError(f"{document_source(cfg, doc + e.args[0])}: its --text_column {cfg.text_column!r} is "
                                f"{e.args[1]}, not text") from None
         if disk_full(e):
-            raise FinewebError(f"disk full in {cfg.out_dir}/: the {len(manifest['shards'])} shards manifest.json lists "
+            raise UserError(f"disk full in {cfg.out_dir}/: the {len(manifest['shards'])} shards manifest.json lists "
                                f"are kept; free space, then rerun this command, which resumes after them") from None
         raise
     finally:

@@ -14,8 +14,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from train_gpt2 import (PRETRAINED, SAMPLE_PROMPT, TrainError, check_flags, config_parser,
-                        load_model, load_tokenizer, option, require_gpt2_vocab, resolve_system)
+from fineweb import gpt2_tokenizer
+from train_gpt2 import (PRETRAINED, SAMPLE_PROMPT, UserError, check_flags, config_parser,
+                        load_model, option, require_gpt2_vocab, resolve_system)
 
 
 @dataclass
@@ -67,29 +68,29 @@ def read_prompt(prompt, enc):
             with open(prompt[5:], encoding="utf-8") as f:
                 prompt = f.read()
         except UnicodeDecodeError as e:
-            raise TrainError(f"--prompt {prompt}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+            raise UserError(f"--prompt {prompt}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
                              f"{e.start})") from None
         except OSError as e:
-            raise TrainError(f"--prompt {prompt}: cannot read the file ({e.strerror or e})") from None
+            raise UserError(f"--prompt {prompt}: cannot read the file ({e.strerror or e})") from None
     return enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
 
 
 def run(cfg):
     check_generate_flags(cfg)
     device, _, use_compile, autocast = resolve_system(cfg.device, cfg.dtype, cfg.compile)
-    enc = load_tokenizer()
+    enc = gpt2_tokenizer()
     tokens = read_prompt(cfg.prompt, enc)
     try:
         model = require_gpt2_vocab(load_model(cfg.init_from), cfg.init_from).to(device)
-    except TrainError as e:
-        raise TrainError(f"--init_from {e}") from None
+    except UserError as e:
+        raise UserError(f"--init_from {e}") from None
     block_size = model.config.block_size
     if len(tokens) > block_size:
-        raise TrainError(f"--prompt: {len(tokens)} tokens, more than the model's context of {block_size} "
+        raise UserError(f"--prompt: {len(tokens)} tokens, more than the model's context of {block_size} "
                          f"tokens (block_size)")
     n_new = cfg.max_new_tokens or cfg.max_length - len(tokens)
     if n_new <= 0:
-        raise TrainError(f"--max_length {cfg.max_length}: the prompt alone has {len(tokens)} tokens; raise "
+        raise UserError(f"--max_length {cfg.max_length}: the prompt alone has {len(tokens)} tokens; raise "
                          f"it or give --max_new_tokens")
     if len(tokens) + n_new > block_size:
         print(f"note: stopping at the model's context of {block_size} tokens: {block_size - len(tokens)} new "
@@ -110,7 +111,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         run(cfg)
-    except TrainError as e:
+    except UserError as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
 

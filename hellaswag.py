@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from train_gpt2 import (PRETRAINED, TrainError, config_parser, hellaswag_file, iterate_examples, load_model,
-                        load_tokenizer, longest_example, option, require_gpt2_vocab, resolve_system, score)
+from fineweb import gpt2_tokenizer
+from train_gpt2 import (PRETRAINED, UserError, config_parser, hellaswag_file, iterate_examples, load_model,
+                        longest_example, option, require_gpt2_vocab, resolve_system, score)
 
 
 @dataclass
@@ -64,19 +65,19 @@ def parse_args(argv=None):
 def evaluate(cfg):
     from tqdm import tqdm
     device, _, use_compile, autocast = resolve_system(cfg.device, cfg.dtype, cfg.compile)
-    enc = load_tokenizer()
+    enc = gpt2_tokenizer()
     # Read the data before loading weights, so a bad --data_dir fails in a second, not after a download.
     examples = list(itertools.islice(iterate_examples(cfg.split, cfg.data_dir), cfg.limit or None))
     if not examples:
-        raise TrainError(f"{hellaswag_file(cfg.split, cfg.data_dir)}: holds no tasks")
+        raise UserError(f"{hellaswag_file(cfg.split, cfg.data_dir)}: holds no tasks")
     try:
         model = require_gpt2_vocab(load_model(cfg.model), cfg.model)
-    except TrainError as e:  # a bad checkpoint, not a GPT-2 folder, no network for the Hub
-        raise TrainError(f"--model {e}") from None
+    except UserError as e:  # a bad checkpoint, not a GPT-2 folder, no network for the Hub
+        raise UserError(f"--model {e}") from None
     model.to(device).eval()
     longest = longest_example(examples, enc)
     if longest > model.config.block_size:
-        raise TrainError(f"a task has {longest} tokens, more than the model's block_size "
+        raise UserError(f"a task has {longest} tokens, more than the model's block_size "
                          f"{model.config.block_size}")
     pad_to = None
     if use_compile:
@@ -92,7 +93,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         evaluate(cfg)
-    except TrainError as e:
+    except UserError as e:
         sys.exit(f"hellaswag.py: error: {e}")
 
 

@@ -44,8 +44,8 @@ from torch.distributed.tensor import DTensor
 
 # fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing and the
 # disk writes; it imports no torch, so that its tokenizing processes start fast and small
-from fineweb import (GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, OneLineParser, disk_full,
-                     gpt2_tokenizer, hold_folder, parse_bool, write_synced)
+from fineweb import (GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, OneLineParser, UserError,
+                     disk_full, gpt2_tokenizer, hold_folder, parse_bool, write_synced)
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -371,43 +371,39 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-class TrainError(ValueError):
-    """Bad flags, data or checkpoints, or a diverged run: main() prints it as one line and exits 1."""
-
-
 def open_shard(path):
     """Memory-map one shard as a 1-D uint16 array; nothing is read until a batch is sliced out."""
     if path.endswith(".bin"):
         header = np.fromfile(path, dtype=np.int32, count=LLMC_HEADER_INTS)
         if len(header) < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
-            raise TrainError(f"{path}: not an llm.c token shard (no magic number {LLMC_MAGIC} in its header)")
+            raise UserError(f"{path}: not an llm.c token shard (no magic number {LLMC_MAGIC} in its header)")
         if header[1] != LLMC_VERSION:
-            raise TrainError(f"{path}: llm.c shard version {header[1]}, expected {LLMC_VERSION} "
+            raise UserError(f"{path}: llm.c shard version {header[1]}, expected {LLMC_VERSION} "
                              f"(uint16 GPT-2 tokens; version 2 holds uint32 Llama-3 tokens)")
         n_tokens, n_bytes = int(header[2]), os.path.getsize(path)
         if n_bytes != 4 * LLMC_HEADER_INTS + 2 * n_tokens:
-            raise TrainError(f"{path}: truncated: header says {n_tokens} tokens, file has {n_bytes} bytes")
+            raise UserError(f"{path}: truncated: header says {n_tokens} tokens, file has {n_bytes} bytes")
         return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * LLMC_HEADER_INTS, shape=(n_tokens,))
     try:
         tokens = np.lib.format.open_memmap(path, mode="r")  # .npy only (an .npz is refused), no pickles
     except (ValueError, OSError) as e:
-        raise TrainError(f"{path}: not a readable .npy token shard ({e})") from None
+        raise UserError(f"{path}: not a readable .npy token shard ({e})") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise TrainError(f"{path}: holds a {tokens.ndim}-D {tokens.dtype} array, expected 1-D uint16 tokens "
+        raise UserError(f"{path}: holds a {tokens.ndim}-D {tokens.dtype} array, expected 1-D uint16 tokens "
                          f"(np.save of a uint16 array, as fineweb.py writes)")
     return tokens
 
 
 def find_shards(data_dir, split):
     if not os.path.isdir(data_dir):
-        raise TrainError(f"--data_dir {data_dir}: no such folder; make token shards with `python fineweb.py`")
+        raise UserError(f"--data_dir {data_dir}: no such folder; make token shards with `python fineweb.py`")
     # A shard's split is the word (no letter beside it: "eval" is none) right before its number, as fineweb.py
     # ({prefix}_{split}_000001.npy) and llm.c (fineweb_train_000001.bin, tiny_shakespeare_val.bin) name them
     splits = {}
     for n in sorted(os.listdir(data_dir)):
         found = re.search(r"(?<![a-z])(train|val)(?:[_.-]?\d+)?\.(?:npy|bin)$", n)
         if found and len(set(re.findall(r"(?<![a-z])(train|val)(?![a-z])", n))) > 1:
-            raise TrainError(f"{os.path.join(data_dir, n)}: its name holds both train and val, so its split "
+            raise UserError(f"{os.path.join(data_dir, n)}: its name holds both train and val, so its split "
                              f"is unclear; rename it, or remake the folder with a fineweb.py --prefix "
                              f"holding neither")
         if found:
@@ -418,10 +414,10 @@ def find_shards(data_dir, split):
             with open(manifest) as f:
                 record = json.load(f)
         except (OSError, ValueError):
-            raise TrainError(f"{manifest}: unreadable; rerun the fineweb.py command that made "
+            raise UserError(f"{manifest}: unreadable; rerun the fineweb.py command that made "
                              f"{data_dir}/") from None
         if isinstance(record, dict) and record.get("done") is False:  # fineweb.py's, of a run stopped partway
-            raise TrainError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its manifest "
+            raise UserError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its manifest "
                              f"says so); rerun the same fineweb.py command, which resumes where it stopped")
         if isinstance(record, dict) and "shards" in record:  # fineweb.py's: the shards are those it lists
             listed = {e["name"]: e["bytes"] for e in record["shards"]}
@@ -429,15 +425,15 @@ def find_shards(data_dir, split):
                 path = os.path.join(data_dir, n)
                 size = os.path.getsize(path) if os.path.isfile(path) else None
                 if n not in listed:
-                    raise TrainError(f"--data_dir {data_dir}: {n} is not a shard its manifest.json lists "
+                    raise UserError(f"--data_dir {data_dir}: {n} is not a shard its manifest.json lists "
                                      f"(fineweb.py did not write it there); move it out")
                 if size != listed[n]:
                     what = "is missing" if size is None else f"has {size} bytes, not {listed[n]}"
-                    raise TrainError(f"--data_dir {data_dir}: {n}, listed in its manifest.json, {what}; "
+                    raise UserError(f"--data_dir {data_dir}: {n}, listed in its manifest.json, {what}; "
                                      f"rerun the fineweb.py command that made the folder, which redoes it")
     names = [n for n in splits if splits[n] == split]
     if not names:
-        raise TrainError(f"no {split} shards in {data_dir}/, such as edufineweb_{split}_000001.npy or "
+        raise UserError(f"no {split} shards in {data_dir}/, such as edufineweb_{split}_000001.npy or "
                          f"llm.c's *_{split}_*.bin; make them with `python fineweb.py`")
     return [os.path.join(data_dir, n) for n in names]
 
@@ -468,7 +464,7 @@ class DataLoaderLite:
         self.counts = [max(0, len(s) - 1) // (B * T) for s in self.shards]  # a shard too short adds none
         self.batches_per_epoch = sum(self.counts)
         if self.batches_per_epoch == 0:
-            raise TrainError(f"no {split} shard in {data_dir}/ holds one micro-batch of {B}x{T}+1 tokens "
+            raise UserError(f"no {split} shard in {data_dir}/ holds one micro-batch of {B}x{T}+1 tokens "
                              f"(largest has {max(map(len, self.shards))}); lower --micro_batch_size or "
                              f"--seq_len")
         # What a checkpoint records of the data: each shard's name, tokens, and a hash of its ends and middle
@@ -513,7 +509,7 @@ class DataLoaderLite:
             if top >= self.vocab_size:
                 limit = f"GPT-2's {GPT2_VOCAB_SIZE} ids" if self.vocab_size == GPT2_VOCAB_SIZE \
                     else f"the model's vocab_size {self.vocab_size}"
-                raise TrainError(f"{self.paths[i]}: token id {top} is past {limit}; the shard was made with "
+                raise UserError(f"{self.paths[i]}: token id {top} is past {limit}; the shard was made with "
                                  f"another tokenizer")
             self.checked.add(i)
         if self.shuffle:
@@ -661,11 +657,11 @@ def parse_args(argv=None):
 
 
 def check_flags(cfg, checks):
-    """A TrainError for the first (name, ok, why) of checks whose ok is False: `--name value: why`."""
+    """A UserError for the first (name, ok, why) of checks whose ok is False: `--name value: why`."""
     for name, ok, why in checks:
         if not ok:
             value = getattr(cfg, name)
-            raise TrainError(f"--{name} {int(value) if isinstance(value, bool) else value}: {why}")
+            raise UserError(f"--{name} {int(value) if isinstance(value, bool) else value}: {why}")
 
 
 def check_train_flags(cfg):
@@ -717,19 +713,19 @@ def checkpoint_paths(log_dir):
 
 def load_checkpoint(path):
     if not os.path.isfile(path):
-        raise TrainError(f"{path}: no such checkpoint")
+        raise UserError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: loading runs no code
         missing = {"model", "optimizer", "model_config", "config", "step"} - set(ckpt)
     except Exception as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if isinstance(e, pickle.UnpicklingError) and found:  # weights_only met pickled objects, maybe code
-            raise TrainError(f"{path}: holds objects that are not plain tensors and data ({found[1]}), so it "
+            raise UserError(f"{path}: holds objects that are not plain tensors and data ({found[1]}), so it "
                              f"was refused without loading it") from None
-        raise TrainError(f"{path}: cannot read the checkpoint ({type(e).__name__}); it is corrupt or "
+        raise UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}); it is corrupt or "
                          f"truncated: move it away and use the one before") from None
     if missing:
-        raise TrainError(f"{path}: not a train_gpt2.py checkpoint (no {', '.join(sorted(missing))})")
+        raise UserError(f"{path}: not a train_gpt2.py checkpoint (no {', '.join(sorted(missing))})")
     return ckpt
 
 
@@ -744,10 +740,10 @@ def checkpoint_file(path):
     if os.path.isdir(path):
         paths = checkpoint_paths(path)
         if not paths:
-            raise TrainError(f"{path}: no model_NNNNN.pt checkpoint in this folder")
+            raise UserError(f"{path}: no model_NNNNN.pt checkpoint in this folder")
         return paths[-1]
     if path.endswith(".pt.tmp"):  # save_checkpoint's temporary name
-        raise TrainError(f"{path}: a checkpoint still being written, or cut short by a crash; pass a "
+        raise UserError(f"{path}: a checkpoint still being written, or cut short by a crash; pass a "
                          f"finished model_NNNNN.pt, or its folder for the newest one")
     return path
 
@@ -758,19 +754,19 @@ def load_model(init_from):
     if init_from.endswith((".pt", ".pt.tmp")) or checkpoint_paths(init_from):
         return model_from_checkpoint(load_checkpoint(checkpoint_file(init_from)))
     if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json")):
-        raise TrainError(f"{init_from}: neither a Hugging Face GPT-2 folder (no config.json) nor a "
+        raise UserError(f"{init_from}: neither a Hugging Face GPT-2 folder (no config.json) nor a "
                          f"train_gpt2.py --log_dir (no model_NNNNN.pt checkpoint)")
     print0(f"loading GPT-2 weights from {init_from}")
     try:
         return GPT.from_pretrained(init_from)
     except (OSError, ValueError) as e:  # no such folder, no weights (offline), not GPT-2: transformers says
-        raise TrainError(f"{init_from}: {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"{init_from}: {str(e).strip().splitlines()[0]}") from None
 
 
 def require_gpt2_vocab(model, source):
     """A model for GPT-2 text (generate.py, hellaswag.py) needs all of GPT-2's token ids."""
     if model.config.vocab_size < GPT2_VOCAB_SIZE:
-        raise TrainError(f"{source}: its vocabulary has {model.config.vocab_size} tokens, fewer than GPT-2's "
+        raise UserError(f"{source}: its vocabulary has {model.config.vocab_size} tokens, fewer than GPT-2's "
                          f"{GPT2_VOCAB_SIZE}, so it cannot read GPT-2 tokens (it was trained with a smaller "
                          f"--vocab_size)")
     return model
@@ -797,7 +793,7 @@ def save_checkpoint(ckpt, log_dir, keep_last):
         write_synced(path + ".tmp", lambda f: torch.save(ckpt, f))
     except Exception as e:
         if disk_full(e):
-            raise TrainError(f"disk full in {log_dir}: {os.path.basename(path)} was not written and the "
+            raise UserError(f"disk full in {log_dir}: {os.path.basename(path)} was not written and the "
                              f"checkpoints before it are untouched; free space, then continue with "
                              f"--init_from resume") from None
         raise
@@ -814,20 +810,20 @@ def resume_config(cfg, given):
     paths = checkpoint_paths(cfg.log_dir)
     if cfg.init_from != "resume" and not (cfg.auto_resume and paths):
         if paths:
-            raise TrainError(f"{cfg.log_dir}/ already holds checkpoints (newest {paths[-1]}): continue them "
+            raise UserError(f"{cfg.log_dir}/ already holds checkpoints (newest {paths[-1]}): continue them "
                              f"with --init_from resume, or pick a new --log_dir")
         # A new run would overwrite log.txt and add to samples.txt; an --auto_resume run restarting before its
         # first checkpoint starts its own log again
         for name in () if cfg.auto_resume else ("log.txt", "samples.txt"):
             if os.path.isfile(os.path.join(cfg.log_dir, name)):
-                raise TrainError(f"{cfg.log_dir}/ already holds the {name} of an earlier run, without a "
+                raise UserError(f"{cfg.log_dir}/ already holds the {name} of an earlier run, without a "
                                  f"checkpoint to resume: move it away, or pick a new --log_dir")
         return cfg, None
     if not paths:
-        raise TrainError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
+        raise UserError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
     ckpt = load_checkpoint(paths[-1])
     if not all(isinstance(n, str) for group in ckpt["optimizer"]["param_groups"] for n in group["params"]):
-        raise TrainError(f"{paths[-1]}: written by an older train_gpt2.py, whose optimizer state this one "
+        raise UserError(f"{paths[-1]}: written by an older train_gpt2.py, whose optimizer state this one "
                          f"cannot read; continue that run with the train_gpt2.py that wrote it, or pick a "
                          f"new --log_dir")
     saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
@@ -837,10 +833,10 @@ def resume_config(cfg, given):
     for k in MODEL_FLAGS:
         setattr(cfg, k, ckpt["model_config"][k])
     if cfg.optimizer != saved.get("optimizer", "adamw"):
-        raise TrainError(f"--optimizer {cfg.optimizer}: {paths[-1]} holds the state of --optimizer "
+        raise UserError(f"--optimizer {cfg.optimizer}: {paths[-1]} holds the state of --optimizer "
                          f"{saved.get('optimizer', 'adamw')}; resume with that, or start a new run")
     if cfg.max_steps < ckpt["step"]:
-        raise TrainError(f"--max_steps {cfg.max_steps}: {paths[-1]} is at step {ckpt['step']} already, so "
+        raise UserError(f"--max_steps {cfg.max_steps}: {paths[-1]} is at step {ckpt['step']} already, so "
                          f"there is nothing to train; give --max_steps above {ckpt['step']}")
     return cfg, ckpt
 
@@ -866,16 +862,16 @@ def restore_state(ckpt, model, optimizers, scaler, train_loader, val_loader):
         if n:
             what = "is new" if n not in old else "is missing" if n not in new else "holds other tokens" \
                 if old[n][0] == new[n][0] else f"has changed ({old[n][0]} tokens then, {new[n][0]} now)"
-            raise TrainError(f"--data_dir {data_dir}: {split} shard {n} {what} since the checkpoint, so its "
+            raise UserError(f"--data_dir {data_dir}: {split} shard {n} {what} since the checkpoint, so its "
                              f"position would read other tokens; restore the shards, or resume with the "
                              f"changed data under another --data_dir to read it from its beginning")
     b, t, shuffle = then["micro_batch_size"], then["seq_len"], then["shuffle"]
     if shuffle != train_loader.shuffle:
-        raise TrainError(f"--shuffle {int(train_loader.shuffle)}: the checkpoint's run read its data in "
+        raise UserError(f"--shuffle {int(train_loader.shuffle)}: the checkpoint's run read its data in "
                          f"{'shuffled' if shuffle else 'sorted'} order and its position holds in that order "
                          f"only; keep --shuffle {int(shuffle)}")
     if shuffle and b * t != train_loader.B * train_loader.T:
-        raise TrainError(f"--micro_batch_size {train_loader.B} --seq_len {train_loader.T}: a shuffled run's "
+        raise UserError(f"--micro_batch_size {train_loader.B} --seq_len {train_loader.T}: a shuffled run's "
                          f"position holds for micro-batches of its size only; keep --micro_batch_size {b} "
                          f"--seq_len {t}")
     train_loader.position = tuple(ckpt["loader_position"])
@@ -898,7 +894,7 @@ def start_log(log_dir, resume_step, provenance):
             with open(log_file, "rb") as f:
                 lines = f.readlines()
         except OSError as e:  # e.g. a folder named log.txt
-            raise TrainError(f"--log_dir {log_dir}: cannot read {log_file} ({e.strerror}); move it away or "
+            raise UserError(f"--log_dir {log_dir}: cannot read {log_file} ({e.strerror}); move it away or "
                              f"pick another --log_dir") from None
     kept, damaged, made_by = [], [], None
     for n, raw in enumerate(lines, 1):
@@ -924,7 +920,7 @@ def start_log(log_dir, resume_step, provenance):
         write_synced(log_file + ".tmp", lambda f: f.write("".join(kept).encode()))
         os.replace(log_file + ".tmp", log_file)
     except OSError as e:  # a full disk
-        raise TrainError(f"--log_dir {log_dir}: cannot write {log_file} there ({e.strerror}); pick another "
+        raise UserError(f"--log_dir {log_dir}: cannot write {log_file} there ({e.strerror}); pick another "
                          f"--log_dir") from None
     if damaged:
         print0(f"note: {log_file}: dropped {len(damaged)} damaged line(s) (line "
@@ -990,19 +986,19 @@ def resolve_system(device, dtype, compile):
     SHARED_FLAGS_HELP says: (device, autocast dtype or None for float32, whether to torch.compile, the
     autocast context). Where Triton cannot run, --compile auto is off with a note, and 1 is an error."""
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
-        raise TrainError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
+        raise UserError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
-        raise TrainError(f"--dtype {dtype}: expected auto, bfloat16, float16 or float32")
+        raise UserError(f"--dtype {dtype}: expected auto, bfloat16, float16 or float32")
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if device == "auto":
         device = next(d for d, ok in available.items() if ok)
     elif not available[device.split(":")[0]]:
-        raise TrainError(f"--device {device}: not available on this machine")
+        raise UserError(f"--device {device}: not available on this machine")
     cuda = device.startswith("cuda")
     # including_emulation=False: emulated bfloat16 "works" on a T4, many times slower than float16
     native_bf16 = cuda and dtype != "float32" and torch.cuda.is_bf16_supported(including_emulation=False)
     if dtype == "bfloat16" and cuda and not native_bf16:
-        raise TrainError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 (GPUs have "
+        raise UserError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 (GPUs have "
                          f"it from Ampere on); use --dtype float16")
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None,
              "auto": (torch.bfloat16 if native_bf16 else torch.float16) if cuda else None}[dtype]
@@ -1015,7 +1011,7 @@ def resolve_system(device, dtype, compile):
         problem = (f"torch.compile's Triton needs a GPU of compute capability 7.0 or newer; "
                    f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
     if problem and compile != "auto":
-        raise TrainError(f"--compile 1: {problem}; use --compile 0")
+        raise UserError(f"--compile 1: {problem}; use --compile 0")
     if problem:
         print0(f"note: --compile auto is off: {problem}")
     autocast = torch.autocast(device.split(":")[0], dtype) if dtype else contextlib.nullcontext()
@@ -1030,7 +1026,7 @@ def setup_distributed(device, timeout):
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and \
             os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":  # PyTorch #135712, #167288
-        raise TrainError("torchrun --max-restarts: the restarted ranks would read the previous attempt's "
+        raise UserError("torchrun --max-restarts: the restarted ranks would read the previous attempt's "
                          "addresses from torchrun's shared store and fail to connect; run torchrun with "
                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (and --standalone or "
                          "--rdzv-backend c10d)")
@@ -1102,7 +1098,7 @@ def hellaswag_file(split, data_dir=""):
     if os.path.isfile(path):
         return path
     if data_dir:
-        raise TrainError(f"{path}: no such file (without --data_dir it is downloaded to {hellaswag_cache()})")
+        raise UserError(f"{path}: no such file (without --data_dir it is downloaded to {hellaswag_cache()})")
     from tqdm import tqdm
     url = os.environ.get("HELLASWAG_URL", "https://raw.githubusercontent.com/rowanz/hellaswag/master/data")
     url = url.rstrip("/") + "/" + name
@@ -1118,7 +1114,7 @@ def hellaswag_file(split, data_dir=""):
                 raise OSError(f"got {f.tell()} of {total} bytes")
         os.replace(tmp, path)
     except Exception as e:  # urllib raises OSError, ValueError and http.client's own exceptions
-        raise TrainError(f"{path}: not downloaded yet, and downloading it from {url} failed "
+        raise UserError(f"{path}: not downloaded yet, and downloading it from {url} failed "
                          f"({type(e).__name__}: {e}); connect to the network, or pass --data_dir a folder "
                          f"that holds it") from None
     finally:
@@ -1146,7 +1142,7 @@ def check_example(ex):
 def iterate_examples(split, data_dir=""):
     """Yield the tasks of a split (train or val) as dicts, in file order, checking each line."""
     if split not in ("train", "val"):
-        raise TrainError(f"split {split!r}: expected train or val (HellaSwag's test labels are not public)")
+        raise UserError(f"split {split!r}: expected train or val (HellaSwag's test labels are not public)")
     path = hellaswag_file(split, data_dir)
     with open(path, "rb") as f:  # bytes: json.loads reports bad UTF-8 as a ValueError, like bad JSON
         for n, line in enumerate(f, 1):
@@ -1155,10 +1151,10 @@ def iterate_examples(split, data_dir=""):
             try:
                 ex = json.loads(line)
             except ValueError as e:
-                raise TrainError(f"{path} line {n}: not valid JSON ({e})") from None
+                raise UserError(f"{path} line {n}: not valid JSON ({e})") from None
             problem = check_example(ex)
             if problem:
-                raise TrainError(f"{path} line {n}: {problem}")
+                raise UserError(f"{path} line {n}: {problem}")
             yield ex
 
 
@@ -1190,7 +1186,7 @@ def iterate_losses(model, rendered, device="cpu", batch_size=16, autocast=contex
         mask = torch.zeros_like(tokens)
         for i, (t, m, _) in enumerate(batch):
             if t.size(1) > width:
-                raise TrainError(f"an example of {t.size(1)} tokens is longer than pad_to={pad_to}")
+                raise UserError(f"an example of {t.size(1)} tokens is longer than pad_to={pad_to}")
             tokens[4 * i:4 * i + 4, :t.size(1)], mask[4 * i:4 * i + 4, :t.size(1)] = t, m
         tokens, scored = tokens.to(device), mask[:, 1:].bool().to(device)  # position t's logits predict t+1
         with torch.no_grad(), autocast:
@@ -1245,15 +1241,15 @@ def build_model(cfg, given, ckpt):
     else:
         try:
             model = load_model(cfg.init_from)
-        except TrainError as e:
-            raise TrainError(f"--init_from {e}") from None
+        except UserError as e:
+            raise UserError(f"--init_from {e}") from None
     for k in MODEL_FLAGS:
         if k in given and given[k] != getattr(model.config, k):
-            raise TrainError(f"--{k} {given[k]} contradicts {source} ({k} {getattr(model.config, k)}); "
+            raise UserError(f"--{k} {given[k]} contradicts {source} ({k} {getattr(model.config, k)}); "
                              f"drop the flag")
         setattr(cfg, k, getattr(model.config, k))
     if cfg.seq_len > model.config.block_size:
-        raise TrainError(f"--seq_len {cfg.seq_len}: must be <= the model's block_size "
+        raise UserError(f"--seq_len {cfg.seq_len}: must be <= the model's block_size "
                          f"{model.config.block_size}")
     return model
 
@@ -1275,17 +1271,9 @@ def check_finite(step, log_dir, **values):
     """A NaN/inf loss stops the run before it can overwrite a good checkpoint."""
     if not all(math.isfinite(v) for v in values.values()):
         newest = checkpoint_paths(log_dir)
-        raise TrainError(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in values.items()) + ": the run "
+        raise UserError(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in values.items()) + ": the run "
                          f"diverged; stopping without a checkpoint (newest good one: "
                          f"{newest[-1] if newest else 'none'}). Lower --max_lr or check the data")
-
-
-def load_tokenizer():
-    """GPT-2's tokenizer, for samples and HellaSwag: fineweb.py's, built from the BPE files in data/."""
-    try:
-        return gpt2_tokenizer()
-    except ValueError as e:  # data/'s files missing or damaged
-        raise TrainError(str(e)) from None
 
 
 def hellaswag_share(data_dir, limit, enc, model, rank, world_size):
@@ -1297,11 +1285,11 @@ def hellaswag_share(data_dir, limit, enc, model, rank, world_size):
         if world_size > 1:
             dist.barrier()
         examples = list(iterate_examples("val", data_dir))[:limit or None]
-    except TrainError as e:  # missing, unreachable or corrupt data
-        raise TrainError(f"--hellaswag: {e}") from None
+    except UserError as e:  # missing, unreachable or corrupt data
+        raise UserError(f"--hellaswag: {e}") from None
     longest = longest_example(examples, enc)
     if longest > model.config.block_size:
-        raise TrainError(f"--hellaswag: the longest HellaSwag example has {longest} tokens, more than the "
+        raise UserError(f"--hellaswag: the longest HellaSwag example has {longest} tokens, more than the "
                          f"model's block_size {model.config.block_size}; use --hellaswag 0")
     return examples[rank::world_size], longest
 
@@ -1363,7 +1351,7 @@ def train(cfg, given, ckpt):
     ddp, device_type = dist.is_initialized(), device.split(":")[0]
     B, T = cfg.micro_batch_size, cfg.seq_len
     if cfg.total_batch_size % (B * T * world_size):
-        raise TrainError(f"--total_batch_size {cfg.total_batch_size} must be divisible by micro_batch_size * "
+        raise UserError(f"--total_batch_size {cfg.total_batch_size} must be divisible by micro_batch_size * "
                          f"seq_len * world_size = {B} * {T} * {world_size} = {B * T * world_size}; change "
                          f"--total_batch_size or --micro_batch_size")
     grad_accum_steps = cfg.total_batch_size // (B * T * world_size)
@@ -1420,7 +1408,7 @@ def train(cfg, given, ckpt):
     wandb_run = start_wandb(cfg, ckpt) if cfg.wandb and rank == 0 else None
     plots = rank == 0 and cfg.plot
     samples = cfg.sample_interval > 0 and raw_model.config.vocab_size >= GPT2_VOCAB_SIZE  # GPT-2 text only
-    enc = load_tokenizer() if samples or use_hellaswag else None
+    enc = gpt2_tokenizer() if samples or use_hellaswag else None
     prompt = enc.encode(SAMPLE_PROMPT) if samples else []
     if len(prompt) >= raw_model.config.block_size:
         print0(f"note: no samples: their prompt has {len(prompt)} tokens and the model's context "
@@ -1547,7 +1535,7 @@ def main(argv=None):
     rank = int(os.environ.get("RANK", "0"))
     try:
         # rank 0, the only rank that writes in log_dir, holds it for the run's life
-        with hold_folder(cfg.log_dir, "--log_dir", TrainError) if rank == 0 else contextlib.nullcontext():
+        with hold_folder(cfg.log_dir, "--log_dir") if rank == 0 else contextlib.nullcontext():
             cfg, ckpt = resume_config(cfg, given)
             train(cfg, given, ckpt)
         if dist.is_initialized():
@@ -1556,7 +1544,7 @@ def main(argv=None):
             # that needs the GIL: a hang or a SIGABRT instead of exit 0.
             gc.collect()
             dist.destroy_process_group()
-    except TrainError as e:
+    except UserError as e:
         if rank == 0:
             print(f"train_gpt2.py: error: {e}", file=sys.stderr)
         sys.exit(1)

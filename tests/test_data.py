@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import write_bin_shard, write_npy_shard
-from train_gpt2 import DataLoaderLite, TrainError
+from train_gpt2 import DataLoaderLite, UserError
 
 B, T = 2, 4
 BT = B * T
@@ -95,8 +95,8 @@ def shard_of(shards, batch):
 
 
 def bad_data_error(data_dir, split="train", **kwargs):
-    """The TrainError that constructing a loader raises; checks it is one line."""
-    with pytest.raises(TrainError) as info:
+    """The UserError that constructing a loader raises; checks it is one line."""
+    with pytest.raises(UserError) as info:
         loader(data_dir, split, **kwargs)
     msg = str(info.value)
     assert isinstance(info.value, ValueError)
@@ -418,7 +418,7 @@ def test_shuffled_ranks_interleave_into_the_single_process_stream(tmp_path, worl
 
 
 # -----------------------------------------------------------------------------
-# Bad data: a one-line TrainError naming the file or folder
+# Bad data: a one-line UserError naming the file or folder
 
 
 def test_missing_data_dir(tmp_path):
@@ -541,7 +541,7 @@ def test_token_id_out_of_vocab_is_raised_when_that_shard_is_first_read(tmp_path)
     dl = loader(tmp_path, vocab_size=vocab)  # building the loader reads no tokens
     got = read(dl, 4)  # shards 0 and 1 are fine
     assert_same(got, sorted_stream(shards)[:4])
-    with pytest.raises(TrainError) as info:
+    with pytest.raises(UserError) as info:
         dl.next_batch()
     msg = str(info.value)
     assert isinstance(info.value, ValueError)
@@ -557,7 +557,7 @@ def test_token_id_equal_to_vocab_size_late_in_a_shard_is_caught_on_its_first_bat
     tokens[-2] = 50
     write_npy_shard(tmp_path / "w_train_0.npy", tokens)
     dl = loader(tmp_path, vocab_size=50)
-    with pytest.raises(TrainError) as info:
+    with pytest.raises(UserError) as info:
         dl.next_batch()
     assert str(tmp_path / "w_train_0.npy") in str(info.value) and "\n" not in str(info.value)
 
@@ -573,7 +573,7 @@ def test_with_gpt2s_vocabulary_the_padding_ids_are_refused(tmp_path, vocab_size,
     if ok:
         assert (read(dl, 1)[0][0] == top).all()
         return
-    with pytest.raises(TrainError) as info:
+    with pytest.raises(UserError) as info:
         dl.next_batch()
     limit = "GPT-2's 50257 ids" if vocab_size in (50257, 50304) else f"the model's vocab_size {vocab_size}"
     assert str(info.value) == f"{tmp_path / 'g_train_0.npy'}: token id {top} is past {limit}; the shard was " \

@@ -24,7 +24,7 @@ import hellaswag
 from conftest import HELLASWAG_EXCERPT, REPO, SHARED_HELLASWAG, ci_only, tiktoken_gpt2
 from hellaswag import main
 from fineweb import gpt2_tokenizer
-from train_gpt2 import (TrainError, hellaswag_cache, iterate_examples, iterate_losses, load_model, longest_example,
+from train_gpt2 import (UserError, hellaswag_cache, iterate_examples, iterate_losses, load_model, longest_example,
                         render_example, score)
 
 TOL = 1e-4  # float32 losses
@@ -176,7 +176,7 @@ def test_pad_to_gives_every_forward_one_shape(tiny, examples, enc):
     shapes.clear()
     score(recording, examples, enc, batch_size=5)  # without pad_to: each batch as wide as its longest task
     assert len(shapes) == 3 and shapes[-1][0] == 8 and max(s[1] for s in shapes) == longest
-    with pytest.raises(TrainError, match="longer than pad_to=10"):
+    with pytest.raises(UserError, match="longer than pad_to=10"):
         score(ours, examples, enc, pad_to=10)
 
 
@@ -389,7 +389,7 @@ def test_missing_file_without_network(monkeypatch, capsys, tmp_path, url):
     monkeypatch.setenv("HELLASWAG_DIR", str(tmp_path))
     monkeypatch.setenv("HELLASWAG_URL", url)
     path = tmp_path / "hellaswag_val.jsonl"
-    with pytest.raises(TrainError, match=f"{re.escape(str(path))}: not downloaded yet, and downloading it from "
+    with pytest.raises(UserError, match=f"{re.escape(str(path))}: not downloaded yet, and downloading it from "
                                              f"{re.escape(url)}/hellaswag_val.jsonl failed"):
         next(iterate_examples("val"))
     assert os.listdir(tmp_path) == []  # no partial file left behind
@@ -398,9 +398,9 @@ def test_missing_file_without_network(monkeypatch, capsys, tmp_path, url):
 
 
 def test_data_dir_without_the_file(capsys, tmp_path):
-    with pytest.raises(TrainError, match=f"{re.escape(str(tmp_path))}/hellaswag_train.jsonl: no such file"):
+    with pytest.raises(UserError, match=f"{re.escape(str(tmp_path))}/hellaswag_train.jsonl: no such file"):
         next(iterate_examples("train", str(tmp_path)))
-    with pytest.raises(TrainError, match="labels are not public"):
+    with pytest.raises(UserError, match="labels are not public"):
         next(iterate_examples("test", str(tmp_path)))
 
 
@@ -424,7 +424,7 @@ GOOD = {"ind": 0, "activity_label": "x", "ctx": "A man walks.", "split": "val", 
 def test_corrupt_lines_name_file_and_line(capsys, tmp_path, line, problem):
     path = tmp_path / "hellaswag_val.jsonl"
     path.write_bytes(json.dumps(GOOD).encode() + b"\n\n" + (line if isinstance(line, bytes) else line.encode()) + b"\n")
-    with pytest.raises(TrainError) as e:
+    with pytest.raises(UserError) as e:
         list(iterate_examples("val", str(tmp_path)))
     assert str(e.value).startswith(f"{path} line 3: {problem}"), str(e.value)
     code, _, err = run_main(capsys, "--data_dir", tmp_path, "--model", "gpt2")  # fails before loading weights

@@ -179,7 +179,7 @@ def test_save_pretrained_small_vocab_round_trips(tmp_path):
 
 def test_the_model_section_runs_alone_as_a_leaf():
     """train_gpt2.py's model section, as nanoGPT's model.py: with only the standard library and torch
-    imported, none of the rest of the file (TrainError, print0, fineweb's GPT-2 sizes), it builds,
+    imported, none of the rest of the file (UserError, print0, fineweb's GPT-2 sizes), it builds,
     trains, samples and refuses a bad prompt with a plain ValueError."""
     with open(os.path.join(REPO, "train_gpt2.py")) as f:
         source = f.read()

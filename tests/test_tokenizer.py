@@ -14,7 +14,7 @@ import pytest
 
 import fineweb
 from conftest import HELLASWAG_EXCERPT, REPO, SHARED_HELLASWAG, TINY_SHAKESPEARE, tiktoken_gpt2
-from fineweb import GPT2_BPE_SHA256, FinewebError, gpt2_tokenizer
+from fineweb import GPT2_BPE_SHA256, UserError, gpt2_tokenizer
 
 
 def sha256(path):
@@ -134,7 +134,7 @@ def test_missing_or_damaged_file_is_a_one_line_error(tmp_path, monkeypatch, name
     monkeypatch.setattr(fineweb, "DATA_DIR", str(tmp_path / "data"))
     gpt2_tokenizer.cache_clear()
     try:
-        with pytest.raises(FinewebError) as e:
+        with pytest.raises(UserError) as e:
             gpt2_tokenizer()
     finally:
         gpt2_tokenizer.cache_clear()

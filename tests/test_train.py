@@ -224,7 +224,7 @@ def gpu(monkeypatch):
 
 
 def test_dtype_auto_is_bfloat16_where_the_gpu_has_it_else_float16(gpu, monkeypatch):
-    from train_gpt2 import TrainError, resolve_system
+    from train_gpt2 import UserError, resolve_system
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
 
     def resolve_dtype(dtype, device):
@@ -235,7 +235,7 @@ def test_dtype_auto_is_bfloat16_where_the_gpu_has_it_else_float16(gpu, monkeypat
     assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype("float32", "cuda:1") is None
     gpu("Tesla T4", bf16=False)  # Turing: emulated bfloat16 only, which must not count
     assert resolve_dtype("auto", "cuda") == resolve_dtype("float16", "cuda") == torch.float16
-    with pytest.raises(TrainError, match=r"^--dtype bfloat16: Tesla T4 has no bfloat16 .*; use --dtype float16$"):
+    with pytest.raises(UserError, match=r"^--dtype bfloat16: Tesla T4 has no bfloat16 .*; use --dtype float16$"):
         resolve_dtype("bfloat16", "cuda")
 
 
@@ -260,7 +260,7 @@ def test_compile_auto_is_off_with_a_note_where_triton_cannot_run(monkeypatch, ca
     """No Triton (native Windows), or a GPU older than compute capability 7.0: --compile auto is off and
     says why in one line; --compile 1 is a one-line error."""
     import importlib.util
-    from train_gpt2 import TrainError, resolve_system
+    from train_gpt2 import UserError, resolve_system
 
     def resolve_compile(value, device):
         return resolve_system(device, "float32", value)[2]
@@ -274,12 +274,12 @@ def test_compile_auto_is_off_with_a_note_where_triton_cannot_run(monkeypatch, ca
     assert resolve_compile("auto", "cuda") is False
     assert capsys.readouterr().out == "note: --compile auto is off: torch.compile needs Triton for CUDA and it is " \
                                       "not installed (pip install triton; on Windows, use WSL)\n"
-    with pytest.raises(TrainError, match=r"^--compile 1: torch.compile needs Triton .*; use --compile 0$"):
+    with pytest.raises(UserError, match=r"^--compile 1: torch.compile needs Triton .*; use --compile 0$"):
         resolve_compile(True, "cuda")
     triton["installed"] = True
     assert resolve_compile("auto", "cuda:0") is False
     assert "compute capability 7.0 or newer; Tesla P100-PCIE-16GB is 6.0" in capsys.readouterr().out
-    with pytest.raises(TrainError, match="^--compile 1: .* is 6.0; use --compile 0$"):
+    with pytest.raises(UserError, match="^--compile 1: .* is 6.0; use --compile 0$"):
         resolve_compile(True, "cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert resolve_compile("auto", "cuda") is True and resolve_compile(False, "cuda") is False
@@ -342,7 +342,7 @@ def test_val_loss_estimate_is_the_mean_over_the_same_val_batches(data):
 
 
 def test_log_lines_and_no_wandb(tmp_path):
-    from train_gpt2 import TrainError, log_values, start_log, step_line
+    from train_gpt2 import UserError, log_values, start_log, step_line
     (tmp_path / "run").mkdir()  # as main() makes it
     log_file = start_log(tmp_path / "run", None, {"torch": "2.x"})
     logged = []
@@ -366,13 +366,13 @@ def test_log_lines_and_no_wandb(tmp_path):
     assert open(log_file).read() == '# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n1 val 9.5000\n' \
                                     '# 1 {"torch": "2.y"}\n'
     (tmp_path / "odd" / "log.txt").mkdir(parents=True)  # a log.txt it cannot read: one line, not a traceback
-    with pytest.raises(TrainError, match=r"--log_dir .*odd: cannot read .*log.txt \(Is a directory\); move it"):
+    with pytest.raises(UserError, match=r"--log_dir .*odd: cannot read .*log.txt \(Is a directory\); move it"):
         start_log(tmp_path / "odd", 1, {"torch": "2.x"})
 
 
 def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
     """What checkpoint_state() saves, restore_state() puts back: optimizer, loss scale, data position."""
-    from train_gpt2 import (DataLoaderLite, TrainError, checkpoint_state, load_checkpoint, restore_state,
+    from train_gpt2 import (DataLoaderLite, UserError, checkpoint_state, load_checkpoint, restore_state,
                             save_checkpoint)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
@@ -1136,7 +1136,7 @@ def test_hellaswag_on_a_vocabulary_smaller_than_gpt2s_is_a_one_line_error(capsys
 def test_run_as_a_script_never_loads_a_second_train_gpt2(shakespeare_shards, tmp_path):
     """`python train_gpt2.py` runs as __main__; with samples, HellaSwag and plots on, the modules it imports
     for them (plot, fineweb) must not import `train_gpt2` back, which would load the whole script a second
-    time with its own TrainError; hellaswag.py imports train_gpt2, so train_gpt2 never imports it. `-X
+    time with its own UserError; hellaswag.py imports train_gpt2, so train_gpt2 never imports it. `-X
     importtime` lists every module a process imports."""
     args = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--max_steps", 2, "--hellaswag_limit", 8,
             "--hellaswag_dir", hellaswag_dir(), "--plot", 1]
