@@ -20,10 +20,9 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from fineweb import DATA_DIR, GPT2_EOT, GPT2_VOCAB_SIZE, disk_full
+from fineweb import DATA_DIR, GPT2_EOT, GPT2_VOCAB_SIZE, UserError, config_parser, disk_full, option
 from plot import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS
-from train_gpt2 import (GPT, UserError, checkpoint_file, config_parser, load_checkpoint,
-                        model_from_checkpoint, option)
+from train_gpt2 import GPT, checkpoint_file, load_checkpoint, model_from_checkpoint
 
 EOT = "<|endoftext|>"  # GPT-2's only special token, id GPT2_EOT: its bos, eos and unk token
 HELLASWAG_VAL_EXAMPLES = 10042

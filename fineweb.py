@@ -9,6 +9,10 @@ stream. Its first val_tokens tokens are the val shard ({prefix}_val_000000), the
 shard_size-token train shards ({prefix}_train_000001, ...). Shards are written under a temporary name
 and renamed when complete, and manifest.json records each one, so an interrupted run picks up where it
 stopped and produces the same bytes as an uninterrupted one.
+
+It also holds what every script shares and train_gpt2.py imports from here (this file imports no
+torch): UserError, the command-line flags made from a config dataclass (config_parser), GPT-2's
+tokenizer, the shard format and the disk writes.
 """
 
 import argparse
@@ -22,6 +26,7 @@ import glob
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing as mp
 import os
 import re
@@ -70,8 +75,11 @@ class UserError(ValueError):
     and exits 1."""
 
 
-# fineweb.py imports nothing from train_gpt2.py, which would load torch (+2 s and +200 MB in every process);
-# train_gpt2.py takes GPT-2's tokenizer, its constants, the shard format's and these two from here.
+# -----------------------------------------------------------------------------
+# Command-line flags: every script's, one per field of its config dataclass
+
+# They live here, not in train_gpt2.py, which would load torch (+2 s and +200 MB in every process): fineweb.py
+# and plot.py import no torch.
 class OneLineParser(argparse.ArgumentParser):
     """Bad flags are one line, `prog: error: ...`, without the usage block."""
 
@@ -86,31 +94,83 @@ def parse_bool(s):
     return value
 
 
+def finite_float(s):
+    value = float(s)  # argparse turns a ValueError into "invalid finite_float value"; nan passes every check
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return value
+
+
+def auto_or_bool(s):
+    """The value of a flag taking auto, 1/true or 0/false (a str | bool field): "auto", True or False."""
+    value = {"auto": "auto", "1": True, "true": True, "0": False, "false": False}.get(s.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected auto, 1, 0, true or false, got {s!r}")
+    return value
+
+
+def option(default, help=None, group=None):
+    """A config field: its default, its --help (None: SHARED_FLAGS_HELP's) and, on a group's first field,
+    the group's "title: description" that --help shows above it and the fields after it."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group})
+
+
+# --device, --dtype and --compile mean the same in every script: a config field of one of these names
+# (default "auto") gets its help here; train_gpt2.resolve_system checks and resolves them.
+SHARED_FLAGS_HELP = {
+    "device": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps",
+    "dtype": "autocast dtype: auto (bfloat16 on CUDA GPUs that have it, float16 on older ones such as V100, "
+             "T4, RTX 20xx; float32 off CUDA), bfloat16, float16 or float32",
+    "compile": "torch.compile the model: auto (on for CUDA, where Triton can run), 1 or 0",
+}
+
+
+def config_parser(config_class, prog, doc):
+    """A parser with one flag per field of config_class, under the fields' group headings; a list field
+    takes one or more values. Parsing returns only the flags given; the dataclass holds the defaults."""
+    parser = OneLineParser(prog=prog, description=doc.splitlines()[0], argument_default=argparse.SUPPRESS)
+    types = {bool: parse_bool, float: finite_float, str | bool: auto_or_bool}
+    group = parser
+    for f in dataclasses.fields(config_class):
+        if f.metadata.get("group"):
+            group = parser.add_argument_group(*f.metadata["group"].split(": ", 1))
+        help = f.metadata.get("help") or SHARED_FLAGS_HELP.get(f.name)
+        kind = dict(nargs="+") if f.type is list else dict(type=types.get(f.type, f.type))
+        group.add_argument(f"--{f.name}", help=f"{help} (default: {f.default})", **kind)
+    return parser
+
+
+def check_flags(cfg, checks):
+    """A UserError for the first (name, ok, why) of checks whose ok is False: `--name value: why`."""
+    for name, ok, why in checks:
+        if not ok:
+            value = getattr(cfg, name)
+            raise UserError(f"--{name} {int(value) if isinstance(value, bool) else value}: {why}")
+
+
 @dataclass
 class FinewebConfig:
-    preset: str = dataclasses.field(default="fineweb-edu-10B", metadata={"help": "defaults for a corpus: " + ", ".join(PRESETS)})
-    dataset: str = dataclasses.field(default="HuggingFaceFW/fineweb-edu", metadata={"help": "Hugging Face dataset (Hub id or local folder)"})
-    name: str = dataclasses.field(default="sample-10BT", metadata={"help": "the dataset's config, e.g. sample-100BT"})
-    split: str = dataclasses.field(default="train", metadata={"help": "the dataset split to read"})
-    text_column: str = dataclasses.field(default="text", metadata={"help": "column holding the documents"})
-    input: list = dataclasses.field(default_factory=list, metadata={"help": "local files, globs or folders (.txt = one document per file, .jsonl/.json, .parquet) instead of --dataset"})
-    out_dir: str = dataclasses.field(default="edu_fineweb10B", metadata={"help": "folder for the shards and manifest.json"})
-    prefix: str = dataclasses.field(default="edufineweb", metadata={"help": "shard names: {prefix}_{val|train}_{index:06d}.npy"})
-    shard_size: int = dataclasses.field(default=100_000_000, metadata={"help": "tokens per train shard"})
-    val_tokens: int = dataclasses.field(default=0, metadata={"help": "tokens in the val shard (0 = shard_size)"})
-    num_proc: int = dataclasses.field(default=0, metadata={"help": "tokenizer processes (0 = all cores)"})
-    format: str = dataclasses.field(default="npy", metadata={"help": "npy (np.save of uint16) or bin (llm.c: 256-int32 header + uint16)"})
-    streaming: bool = dataclasses.field(default=False, metadata={"help": "tokenize while downloading, without caching the dataset on disk first"})
+    preset: str = option("fineweb-edu-10B", "defaults for a corpus: " + ", ".join(PRESETS))
+    dataset: str = option("HuggingFaceFW/fineweb-edu", "Hugging Face dataset (Hub id or local folder)")
+    name: str = option("sample-10BT", "the dataset's config, e.g. sample-100BT")
+    split: str = option("train", "the dataset split to read")
+    text_column: str = option("text", "column holding the documents")
+    input: list = option((), "local files, globs or folders (.txt = one document per file, .jsonl/.json, "
+                             ".parquet) instead of --dataset")  # a tuple: a field's default must be immutable
+    out_dir: str = option("edu_fineweb10B", "folder for the shards and manifest.json")
+    prefix: str = option("edufineweb", "shard names: {prefix}_{val|train}_{index:06d}.npy")
+    shard_size: int = option(100_000_000, "tokens per train shard")
+    val_tokens: int = option(0, "tokens in the val shard (0 = shard_size)")
+    num_proc: int = option(0, "tokenizer processes (0 = all cores)")
+    format: str = option("npy", "npy (np.save of uint16) or bin (llm.c: 256-int32 header + uint16)")
+    streaming: bool = option(False, "tokenize while downloading, without caching the dataset on disk first")
 
 
 def parse_args(argv=None):
     """Flags from FinewebConfig's fields; the preset supplies every value not given on the command line."""
-    parser = OneLineParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS,
-                           epilog="Flags not given take the preset's values; with --input and no --preset, "
-                                  "--out_dir and --prefix default to 'data'.")
-    for f in dataclasses.fields(FinewebConfig):
-        kind = {bool: dict(type=parse_bool), list: dict(nargs="+")}.get(f.type, dict(type=f.type))
-        parser.add_argument(f"--{f.name}", help=f.metadata["help"], **kind)
+    parser = config_parser(FinewebConfig, "fineweb.py", __doc__)
+    parser.epilog = ("Flags not given take the preset's values; with --input and no --preset, --out_dir and "
+                     "--prefix default to 'data'.")
     given = vars(parser.parse_args(argv))
     preset = given.get("preset", FinewebConfig.preset)
     if preset not in PRESETS:

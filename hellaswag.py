@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fineweb import gpt2_tokenizer
-from train_gpt2 import (PRETRAINED, UserError, config_parser, hellaswag_file, iterate_examples, load_model,
-                        longest_example, option, require_gpt2_vocab, resolve_system, score)
+from fineweb import UserError, config_parser, gpt2_tokenizer, option
+from train_gpt2 import (PRETRAINED, hellaswag_file, iterate_examples, load_model, longest_example,
+                        require_gpt2_vocab, resolve_system, score)
 
 
 @dataclass
@@ -41,7 +41,7 @@ class HellaswagConfig:
                                "~/.cache/gpt2-repro/hellaswag, downloaded there on first use)")
     limit: int = option(0, "score the first N tasks only (0 = all)")
     batch_size: int = option(16, "tasks per forward pass (4 rows each)")
-    device: str = "auto"  # help: train_gpt2.SHARED_FLAGS_HELP
+    device: str = "auto"  # help: fineweb.SHARED_FLAGS_HELP
     dtype: str = "auto"
     compile: str | bool = "auto"
 

@@ -9,11 +9,11 @@ is installed). The dashed lines are OpenAI's GPT-2 124M on the same evals: val l
 FineWeb-Edu val shard, and HellaSwag acc_norm 0.2955 (hellaswag.py --model gpt2).
 """
 
-import argparse
-import dataclasses
 import os
 import sys
 from dataclasses import dataclass
+
+from fineweb import config_parser, option
 
 # OpenAI's GPT-2 124M evaluated as train_gpt2.py evaluates (build-nanogpt's numbers): the reference lines
 # here and the reference column of export.py's model card
@@ -109,28 +109,13 @@ def plot_log(log_file, out_png, references=True):
 
 @dataclass
 class PlotConfig:
-    log_file: str = dataclasses.field(default="log/log.txt", metadata={
-        "help": "train_gpt2.py's log: STEP KIND VALUE lines, KIND train, val or hella"})
-    out: str = dataclasses.field(default="", metadata={"help": "PNG to write ('' = loss.png beside --log_file)"})
-    references: bool = dataclasses.field(default=True, metadata={
-        "help": "draw OpenAI GPT-2 124M's val loss and acc_norm as dashed lines"})
-
-
-def parse_bool(s):
-    value = {"1": True, "true": True, "0": False, "false": False}.get(s.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected 1, 0, true or false, got {s!r}")
-    return value
+    log_file: str = option("log/log.txt", "train_gpt2.py's log: STEP KIND VALUE lines, KIND train, val or hella")
+    out: str = option("", "PNG to write ('' = loss.png beside --log_file)")
+    references: bool = option(True, "draw OpenAI GPT-2 124M's val loss and acc_norm as dashed lines")
 
 
 def parse_args(argv=None):
-    """PlotConfig from the command line. Its own small parser: plot.py imports neither torch nor train_gpt2.py."""
-    parser = argparse.ArgumentParser(prog="plot.py", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(PlotConfig):
-        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=f.default,
-                            help=f.metadata["help"])
-    return PlotConfig(**vars(parser.parse_args(argv)))
+    return PlotConfig(**vars(config_parser(PlotConfig, "plot.py", __doc__).parse_args(argv)))
 
 
 def main(argv=None):

@@ -10,7 +10,6 @@ activation checkpointing, checkpoints and resume). Importing it runs nothing; th
 from it.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -44,8 +43,8 @@ from torch.distributed.tensor import DTensor
 
 # fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing and the
 # disk writes; it imports no torch, so that its tokenizing processes start fast and small
-from fineweb import (GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, OneLineParser, UserError,
-                     disk_full, gpt2_tokenizer, hold_folder, parse_bool, write_synced)
+from fineweb import (GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, UserError, auto_or_bool,
+                     check_flags, config_parser, disk_full, gpt2_tokenizer, hold_folder, option, write_synced)
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -523,22 +522,6 @@ class DataLoaderLite:
 # Run configuration: one dataclass; its fields are the command-line flags
 
 
-def option(default, help=None, group=None):
-    """A config field: its default, its --help (None: SHARED_FLAGS_HELP's) and, on a group's first field,
-    the group's "title: description" that --help shows above it and the fields after it."""
-    return dataclasses.field(default=default, metadata={"help": help, "group": group})
-
-
-# --device, --dtype and --compile mean the same in every script: a config field of one of these names
-# (default "auto") gets its help here; resolve_system (in the training section) checks and resolves them.
-SHARED_FLAGS_HELP = {
-    "device": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps",
-    "dtype": "autocast dtype: auto (bfloat16 on CUDA GPUs that have it, float16 on older ones such as V100, "
-             "T4, RTX 20xx; float32 off CUDA), bfloat16, float16 or float32",
-    "compile": "torch.compile the model: auto (on for CUDA, where Triton can run), 1 or 0",
-}
-
-
 @dataclass
 class TrainConfig:
     log_dir: str = option("log", "where log.txt and model_NNNNN.pt checkpoints go",
@@ -602,37 +585,6 @@ NON_NEGATIVE_FLAGS = ("warmup_steps", "keep_last", "min_lr", "weight_decay", "gr
                       "sample_interval")
 
 
-def finite_float(s):
-    value = float(s)  # argparse turns a ValueError into "invalid finite_float value"; nan passes every check
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
-    return value
-
-
-def auto_or_bool(s):
-    """The value of a flag taking auto, 1/true or 0/false (a str | bool field): "auto", True or False."""
-    value = {"auto": "auto", "1": True, "true": True, "0": False, "false": False}.get(s.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected auto, 1, 0, true or false, got {s!r}")
-    return value
-
-
-def config_parser(config_class, prog, doc):
-    """A parser with one flag per field of config_class, under the fields' group headings. Parsing returns
-    only the flags given; the dataclass holds the defaults. Every script's flags but fineweb.py's and
-    plot.py's (which import no torch) come from here."""
-    parser = OneLineParser(prog=prog, description=doc.splitlines()[0], argument_default=argparse.SUPPRESS)
-    types = {bool: parse_bool, float: finite_float, str | bool: auto_or_bool}
-    group = parser
-    for f in dataclasses.fields(config_class):
-        if f.metadata.get("group"):
-            group = parser.add_argument_group(*f.metadata["group"].split(": ", 1))
-        help = f.metadata.get("help") or SHARED_FLAGS_HELP.get(f.name)
-        group.add_argument(f"--{f.name}", type=types.get(f.type, f.type),
-                           help=f"{help} (default: {f.default})")
-    return parser
-
-
 # --preset NAME is short for its flags; flags given as well override them (as fineweb.py's --preset)
 PRESETS = {
     # the README's quick start: GPT-2's recipe on Tiny Shakespeare (python fineweb.py --preset shakespeare)
@@ -654,14 +606,6 @@ def parse_args(argv=None):
     given = vars(parser.parse_args(argv))
     given = {**PRESETS.get(given.pop("preset", None), {}), **given}
     return TrainConfig(**given), given
-
-
-def check_flags(cfg, checks):
-    """A UserError for the first (name, ok, why) of checks whose ok is False: `--name value: why`."""
-    for name, ok, why in checks:
-        if not ok:
-            value = getattr(cfg, name)
-            raise UserError(f"--{name} {int(value) if isinstance(value, bool) else value}: {why}")
 
 
 def check_train_flags(cfg):

@@ -30,7 +30,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from train_gpt2 import GPT, GPTConfig, config_parser, option, resolve_system  # noqa: E402
+from fineweb import config_parser, option  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, resolve_system  # noqa: E402
 
 PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model," in GPT-2 tokens
 TARGET = 5.0  # the KV cache's speedup we aim for at 5 x 200 on CPU

@@ -30,7 +30,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from bench.train_bench import write_synthetic_shards  # noqa: E402
-from train_gpt2 import config_parser, option  # noqa: E402
+from fineweb import config_parser, option  # noqa: E402
 
 SHAPES = {"124M": (12, 12, 768), "gpt2-medium": (24, 16, 1024)}  # n_layer, n_head, n_embd
 VARIANTS = (("full state", 1, []),  # name, ranks, flags

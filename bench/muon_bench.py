@@ -34,8 +34,9 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from fineweb import config_parser, option  # noqa: E402
 from plot import read_log  # noqa: E402
-from train_gpt2 import config_parser, option, parse_args as parse_train_args  # noqa: E402
+from train_gpt2 import parse_args as parse_train_args  # noqa: E402
 
 CPU_SCALE = ("--n_layer 6 --n_head 6 --n_embd 192 --seq_len 128 --micro_batch_size 4 --total_batch_size 512 "
              "--max_steps 400 --warmup_steps 32 --eval_interval 20 --val_steps 8 --device cpu --dtype float32 "

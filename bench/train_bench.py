@@ -46,8 +46,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from train_gpt2 import (GPT, GPT2_VOCAB_SIZE, MODEL_FLAGS, GPTConfig, config_parser, option,  # noqa: E402
-                        parse_args as parse_train_args, resolve_system)
+from fineweb import GPT2_VOCAB_SIZE, config_parser, option  # noqa: E402
+from train_gpt2 import (GPT, MODEL_FLAGS, GPTConfig, parse_args as parse_train_args,  # noqa: E402
+                        resolve_system)
 
 # Runs a script as __main__ and, when it exits, prints its peak memory: the same probe for both scripts.
 PEAK_PROBE = """
