@@ -25,6 +25,15 @@ class PlotError(ValueError):
     """A missing, empty or malformed log: main() prints it as one line and exits 1."""
 
 
+def parse_line(line):
+    """A log.txt line as (step, kind, value): `STEP KIND VALUE`, or `# STEP {provenance}` as (STEP, "#",
+    the provenance's text). Any other line is a ValueError."""
+    first, second, rest = line.split(maxsplit=2)
+    if first == "#":
+        return int(second), "#", rest.strip()
+    return int(first), second, float(rest)
+
+
 def read_log(log_file):
     """log.txt's `STEP KIND VALUE` lines as {kind: ([steps], [values])}, in file order. Every kind is
     kept, not only train, val and hella; plot_log() draws those three and ignores the rest. `# ` lines
@@ -44,8 +53,7 @@ def read_log(log_file):
         if not line.strip() or line.startswith("# "):
             continue
         try:
-            step, kind, value = line.split()
-            step, value = int(step), float(value)
+            step, kind, value = parse_line(line)
         except ValueError:
             raise PlotError(f"{log_file} line {n}: expected STEP KIND VALUE, e.g. '250 val 3.2924', "
                             f"got {line.strip()!r}") from None

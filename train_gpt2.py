@@ -773,9 +773,8 @@ def resume_config(cfg, given):
     saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
     for k in {"hellaswag", "compile", "chunked_loss"} & set(saved):  # older checkpoints: text, e.g. "1"
         saved[k] = auto_or_bool(str(saved[k]))
-    cfg = TrainConfig(**{**saved, **given, "init_from": "resume"})
-    for k in MODEL_FLAGS:
-        setattr(cfg, k, ckpt["model_config"][k])
+    shape = {k: ckpt["model_config"][k] for k in MODEL_FLAGS}  # build_model refuses given flags that differ
+    cfg = TrainConfig(**{**saved, **given, **shape, "init_from": "resume"})
     if cfg.optimizer != saved.get("optimizer", "adamw"):
         raise UserError(f"--optimizer {cfg.optimizer}: {paths[-1]} holds the state of --optimizer "
                          f"{saved.get('optimizer', 'adamw')}; resume with that, or start a new run")
@@ -840,16 +839,12 @@ def start_log(log_dir, resume_step, provenance):
         except OSError as e:  # e.g. a folder named log.txt
             raise UserError(f"--log_dir {log_dir}: cannot read {log_file} ({e.strerror}); move it away or "
                              f"pick another --log_dir") from None
+    from plot import parse_line
     kept, damaged, made_by = [], [], None
     for n, raw in enumerate(lines, 1):
         try:
             text = raw.decode("utf-8")
-            first, second, rest = text.split(maxsplit=2)
-            if first == "#":  # `# STEP {provenance}`
-                step, kind = int(second), "#"
-            else:  # `STEP KIND VALUE`
-                step, kind = int(first), second
-                float(rest)
+            step, kind, value = parse_line(text)
         except ValueError:  # UnicodeDecodeError is a ValueError too
             if raw.strip():
                 damaged.append(n)
@@ -857,7 +852,7 @@ def start_log(log_dir, resume_step, provenance):
         if step < resume_step or (step == resume_step and kind != "train"):
             kept.append(text.rstrip("\n") + "\n")
             if kind == "#":
-                made_by = rest.strip()
+                made_by = value
     if made_by != json.dumps(provenance):
         kept.append(f"# {resume_step or 0} {json.dumps(provenance)}\n")
     try:  # rewritten atomically: a crash here loses nothing
