@@ -27,9 +27,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SHARED_HELLASWAG = os.path.normpath(os.path.join(REPO, "../shared/data/hellaswag"))
 
-from fineweb import gpt2_tokenizer  # noqa: E402
-from train_gpt2 import (GPT, SHARED_FLAGS_HELP, GPTConfig, auto_or_bool, iterate_examples,  # noqa: E402
-                        iterate_losses, render_example, resolve_system)
+from fineweb import gpt2_tokenizer, iterate_examples  # noqa: E402
+from train_gpt2 import (GPT, SHARED_FLAGS_HELP, GPTConfig, auto_or_bool, iterate_losses,  # noqa: E402
+                        render_example, resolve_system)
 
 FLAGS = dict(  # name: (default, help)
     limit=(200, "val tasks to score (0 = all 10,042)"),
