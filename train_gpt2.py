@@ -41,8 +41,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-# fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing and the
-# disk writes; it imports no torch, so that its tokenizing processes start fast and small
+# fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing, the
+# disk writes and HellaSwag's data; it imports no torch, so that its tokenizing processes start fast and small
 from fineweb import (GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, OneLineParser, UserError,
                      disk_full, gpt2_tokenizer, hellaswag_file, hold_folder, iterate_examples, parse_bool,
                      write_synced)
@@ -1081,8 +1081,8 @@ def peak_flops(device):
 
 
 # -----------------------------------------------------------------------------
-# HellaSwag, scored at every eval and by hellaswag.py: each task (ctx, endings[4], label; fineweb.py reads
-# them) rendered as 4 rows, the context's tokens then one ending's; acc picks the ending of the lowest summed
+# HellaSwag, scored at every eval and by hellaswag.py: each task fineweb.py reads (ctx, endings[4], label) is
+# rendered as 4 rows, the context's tokens then one ending's; acc picks the ending of the lowest summed
 # loss, acc_norm the lowest mean loss per token, as build-nanogpt does
 
 
