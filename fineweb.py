@@ -12,7 +12,8 @@ stopped and produces the same bytes as an uninterrupted one.
 
 It also holds what every script shares and train_gpt2.py imports from here (this file imports no
 torch): UserError, the command-line flags made from a config dataclass (config_parser), GPT-2's
-tokenizer, the shard format and the disk writes.
+tokenizer, the shard format, the disk writes, and HellaSwag's tasks (downloaded once) for train_gpt2.py
+and hellaswag.py to score.
 """
 
 import argparse
@@ -659,6 +660,84 @@ def tokenize(cfg, enc, source):
         pool.terminate()
     print(f"wrote {len(manifest['shards'])} shards to {cfg.out_dir}/: "
           f"{sum(s['tokens'] for s in manifest['shards']):,} tokens from {manifest['docs']:,} documents")
+
+
+# -----------------------------------------------------------------------------
+# HellaSwag's data, which train_gpt2.py scores at every eval and hellaswag.py on its own: one JSON task per
+# line, ctx, endings[4] and label
+
+
+def hellaswag_cache():
+    return os.environ.get("HELLASWAG_DIR") or os.path.expanduser("~/.cache/gpt2-repro/hellaswag")
+
+
+def hellaswag_file(split, data_dir=""):
+    """hellaswag_{split}.jsonl in data_dir, which must hold it, or in the cache, downloaded if missing into a
+    temp file of this process's, renamed when complete: no truncated file is ever left at the path."""
+    name = f"hellaswag_{split}.jsonl"
+    path = os.path.join(data_dir or hellaswag_cache(), name)
+    if os.path.isfile(path):
+        return path
+    if data_dir:
+        raise UserError(f"{path}: no such file (without --data_dir it is downloaded to {hellaswag_cache()})")
+    import urllib.request
+    from tqdm import tqdm
+    url = os.environ.get("HELLASWAG_URL", "https://raw.githubusercontent.com/rowanz/hellaswag/master/data")
+    url = url.rstrip("/") + "/" + name
+
+    def download(f):
+        with urllib.request.urlopen(url, timeout=60) as r:
+            total = int(r.headers.get("Content-Length") or 0)
+            with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
+                while chunk := r.read(1 << 20):
+                    bar.update(f.write(chunk))
+        if total and f.tell() != total:
+            raise OSError(f"got {f.tell()} of {total} bytes")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_synced(tmp, download)
+        os.replace(tmp, path)
+    except Exception as e:  # urllib raises OSError, ValueError and http.client's own exceptions
+        raise UserError(f"{path}: not downloaded yet, and downloading it from {url} failed "
+                        f"({type(e).__name__}: {e}); connect to the network, or pass --data_dir a folder "
+                        f"that holds it") from None
+    return path
+
+
+def check_example(ex):
+    """What is wrong with a parsed line, or None if it is a task we can score."""
+    if not isinstance(ex, dict):
+        return f"expected a JSON object, got {type(ex).__name__}"
+    missing = [k for k in ("ctx", "endings", "label") if k not in ex]
+    if missing:
+        return "no " + ", ".join(missing) + " field"
+    if not isinstance(ex["ctx"], str) or not ex["ctx"]:
+        return "ctx must be a non-empty string"  # else an ending's first token would have nothing before it
+    endings = ex["endings"]
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        return f"endings must be a list of 4 strings, got {json.dumps(endings)[:80]}"
+    if type(ex["label"]) is not int or not 0 <= ex["label"] < 4:
+        return f"label must be 0, 1, 2 or 3, got {json.dumps(ex['label'])}"
+
+
+def iterate_examples(split, data_dir=""):
+    """Yield the tasks of a split (train or val) as dicts, in file order, checking each line."""
+    if split not in ("train", "val"):
+        raise UserError(f"split {split!r}: expected train or val (HellaSwag's test labels are not public)")
+    path = hellaswag_file(split, data_dir)
+    with open(path, "rb") as f:  # bytes: json.loads reports bad UTF-8 as a ValueError, like bad JSON
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{path} line {n}: not valid JSON ({e})") from None
+            problem = check_example(ex)
+            if problem:
+                raise UserError(f"{path} line {n}: {problem}")
+            yield ex
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ scores close to, not exactly, these numbers on such a copy.
 
 The data (hellaswag_{train,val,test}.jsonl, rowanz/hellaswag on GitHub) is downloaded on first use to
 $HELLASWAG_DIR, by default ~/.cache/gpt2-repro/hellaswag; $HELLASWAG_URL overrides the download URL.
-The test split's labels are not public, so only train and val can be scored. The data and the scoring
-are train_gpt2.py's, whose evals score HellaSwag too; this script is their command line.
+The test split's labels are not public, so only train and val can be scored. fineweb.py reads the data and
+train_gpt2.py, whose evals score HellaSwag too, does the scoring; this script is their command line.
 """
 
 import itertools
@@ -27,9 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fineweb import UserError, config_parser, gpt2_tokenizer, option
-from train_gpt2 import (PRETRAINED, hellaswag_file, iterate_examples, load_model, longest_example,
-                        require_gpt2_vocab, resolve_system, score)
+from fineweb import UserError, config_parser, gpt2_tokenizer, hellaswag_file, iterate_examples, option
+from train_gpt2 import PRETRAINED, load_model, longest_example, require_gpt2_vocab, resolve_system, score
 
 
 @dataclass

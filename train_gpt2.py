@@ -25,7 +25,6 @@ import signal
 import stat
 import sys
 import time
-import urllib.request
 import zlib
 from dataclasses import dataclass
 
@@ -41,10 +40,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-# fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing and the
-# disk writes; it imports no torch, so that its tokenizing processes start fast and small
+# fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing, the
+# disk writes and HellaSwag's data; it imports no torch, so that its tokenizing processes start fast and small
 from fineweb import (GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, UserError, auto_or_bool,
-                     check_flags, config_parser, disk_full, gpt2_tokenizer, hold_folder, option, write_synced)
+                     check_flags, config_parser, disk_full, gpt2_tokenizer, hellaswag_file, hold_folder,
+                     iterate_examples, option, write_synced)
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -1020,81 +1020,9 @@ def peak_flops(device):
 
 
 # -----------------------------------------------------------------------------
-# HellaSwag, scored at every eval and by hellaswag.py: one JSON task per line (ctx, endings[4], label)
+# HellaSwag, scored at every eval and by hellaswag.py: each task fineweb.py reads (ctx, endings[4], label) is
 # rendered as 4 rows, the context's tokens then one ending's; acc picks the ending of the lowest summed
 # loss, acc_norm the lowest mean loss per token, as build-nanogpt does
-
-
-def hellaswag_cache():
-    return os.environ.get("HELLASWAG_DIR") or os.path.expanduser("~/.cache/gpt2-repro/hellaswag")
-
-
-def hellaswag_file(split, data_dir=""):
-    """hellaswag_{split}.jsonl in data_dir, which must hold it, or in the cache, downloaded if missing into a
-    temp file of this process's, renamed when complete: no truncated file is ever left at the path."""
-    name = f"hellaswag_{split}.jsonl"
-    path = os.path.join(data_dir or hellaswag_cache(), name)
-    if os.path.isfile(path):
-        return path
-    if data_dir:
-        raise UserError(f"{path}: no such file (without --data_dir it is downloaded to {hellaswag_cache()})")
-    from tqdm import tqdm
-    url = os.environ.get("HELLASWAG_URL", "https://raw.githubusercontent.com/rowanz/hellaswag/master/data")
-    url = url.rstrip("/") + "/" + name
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0)
-            with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
-                while chunk := r.read(1 << 20):
-                    bar.update(f.write(chunk))
-            if total and f.tell() != total:
-                raise OSError(f"got {f.tell()} of {total} bytes")
-        os.replace(tmp, path)
-    except Exception as e:  # urllib raises OSError, ValueError and http.client's own exceptions
-        raise UserError(f"{path}: not downloaded yet, and downloading it from {url} failed "
-                         f"({type(e).__name__}: {e}); connect to the network, or pass --data_dir a folder "
-                         f"that holds it") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def check_example(ex):
-    """What is wrong with a parsed line, or None if it is a task we can score."""
-    if not isinstance(ex, dict):
-        return f"expected a JSON object, got {type(ex).__name__}"
-    missing = [k for k in ("ctx", "endings", "label") if k not in ex]
-    if missing:
-        return "no " + ", ".join(missing) + " field"
-    if not isinstance(ex["ctx"], str) or not ex["ctx"]:
-        return "ctx must be a non-empty string"  # else an ending's first token would have nothing before it
-    endings = ex["endings"]
-    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
-        return f"endings must be a list of 4 strings, got {json.dumps(endings)[:80]}"
-    if type(ex["label"]) is not int or not 0 <= ex["label"] < 4:
-        return f"label must be 0, 1, 2 or 3, got {json.dumps(ex['label'])}"
-
-
-def iterate_examples(split, data_dir=""):
-    """Yield the tasks of a split (train or val) as dicts, in file order, checking each line."""
-    if split not in ("train", "val"):
-        raise UserError(f"split {split!r}: expected train or val (HellaSwag's test labels are not public)")
-    path = hellaswag_file(split, data_dir)
-    with open(path, "rb") as f:  # bytes: json.loads reports bad UTF-8 as a ValueError, like bad JSON
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path} line {n}: not valid JSON ({e})") from None
-            problem = check_example(ex)
-            if problem:
-                raise UserError(f"{path} line {n}: {problem}")
-            yield ex
 
 
 def render_example(example, enc):

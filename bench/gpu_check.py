@@ -65,9 +65,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from bench.train_bench import PEAK_PROBE, model_flops_per_token, write_synthetic_shards  # noqa: E402
-from fineweb import config_parser, option  # noqa: E402
+from fineweb import config_parser, hellaswag_cache, option  # noqa: E402
 from plot import PlotError, read_log  # noqa: E402
-from train_gpt2 import TrainConfig, hellaswag_cache, parse_args as parse_train_args  # noqa: E402
+from train_gpt2 import TrainConfig, parse_args as parse_train_args  # noqa: E402
 
 SHARED_HELLASWAG = os.path.normpath(os.path.join(REPO, "../shared/data/hellaswag"))
 HELLASWAG_EXCERPT = os.path.join(REPO, "tests", "data")  # the first 200 val tasks, in git

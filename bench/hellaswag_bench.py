@@ -27,9 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SHARED_HELLASWAG = os.path.normpath(os.path.join(REPO, "../shared/data/hellaswag"))
 
-from fineweb import SHARED_FLAGS_HELP, auto_or_bool, gpt2_tokenizer  # noqa: E402
-from train_gpt2 import (GPT, GPTConfig, iterate_examples, iterate_losses, render_example,  # noqa: E402
-                        resolve_system)
+from fineweb import SHARED_FLAGS_HELP, auto_or_bool, gpt2_tokenizer, iterate_examples  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, iterate_losses, render_example, resolve_system  # noqa: E402
 
 FLAGS = dict(  # name: (default, help)
     limit=(200, "val tasks to score (0 = all 10,042)"),

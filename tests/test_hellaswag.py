@@ -23,9 +23,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import hellaswag
 from conftest import HELLASWAG_EXCERPT, REPO, SHARED_HELLASWAG, ci_only, tiktoken_gpt2
 from hellaswag import main
-from fineweb import gpt2_tokenizer
-from train_gpt2 import (UserError, hellaswag_cache, iterate_examples, iterate_losses, load_model, longest_example,
-                        render_example, score)
+from fineweb import UserError, gpt2_tokenizer, hellaswag_cache, iterate_examples
+from train_gpt2 import iterate_losses, load_model, longest_example, render_example, score
 
 TOL = 1e-4  # float32 losses
 LAST_LINE = re.compile(r"acc: (\d\.\d{4}) acc_norm: (\d\.\d{4}) n: (\d+)")
@@ -305,8 +304,8 @@ def test_16_bit_autocast_scores_like_float32(tiny, data_dir, capsys, dtype):
 
 
 def test_import_runs_nothing():
-    """hellaswag.py imports its data and scoring from train_gpt2.py, which never imports it back: one way,
-    no cycle (the run-as-a-script test in test_train.py checks the other side)."""
+    """hellaswag.py imports its data from fineweb.py and its scoring from train_gpt2.py, which never
+    imports it back: one way, no cycle (the run-as-a-script test in test_train.py checks the other side)."""
     code = "import sys; sys.argv = ['x', '--bogus']; import hellaswag"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert (out.returncode, out.stdout, out.stderr) == (0, "", "")

@@ -1107,7 +1107,8 @@ def hellaswag_dir():
 def test_in_training_hellaswag_and_samples(shakespeare_shards, tmp_path):
     """Every eval logs `{step} hella {acc_norm}`: the acc_norm hellaswag.py gives the same weights; every
     sample_interval steps 4 samples of the default prompt go to samples.txt."""
-    from train_gpt2 import iterate_examples, score
+    from fineweb import iterate_examples
+    from train_gpt2 import score
     run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--hellaswag_dir", hellaswag_dir())
     log = read_log(tmp_path)
     assert sorted(log["hella"]) == [0, 2, 4]
