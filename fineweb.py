@@ -12,8 +12,9 @@ stopped and produces the same bytes as an uninterrupted one.
 
 It also holds what every script shares and train_gpt2.py imports from here (this file imports no
 torch): UserError, the command-line flags made from a config dataclass (config_parser), GPT-2's
-tokenizer, the shard format, the disk writes, and HellaSwag's tasks (downloaded once) for train_gpt2.py
-and hellaswag.py to score.
+tokenizer, the shard format (written, and read back: find_shards, open_shard, what a checkpoint records
+of them), the disk writes, and HellaSwag's tasks (downloaded once) for train_gpt2.py and hellaswag.py
+to score.
 """
 
 import argparse
@@ -34,6 +35,7 @@ import re
 import socket
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +60,8 @@ GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
 GPT2_EOT = GPT2_VOCAB_SIZE - 1  # <|endoftext|>, the last id: GPT-2's only special token, the document separator
 # llm.c's .bin shards: a header of 256 int32 (magic, version, token count, then zeros), then uint16 tokens
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_INTS = 20240520, 1, 256
+# A split word in a shard's name: train or val with no letter beside it ("eval" holds none)
+SPLIT_WORD = re.compile(r"(?<![a-z])(train|val)(?![a-z])")
 
 PRESETS = {
     "fineweb-edu-10B": dict(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", out_dir="edu_fineweb10B",
@@ -191,7 +195,7 @@ def parse_args(argv=None):
         parser.error(f"--format {cfg.format}: expected npy or bin")
     if "/" in cfg.prefix or os.sep in cfg.prefix:
         parser.error(f"--prefix {cfg.prefix}: a path separator in a shard name; give the folder as --out_dir")
-    word = re.search(r"(?<![a-z])(train|val)(?![a-z])", cfg.prefix)  # train_gpt2.py's split words
+    word = SPLIT_WORD.search(cfg.prefix)  # find_shards' split words
     if word:
         other = "val_000000" if word[1] == "train" else "train_000001"
         parser.error(f"--prefix {cfg.prefix}: holds the split word {word[1]}, so that a shard name such "
@@ -602,6 +606,106 @@ def open_manifest(cfg, source, enc):
             manifest["done"] = False
             break
     return manifest
+
+
+# -----------------------------------------------------------------------------
+# Reading the shards, for train_gpt2.py: a split's files, each memory-mapped, and what a checkpoint records
+
+
+
+def open_shard(path):
+    """Memory-map one shard as a 1-D uint16 array; nothing is read until a batch is sliced out."""
+    if path.endswith(".bin"):
+        header = np.fromfile(path, dtype=np.int32, count=LLMC_HEADER_INTS)
+        if len(header) < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
+            raise UserError(f"{path}: not an llm.c token shard (no magic number {LLMC_MAGIC} in its header)")
+        if header[1] != LLMC_VERSION:
+            raise UserError(f"{path}: llm.c shard version {header[1]}, expected {LLMC_VERSION} "
+                            f"(uint16 GPT-2 tokens; version 2 holds uint32 Llama-3 tokens)")
+        n_tokens, n_bytes = int(header[2]), os.path.getsize(path)
+        if n_bytes != 4 * LLMC_HEADER_INTS + 2 * n_tokens:
+            raise UserError(f"{path}: truncated: header says {n_tokens} tokens, file has {n_bytes} bytes")
+        return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * LLMC_HEADER_INTS, shape=(n_tokens,))
+    try:
+        tokens = np.lib.format.open_memmap(path, mode="r")  # .npy only (an .npz is refused), no pickles
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: not a readable .npy token shard ({e})") from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise UserError(f"{path}: holds a {tokens.ndim}-D {tokens.dtype} array, expected 1-D uint16 tokens "
+                        f"(np.save of a uint16 array, as fineweb.py writes)")
+    return tokens
+
+
+def find_shards(data_dir, split):
+    """The paths of a split's shards in data_dir, in name order; in a folder fineweb.py made, the shards
+    its manifest.json lists must be exactly those there."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data_dir {data_dir}: no such folder; make token shards with `python fineweb.py`")
+    # A shard's split is the split word right before its number, as fineweb.py ({prefix}_{split}_000001.npy)
+    # and llm.c (fineweb_train_000001.bin, tiny_shakespeare_val.bin) name them
+    splits = {}
+    for n in sorted(os.listdir(data_dir)):
+        found = re.search(r"(?<![a-z])(train|val)(?:[_.-]?\d+)?\.(?:npy|bin)$", n)
+        if not found:
+            continue
+        if len(set(SPLIT_WORD.findall(n))) > 1:
+            raise UserError(f"{os.path.join(data_dir, n)}: its name holds both train and val, so its split "
+                            f"is unclear; rename it, or remake the folder with a fineweb.py --prefix "
+                            f"holding neither")
+        splits[n] = found[1]
+    manifest = os.path.join(data_dir, "manifest.json")  # fineweb.py's record of its run; llm.c's have none
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            raise UserError(f"{manifest}: unreadable; rerun the fineweb.py command that made "
+                            f"{data_dir}/") from None
+        if isinstance(record, dict) and record.get("done") is False:  # fineweb.py's, of a run stopped partway
+            raise UserError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its manifest "
+                            f"says so); rerun the same fineweb.py command, which resumes where it stopped")
+        if isinstance(record, dict) and "shards" in record:  # fineweb.py's: the shards are those it lists
+            listed = {e["name"]: e["bytes"] for e in record["shards"]}
+            for n in sorted(set(listed) | set(splits)):
+                path = os.path.join(data_dir, n)
+                size = os.path.getsize(path) if os.path.isfile(path) else None
+                if n not in listed:
+                    raise UserError(f"--data_dir {data_dir}: {n} is not a shard its manifest.json lists "
+                                    f"(fineweb.py did not write it there); move it out")
+                if size != listed[n]:
+                    what = "is missing" if size is None else f"has {size} bytes, not {listed[n]}"
+                    raise UserError(f"--data_dir {data_dir}: {n}, listed in its manifest.json, {what}; "
+                                    f"rerun the fineweb.py command that made the folder, which redoes it")
+    names = [n for n in splits if splits[n] == split]
+    if not names:
+        raise UserError(f"no {split} shards in {data_dir}/, such as edufineweb_{split}_000001.npy or "
+                        f"llm.c's *_{split}_*.bin; make them with `python fineweb.py`")
+    return [os.path.join(data_dir, n) for n in names]
+
+
+def shard_record(path, tokens):
+    """What a checkpoint records of a shard, to see later whether it changed: its name, its token count,
+    and a crc32 of its first, middle and last 2048 tokens (a cheap look at a 200 MB shard)."""
+    starts = (0, len(tokens) // 2, max(0, len(tokens) - 2048))
+    crc = zlib.crc32(b"".join(tokens[i:i + 2048].tobytes() for i in starts))
+    return [os.path.basename(path), len(tokens), crc]
+
+
+def first_change(then, now):
+    """The first difference, in name order, between two lists of a split's shard_records: "NAME is new",
+    "is missing", "has changed (...)" or "holds other tokens"; None if there is none."""
+    old, new = ({name: (n, crc) for name, n, crc in records} for records in (then, now))
+    for name in sorted(old.keys() | new.keys()):
+        if name not in old:
+            return f"{name} is new"
+        if name not in new:
+            return f"{name} is missing"
+        (n_then, crc_then), (n_now, crc_now) = old[name], new[name]
+        if n_then != n_now:
+            return f"{name} has changed ({n_then} tokens then, {n_now} now)"
+        if crc_then != crc_now:
+            return f"{name} holds other tokens"
+    return None
 
 
 def main(argv=None):

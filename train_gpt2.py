@@ -25,7 +25,6 @@ import signal
 import stat
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,9 +41,9 @@ from torch.distributed.tensor import DTensor
 
 # fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing, the
 # disk writes and HellaSwag's data; it imports no torch, so that its tokenizing processes start fast and small
-from fineweb import (GPT2_VOCAB_SIZE, LLMC_HEADER_INTS, LLMC_MAGIC, LLMC_VERSION, UserError, auto_or_bool,
-                     check_flags, config_parser, disk_full, gpt2_tokenizer, hellaswag_file, hold_folder,
-                     iterate_examples, option, write_synced)
+from fineweb import (GPT2_VOCAB_SIZE, UserError, auto_or_bool, check_flags, config_parser, disk_full,
+                     find_shards, first_change, gpt2_tokenizer, hellaswag_file, hold_folder, iterate_examples,
+                     open_shard, option, shard_record, write_synced)
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -361,7 +360,7 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 
 
 # -----------------------------------------------------------------------------
-# The data: uint16 token shards, as fineweb.py (.npy) or llm.c (.bin) writes them
+# The data: micro-batches from uint16 token shards (fineweb.py's .npy or llm.c's .bin; fineweb.py reads them)
 
 
 def print0(*args, **kwargs):
@@ -370,85 +369,17 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def open_shard(path):
-    """Memory-map one shard as a 1-D uint16 array; nothing is read until a batch is sliced out."""
-    if path.endswith(".bin"):
-        header = np.fromfile(path, dtype=np.int32, count=LLMC_HEADER_INTS)
-        if len(header) < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
-            raise UserError(f"{path}: not an llm.c token shard (no magic number {LLMC_MAGIC} in its header)")
-        if header[1] != LLMC_VERSION:
-            raise UserError(f"{path}: llm.c shard version {header[1]}, expected {LLMC_VERSION} "
-                             f"(uint16 GPT-2 tokens; version 2 holds uint32 Llama-3 tokens)")
-        n_tokens, n_bytes = int(header[2]), os.path.getsize(path)
-        if n_bytes != 4 * LLMC_HEADER_INTS + 2 * n_tokens:
-            raise UserError(f"{path}: truncated: header says {n_tokens} tokens, file has {n_bytes} bytes")
-        return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * LLMC_HEADER_INTS, shape=(n_tokens,))
-    try:
-        tokens = np.lib.format.open_memmap(path, mode="r")  # .npy only (an .npz is refused), no pickles
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable .npy token shard ({e})") from None
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise UserError(f"{path}: holds a {tokens.ndim}-D {tokens.dtype} array, expected 1-D uint16 tokens "
-                         f"(np.save of a uint16 array, as fineweb.py writes)")
-    return tokens
-
-
-def find_shards(data_dir, split):
-    if not os.path.isdir(data_dir):
-        raise UserError(f"--data_dir {data_dir}: no such folder; make token shards with `python fineweb.py`")
-    # A shard's split is the word (no letter beside it: "eval" is none) right before its number, as fineweb.py
-    # ({prefix}_{split}_000001.npy) and llm.c (fineweb_train_000001.bin, tiny_shakespeare_val.bin) name them
-    splits = {}
-    for n in sorted(os.listdir(data_dir)):
-        found = re.search(r"(?<![a-z])(train|val)(?:[_.-]?\d+)?\.(?:npy|bin)$", n)
-        if found and len(set(re.findall(r"(?<![a-z])(train|val)(?![a-z])", n))) > 1:
-            raise UserError(f"{os.path.join(data_dir, n)}: its name holds both train and val, so its split "
-                             f"is unclear; rename it, or remake the folder with a fineweb.py --prefix "
-                             f"holding neither")
-        if found:
-            splits[n] = found[1]
-    manifest = os.path.join(data_dir, "manifest.json")  # fineweb.py's record of its run; llm.c's have none
-    if os.path.isfile(manifest):
-        try:
-            with open(manifest) as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            raise UserError(f"{manifest}: unreadable; rerun the fineweb.py command that made "
-                             f"{data_dir}/") from None
-        if isinstance(record, dict) and record.get("done") is False:  # fineweb.py's, of a run stopped partway
-            raise UserError(f"--data_dir {data_dir}: fineweb.py has not finished writing it (its manifest "
-                             f"says so); rerun the same fineweb.py command, which resumes where it stopped")
-        if isinstance(record, dict) and "shards" in record:  # fineweb.py's: the shards are those it lists
-            listed = {e["name"]: e["bytes"] for e in record["shards"]}
-            for n in sorted(set(listed) | set(splits)):
-                path = os.path.join(data_dir, n)
-                size = os.path.getsize(path) if os.path.isfile(path) else None
-                if n not in listed:
-                    raise UserError(f"--data_dir {data_dir}: {n} is not a shard its manifest.json lists "
-                                     f"(fineweb.py did not write it there); move it out")
-                if size != listed[n]:
-                    what = "is missing" if size is None else f"has {size} bytes, not {listed[n]}"
-                    raise UserError(f"--data_dir {data_dir}: {n}, listed in its manifest.json, {what}; "
-                                     f"rerun the fineweb.py command that made the folder, which redoes it")
-    names = [n for n in splits if splits[n] == split]
-    if not names:
-        raise UserError(f"no {split} shards in {data_dir}/, such as edufineweb_{split}_000001.npy or "
-                         f"llm.c's *_{split}_*.bin; make them with `python fineweb.py`")
-    return [os.path.join(data_dir, n) for n in names]
-
-
 class DataLoaderLite:
-    """Micro-batches (x, y) of B x T tokens from one split's shards (files named {prefix}_{split}_{number}).
+    """Micro-batches (x, y) of B x T tokens, y being x shifted by one, from one split's shards.
 
-    The shards, in sorted order, form one stream: micro-batch i of a shard is its tokens
-    [i*B*T, (i+1)*B*T + 1), x the first B*T and y the same shifted by one. After the last shard the
-    stream wraps around: a new epoch. With shuffle, each epoch reads the shards, and each shard's
-    micro-batches, in a new order drawn from the seed and the epoch (as llm.c does). Rank r of W reads
-    micro-batches r, r+W, r+2W, ... of the stream, so W ranks each accumulating A micro-batches read
-    what one process accumulating W*A reads. `position`, the same on every rank, is the whole state:
-    (epoch, k, tokens) where the first micro-batch no rank has read begins, `tokens` into the epoch's
-    k-th shard. Restored, a loader of another B, T or W continues at that token (shuffled, `tokens`
-    counts the shard's micro-batches read, so only the same B*T continues there).
+    The shards, in sorted order, form one stream that wraps around at its end (a new epoch); micro-batch
+    i of a shard is its tokens [i*B*T, (i+1)*B*T + 1). With shuffle, each epoch reads the shards, and each
+    shard's micro-batches, in a new order drawn from the seed and the epoch (as llm.c does). Rank r of W
+    reads micro-batches r, r+W, r+2W, ...: W ranks accumulating A micro-batches each read what one process
+    accumulating W*A reads. The whole state is `position`, the same on every rank: (epoch, k, tokens) where
+    the first micro-batch no rank has read begins, `tokens` into the epoch's k-th shard. A loader of
+    another B, T or W restored there continues at that token (shuffled, only one of the same B*T: `tokens`
+    then counts the shard's micro-batches read).
     """
 
     def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, vocab_size=50304,
@@ -466,10 +397,7 @@ class DataLoaderLite:
             raise UserError(f"no {split} shard in {data_dir}/ holds one micro-batch of {B}x{T}+1 tokens "
                              f"(largest has {max(map(len, self.shards))}); lower --micro_batch_size or "
                              f"--seq_len")
-        # What a checkpoint records of the data: each shard's name, tokens, and a hash of its ends and middle
-        self.record = [[os.path.basename(p), len(s), zlib.crc32(b"".join(
-            s[i:i + 2048].tobytes() for i in (0, len(s) // 2, max(0, len(s) - 2048))))]
-            for p, s in zip(self.paths, self.shards)]
+        self.record = [shard_record(p, s) for p, s in zip(self.paths, self.shards)]  # for checkpoints
         self.checked = set()  # shards whose token ids were checked against vocab_size
         self.orders = {}  # the shuffle's orders, each drawn once: ~12 KB per FineWeb shard per epoch
         self.reset()
@@ -800,12 +728,9 @@ def restore_state(ckpt, model, optimizers, scaler, train_loader, val_loader):
                f"train split is read from its beginning, and val loss measured on its val split")
         return  # a new corpus; a copy of the same data continues where the checkpoint stopped
     for split in now:
-        old, new = ({n: (t, h) for n, t, h in record} for record in (data[split], now[split]))
-        n = next((n for n in sorted(old.keys() | new.keys()) if old.get(n) != new.get(n)), None)
-        if n:
-            what = "is new" if n not in old else "is missing" if n not in new else "holds other tokens" \
-                if old[n][0] == new[n][0] else f"has changed ({old[n][0]} tokens then, {new[n][0]} now)"
-            raise UserError(f"--data_dir {data_dir}: {split} shard {n} {what} since the checkpoint, so its "
+        change = first_change(data[split], now[split])
+        if change:
+            raise UserError(f"--data_dir {data_dir}: {split} shard {change} since the checkpoint, so its "
                              f"position would read other tokens; restore the shards, or resume with the "
                              f"changed data under another --data_dir to read it from its beginning")
     b, t, shuffle = then["micro_batch_size"], then["seq_len"], then["shuffle"]

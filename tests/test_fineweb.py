@@ -70,7 +70,7 @@ def expected_stream(docs):
 
 
 def read_shard(path):
-    """A shard's tokens, read by the format's definition (not with train_gpt2.open_shard)."""
+    """A shard's tokens, read by the format's definition (not with fineweb.open_shard)."""
     path = str(path)
     if path.endswith(".bin"):
         header = np.fromfile(path, dtype=np.int32, count=256)
