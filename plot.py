@@ -13,16 +13,12 @@ import os
 import sys
 from dataclasses import dataclass
 
-from fineweb import config_parser, option
+from fineweb import UserError, config_parser, option
 
 # OpenAI's GPT-2 124M evaluated as train_gpt2.py evaluates (build-nanogpt's numbers): the reference lines
 # here and the reference column of export.py's model card
 GPT2_124M_VAL_LOSS = 3.2924  # on the FineWeb-Edu val shard
 GPT2_124M_HELLASWAG = 0.2955  # acc_norm on the 10,042 val tasks
-
-
-class PlotError(ValueError):
-    """A missing, empty or malformed log: main() prints it as one line and exits 1."""
 
 
 def parse_line(line):
@@ -39,14 +35,14 @@ def read_log(log_file):
     kept, not only train, val and hella; plot_log() draws those three and ignores the rest. `# ` lines
     (the run's provenance: torch, device, source hash) are not data."""
     if not os.path.exists(log_file):
-        raise PlotError(f"{log_file} not found; pass --log_file")
+        raise UserError(f"{log_file} not found; pass --log_file")
     if os.path.isdir(log_file):
-        raise PlotError(f"{log_file} is a folder; pass --log_file its log.txt")
+        raise UserError(f"{log_file} is a folder; pass --log_file its log.txt")
     with open(log_file, "rb") as f:
         try:
             text = f.read().decode("utf-8")
         except UnicodeDecodeError as e:
-            raise PlotError(f"{log_file}: not a text log (byte {e.object[e.start]:#04x} at offset "
+            raise UserError(f"{log_file}: not a text log (byte {e.object[e.start]:#04x} at offset "
                             f"{e.start})") from None
     series = {}
     for n, line in enumerate(text.splitlines(), 1):
@@ -55,24 +51,24 @@ def read_log(log_file):
         try:
             step, kind, value = parse_line(line)
         except ValueError:
-            raise PlotError(f"{log_file} line {n}: expected STEP KIND VALUE, e.g. '250 val 3.2924', "
+            raise UserError(f"{log_file} line {n}: expected STEP KIND VALUE, e.g. '250 val 3.2924', "
                             f"got {line.strip()!r}") from None
         steps, values = series.setdefault(kind, ([], []))
         steps.append(step)
         values.append(value)
     if not series:
-        raise PlotError(f"{log_file}: no log lines yet")
+        raise UserError(f"{log_file}: no log lines yet")
     return series
 
 
 def plot_log(log_file, out_png, references=True):
     """Draw log_file's losses, and in a second panel its HellaSwag acc_norm if it has any, into out_png; returns
-    out_png. Raises PlotError for a bad log, and ImportError without matplotlib (imported here, so that
+    out_png. Raises UserError for a bad log, and ImportError without matplotlib (imported here, so that
     training runs without it)."""
     from matplotlib.figure import Figure
 
     if os.path.isdir(out_png):
-        raise PlotError(f"{out_png} is a folder; pass --out a .png file's path")
+        raise UserError(f"{out_png} is a folder; pass --out a .png file's path")
     series = read_log(log_file)
     panels = 2 if "hella" in series else 1  # no empty HellaSwag panel for a run without its evals (off CUDA)
     fig = Figure(figsize=(6 * panels, 4.5), dpi=100, layout="constrained")
@@ -131,7 +127,7 @@ def main(argv=None):
     out = cfg.out or os.path.join(os.path.dirname(cfg.log_file), "loss.png")
     try:
         print(plot_log(cfg.log_file, out, cfg.references))
-    except PlotError as e:
+    except UserError as e:
         sys.exit(f"plot.py: error: {e}")
     except ImportError as e:
         sys.exit(f"plot.py: error: matplotlib could not be imported ({e}); pip install matplotlib")

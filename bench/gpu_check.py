@@ -65,8 +65,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from bench.train_bench import PEAK_PROBE, model_flops_per_token, write_synthetic_shards  # noqa: E402
-from fineweb import config_parser, hellaswag_cache, option  # noqa: E402
-from plot import PlotError, read_log  # noqa: E402
+from fineweb import UserError, config_parser, hellaswag_cache, option  # noqa: E402
+from plot import read_log  # noqa: E402
 from train_gpt2 import TrainConfig, parse_args as parse_train_args  # noqa: E402
 
 SHARED_HELLASWAG = os.path.normpath(os.path.join(REPO, "../shared/data/hellaswag"))
@@ -250,7 +250,7 @@ def read_losses(log_dir):
     """log.txt's train losses: {step: loss}."""
     try:
         return dict(zip(*read_log(os.path.join(log_dir, "log.txt")).get("train", ([], []))))
-    except PlotError:  # no log, or no line in it yet
+    except UserError:  # no log, or no line in it yet
         return {}
 
 

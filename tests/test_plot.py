@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from plot import PlotError, plot_log, read_log
+from fineweb import UserError
+from plot import plot_log, read_log
 
 pytest.importorskip("matplotlib")
 from matplotlib.image import imread  # noqa: E402
@@ -118,7 +119,7 @@ def test_cli_errors_are_one_line(tmp_path):
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1
         assert str(path) in proc.stderr and says in proc.stderr
     log.write_text("x val 3\n")
-    with pytest.raises(PlotError, match="line 1: expected STEP KIND VALUE"):
+    with pytest.raises(UserError, match="line 1: expected STEP KIND VALUE"):
         read_log(str(log))
 
 
