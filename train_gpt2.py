@@ -68,12 +68,12 @@ class KVCache:
 
     def __init__(self, config, batch_size):
         self.shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k, self.v = [None] * config.n_layer, [None] * config.n_layer
+        self.k, self.v = {}, {}  # by attention layer (the module)
         self.pos = 0  # positions filled; GPT.forward advances it
 
     def update(self, layer, k, v):
         """Store k, v (B, nh, T, hs) at positions pos..pos+T-1; return the keys and values of 0..pos+T-1."""
-        if self.k[layer] is None:  # allocated at first use, in the dtype autocast gives k and v
+        if layer not in self.k:  # allocated at first use, in the dtype autocast gives k and v
             self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v[layer] = torch.zeros_like(self.k[layer])
         end = self.pos + k.size(2)
@@ -83,13 +83,12 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer):
+    def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.n_head = config.n_head
-        self.layer = layer  # its place in a KVCache
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()
@@ -100,7 +99,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
         else:  # new positions past..past+T-1 attend to every cached position and causally among themselves
             past = kv_cache.pos
-            k, v = kv_cache.update(self.layer, k, v)
+            k, v = kv_cache.update(self, k, v)
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -121,10 +120,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: the residual stream is never normalised, only each branch's input."""
 
-    def __init__(self, config, layer):
+    def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config, layer)
+        self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
@@ -192,7 +191,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -322,11 +321,10 @@ class GPT(nn.Module):
         generator = torch.Generator(device=device).manual_seed(seed)
         seq = torch.as_tensor(tokens, dtype=torch.long, device=device).repeat(num_return_sequences, 1)
         cache = None if recompute else KVCache(self.config, num_return_sequences)
-        new = seq  # what the cached forward reads next: the whole prompt once, then only the newest token
         try:
             for _ in range(min(max_new_tokens, block_size - len(tokens))):
-                with autocast:
-                    logits, _ = self(seq if recompute else new, kv_cache=cache)
+                with autocast:  # with the cache, only what it has not seen: the prompt, then the newest token
+                    logits, _ = self(seq if recompute else seq[:, cache.pos:], kv_cache=cache)
                 new = sample_next(logits[:, -1, :n_vocab].float(), temperature, top_k, top_p, generator)
                 seq = torch.cat([seq, new], dim=1)
         finally:
