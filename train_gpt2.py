@@ -223,8 +223,8 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
-            if self.activation_checkpointing and self.training:  # keep its input only; redo it in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)  # redone in backward
             else:
                 x = block(x, kv_cache)
         if kv_cache is not None:
@@ -316,19 +316,14 @@ class GPT(nn.Module):
             raise ValueError(f"the prompt has {len(tokens)} tokens; the model takes 1 to {block_size} "
                              f"(its context, block_size)")
         device = self.lm_head.weight.device
-        was_training = self.training
-        self.eval()
         generator = torch.Generator(device=device).manual_seed(seed)
         seq = torch.as_tensor(tokens, dtype=torch.long, device=device).repeat(num_return_sequences, 1)
         cache = None if recompute else KVCache(self.config, num_return_sequences)
-        try:
-            for _ in range(min(max_new_tokens, block_size - len(tokens))):
-                with autocast:  # with the cache, only what it has not seen: the prompt, then the newest token
-                    logits, _ = self(seq if recompute else seq[:, cache.pos:], kv_cache=cache)
-                new = sample_next(logits[:, -1, :n_vocab].float(), temperature, top_k, top_p, generator)
-                seq = torch.cat([seq, new], dim=1)
-        finally:
-            self.train(was_training)
+        for _ in range(min(max_new_tokens, block_size - len(tokens))):
+            with autocast:  # with the cache, only what it has not seen: the prompt, then the newest token
+                logits, _ = self(seq if recompute else seq[:, cache.pos:], kv_cache=cache)
+            new = sample_next(logits[:, -1, :n_vocab].float(), temperature, top_k, top_p, generator)
+            seq = torch.cat([seq, new], dim=1)
         return seq
 
 
