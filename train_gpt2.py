@@ -62,17 +62,17 @@ class GPTConfig:
 
 
 class KVCache:
-    """The keys and values of the positions seen so far, per layer, for generation: with it, each new
-    token costs one token's forward instead of the whole prefix's."""
+    """Each layer's keys and values of the positions seen so far: with it, generating a token costs one
+    token's forward instead of the whole prefix's."""
 
     def __init__(self, config, batch_size):
         self.shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k, self.v = [None] * config.n_layer, [None] * config.n_layer
+        self.k, self.v = {}, {}  # by attention layer (the module)
         self.pos = 0  # positions filled; GPT.forward advances it
 
     def update(self, layer, k, v):
         """Store k, v (B, nh, T, hs) at positions pos..pos+T-1; return the keys and values of 0..pos+T-1."""
-        if self.k[layer] is None:  # allocated at first use, in the dtype autocast gives k and v
+        if layer not in self.k:  # allocated at first use, in the dtype autocast gives k and v
             self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v[layer] = torch.zeros_like(self.k[layer])
         end = self.pos + k.size(2)
@@ -82,26 +82,23 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer):
+    def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.layer = layer
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        past = kv_cache.pos if kv_cache is not None else 0
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v)
-        if past == 0:
+        if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
         else:  # new positions past..past+T-1 attend to every cached position and causally among themselves
+            past = kv_cache.pos
+            k, v = kv_cache.update(self, k, v)
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -122,10 +119,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: the residual stream is never normalised, only each branch's input."""
 
-    def __init__(self, config, layer):
+    def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config, layer)
+        self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
@@ -142,15 +139,14 @@ LOSS_CHUNK_TOKENS = 256
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     """The mean cross-entropy of logits h @ weight.T (h: N x C, weight: V x C) against targets, made
-    chunk tokens at a time, so the N x V logits and their gradient never exist whole: at GPT-2's
+    LOSS_CHUNK_TOKENS at a time, so the N x V logits and their gradient never exist whole: at GPT-2's
     vocabulary they are most of a training step's memory, and on CPU their allocation most of its time.
-    Each chunk's gradients (softmax minus one-hot, times weight or h) are computed in the forward pass,
-    while its logits exist, and only scaled in backward, so nothing is recomputed (the way Liger-Kernel's
-    fused linear cross-entropy works)."""
+    Each chunk's gradients are computed in forward, while its logits exist, and only scaled in backward,
+    so nothing is recomputed (as in Liger-Kernel's fused linear cross-entropy)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk, with_grads):
-        n = h.size(0)
+    def forward(ctx, h, weight, targets, with_grads):
+        n, chunk = h.size(0), LOSS_CHUNK_TOKENS
         grad_h = torch.empty_like(h) if with_grads else None
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -184,7 +180,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors  # used once: scaled in place rather than copied (154 MB at 124M)
-        return grad_h.mul_(grad_loss), grad_w.mul_(grad_loss), None, None, None
+        return grad_h.mul_(grad_loss), grad_w.mul_(grad_loss), None, None
 
 
 class GPT(nn.Module):
@@ -194,14 +190,13 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
-        # Training-run settings (--chunked_loss, --activation_checkpointing), not the model's shape: not in
-        # GPTConfig, so checkpoints' model_config and the scripts that read them do not change.
-        self.chunked_loss = False  # the loss through ChunkedCrossEntropy
+        # Training-run settings, not the model's shape: not in GPTConfig, so not in checkpoints' model_config
+        self.chunked_loss = False
         self.activation_checkpointing = False
         self.apply(self._init_weights)
         # Each block adds two branches (attn, mlp) to the residual stream; scaling their output projections
@@ -217,10 +212,9 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None, kv_cache=None, return_logits=False):
-        """(logits (B, T, vocab_size), the mean cross-entropy against targets, None without targets). With
-        chunked_loss on and targets given, the logits are never made whole and come back as None, unless
-        asked for. With a KVCache, idx continues the sequence the cache holds."""
-        B, T = idx.size()
+        """(logits (B, T, vocab_size), the mean cross-entropy against targets or None). With chunked_loss
+        and targets, the logits are None unless asked for. With a KVCache, idx continues its sequence."""
+        T = idx.size(1)
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size "
@@ -228,17 +222,17 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
-            if self.activation_checkpointing and self.training:  # keep its input only; redo it in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)  # redone in backward
             else:
                 x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
         if targets is not None and self.chunked_loss and not return_logits:
-            h, y = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-            return None, ChunkedCrossEntropy.apply(h, self.lm_head.weight, y, LOSS_CHUNK_TOKENS,
-                                                   torch.is_grad_enabled())
+            loss = ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
+                                             torch.is_grad_enabled())
+            return None, loss
         logits = self.lm_head(x)
         loss = None
         if targets is not None:  # any layout, e.g. x[:, 1:]
@@ -312,31 +306,23 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, tokens, num_return_sequences, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0,
                  seed=42, autocast=contextlib.nullcontext(), recompute=False, n_vocab=None):
-        """num_return_sequences continuations of the prompt `tokens` (a list of ids): a LongTensor
-        (num_return_sequences, len(tokens) + max_new_tokens, or less where block_size comes first) on the
-        model's device. The prompt fills a KVCache once; each new token then costs one token's forward
-        (recompute=True: the baseline without the cache). Seeded: the same arguments give the same tokens.
-        After `model.compile()` the forwards are the compiled ones. n_vocab: the tokenizer's size; ids past
-        it (a padded vocabulary's rows) are never sampled, as it cannot decode them."""
+        """num_return_sequences continuations of the prompt `tokens` (a list of ids), prompt included, up to
+        block_size: a LongTensor on the model's device, the same for the same arguments. recompute=True: the
+        baseline without the KVCache. n_vocab: the tokenizer's size; a padded vocabulary's ids past it cannot
+        be decoded, so are never sampled."""
         block_size = self.config.block_size
         if not 0 < len(tokens) <= block_size:
             raise ValueError(f"the prompt has {len(tokens)} tokens; the model takes 1 to {block_size} "
                              f"(its context, block_size)")
         device = self.lm_head.weight.device
-        was_training = self.training
-        self.eval()
         generator = torch.Generator(device=device).manual_seed(seed)
         seq = torch.as_tensor(tokens, dtype=torch.long, device=device).repeat(num_return_sequences, 1)
         cache = None if recompute else KVCache(self.config, num_return_sequences)
-        new = seq  # what the cached forward reads next: the whole prompt once, then only the newest token
-        try:
-            for _ in range(min(max_new_tokens, block_size - len(tokens))):
-                with autocast:
-                    logits, _ = self(seq if recompute else new, kv_cache=cache)
-                new = sample_next(logits[:, -1, :n_vocab].float(), temperature, top_k, top_p, generator)
-                seq = torch.cat([seq, new], dim=1)
-        finally:
-            self.train(was_training)
+        for _ in range(min(max_new_tokens, block_size - len(tokens))):
+            with autocast:  # with the cache, only what it has not seen: the prompt, then the newest token
+                logits, _ = self(seq if recompute else seq[:, cache.pos:], kv_cache=cache)
+            new = sample_next(logits[:, -1, :n_vocab].float(), temperature, top_k, top_p, generator)
+            seq = torch.cat([seq, new], dim=1)
         return seq
 
 
