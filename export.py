@@ -63,8 +63,8 @@ def load_tokenizer(source, block_size):
     source = source or DATA_DIR
     if not os.path.isdir(source):
         raise UserError(f"--tokenizer {source}: no such folder; expected a Hugging Face tokenizer folder or "
-                         f"a folder holding OpenAI's encoder.json + vocab.bpe ('' for the ones in "
-                         f"{DATA_DIR})")
+                        f"a folder holding OpenAI's encoder.json + vocab.bpe ('' for the ones in "
+                        f"{DATA_DIR})")
     encoder, bpe = os.path.join(source, "encoder.json"), os.path.join(source, "vocab.bpe")
     try:
         if os.path.isfile(encoder) and os.path.isfile(bpe):
@@ -82,8 +82,8 @@ def load_tokenizer(source, block_size):
         raise UserError(f"--tokenizer {source}: cannot read the tokenizer ({reason(e)})") from None
     if len(tok) != GPT2_VOCAB_SIZE or tok.convert_tokens_to_ids(EOT) != GPT2_EOT:
         raise UserError(f"--tokenizer {source}: no GPT-2 tokenizer there (vocabulary of {len(tok)}, not "
-                         f"{GPT2_VOCAB_SIZE} ending in {EOT}); expected a folder holding tokenizer.json, "
-                         f"vocab.json + merges.txt, or OpenAI's encoder.json + vocab.bpe")
+                        f"{GPT2_VOCAB_SIZE} ending in {EOT}); expected a folder holding tokenizer.json, "
+                        f"vocab.json + merges.txt, or OpenAI's encoder.json + vocab.bpe")
     return tok
 
 
@@ -182,7 +182,7 @@ def push(folder, repo_id, private):
     except Exception as e:  # offline, no network, no or bad token, no rights: many exception types
         private_flag = " --private" if private else ""
         raise UserError(f"--push_to_hub {repo_id}: {reason(e)}; the folder is saved in {folder}: upload it "
-                         f"later with `hf upload {repo_id} {folder}{private_flag}`") from None
+                        f"later with `hf upload {repo_id} {folder}{private_flag}`") from None
     print(f"pushed to {url}")
 
 
@@ -200,7 +200,7 @@ def export(cfg):
     out_dir = os.path.normpath(cfg.out_dir or default_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise UserError(f"--out_dir {out_dir}: already exists and is not an empty folder; pick another "
-                         f"--out_dir or delete it")
+                        f"--out_dir or delete it")
 
     model = model_from_checkpoint(ckpt)
     vocab_size = min(model.config.vocab_size, GPT2_VOCAB_SIZE)  # the padding rows past GPT-2's go
@@ -228,7 +228,7 @@ def export(cfg):
     except Exception as e:
         if disk_full(e):
             raise UserError(f"disk full in {os.path.dirname(os.path.abspath(out_dir))}: {out_dir} was not "
-                             f"written; free space and export again") from None
+                            f"written; free space and export again") from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -232,7 +232,7 @@ def input_files(cfg):
         for p in found:
             if os.path.splitext(p)[1] not in READERS:
                 raise UserError(f"--input {p}: cannot read {os.path.splitext(p)[1] or 'extensionless'} files; "
-                                   f"expected .txt (one document per file), .jsonl/.json or .parquet")
+                                f"expected .txt (one document per file), .jsonl/.json or .parquet")
             if READERS[os.path.splitext(p)[1]] != "text" and os.path.getsize(p) == 0:
                 raise UserError(f"--input {p}: an empty file, which holds no documents; fill it or leave it out")
         files += [p for p in found if p not in files]
@@ -260,7 +260,7 @@ def unreadable(cfg, e, doing):
     if found:
         path, offset, byte = found
         return UserError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); convert it to UTF-8 "
-                            f"or leave it out of --input")
+                         f"or leave it out of --input")
     return UserError(f"{doing}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
@@ -318,7 +318,7 @@ def load_corpus(cfg):
     columns = list(first)
     if cfg.text_column not in columns:
         raise UserError(f"{where} has no column {cfg.text_column!r} (columns: {', '.join(columns)}); "
-                           f"name the text column with --text_column")
+                        f"name the text column with --text_column")
     return ds.select_columns([cfg.text_column])
 
 
@@ -530,8 +530,8 @@ class ShardWriter:
             total = self.fill + sum(entry["tokens"] for _, entry in self.pending)
             self.discard()
             raise UserError(f"the corpus has {total:,} tokens, too few for --val_tokens {self.cfg.val_tokens:,} and a "
-                               f"train split of at least {MIN_TRAIN_TOKENS} tokens (a token and its target); set "
-                               f"--val_tokens to at most {total - MIN_TRAIN_TOKENS:,} or add text")
+                            f"train split of at least {MIN_TRAIN_TOKENS} tokens (a token and its target); set "
+                            f"--val_tokens to at most {total - MIN_TRAIN_TOKENS:,} or add text")
         if self.fill:
             self.flush(n_docs, 0)
         self.finalize()
@@ -587,7 +587,7 @@ def open_manifest(cfg, source, enc):
         shards = [n for n in os.listdir(cfg.out_dir) if n.endswith((".npy", ".bin"))]
         if shards:
             raise UserError(f"--out_dir {cfg.out_dir} holds shards ({shards[0]}, ...) but no manifest.json, so they "
-                               f"are not this run's; choose another --out_dir or empty it")
+                            f"are not this run's; choose another --out_dir or empty it")
         return dict(settings, shards=[], docs=None, done=False)
     try:
         with open(path) as f:
@@ -597,7 +597,7 @@ def open_manifest(cfg, source, enc):
     for key, value in settings.items():
         if manifest.get(key) != value:
             raise UserError(f"--out_dir {cfg.out_dir} holds shards of a different corpus or settings ({key}: "
-                               f"{manifest.get(key)} there, {value} now); choose another --out_dir or empty it")
+                            f"{manifest.get(key)} there, {value} now); choose another --out_dir or empty it")
     for i, shard in enumerate(manifest["shards"]):
         path = os.path.join(cfg.out_dir, shard["name"])
         if not (os.path.isfile(path) and os.path.getsize(path) == shard["bytes"]):
@@ -754,10 +754,10 @@ def tokenize(cfg, enc, source):
         writer.discard()
         if isinstance(e, NotText):  # in the task that starts at document doc
             raise UserError(f"{document_source(cfg, doc + e.args[0])}: its --text_column {cfg.text_column!r} is "
-                               f"{e.args[1]}, not text") from None
+                            f"{e.args[1]}, not text") from None
         if disk_full(e):
             raise UserError(f"disk full in {cfg.out_dir}/: the {len(manifest['shards'])} shards manifest.json lists "
-                               f"are kept; free space, then rerun this command, which resumes after them") from None
+                            f"are kept; free space, then rerun this command, which resumes after them") from None
         raise
     finally:
         progress.close()

@@ -68,7 +68,7 @@ def read_prompt(prompt, enc):
                 prompt = f.read()
         except UnicodeDecodeError as e:
             raise UserError(f"--prompt {prompt}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
-                             f"{e.start})") from None
+                            f"{e.start})") from None
         except OSError as e:
             raise UserError(f"--prompt {prompt}: cannot read the file ({e.strerror or e})") from None
     return enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
@@ -86,11 +86,11 @@ def run(cfg):
     block_size = model.config.block_size
     if len(tokens) > block_size:
         raise UserError(f"--prompt: {len(tokens)} tokens, more than the model's context of {block_size} "
-                         f"tokens (block_size)")
+                        f"tokens (block_size)")
     n_new = cfg.max_new_tokens or cfg.max_length - len(tokens)
     if n_new <= 0:
         raise UserError(f"--max_length {cfg.max_length}: the prompt alone has {len(tokens)} tokens; raise "
-                         f"it or give --max_new_tokens")
+                        f"it or give --max_new_tokens")
     if len(tokens) + n_new > block_size:
         print(f"note: stopping at the model's context of {block_size} tokens: {block_size - len(tokens)} new "
               f"tokens, not {n_new}")

@@ -77,7 +77,7 @@ def evaluate(cfg):
     longest = longest_example(examples, enc)
     if longest > model.config.block_size:
         raise UserError(f"a task has {longest} tokens, more than the model's block_size "
-                         f"{model.config.block_size}")
+                        f"{model.config.block_size}")
     pad_to = None
     if use_compile:
         # one shape for every forward: compiled once

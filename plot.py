@@ -4,16 +4,18 @@
     python plot.py --log_file run2/log.txt --out run2.png --references 0
     python plot.py --help                                           # every flag
 
-train_gpt2.py calls plot_log() at every eval, so log/loss.png follows a run as it trains (when matplotlib
-is installed). The dashed lines are OpenAI's GPT-2 124M on the same evals: val loss 3.2924 on the
+This file owns log.txt's format: train_gpt2.py starts (or, on resume, trims) its log with start_log() and
+calls refresh_plot() at every eval, so log/loss.png follows a run as it trains (when matplotlib is
+installed). The dashed lines are OpenAI's GPT-2 124M on the same evals: val loss 3.2924 on the
 FineWeb-Edu val shard, and HellaSwag acc_norm 0.2955 (hellaswag.py --model gpt2).
 """
 
+import json
 import os
 import sys
 from dataclasses import dataclass
 
-from fineweb import UserError, config_parser, option
+from fineweb import UserError, config_parser, option, write_synced
 
 # OpenAI's GPT-2 124M evaluated as train_gpt2.py evaluates (build-nanogpt's numbers): the reference lines
 # here and the reference column of export.py's model card
@@ -59,6 +61,48 @@ def read_log(log_file):
     if not series:
         raise UserError(f"{log_file}: no log lines yet")
     return series
+
+
+def start_log(log_dir, resume_step, provenance):
+    """log_dir/log.txt, new; or, resuming at resume_step, without the lines a crashed run wrote after
+    its checkpoint (train line N is the update after N), nor damaged lines (torn by a crash mid-write,
+    bytes that are not text: dropped with a note). Then `# STEP {provenance}`, unless the run's last such
+    line says the same: a resume with other code, torch or device says so where it starts."""
+    log_file = os.path.join(log_dir, "log.txt")  # in log_dir, made by main() (hold_folder)
+    lines = []
+    if resume_step is not None and os.path.exists(log_file):
+        try:
+            with open(log_file, "rb") as f:
+                lines = f.readlines()
+        except OSError as e:  # e.g. a folder named log.txt
+            raise UserError(f"--log_dir {log_dir}: cannot read {log_file} ({e.strerror}); move it away or "
+                            f"pick another --log_dir") from None
+    kept, damaged, made_by = [], [], None
+    for n, raw in enumerate(lines, 1):
+        try:
+            text = raw.decode("utf-8")
+            step, kind, value = parse_line(text)
+        except ValueError:  # UnicodeDecodeError is a ValueError too
+            if raw.strip():
+                damaged.append(n)
+            continue
+        if step < resume_step or (step == resume_step and kind != "train"):
+            kept.append(text.rstrip("\n") + "\n")
+            if kind == "#":
+                made_by = value
+    if made_by != json.dumps(provenance):
+        kept.append(f"# {resume_step or 0} {json.dumps(provenance)}\n")
+    try:  # rewritten atomically: a crash here loses nothing
+        write_synced(log_file + ".tmp", lambda f: f.write("".join(kept).encode()))
+        os.replace(log_file + ".tmp", log_file)
+    except OSError as e:  # a full disk
+        raise UserError(f"--log_dir {log_dir}: cannot write {log_file} there ({e.strerror}); pick another "
+                        f"--log_dir") from None
+    if damaged:
+        print(f"note: {log_file}: dropped {len(damaged)} damaged line(s) (line "
+              f"{', '.join(map(str, damaged[:5]))}{', ...' if len(damaged) > 5 else ''}), e.g. torn by a "
+              f"crash mid-write; every other line is kept", flush=True)
+    return log_file
 
 
 def plot_log(log_file, out_png, references=True):
@@ -109,6 +153,21 @@ def plot_log(log_file, out_png, references=True):
         if os.path.exists(tmp):
             os.remove(tmp)
     return out_png
+
+
+def refresh_plot(log_file, out_png):
+    """Redraw out_png from log_file; whether to go on plotting. Plots are optional: without matplotlib (or
+    on any plotting error) this says so, once, and training goes on."""
+    try:
+        plot_log(log_file, out_png)
+        return True
+    except ImportError:
+        print("matplotlib is not installed, so no loss.png: pip install matplotlib, or --plot 0 to hide "
+              "this", flush=True)
+    except Exception as e:
+        print(f"plotting loss.png failed ({type(e).__name__}: {e}); training goes on without plots",
+              flush=True)
+    return False
 
 
 @dataclass

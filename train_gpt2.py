@@ -44,6 +44,7 @@ from torch.distributed.tensor import DTensor
 from fineweb import (GPT2_VOCAB_SIZE, UserError, auto_or_bool, check_flags, config_parser, disk_full,
                      find_shards, first_change, gpt2_tokenizer, hellaswag_file, hold_folder, iterate_examples,
                      open_shard, option, shard_record, write_synced)
+from plot import refresh_plot, start_log  # log.txt's format, read and written; matplotlib only when it plots
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -381,8 +382,8 @@ class DataLoaderLite:
         self.batches_per_epoch = sum(self.counts)
         if self.batches_per_epoch == 0:
             raise UserError(f"no {split} shard in {data_dir}/ holds one micro-batch of {B}x{T}+1 tokens "
-                             f"(largest has {max(map(len, self.shards))}); lower --micro_batch_size or "
-                             f"--seq_len")
+                            f"(largest has {max(map(len, self.shards))}); lower --micro_batch_size or "
+                            f"--seq_len")
         self.record = [shard_record(p, s) for p, s in zip(self.paths, self.shards)]  # for checkpoints
         self.checked = set()  # shards whose token ids were checked against vocab_size
         self.orders = {}  # the shuffle's orders, each drawn once: ~12 KB per FineWeb shard per epoch
@@ -423,7 +424,7 @@ class DataLoaderLite:
                 limit = f"GPT-2's {GPT2_VOCAB_SIZE} ids" if self.vocab_size == GPT2_VOCAB_SIZE \
                     else f"the model's vocab_size {self.vocab_size}"
                 raise UserError(f"{self.paths[i]}: token id {top} is past {limit}; the shard was made with "
-                                 f"another tokenizer")
+                                f"another tokenizer")
             self.checked.add(i)
         if self.shuffle:
             start = self.order(self.counts[i], epoch, i)[start // (B * T)] * B * T
@@ -579,9 +580,9 @@ def load_checkpoint(path):
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if isinstance(e, pickle.UnpicklingError) and found:  # weights_only met pickled objects, maybe code
             raise UserError(f"{path}: holds objects that are not plain tensors and data ({found[1]}), so it "
-                             f"was refused without loading it") from None
+                            f"was refused without loading it") from None
         raise UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}); it is corrupt or "
-                         f"truncated: move it away and use the one before") from None
+                        f"truncated: move it away and use the one before") from None
     if missing:
         raise UserError(f"{path}: not a train_gpt2.py checkpoint (no {', '.join(sorted(missing))})")
     return ckpt
@@ -602,7 +603,7 @@ def checkpoint_file(path):
         return paths[-1]
     if path.endswith(".pt.tmp"):  # save_checkpoint's temporary name
         raise UserError(f"{path}: a checkpoint still being written, or cut short by a crash; pass a "
-                         f"finished model_NNNNN.pt, or its folder for the newest one")
+                        f"finished model_NNNNN.pt, or its folder for the newest one")
     return path
 
 
@@ -613,7 +614,7 @@ def load_model(init_from):
         return model_from_checkpoint(load_checkpoint(checkpoint_file(init_from)))
     if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json")):
         raise UserError(f"{init_from}: neither a Hugging Face GPT-2 folder (no config.json) nor a "
-                         f"train_gpt2.py --log_dir (no model_NNNNN.pt checkpoint)")
+                        f"train_gpt2.py --log_dir (no model_NNNNN.pt checkpoint)")
     print0(f"loading GPT-2 weights from {init_from}")
     try:
         return GPT.from_pretrained(init_from)
@@ -625,8 +626,8 @@ def require_gpt2_vocab(model, source):
     """A model for GPT-2 text (generate.py, hellaswag.py) needs all of GPT-2's token ids."""
     if model.config.vocab_size < GPT2_VOCAB_SIZE:
         raise UserError(f"{source}: its vocabulary has {model.config.vocab_size} tokens, fewer than GPT-2's "
-                         f"{GPT2_VOCAB_SIZE}, so it cannot read GPT-2 tokens (it was trained with a smaller "
-                         f"--vocab_size)")
+                        f"{GPT2_VOCAB_SIZE}, so it cannot read GPT-2 tokens (it was trained with a smaller "
+                        f"--vocab_size)")
     return model
 
 
@@ -652,8 +653,8 @@ def save_checkpoint(ckpt, log_dir, keep_last):
     except Exception as e:
         if disk_full(e):
             raise UserError(f"disk full in {log_dir}: {os.path.basename(path)} was not written and the "
-                             f"checkpoints before it are untouched; free space, then continue with "
-                             f"--init_from resume") from None
+                            f"checkpoints before it are untouched; free space, then continue with "
+                            f"--init_from resume") from None
         raise
     os.replace(path + ".tmp", path)
     for p in checkpoint_paths(log_dir)[:-keep_last] if keep_last else []:
@@ -669,21 +670,21 @@ def resume_config(cfg, given):
     if cfg.init_from != "resume" and not (cfg.auto_resume and paths):
         if paths:
             raise UserError(f"{cfg.log_dir}/ already holds checkpoints (newest {paths[-1]}): continue them "
-                             f"with --init_from resume, or pick a new --log_dir")
+                            f"with --init_from resume, or pick a new --log_dir")
         # A new run would overwrite log.txt and add to samples.txt; an --auto_resume run restarting before its
         # first checkpoint starts its own log again
         for name in () if cfg.auto_resume else ("log.txt", "samples.txt"):
             if os.path.isfile(os.path.join(cfg.log_dir, name)):
                 raise UserError(f"{cfg.log_dir}/ already holds the {name} of an earlier run, without a "
-                                 f"checkpoint to resume: move it away, or pick a new --log_dir")
+                                f"checkpoint to resume: move it away, or pick a new --log_dir")
         return cfg, None
     if not paths:
         raise UserError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
     ckpt = load_checkpoint(paths[-1])
     if not all(isinstance(n, str) for group in ckpt["optimizer"]["param_groups"] for n in group["params"]):
         raise UserError(f"{paths[-1]}: written by an older train_gpt2.py, whose optimizer state this one "
-                         f"cannot read; continue that run with the train_gpt2.py that wrote it, or pick a "
-                         f"new --log_dir")
+                        f"cannot read; continue that run with the train_gpt2.py that wrote it, or pick a "
+                        f"new --log_dir")
     saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
     for k in {"hellaswag", "compile", "chunked_loss"} & set(saved):  # older checkpoints: text, e.g. "1"
         saved[k] = auto_or_bool(str(saved[k]))
@@ -691,10 +692,10 @@ def resume_config(cfg, given):
     cfg = TrainConfig(**{**saved, **given, **shape, "init_from": "resume"})
     if cfg.optimizer != saved.get("optimizer", "adamw"):
         raise UserError(f"--optimizer {cfg.optimizer}: {paths[-1]} holds the state of --optimizer "
-                         f"{saved.get('optimizer', 'adamw')}; resume with that, or start a new run")
+                        f"{saved.get('optimizer', 'adamw')}; resume with that, or start a new run")
     if cfg.max_steps < ckpt["step"]:
         raise UserError(f"--max_steps {cfg.max_steps}: {paths[-1]} is at step {ckpt['step']} already, so "
-                         f"there is nothing to train; give --max_steps above {ckpt['step']}")
+                        f"there is nothing to train; give --max_steps above {ckpt['step']}")
     return cfg, ckpt
 
 
@@ -717,66 +718,23 @@ def restore_state(ckpt, model, optimizers, scaler, train_loader, val_loader):
         change = first_change(data[split], now[split])
         if change:
             raise UserError(f"--data_dir {data_dir}: {split} shard {change} since the checkpoint, so its "
-                             f"position would read other tokens; restore the shards, or resume with the "
-                             f"changed data under another --data_dir to read it from its beginning")
+                            f"position would read other tokens; restore the shards, or resume with the "
+                            f"changed data under another --data_dir to read it from its beginning")
     b, t, shuffle = then["micro_batch_size"], then["seq_len"], then["shuffle"]
     if shuffle != train_loader.shuffle:
         raise UserError(f"--shuffle {int(train_loader.shuffle)}: the checkpoint's run read its data in "
-                         f"{'shuffled' if shuffle else 'sorted'} order and its position holds in that order "
-                         f"only; keep --shuffle {int(shuffle)}")
+                        f"{'shuffled' if shuffle else 'sorted'} order and its position holds in that order "
+                        f"only; keep --shuffle {int(shuffle)}")
     if shuffle and b * t != train_loader.B * train_loader.T:
         raise UserError(f"--micro_batch_size {train_loader.B} --seq_len {train_loader.T}: a shuffled run's "
-                         f"position holds for micro-batches of its size only; keep --micro_batch_size {b} "
-                         f"--seq_len {t}")
+                        f"position holds for micro-batches of its size only; keep --micro_batch_size {b} "
+                        f"--seq_len {t}")
     train_loader.position = tuple(ckpt["loader_position"])
 
 
 # -----------------------------------------------------------------------------
-# Logs: log.txt (build-nanogpt's STEP KIND VALUE lines, and a `# STEP` line of provenance at each start),
-# loss.png, W&B; rank 0 only
-
-
-def start_log(log_dir, resume_step, provenance):
-    """log_dir/log.txt, new; or, resuming at resume_step, without the lines a crashed run wrote after
-    its checkpoint (train line N is the update after N), nor damaged lines (torn by a crash mid-write,
-    bytes that are not text: dropped with a note). Then `# STEP {provenance}`, unless the run's last such
-    line says the same: a resume with other code, torch or device says so where it starts."""
-    log_file = os.path.join(log_dir, "log.txt")  # in log_dir, made by main() (hold_folder)
-    lines = []
-    if resume_step is not None and os.path.exists(log_file):
-        try:
-            with open(log_file, "rb") as f:
-                lines = f.readlines()
-        except OSError as e:  # e.g. a folder named log.txt
-            raise UserError(f"--log_dir {log_dir}: cannot read {log_file} ({e.strerror}); move it away or "
-                             f"pick another --log_dir") from None
-    from plot import parse_line
-    kept, damaged, made_by = [], [], None
-    for n, raw in enumerate(lines, 1):
-        try:
-            text = raw.decode("utf-8")
-            step, kind, value = parse_line(text)
-        except ValueError:  # UnicodeDecodeError is a ValueError too
-            if raw.strip():
-                damaged.append(n)
-            continue
-        if step < resume_step or (step == resume_step and kind != "train"):
-            kept.append(text.rstrip("\n") + "\n")
-            if kind == "#":
-                made_by = value
-    if made_by != json.dumps(provenance):
-        kept.append(f"# {resume_step or 0} {json.dumps(provenance)}\n")
-    try:  # rewritten atomically: a crash here loses nothing
-        write_synced(log_file + ".tmp", lambda f: f.write("".join(kept).encode()))
-        os.replace(log_file + ".tmp", log_file)
-    except OSError as e:  # a full disk
-        raise UserError(f"--log_dir {log_dir}: cannot write {log_file} there ({e.strerror}); pick another "
-                         f"--log_dir") from None
-    if damaged:
-        print0(f"note: {log_file}: dropped {len(damaged)} damaged line(s) (line "
-               f"{', '.join(map(str, damaged[:5]))}{', ...' if len(damaged) > 5 else ''}), e.g. torn by a "
-               f"crash mid-write; every other line is kept")
-    return log_file
+# Logs: log.txt's build-nanogpt STEP KIND VALUE lines (plot.py starts, trims and plots the file), the line
+# printed at each step, W&B; rank 0 only
 
 
 def start_wandb(cfg, ckpt):
@@ -807,21 +765,6 @@ def step_line(step, loss, lr, norm, dt, tokens, mfu, loss_scale, skipped):
             + (" | skipped: float16 gradients overflowed, loss scale halved" if skipped else ""))
 
 
-def refresh_plot(log_file, out_png):
-    """Redraw out_png from log_file; whether to go on plotting. Plots are optional: without matplotlib (or
-    on any plotting error) this says so, once, and training goes on."""
-    try:
-        from plot import plot_log
-        plot_log(log_file, out_png)
-        return True
-    except ImportError:
-        print0("matplotlib is not installed, so no loss.png: pip install matplotlib, or --plot 0 to hide "
-               "this")
-    except Exception as e:
-        print0(f"plotting loss.png failed ({type(e).__name__}: {e}); training goes on without plots")
-    return False
-
-
 # -----------------------------------------------------------------------------
 # The machine: --device, --dtype and --compile (every script's), DDP, peak FLOP/s
 
@@ -849,7 +792,7 @@ def resolve_system(device, dtype, compile):
     native_bf16 = cuda and dtype != "float32" and torch.cuda.is_bf16_supported(including_emulation=False)
     if dtype == "bfloat16" and cuda and not native_bf16:
         raise UserError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 (GPUs have "
-                         f"it from Ampere on); use --dtype float16")
+                        f"it from Ampere on); use --dtype float16")
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None,
              "auto": (torch.bfloat16 if native_bf16 else torch.float16) if cuda else None}[dtype]
     use_compile, problem = auto_flag(compile, cuda), None
@@ -877,9 +820,9 @@ def setup_distributed(device, timeout):
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and \
             os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":  # PyTorch #135712, #167288
         raise UserError("torchrun --max-restarts: the restarted ranks would read the previous attempt's "
-                         "addresses from torchrun's shared store and fail to connect; run torchrun with "
-                         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (and --standalone or "
-                         "--rdzv-backend c10d)")
+                        "addresses from torchrun's shared store and fail to connect; run torchrun with "
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (and --standalone or "
+                        "--rdzv-backend c10d)")
     backend = "nccl" if device.startswith("cuda") and dist.is_nccl_available() else "gloo"
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
@@ -1024,11 +967,11 @@ def build_model(cfg, given, ckpt):
     for k in MODEL_FLAGS:
         if k in given and given[k] != getattr(model.config, k):
             raise UserError(f"--{k} {given[k]} contradicts {source} ({k} {getattr(model.config, k)}); "
-                             f"drop the flag")
+                            f"drop the flag")
         setattr(cfg, k, getattr(model.config, k))
     if cfg.seq_len > model.config.block_size:
         raise UserError(f"--seq_len {cfg.seq_len}: must be <= the model's block_size "
-                         f"{model.config.block_size}")
+                        f"{model.config.block_size}")
     return model
 
 
@@ -1050,8 +993,8 @@ def check_finite(step, log_dir, **values):
     if not all(math.isfinite(v) for v in values.values()):
         newest = checkpoint_paths(log_dir)
         raise UserError(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in values.items()) + ": the run "
-                         f"diverged; stopping without a checkpoint (newest good one: "
-                         f"{newest[-1] if newest else 'none'}). Lower --max_lr or check the data")
+                        f"diverged; stopping without a checkpoint (newest good one: "
+                        f"{newest[-1] if newest else 'none'}). Lower --max_lr or check the data")
 
 
 def hellaswag_share(data_dir, limit, enc, model, rank, world_size):
@@ -1068,7 +1011,7 @@ def hellaswag_share(data_dir, limit, enc, model, rank, world_size):
     longest = longest_example(examples, enc)
     if longest > model.config.block_size:
         raise UserError(f"--hellaswag: the longest HellaSwag example has {longest} tokens, more than the "
-                         f"model's block_size {model.config.block_size}; use --hellaswag 0")
+                        f"model's block_size {model.config.block_size}; use --hellaswag 0")
     return examples[rank::world_size], longest
 
 
@@ -1130,8 +1073,8 @@ def train(cfg, given, ckpt):
     B, T = cfg.micro_batch_size, cfg.seq_len
     if cfg.total_batch_size % (B * T * world_size):
         raise UserError(f"--total_batch_size {cfg.total_batch_size} must be divisible by micro_batch_size * "
-                         f"seq_len * world_size = {B} * {T} * {world_size} = {B * T * world_size}; change "
-                         f"--total_batch_size or --micro_batch_size")
+                        f"seq_len * world_size = {B} * {T} * {world_size} = {B * T * world_size}; change "
+                        f"--total_batch_size or --micro_batch_size")
     grad_accum_steps = cfg.total_batch_size // (B * T * world_size)
     use_hellaswag = auto_flag(cfg.hellaswag, device_type == "cuda")
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer

@@ -342,7 +342,9 @@ def test_val_loss_estimate_is_the_mean_over_the_same_val_batches(data):
 
 
 def test_log_lines_and_no_wandb(tmp_path):
-    from train_gpt2 import UserError, log_values, start_log, step_line
+    from fineweb import UserError
+    from plot import start_log
+    from train_gpt2 import log_values, step_line
     (tmp_path / "run").mkdir()  # as main() makes it
     log_file = start_log(tmp_path / "run", None, {"torch": "2.x"})
     logged = []
