@@ -1020,9 +1020,8 @@ def peak_flops(device):
 
 
 # -----------------------------------------------------------------------------
-# HellaSwag, scored at every eval and by hellaswag.py: each task fineweb.py reads (ctx, endings[4], label) is
-# rendered as 4 rows, the context's tokens then one ending's; acc picks the ending of the lowest summed
-# loss, acc_norm the lowest mean loss per token, as build-nanogpt does
+# HellaSwag, scored at every eval and by hellaswag.py: 4 rows per task, its context then one ending; acc
+# picks the ending of the lowest summed loss, acc_norm the lowest mean loss per token, as build-nanogpt does
 
 
 def render_example(example, enc):
