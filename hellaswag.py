@@ -78,13 +78,11 @@ def evaluate(cfg):
     if longest > model.config.block_size:
         raise UserError(f"a task has {longest} tokens, more than the model's block_size "
                         f"{model.config.block_size}")
-    pad_to = None
-    if use_compile:
-        # one shape for every forward: compiled once
-        model, pad_to = torch.compile(model, dynamic=False), longest
+    if use_compile:  # padded to the longest task, every forward has one shape: compiled once
+        model = torch.compile(model, dynamic=False)
     with tqdm(total=len(examples), desc=f"hellaswag {cfg.split}", unit="task") as bar:
-        correct, correct_norm, n = score(model, examples, enc, device, cfg.batch_size, autocast, pad_to,
-                                         progress=bar)
+        correct, correct_norm, n = score(model, examples, enc, device, cfg.batch_size, autocast,
+                                         longest if use_compile else None, progress=bar)
     print(f"acc: {correct / n:.4f} acc_norm: {correct_norm / n:.4f} n: {n}", flush=True)
 
 

@@ -874,9 +874,8 @@ def peak_flops(device):
 
 
 # -----------------------------------------------------------------------------
-# HellaSwag, scored at every eval and by hellaswag.py: each task fineweb.py reads (ctx, endings[4], label) is
-# rendered as 4 rows, the context's tokens then one ending's; acc picks the ending of the lowest summed
-# loss, acc_norm the lowest mean loss per token, as build-nanogpt does
+# HellaSwag, scored at every eval and by hellaswag.py: 4 rows per task, its context then one ending; acc
+# picks the ending of the lowest summed loss, acc_norm the lowest mean loss per token, as build-nanogpt does
 
 
 def render_example(example, enc):
@@ -895,12 +894,16 @@ def longest_example(examples, enc):
 
 
 def iterate_losses(model, rendered, device="cpu", batch_size=16, autocast=contextlib.nullcontext(),
-                   pad_to=None, batches=0):
-    """Yield (sums (4,), means (4,)) for each rendered (tokens, mask, label), batch_size examples per forward:
-    each ending's summed and mean cross-entropy (float32, on the CPU); padding after a row's tokens cannot
-    change them, as attention is causal. With pad_to every forward is (batch_size * 4, pad_to), so that a
-    compiled model sees one shape, and at least `batches` run, those past the examples on padding only."""
-    for start in range(0, max(batches * batch_size, len(rendered)), batch_size):
+                   pad_to=None, world_size=1):
+    """Yield (sums (4,), means (4,)): each rendered (tokens, mask, label)'s endings' summed and mean
+    cross-entropy (float32, on the CPU), batch_size examples per forward, padded (attention is causal, so
+    padding changes nothing); with pad_to, every forward is (batch_size * 4, pad_to): one compiled shape."""
+    # Under FSDP every forward all-gathers the weights, which every rank must join: a rank whose share is
+    # one example short may be a batch short, and then runs that batch on padding (so needs pad_to).
+    batches = torch.tensor(math.ceil(len(rendered) / batch_size), device=device)
+    if world_size > 1:
+        dist.all_reduce(batches, op=dist.ReduceOp.MAX)
+    for start in range(0, batches.item() * batch_size, batch_size):
         batch = rendered[start:start + batch_size]
         width = pad_to or max(t.size(1) for t, _, _ in batch)
         tokens = torch.zeros(batch_size * 4 if pad_to else len(batch) * 4, width, dtype=torch.long)
@@ -920,20 +923,14 @@ def iterate_losses(model, rendered, device="cpu", batch_size=16, autocast=contex
 
 def score(model, examples, enc, device="cpu", batch_size=16, autocast=contextlib.nullcontext(), pad_to=None,
           progress=None, world_size=1):
-    """(n_correct, n_correct_norm, n) over the example dicts, tokenized with enc (GPT-2's BPE,
-    fineweb.gpt2_tokenizer()); with world_size > 1 (DDP or FSDP, and pad_to), summed over the ranks, each
-    scoring its own share. progress: a tqdm bar to advance, showing the running acc_norm (without pad_to
-    the tasks are scored shortest first, so it is an estimate until the end)."""
+    """(n_correct, n_correct_norm, n) over the example dicts, tokenized with enc (GPT-2's BPE); with
+    world_size > 1 (and pad_to) each rank scores its share, and the counts are summed. progress: a tqdm bar
+    to advance with the running acc_norm (an estimate until the end without pad_to: shortest tasks first)."""
     rendered = [render_example(ex, enc) for ex in examples]
     if pad_to is None:  # batches of like lengths waste less on padding (27% fewer positions on val, batch 16)
         rendered.sort(key=lambda r: r[0].size(1))
-    # Under FSDP every forward all-gathers the weights, which every rank must join: a rank whose share is
-    # one example short may be a batch short, and then runs that batch on padding.
-    batches = torch.tensor(math.ceil(len(examples) / batch_size), device=device)
-    if world_size > 1:
-        dist.all_reduce(batches, op=dist.ReduceOp.MAX)
     n = correct = correct_norm = 0
-    losses = iterate_losses(model, rendered, device, batch_size, autocast, pad_to, batches.item())
+    losses = iterate_losses(model, rendered, device, batch_size, autocast, pad_to, world_size)
     for (sums, means), (_, _, label) in zip(losses, rendered, strict=True):
         n += 1
         correct += int(sums.argmin()) == label
