@@ -1003,6 +1003,8 @@ def hellaswag_share(data_dir, limit, enc, model, rank, world_size):
         if world_size > 1:
             dist.barrier()
         examples = list(iterate_examples("val", data_dir))[:limit or None]
+        if not examples:  # else acc_norm would divide by zero at the first eval
+            raise UserError(f"{hellaswag_file('val', data_dir)}: holds no tasks")
     except UserError as e:  # missing, unreachable or corrupt data
         raise UserError(f"--hellaswag: {e}") from None
     longest = longest_example(examples, enc)
