@@ -1053,8 +1053,8 @@ def all_reduce_mean(t, world_size):
 
 
 def peak_flops(device):
-    """For MFU: the GPU's dense 16-bit (bf16, or fp16 without bf16; equal where it has both) tensor-core
-    peak FLOP/s from the vendors' spec sheets, the first name that matches; None for a CPU or other GPU."""
+    """For MFU: the GPU's dense 16-bit tensor-core peak FLOP/s from the vendors' spec sheets (bf16, or fp16
+    on GPUs without it: equal where a GPU has both), first match wins; None on a CPU or an unlisted GPU."""
     if not device.startswith("cuda"):
         return None
     peaks = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12),
@@ -1281,7 +1281,7 @@ SAMPLE_PROMPT = "Hello, I'm a language model,"
 
 
 def write_samples(model, enc, prompt, step, log_dir, autocast, rank):
-    """4 samples of the prompt's tokens (32 tokens in all, seed 42), printed and added to samples.txt by
+    """4 samples continuing `prompt` (tokens; 32 in all, seed 42), printed and added to samples.txt by
     rank 0. Every rank generates them, since under FSDP each forward all-gathers the weights, which every
     rank must join."""
     rows = model.generate(prompt, 4, max_new_tokens=32 - len(prompt), seed=42, autocast=autocast,
@@ -1412,13 +1412,12 @@ def train(cfg, given, ckpt):
            f"{'on' if use_compile else 'off'} | chunked loss {'on' if raw_model.chunked_loss else 'off'} | "
            f"{cfg.total_batch_size:,} tokens per step = {B} x {T} x {world_size} x {grad_accum_steps} "
            f"accumulation steps")
-    # What training keeps per rank before any activation: weights, gradients (as many) and AdamW's two
-    # float32 moments per parameter, counted from this rank's own tensors (its shards under FSDP)
-    local = [p.to_local() if isinstance(p, DTensor) else p for p in raw_model.parameters()]
-    weights, adamw = sum(t.nbytes for t in local), sum(2 * 4 * t.numel() for t in local)
+    # What training keeps per rank before any activation: the weights, gradients (as many) and AdamW's
+    # two moments (twice as many), counted from this rank's own tensors (its shards under FSDP)
+    weights = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in raw_model.parameters())
     held = f"sharded over {world_size} ranks" if cfg.fsdp else "a full copy on every rank"
     print0(f"memory per rank: weights {format_bytes(weights)}, gradients {format_bytes(weights)}, AdamW "
-           f"state {format_bytes(adamw)} = {format_bytes(2 * weights + adamw)}, {held}, before activations")
+           f"state {format_bytes(2 * weights)} = {format_bytes(4 * weights)}, {held}, before activations")
 
     with StopRequest() as stop:
         stopping = False
