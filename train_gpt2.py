@@ -769,11 +769,6 @@ def step_line(step, loss, lr, norm, dt, tokens, mfu, loss_scale, skipped):
 # The machine: --device, --dtype and --compile (every script's), DDP, peak FLOP/s
 
 
-def auto_flag(value, on):
-    """A flag as auto_or_bool parsed it: "auto" (then `on`), True or False."""
-    return on if value == "auto" else value
-
-
 def resolve_system(device, dtype, compile):
     """Every script's --device, --dtype and --compile (as auto_or_bool parsed it), checked and resolved as
     SHARED_FLAGS_HELP says: (device, autocast dtype or None for float32, whether to torch.compile, the
@@ -795,7 +790,8 @@ def resolve_system(device, dtype, compile):
                         f"it from Ampere on); use --dtype float16")
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None,
              "auto": (torch.bfloat16 if native_bf16 else torch.float16) if cuda else None}[dtype]
-    use_compile, problem = auto_flag(compile, cuda), None
+    use_compile = cuda if compile == "auto" else compile
+    problem = None
     capability = torch.cuda.get_device_capability(device) if use_compile and cuda else (7, 0)
     if use_compile and cuda and importlib.util.find_spec("triton") is None:
         problem = ("torch.compile needs Triton for CUDA and it is not installed (pip install triton; on "
@@ -803,9 +799,9 @@ def resolve_system(device, dtype, compile):
     elif capability < (7, 0):
         problem = (f"torch.compile's Triton needs a GPU of compute capability 7.0 or newer; "
                    f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
-    if problem and compile != "auto":
-        raise UserError(f"--compile 1: {problem}; use --compile 0")
     if problem:
+        if compile != "auto":
+            raise UserError(f"--compile 1: {problem}; use --compile 0")
         print0(f"note: --compile auto is off: {problem}")
     autocast = torch.autocast(device.split(":")[0], dtype) if dtype else contextlib.nullcontext()
     return device, dtype, use_compile and not problem, autocast
@@ -827,28 +823,18 @@ def setup_distributed(device, timeout):
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    if device.startswith("cuda") and backend == "gloo":
-        print0("note: this PyTorch has no NCCL (native Windows builds have none): DDP runs on gloo, which "
-               "is slower")
+        if backend == "gloo":
+            print0("note: this PyTorch has no NCCL (native Windows builds have none): DDP runs on gloo, "
+                   "which is slower")
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     return rank, local_rank, world_size, device
 
 
-def shard_model(model, dtype, device_type, world_size):
-    """FSDP2, in place: each Block, then the root with the rest (lm_head's weight is wte's: sharded once, so
-    the tying survives). Each module goes to the device as it is sharded, so the whole model is never there
-    at once. Under autocast the weights are all-gathered in its dtype, the gradients reduced in float32."""
-    mesh = init_device_mesh(device_type, (world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-
-
 def format_bytes(n):
     """n bytes to 3 significant digits: 498 MB, 1.99 GB."""
-    e, unit = next((e, u) for e, u in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "bytes")) if n >= 10**e or not e)
-    return f"{n / 10 ** e:.3g} {unit}"
+    for e, unit in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "bytes")):
+        if n >= 10**e or unit == "bytes":
+            return f"{n / 10**e:.3g} {unit}"
 
 
 def all_reduce_mean(t, world_size):
@@ -859,18 +845,16 @@ def all_reduce_mean(t, world_size):
     return t
 
 
-# Dense 16-bit (bf16, or fp16 on GPUs without bf16) tensor-core peak FLOP/s from the vendors' spec
-# sheets, for MFU; bf16 and fp16 peaks are equal on the GPUs that have both. First match wins.
-GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12),
-                  ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12),
-                  ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12))
-
-
 def peak_flops(device):
+    """For MFU: the GPU's dense 16-bit tensor-core peak FLOP/s from the vendors' spec sheets (bf16, or fp16
+    on GPUs without it: equal where a GPU has both), first match wins; None on a CPU or an unlisted GPU."""
     if not device.startswith("cuda"):
         return None
+    peaks = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12),
+             ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+             ("V100", 125e12), ("T4", 65e12))
     name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
+    return next((flops for key, flops in peaks if key in name), None)
 
 
 # -----------------------------------------------------------------------------
@@ -988,10 +972,9 @@ def estimate_val_loss(model, val_loader, val_steps, device, autocast, world_size
 def check_finite(step, log_dir, **values):
     """A NaN/inf loss stops the run before it can overwrite a good checkpoint."""
     if not all(math.isfinite(v) for v in values.values()):
-        newest = checkpoint_paths(log_dir)
         raise UserError(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in values.items()) + ": the run "
                         f"diverged; stopping without a checkpoint (newest good one: "
-                        f"{newest[-1] if newest else 'none'}). Lower --max_lr or check the data")
+                        f"{(checkpoint_paths(log_dir) or ['none'])[-1]}). Lower --max_lr or check the data")
 
 
 def hellaswag_share(data_dir, limit, enc, model, rank, world_size):
@@ -1017,11 +1000,10 @@ def hellaswag_share(data_dir, limit, enc, model, rank, world_size):
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 
 
-def write_samples(model, enc, step, log_dir, autocast, rank):
-    """4 samples of SAMPLE_PROMPT (32 tokens in all, seed 42), printed and added to samples.txt by rank 0.
-    Every rank generates them, since under FSDP each forward all-gathers the weights, which every rank
-    must join."""
-    prompt = enc.encode(SAMPLE_PROMPT)
+def write_samples(model, enc, prompt, step, log_dir, autocast, rank):
+    """4 samples continuing `prompt` (tokens; 32 in all, seed 42), printed and added to samples.txt by
+    rank 0. Every rank generates them, since under FSDP each forward all-gathers the weights, which every
+    rank must join."""
     rows = model.generate(prompt, 4, max_new_tokens=32 - len(prompt), seed=42, autocast=autocast,
                           n_vocab=enc.n_vocab)
     if rank == 0:
@@ -1075,7 +1057,7 @@ def train(cfg, given, ckpt):
                         f"seq_len * world_size = {B} * {T} * {world_size} = {B * T * world_size}; change "
                         f"--total_batch_size or --micro_batch_size")
     grad_accum_steps = cfg.total_batch_size // (B * T * world_size)
-    use_hellaswag = auto_flag(cfg.hellaswag, device_type == "cuda")
+    use_hellaswag = device_type == "cuda" if cfg.hellaswag == "auto" else cfg.hellaswag
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     with open(__file__, "rb") as f:  # what made this run, in log.txt and every checkpoint
         provenance = {"torch": str(torch.__version__), "device": device,
@@ -1084,10 +1066,16 @@ def train(cfg, given, ckpt):
     # The model, its optimizer and the data; on resume, all as the checkpoint left them
     torch.manual_seed(cfg.seed)  # on every device
     raw_model = build_model(cfg, given, ckpt)
-    raw_model.chunked_loss = auto_flag(cfg.chunked_loss, device_type == "cpu")
+    raw_model.chunked_loss = device_type == "cpu" if cfg.chunked_loss == "auto" else cfg.chunked_loss
     raw_model.activation_checkpointing = cfg.activation_checkpointing
-    if cfg.fsdp:  # before the optimizer, which then holds this rank's shards only
-        shard_model(raw_model, dtype, device_type, world_size)
+    if cfg.fsdp:  # FSDP2, before the optimizer, which then holds this rank's shards only
+        # Each Block, then the root with the rest (lm_head's weight is wte's: sharded once, so the tying
+        # survives), each sent to the device as it is sharded: the whole model is never there at once.
+        # Under autocast the weights are all-gathered in its dtype, the gradients reduced in float32.
+        mesh = init_device_mesh(device_type, (world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+        for module in (*raw_model.transformer.h, raw_model):
+            fully_shard(module, mesh=mesh, mp_policy=policy)
     else:
         raw_model.to(device)
     optimizers = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type, cfg.optimizer)
@@ -1129,11 +1117,11 @@ def train(cfg, given, ckpt):
     plots = rank == 0 and cfg.plot
     samples = cfg.sample_interval > 0 and raw_model.config.vocab_size >= GPT2_VOCAB_SIZE  # GPT-2 text only
     enc = gpt2_tokenizer() if samples or use_hellaswag else None
-    prompt = enc.encode(SAMPLE_PROMPT) if samples else []
+    prompt = enc.encode(SAMPLE_PROMPT) if samples else []  # empty: no samples
     if len(prompt) >= raw_model.config.block_size:
         print0(f"note: no samples: their prompt has {len(prompt)} tokens and the model's context "
                f"(block_size) {raw_model.config.block_size}; --sample_interval 0 hides this note")
-        samples = False
+        prompt = []
     if use_hellaswag:
         hella_examples, hella_len = hellaswag_share(cfg.hellaswag_dir, cfg.hellaswag_limit, enc, raw_model,
                                                     rank, world_size)
@@ -1144,13 +1132,12 @@ def train(cfg, given, ckpt):
            f"{'on' if use_compile else 'off'} | chunked loss {'on' if raw_model.chunked_loss else 'off'} | "
            f"{cfg.total_batch_size:,} tokens per step = {B} x {T} x {world_size} x {grad_accum_steps} "
            f"accumulation steps")
-    # What training keeps per rank before any activation: weights, gradients (as many) and AdamW's two
-    # float32 moments per parameter, counted from this rank's own tensors (its shards under FSDP)
-    local = [p.to_local() if isinstance(p, DTensor) else p for p in raw_model.parameters()]
-    weights, adamw = sum(t.nbytes for t in local), sum(2 * 4 * t.numel() for t in local)
+    # What training keeps per rank before any activation: the weights, gradients (as many) and AdamW's
+    # two moments (twice as many), counted from this rank's own tensors (its shards under FSDP)
+    weights = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in raw_model.parameters())
     held = f"sharded over {world_size} ranks" if cfg.fsdp else "a full copy on every rank"
     print0(f"memory per rank: weights {format_bytes(weights)}, gradients {format_bytes(weights)}, AdamW "
-           f"state {format_bytes(adamw)} = {format_bytes(2 * weights + adamw)}, {held}, before activations")
+           f"state {format_bytes(2 * weights)} = {format_bytes(4 * weights)}, {held}, before activations")
 
     with StopRequest() as stop:
         stopping = False
@@ -1172,8 +1159,8 @@ def train(cfg, given, ckpt):
                 log_values(log_file, wandb_run, step, val=val_loss, hella=acc_norm)
                 if plots:
                     plots = refresh_plot(log_file, os.path.join(cfg.log_dir, "loss.png"))
-            if samples and step > start_step and (step % cfg.sample_interval == 0 or step == cfg.max_steps):
-                write_samples(raw_model, enc, step, cfg.log_dir, autocast, rank)
+            if prompt and step > start_step and (step % cfg.sample_interval == 0 or step == cfg.max_steps):
+                write_samples(raw_model, enc, prompt, step, cfg.log_dir, autocast, rank)
             if step > start_step and (step % cfg.ckpt_interval == 0 or last):
                 state = checkpoint_state(raw_model, optimizers, scaler, cfg, step, (train_loader, val_loader),
                                          provenance, val_loss=val_loss, hellaswag=acc_norm,
