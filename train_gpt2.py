@@ -1111,10 +1111,8 @@ def train(cfg, given, ckpt):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda"
                                                     else None)
 
-    # What the loop writes (log.txt, loss.png, W&B, samples) and scores (HellaSwag)
-    log_file = start_log(cfg.log_dir, start_step if ckpt else None, provenance) if rank == 0 else None
-    wandb_run = start_wandb(cfg, ckpt) if cfg.wandb and rank == 0 else None
-    plots = rank == 0 and cfg.plot
+    # What the loop scores (HellaSwag) and writes (samples, log.txt, loss.png, W&B); the log is started last,
+    # so that a refusal here leaves no log.txt in the way of the corrected command
     samples = cfg.sample_interval > 0 and raw_model.config.vocab_size >= GPT2_VOCAB_SIZE  # GPT-2 text only
     enc = gpt2_tokenizer() if samples or use_hellaswag else None
     prompt = enc.encode(SAMPLE_PROMPT) if samples else []  # empty: no samples
@@ -1125,6 +1123,9 @@ def train(cfg, given, ckpt):
     if use_hellaswag:
         hella_examples, hella_len = hellaswag_share(cfg.hellaswag_dir, cfg.hellaswag_limit, enc, raw_model,
                                                     rank, world_size)
+    log_file = start_log(cfg.log_dir, start_step if ckpt else None, provenance) if rank == 0 else None
+    wandb_run = start_wandb(cfg, ckpt) if cfg.wandb and rank == 0 else None
+    plots = rank == 0 and cfg.plot
     flops_per_step = raw_model.flops_per_token(T) * cfg.total_batch_size
     peak = peak_flops(device)
     print0(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world_size} process(es) on "

@@ -1137,13 +1137,15 @@ def test_hellaswag_on_a_vocabulary_smaller_than_gpt2s_is_a_one_line_error(capsys
 
 
 def test_an_empty_hellaswag_file_is_a_one_line_error_before_any_step(capsys, shakespeare_shards, tmp_path):
-    """No task to score: one line naming the file, not a division by zero at the first eval."""
+    """No task to score: one line naming the file, not a division by zero at the first eval, and no log.txt
+    left behind (a new run refuses an earlier run's log)."""
     (tmp_path / "hella").mkdir()
     (tmp_path / "hella" / "hellaswag_val.jsonl").write_text("\n")
     code, err = run_main(capsys, "--data_dir", shakespeare_shards, "--log_dir", tmp_path / "run", *HELLA,
                          "--hellaswag_dir", tmp_path / "hella", "--plot", 0)
     assert code == 1 and err == f"train_gpt2.py: error: --hellaswag: {tmp_path}/hella/hellaswag_val.jsonl: " \
                                 "holds no tasks\n"
+    assert not (tmp_path / "run" / "log.txt").exists()  # the corrected command runs in the same --log_dir
 
 
 def test_run_as_a_script_never_loads_a_second_train_gpt2(shakespeare_shards, tmp_path):
