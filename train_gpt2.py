@@ -771,7 +771,7 @@ def step_line(step, loss, lr, norm, dt, tokens, mfu, loss_scale, skipped):
 
 def resolve_system(device, dtype, compile):
     """Every script's --device, --dtype and --compile (as auto_or_bool parsed it), checked and resolved as
-    SHARED_FLAGS_HELP says: (device, autocast dtype or None for float32, whether to torch.compile, the
+    fineweb.SHARED_FLAGS_HELP says: (device, autocast dtype or None for float32, whether to torch.compile, the
     autocast context). Where Triton cannot run, --compile auto is off with a note, and 1 is an error."""
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
         raise UserError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
