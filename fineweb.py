@@ -130,9 +130,10 @@ SHARED_FLAGS_HELP = {
 }
 
 
-def config_parser(config_class, prog, doc):
+def config_parser(config_class, prog, doc, show_defaults=True):
     """A parser with one flag per field of config_class, under the fields' group headings; a list field
-    takes one or more values. Parsing returns only the flags given; the dataclass holds the defaults."""
+    takes one or more values. Parsing returns only the flags given; the dataclass holds the defaults
+    (show_defaults=False: --help does not show them, e.g. where a preset gives them)."""
     parser = OneLineParser(prog=prog, description=doc.splitlines()[0], argument_default=argparse.SUPPRESS)
     types = {bool: parse_bool, float: finite_float, str | bool: auto_or_bool}
     group = parser
@@ -141,7 +142,8 @@ def config_parser(config_class, prog, doc):
             group = parser.add_argument_group(*f.metadata["group"].split(": ", 1))
         help = f.metadata.get("help") or SHARED_FLAGS_HELP.get(f.name)
         kind = dict(nargs="+") if f.type is list else dict(type=types.get(f.type, f.type))
-        group.add_argument(f"--{f.name}", help=f"{help} (default: {f.default})", **kind)
+        help = f"{help} (default: {f.default})" if show_defaults else help
+        group.add_argument(f"--{f.name}", help=help, **kind)
     return parser
 
 
@@ -173,7 +175,7 @@ class FinewebConfig:
 
 def parse_args(argv=None):
     """Flags from FinewebConfig's fields; the preset supplies every value not given on the command line."""
-    parser = config_parser(FinewebConfig, "fineweb.py", __doc__)
+    parser = config_parser(FinewebConfig, "fineweb.py", __doc__, show_defaults=False)
     parser.epilog = ("Flags not given take the preset's values; with --input and no --preset, --out_dir and "
                      "--prefix default to 'data'.")
     given = vars(parser.parse_args(argv))
@@ -612,7 +614,6 @@ def open_manifest(cfg, source, enc):
 # Reading the shards, for train_gpt2.py: a split's files, each memory-mapped, and what a checkpoint records
 
 
-
 def open_shard(path):
     """Memory-map one shard as a 1-D uint16 array; nothing is read until a batch is sliced out."""
     if path.endswith(".bin"):
@@ -797,6 +798,7 @@ def hellaswag_file(split, data_dir=""):
                     bar.update(f.write(chunk))
         if total and f.tell() != total:
             raise OSError(f"got {f.tell()} of {total} bytes")
+
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -826,10 +828,12 @@ def check_example(ex):
 
 
 def iterate_examples(split, data_dir=""):
-    """Yield the tasks of a split (train or val) as dicts, in file order, checking each line."""
+    """Yield the tasks of a split (train or val) as dicts, in file order, checking each line; a file of no
+    task is an error (a score over none would divide by zero)."""
     if split not in ("train", "val"):
         raise UserError(f"split {split!r}: expected train or val (HellaSwag's test labels are not public)")
     path = hellaswag_file(split, data_dir)
+    empty = True
     with open(path, "rb") as f:  # bytes: json.loads reports bad UTF-8 as a ValueError, like bad JSON
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -841,7 +845,10 @@ def iterate_examples(split, data_dir=""):
             problem = check_example(ex)
             if problem:
                 raise UserError(f"{path} line {n}: {problem}")
+            empty = False
             yield ex
+    if empty:
+        raise UserError(f"{path}: holds no tasks")
 
 
 if __name__ == "__main__":

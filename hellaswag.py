@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fineweb import UserError, config_parser, gpt2_tokenizer, hellaswag_file, iterate_examples, option
+from fineweb import UserError, config_parser, gpt2_tokenizer, iterate_examples, option
 from train_gpt2 import PRETRAINED, load_model, longest_example, require_gpt2_vocab, resolve_system, score
 
 
@@ -67,8 +67,6 @@ def evaluate(cfg):
     enc = gpt2_tokenizer()
     # Read the data before loading weights, so a bad --data_dir fails in a second, not after a download.
     examples = list(itertools.islice(iterate_examples(cfg.split, cfg.data_dir), cfg.limit or None))
-    if not examples:
-        raise UserError(f"{hellaswag_file(cfg.split, cfg.data_dir)}: holds no tasks")
     try:
         model = require_gpt2_vocab(load_model(cfg.model), cfg.model)
     except UserError as e:  # a bad checkpoint, not a GPT-2 folder, no network for the Hub
@@ -78,11 +76,12 @@ def evaluate(cfg):
     if longest > model.config.block_size:
         raise UserError(f"a task has {longest} tokens, more than the model's block_size "
                         f"{model.config.block_size}")
+    pad_to = None
     if use_compile:  # padded to the longest task, every forward has one shape: compiled once
-        model = torch.compile(model, dynamic=False)
+        model, pad_to = torch.compile(model, dynamic=False), longest
     with tqdm(total=len(examples), desc=f"hellaswag {cfg.split}", unit="task") as bar:
-        correct, correct_norm, n = score(model, examples, enc, device, cfg.batch_size, autocast,
-                                         longest if use_compile else None, progress=bar)
+        correct, correct_norm, n = score(model, examples, enc, device, cfg.batch_size, autocast, pad_to,
+                                         progress=bar)
     print(f"acc: {correct / n:.4f} acc_norm: {correct_norm / n:.4f} n: {n}", flush=True)
 
 

@@ -27,7 +27,7 @@ def parse_line(line):
     """A log.txt line as (step, kind, value): `STEP KIND VALUE`, or `# STEP {provenance}` as (STEP, "#",
     the provenance's text). Any other line is a ValueError."""
     first, second, rest = line.split(maxsplit=2)
-    if first == "#":
+    if line.startswith("# "):
         return int(second), "#", rest.strip()
     return int(first), second, float(rest)
 
@@ -106,9 +106,9 @@ def start_log(log_dir, resume_step, provenance):
 
 
 def plot_log(log_file, out_png, references=True):
-    """Draw log_file's losses, and in a second panel its HellaSwag acc_norm if it has any, into out_png; returns
-    out_png. Raises UserError for a bad log, and ImportError without matplotlib (imported here, so that
-    training runs without it)."""
+    """Draw log_file's losses, and in a second panel its HellaSwag acc_norm if it has any, into out_png;
+    returns out_png. Raises UserError for a bad log, and ImportError without matplotlib (imported here, so
+    that training runs without it)."""
     from matplotlib.figure import Figure
 
     if os.path.isdir(out_png):
@@ -146,12 +146,8 @@ def plot_log(log_file, out_png, references=True):
     # Saved beside out_png, then renamed over it: someone viewing loss.png mid-run never sees half a file.
     os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
     tmp = f"{out_png}.{os.getpid()}.tmp"
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out_png)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_synced(tmp, lambda f: fig.savefig(f, format="png"))
+    os.replace(tmp, out_png)
     return out_png
 
 
@@ -172,7 +168,8 @@ def refresh_plot(log_file, out_png):
 
 @dataclass
 class PlotConfig:
-    log_file: str = option("log/log.txt", "train_gpt2.py's log: STEP KIND VALUE lines, KIND train, val or hella")
+    log_file: str = option("log/log.txt", "train_gpt2.py's log: STEP KIND VALUE lines, KIND train, val or "
+                                          "hella")
     out: str = option("", "PNG to write ('' = loss.png beside --log_file)")
     references: bool = option(True, "draw OpenAI GPT-2 124M's val loss and acc_norm as dashed lines")
 

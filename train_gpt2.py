@@ -347,7 +347,8 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 
 
 # -----------------------------------------------------------------------------
-# The data: micro-batches from uint16 token shards (fineweb.py's .npy or llm.c's .bin; fineweb.py reads them)
+# The data: micro-batches from uint16 token shards (fineweb.py's .npy or llm.c's .bin, which
+# fineweb.find_shards and fineweb.open_shard find and read)
 
 
 def print0(*args, **kwargs):
@@ -972,9 +973,10 @@ def estimate_val_loss(model, val_loader, val_steps, device, autocast, world_size
 def check_finite(step, log_dir, **values):
     """A NaN/inf loss stops the run before it can overwrite a good checkpoint."""
     if not all(math.isfinite(v) for v in values.values()):
+        newest = (checkpoint_paths(log_dir) or ["none"])[-1]
         raise UserError(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in values.items()) + ": the run "
-                        f"diverged; stopping without a checkpoint (newest good one: "
-                        f"{(checkpoint_paths(log_dir) or ['none'])[-1]}). Lower --max_lr or check the data")
+                        f"diverged; stopping without a checkpoint (newest good one: {newest}). Lower "
+                        f"--max_lr or check the data")
 
 
 def hellaswag_share(data_dir, limit, enc, model, rank, world_size):
@@ -986,8 +988,6 @@ def hellaswag_share(data_dir, limit, enc, model, rank, world_size):
         if world_size > 1:
             dist.barrier()
         examples = list(iterate_examples("val", data_dir))[:limit or None]
-        if not examples:  # else acc_norm would divide by zero at the first eval
-            raise UserError(f"{hellaswag_file('val', data_dir)}: holds no tasks")
     except UserError as e:  # missing, unreachable or corrupt data
         raise UserError(f"--hellaswag: {e}") from None
     longest = longest_example(examples, enc)

@@ -374,8 +374,7 @@ def test_log_lines_and_no_wandb(tmp_path):
 
 def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
     """What checkpoint_state() saves, restore_state() puts back: optimizer, loss scale, data position."""
-    from train_gpt2 import (DataLoaderLite, UserError, checkpoint_state, load_checkpoint, restore_state,
-                            save_checkpoint)
+    from train_gpt2 import DataLoaderLite, checkpoint_state, load_checkpoint, restore_state, save_checkpoint
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
     [optimizer] = model.configure_optimizers(0.1, 1e-3, "cpu")
@@ -1151,7 +1150,7 @@ def test_an_empty_hellaswag_file_is_a_one_line_error_before_any_step(capsys, sha
 def test_run_as_a_script_never_loads_a_second_train_gpt2(shakespeare_shards, tmp_path):
     """`python train_gpt2.py` runs as __main__; with samples, HellaSwag and plots on, the modules it imports
     for them (plot, fineweb) must not import `train_gpt2` back, which would load the whole script a second
-    time with its own UserError; hellaswag.py imports train_gpt2, so train_gpt2 never imports it. `-X
+    time with its own classes (TrainConfig, GPT); hellaswag.py imports train_gpt2, so train_gpt2 never imports it. `-X
     importtime` lists every module a process imports."""
     args = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--max_steps", 2, "--hellaswag_limit", 8,
             "--hellaswag_dir", hellaswag_dir(), "--plot", 1]
