@@ -133,55 +133,9 @@ class Block(nn.Module):
         return x
 
 
-# ChunkedCrossEntropy's chunk: 256 x 50304 float32 logits are 52 MB (of 128-1024, fastest on CPU at both
-# 64 and 768 wide)
+# The chunked loss's chunk: 256 x 50304 float32 logits are 52 MB (of 128-1024, fastest on CPU at both 64
+# and 768 wide; PyTorch's own choice, without it, was 2-8x slower there)
 LOSS_CHUNK_TOKENS = 256
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """The mean cross-entropy of logits h @ weight.T (h: N x C, weight: V x C) against targets, made
-    LOSS_CHUNK_TOKENS at a time, so the N x V logits and their gradient never exist whole: at GPT-2's
-    vocabulary they are most of a training step's memory, and on CPU their allocation most of its time.
-    Each chunk's gradients are computed in forward, while its logits exist, and only scaled in backward,
-    so nothing is recomputed (as in Liger-Kernel's fused linear cross-entropy)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, with_grads):
-        n, chunk = h.size(0), LOSS_CHUNK_TOKENS
-        grad_h = torch.empty_like(h) if with_grads else None
-        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        # One float32 logits buffer for every chunk: a fresh one each chunk (52 MB at 256 x 50304) is above
-        # glibc's mmap threshold, so on CPU each would be mapped, page-faulted in and unmapped again.
-        buffer = torch.empty((min(chunk, n), weight.size(0)), dtype=torch.float32, device=h.device)
-        in_float32 = h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
-        for start in range(0, n, chunk):
-            hc, y = h[start:start + chunk], targets[start:start + chunk]
-            logits = buffer[:hc.size(0)]
-            if in_float32:
-                torch.mm(hc, weight.t(), out=logits)
-            else:  # under autocast the matmul runs in its dtype, the softmax in float32
-                logits.copy_(hc @ weight.t())
-            target_logits = logits.gather(1, y[:, None])
-            top = logits.amax(dim=-1, keepdim=True)
-            e = logits.sub_(top).exp_()  # in place, and exp once: softmax and log-sum-exp both come from e
-            total = e.sum(dim=-1, keepdim=True)
-            loss += (total.log() + top - target_logits).sum()
-            if not with_grads:  # evaluation, under torch.no_grad()
-                continue
-            g = e.div_(total * n)  # d(mean loss)/d(logits): softmax / n, minus 1/n at each target
-            g.scatter_add_(1, y[:, None], torch.full_like(target_logits, -1.0 / n))
-            grad_h[start:start + chunk] = g.to(weight.dtype) @ weight  # in autocast's dtype where it is on
-            # float32 (in-place ops are not autocast); beta=0 on the first chunk overwrites the empty grad_w
-            grad_w.addmm_(g.t(), hc.float(), beta=0.0 if start == 0 else 1.0)
-        if with_grads:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors  # used once: scaled in place rather than copied (154 MB at 124M)
-        return grad_h.mul_(grad_loss), grad_w.mul_(grad_loss), None, None
 
 
 class GPT(nn.Module):
@@ -231,9 +185,12 @@ class GPT(nn.Module):
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
         if targets is not None and self.chunked_loss and not return_logits:
-            loss = ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
-                                             torch.is_grad_enabled())
-            return None, loss
+            # PyTorch's fused head + loss: the N x vocab logits and their gradient are made a chunk at a time,
+            # never whole (at GPT-2's vocabulary most of a step's memory, and on CPU their allocation most of
+            # its time); each chunk's gradients are made in forward, so nothing is recomputed in backward
+            options = nn.LinearCrossEntropyOptions(batch_chunk_size=LOSS_CHUNK_TOKENS)
+            return None, F.linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
+                                                options=options)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:  # any layout, e.g. x[:, 1:]
@@ -479,8 +436,9 @@ class TrainConfig:
     device: str = option("auto", group="system")
     dtype: str = "auto"
     compile: str | bool = "auto"
-    chunked_loss: str | bool = option("auto", "the loss in chunks, never the whole B x T x vocab logits: "
-                                              "auto (on for CPU only, where it was measured faster), 1 or 0")
+    chunked_loss: str | bool = option("auto", "the loss in chunks (in float32), never the whole B x T x vocab "
+                                              "logits: auto (on for CPU only, where it was measured faster), "
+                                              "1 or 0")
     fsdp: bool = option(False, "shard weights, gradients and AdamW state over the ranks (FSDP2, under "
                                "torchrun), for models whose 16 bytes per parameter do not fit one GPU")
     activation_checkpointing: bool = option(False, "recompute activations in backward: less memory, slower")

@@ -299,12 +299,13 @@ def loss_and_grads(model, idx, targets, chunked, dtype=None):
     return logits, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("dtype, tol", [(None, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)],
+@pytest.mark.parametrize("dtype, tol", [(None, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 1e-2)],
                          ids=["float32", "bfloat16", "float16"])
 def test_chunked_loss_equals_the_full_one(dtype, tol):
     """Loss and every gradient (the tied wte/lm_head's too), over several full chunks and a ragged one; under
-    autocast within the dtype's rounding (bfloat16 keeps 8 bits of mantissa). Gradients are compared
-    relative to each tensor's largest."""
+    autocast within the dtype's rounding (bfloat16 keeps 8 bits of mantissa, float16 11), which the full
+    loss's head has and the chunked one, in float32, has not. Gradients are compared relative to each
+    tensor's largest."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, vocab_size=1000, n_layer=2, n_head=2, n_embd=32))
     idx, targets = random_tokens(1000, B=3, T=200), random_tokens(1000, B=3, T=200, seed=2)
