@@ -795,14 +795,6 @@ def format_bytes(n):
             return f"{n / 10**e:.3g} {unit}"
 
 
-def all_reduce_mean(t, world_size):
-    """t averaged over the ranks, in place (gloo has no AVG: a sum, divided)."""
-    if world_size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= world_size
-    return t
-
-
 def peak_flops(device):
     """For MFU: the GPU's dense 16-bit tensor-core peak FLOP/s from the vendors' spec sheets (bf16, or fp16
     on GPUs without it: equal where a GPU has both), first match wins; None on a CPU or an unlisted GPU."""
@@ -924,7 +916,9 @@ def estimate_val_loss(model, val_loader, val_steps, device, autocast, world_size
             x, y = val_loader.next_batch()
             _, loss = model(x.to(device), y.to(device))
             val_loss += loss / val_steps
-    return all_reduce_mean(val_loss, world_size).item()
+    if world_size > 1:
+        dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
+    return val_loss.item()
 
 
 def check_finite(step, log_dir, **values):
@@ -1150,7 +1144,9 @@ def train(cfg, given, ckpt):
                 scaler.scale(loss).backward()  # scaled in float16 only
             # One all-reduce and one host sync per step: the mean loss, and whether any rank was signalled.
             stop_flag = torch.tensor(float(stop.requested), device=device)
-            stats = all_reduce_mean(torch.stack([loss_accum, stop_flag]), world_size)
+            stats = torch.stack([loss_accum, stop_flag])
+            if ddp:
+                dist.all_reduce(stats, op=dist.ReduceOp.AVG)
             for opt in optimizers:
                 scaler.unscale_(opt)  # float16: the true gradients again, for clipping
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
