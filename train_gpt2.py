@@ -435,9 +435,9 @@ class TrainConfig:
     device: str = option("auto", group="system")
     dtype: str = "auto"
     compile: str | bool = "auto"
-    chunked_loss: str | bool = option("auto", "the loss in chunks (in float32), never the whole B x T x vocab "
-                                              "logits: auto (on for CPU only, where it was measured faster), "
-                                              "1 or 0")
+    chunked_loss: str | bool = option("auto", "the loss in chunks (in float32), never the whole B x T x "
+                                              "vocab logits: auto (on for CPU only, where it was measured "
+                                              "faster), 1 or 0")
     fsdp: bool = option(False, "shard weights, gradients and AdamW state over the ranks (FSDP2, under "
                                "torchrun), for models whose 16 bytes per parameter do not fit one GPU")
     activation_checkpointing: bool = option(False, "recompute activations in backward: less memory, slower")
