@@ -38,7 +38,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.nn.attention.bias import causal_lower_right
 
 # fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing, the
 # disk writes and HellaSwag's data; it imports no torch, so that its tokenizing processes start fast and small
@@ -96,11 +95,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if kv_cache is not None:  # and the keys and values of the positions before these
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+        else:  # new positions past..past+T-1 attend to every cached position and causally among themselves
+            past = kv_cache.pos
             k, v = kv_cache.update(self, k, v)
-        # Causal, aligned at the end: the T new positions attend to every earlier one and causally among
-        # themselves; without a cache, plain causal attention (flash attention where available)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, k.size(2)))
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 

@@ -186,8 +186,7 @@ def test_the_model_section_runs_alone_as_a_leaf():
     section = source[source.index("# The model"):source.index("# The data")]
     scope = {}
     imports = ("import contextlib, json, math, os\nfrom dataclasses import dataclass\nimport torch\n"
-               "import torch.nn as nn\nimport torch.nn.functional as F\nimport torch.utils.checkpoint\n"
-               "from torch.nn.attention.bias import causal_lower_right\n")
+               "import torch.nn as nn\nimport torch.nn.functional as F\nimport torch.utils.checkpoint\n")
     exec(imports + section, scope)
     model = scope["GPT"](scope["GPTConfig"](block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=8))
     model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, device_type="cpu")
