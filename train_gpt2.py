@@ -133,8 +133,8 @@ class Block(nn.Module):
         return x
 
 
-# The chunked loss's chunk: 256 x 50304 float32 logits are 52 MB (of 128-1024, fastest on CPU at both 64
-# and 768 wide; PyTorch's own choice, without it, was 2-8x slower there)
+# The chunked loss's chunk: 256 x 50304 float32 logits are 52 MB; without a chunk size, PyTorch's own pick
+# was 4-8x slower on CPU (BENCHMARKS.md)
 LOSS_CHUNK_TOKENS = 256
 
 
