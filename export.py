@@ -20,9 +20,10 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from fineweb import DATA_DIR, GPT2_EOT, GPT2_VOCAB_SIZE, UserError, config_parser, disk_full, option
+from checkpoints import checkpoint_file, load_checkpoint
+from common import DATA_DIR, GPT2_EOT, GPT2_VOCAB_SIZE, UserError, config_parser, disk_full, option
 from plot import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS
-from train_gpt2 import GPT, checkpoint_file, load_checkpoint, model_from_checkpoint
+from train_gpt2 import GPT, model_from_checkpoint
 
 EOT = "<|endoftext|>"  # GPT-2's only special token, id GPT2_EOT: its bos, eos and unk token
 HELLASWAG_VAL_EXAMPLES = 10042

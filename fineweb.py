@@ -1,7 +1,8 @@
 """Tokenize a corpus with GPT-2's BPE into uint16 token shards for train_gpt2.py.
 
     python fineweb.py                                  # FineWeb-Edu sample-10BT -> edu_fineweb10B/
-    python fineweb.py --preset shakespeare             # Tiny Shakespeare (in data/, no download) -> shakespeare/
+    python fineweb.py --preset shakespeare             # Tiny Shakespeare (in data/, no download)
+                                                       # -> shakespeare/
     python fineweb.py --input my_texts/ --out_dir my_tokens --val_tokens 1000000
 
 Every document becomes <|endoftext|> followed by its tokens; the documents, in order, form one token
@@ -10,54 +11,35 @@ shard_size-token train shards ({prefix}_train_000001, ...). Shards are written u
 and renamed when complete, and manifest.json records each one, so an interrupted run picks up where it
 stopped and produces the same bytes as an uninterrupted one.
 
-It also holds what every script shares and train_gpt2.py imports from here (this file imports no
-torch): UserError, the command-line flags made from a config dataclass (config_parser), GPT-2's
-tokenizer, the shard format (written, and read back: find_shards, open_shard, what a checkpoint records
-of them), the disk writes, and HellaSwag's tasks (downloaded once) for train_gpt2.py and hellaswag.py
-to score.
+It also holds the shard format read back (find_shards, open_shard), which train_gpt2.py's loader
+imports. Like common.py, the base it builds on, it imports no torch, so its tokenizing processes start fast.
 """
 
-import argparse
 import codecs
 import collections
-import contextlib
-import dataclasses
-import errno
-import functools
 import glob
-import hashlib
 import itertools
 import json
-import math
 import multiprocessing as mp
 import os
 import re
-import socket
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-try:
-    import fcntl
-except ImportError:  # native Windows: folders are not locked
-    fcntl = None
+from common import (DATA_DIR, UserError, config_parser, disk_full, gpt2_tokenizer, hold_folder, option,
+                    write_synced)
 
 MIN_TRAIN_TOKENS = 2  # the smallest train split: one token and its target
-DEFAULT_MICRO_BATCH_TOKENS = 64 * 1024 + 1  # one micro-batch of train_gpt2.py's defaults (64 x 1024, +1 for the targets)
-DOCS_PER_TASK = 256  # documents a worker tokenizes per task: big enough to amortise the IPC, small enough to balance
+# one micro-batch of train_gpt2.py's defaults (64 x 1024, +1 for the targets)
+DEFAULT_MICRO_BATCH_TOKENS = 64 * 1024 + 1
+# documents a worker tokenizes per task: big enough to amortise the IPC, small enough to balance
+DOCS_PER_TASK = 256
 READERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # datasets' builders
-# Shipped with the repository (data/SOURCES.md): GPT-2's BPE files and karpathy/char-rnn's Tiny Shakespeare
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# karpathy/char-rnn's Tiny Shakespeare, shipped in data/ (data/SOURCES.md)
 TINY_SHAKESPEARE = os.path.join(DATA_DIR, "input.txt")
-# sha256 of OpenAI's two BPE files (encoder.json makes our tokenizer, export.py's Hugging Face tokenizer
-# needs vocab.bpe too): the values tiktoken checks when it downloads them for its "gpt2" encoding
-GPT2_BPE_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-                   "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
-GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
-GPT2_EOT = GPT2_VOCAB_SIZE - 1  # <|endoftext|>, the last id: GPT-2's only special token, the document separator
 # llm.c's .bin shards: a header of 256 int32 (magic, version, token count, then zeros), then uint16 tokens
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_INTS = 20240520, 1, 256
 # A split word in a shard's name: train or val with no letter beside it ("eval" holds none)
@@ -66,93 +48,16 @@ SPLIT_WORD = re.compile(r"(?<![a-z])(train|val)(?![a-z])")
 PRESETS = {
     "fineweb-edu-10B": dict(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", out_dir="edu_fineweb10B",
                             prefix="edufineweb"),
-    "fineweb-edu-100B": dict(dataset="HuggingFaceFW/fineweb-edu", name="sample-100BT", out_dir="edu_fineweb100B",
-                             prefix="edufineweb"),
-    "fineweb-10B": dict(dataset="HuggingFaceFW/fineweb", name="sample-10BT", out_dir="fineweb10B", prefix="fineweb"),
-    "openwebtext": dict(dataset="Skylion007/openwebtext", name="", out_dir="openwebtext", prefix="openwebtext"),
+    "fineweb-edu-100B": dict(dataset="HuggingFaceFW/fineweb-edu", name="sample-100BT",
+                             out_dir="edu_fineweb100B", prefix="edufineweb"),
+    "fineweb-10B": dict(dataset="HuggingFaceFW/fineweb", name="sample-10BT", out_dir="fineweb10B",
+                        prefix="fineweb"),
+    "openwebtext": dict(dataset="Skylion007/openwebtext", name="", out_dir="openwebtext",
+                        prefix="openwebtext"),
     # 338K tokens: the first ~10% are the val split, as in nanoGPT's Shakespeare recipes
-    "shakespeare": dict(input=[TINY_SHAKESPEARE], out_dir="shakespeare", prefix="shakespeare", val_tokens=34_000),
+    "shakespeare": dict(input=[TINY_SHAKESPEARE], out_dir="shakespeare", prefix="shakespeare",
+                        val_tokens=34_000),
 }
-
-
-class UserError(ValueError):
-    """Bad flags, input, data or checkpoints, or a diverged run: every script's main() prints it as one line
-    and exits 1."""
-
-
-# -----------------------------------------------------------------------------
-# Command-line flags: every script's, one per field of its config dataclass
-
-# They live here, not in train_gpt2.py, which would load torch (+2 s and +200 MB in every process): fineweb.py
-# and plot.py import no torch.
-class OneLineParser(argparse.ArgumentParser):
-    """Bad flags are one line, `prog: error: ...`, without the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def parse_bool(s):
-    value = {"1": True, "true": True, "0": False, "false": False}.get(s.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected 1, 0, true or false, got {s!r}")
-    return value
-
-
-def finite_float(s):
-    value = float(s)  # argparse turns a ValueError into "invalid finite_float value"; nan passes every check
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
-    return value
-
-
-def auto_or_bool(s):
-    """The value of a flag taking auto, 1/true or 0/false (a str | bool field): "auto", True or False."""
-    value = {"auto": "auto", "1": True, "true": True, "0": False, "false": False}.get(s.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected auto, 1, 0, true or false, got {s!r}")
-    return value
-
-
-def option(default, help=None, group=None):
-    """A config field: its default, its --help (None: SHARED_FLAGS_HELP's) and, on a group's first field,
-    the group's "title: description" that --help shows above it and the fields after it."""
-    return dataclasses.field(default=default, metadata={"help": help, "group": group})
-
-
-# --device, --dtype and --compile mean the same in every script: a config field of one of these names
-# (default "auto") gets its help here; train_gpt2.resolve_system checks and resolves them.
-SHARED_FLAGS_HELP = {
-    "device": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps",
-    "dtype": "autocast dtype: auto (bfloat16 on CUDA GPUs that have it, float16 on older ones such as V100, "
-             "T4, RTX 20xx; float32 off CUDA), bfloat16, float16 or float32",
-    "compile": "torch.compile the model: auto (on for CUDA, where Triton can run), 1 or 0",
-}
-
-
-def config_parser(config_class, prog, doc, show_defaults=True):
-    """A parser with one flag per field of config_class, under the fields' group headings; a list field
-    takes one or more values. Parsing returns only the flags given; the dataclass holds the defaults
-    (show_defaults=False: --help does not show them, e.g. where a preset gives them)."""
-    parser = OneLineParser(prog=prog, description=doc.splitlines()[0], argument_default=argparse.SUPPRESS)
-    types = {bool: parse_bool, float: finite_float, str | bool: auto_or_bool}
-    group = parser
-    for f in dataclasses.fields(config_class):
-        if f.metadata.get("group"):
-            group = parser.add_argument_group(*f.metadata["group"].split(": ", 1))
-        help = f.metadata.get("help") or SHARED_FLAGS_HELP.get(f.name)
-        kind = dict(nargs="+") if f.type is list else dict(type=types.get(f.type, f.type))
-        help = f"{help} (default: {f.default})" if show_defaults else help
-        group.add_argument(f"--{f.name}", help=help, **kind)
-    return parser
-
-
-def check_flags(cfg, checks):
-    """A UserError for the first (name, ok, why) of checks whose ok is False: `--name value: why`."""
-    for name, ok, why in checks:
-        if not ok:
-            value = getattr(cfg, name)
-            raise UserError(f"--{name} {int(value) if isinstance(value, bool) else value}: {why}")
 
 
 @dataclass
@@ -233,10 +138,11 @@ def input_files(cfg):
                 else "no such file, or no .txt/.jsonl/.json/.parquet files in it"))
         for p in found:
             if os.path.splitext(p)[1] not in READERS:
-                raise UserError(f"--input {p}: cannot read {os.path.splitext(p)[1] or 'extensionless'} files; "
-                                f"expected .txt (one document per file), .jsonl/.json or .parquet")
+                raise UserError(f"--input {p}: cannot read {os.path.splitext(p)[1] or 'extensionless'} "
+                                f"files; expected .txt (one document per file), .jsonl/.json or .parquet")
             if READERS[os.path.splitext(p)[1]] != "text" and os.path.getsize(p) == 0:
-                raise UserError(f"--input {p}: an empty file, which holds no documents; fill it or leave it out")
+                raise UserError(f"--input {p}: an empty file, which holds no documents; "
+                                f"fill it or leave it out")
         files += [p for p in found if p not in files]
     return files
 
@@ -261,8 +167,8 @@ def unreadable(cfg, e, doing):
     found = non_utf8_file(input_files(cfg)) if cfg.input and isinstance(e, UnicodeDecodeError) else None
     if found:
         path, offset, byte = found
-        return UserError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); convert it to UTF-8 "
-                         f"or leave it out of --input")
+        return UserError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); "
+                         f"convert it to UTF-8 or leave it out of --input")
     return UserError(f"{doing}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
@@ -303,18 +209,21 @@ def load_corpus(cfg):
                 while end < len(files) and READERS[os.path.splitext(files[end])[1]] == reader:
                     end += 1
                 kwargs = dict(sample_by="document") if reader == "text" else {}
-                data_files = [f if "://" in f else glob.escape(f) for f in files[start:end]]  # datasets globs them
+                # datasets globs them
+                data_files = [f if "://" in f else glob.escape(f) for f in files[start:end]]
                 parts.append(datasets.load_dataset(reader, data_files=data_files, split="train",
                                                    streaming=cfg.streaming, **kwargs))
                 start = end
             ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
             where = "--input"
         else:
-            ds = datasets.load_dataset(cfg.dataset, name=cfg.name or None, split=cfg.split, streaming=cfg.streaming)
+            ds = datasets.load_dataset(cfg.dataset, name=cfg.name or None, split=cfg.split,
+                                       streaming=cfg.streaming)
             where = f"--dataset {cfg.dataset}"
         first = next(iter(ds), None) if cfg.streaming else (ds[0] if len(ds) else None)
     except Exception as e:  # network, missing files, unreadable data: datasets says what
-        raise unreadable(cfg, e.__cause__ or e, f"cannot load {', '.join(cfg.input) or cfg.dataset}") from None
+        raise unreadable(cfg, e.__cause__ or e,
+                         f"cannot load {', '.join(cfg.input) or cfg.dataset}") from None
     if first is None:
         raise UserError(f"{where} holds no documents")
     columns = list(first)
@@ -334,43 +243,14 @@ class NotText(Exception):
     """A worker met a document whose text is not a string: (its index in the task, its repr)."""
 
 
-@functools.cache
-def gpt2_tokenizer():
-    """GPT-2's BPE as a tiktoken Encoding, from data/encoder.json: the ids of tiktoken.get_encoding("gpt2"),
-    with no download. Every script tokenizes with it."""
-    import tiktoken
-    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizing regex
-    contents = {}
-    for name, sha256 in GPT2_BPE_SHA256.items():
-        path = os.path.join(DATA_DIR, name)
-        try:
-            with open(path, "rb") as f:
-                contents[name] = f.read()
-        except OSError as e:
-            raise UserError(f"{path}: cannot read GPT-2's BPE ({e.strerror}); restore it with `git checkout -- data`") from None
-        if hashlib.sha256(contents[name]).hexdigest() != sha256:
-            raise UserError(f"{path}: damaged (not the bytes of OpenAI's file); restore it with `git checkout -- data`")
-    # encoder.json spells each token's bytes with one printable character per byte (GPT-2's bytes_to_unicode):
-    # the printable bytes as themselves, the other 68 as chr(256), chr(257), ... in byte order. Its ids are
-    # the merge ranks tiktoken uses. (tiktoken.load's reader of these files would also copy them into
-    # TIKTOKEN_CACHE_DIR, which fails where that folder is read-only.)
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    others = [b for b in range(256) if b not in printable]
-    byte_of = {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
-    encoder = json.loads(contents["encoder.json"])
-    eot = encoder.pop("<|endoftext|>")  # GPT2_EOT: the files' sha256 are checked above
-    ranks = {bytes(byte_of[c] for c in token): rank for token, rank in encoder.items()}
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": eot}, explicit_n_vocab=GPT2_VOCAB_SIZE)
-
-
 def init_worker(enc, ds, text_column):
     """A worker's state. It gets the tokenizer from the main process (pickled under spawn): built once."""
     _worker.update(enc=enc, eot=np.array([enc.eot_token], dtype=np.uint32), ds=ds, text_column=text_column)
 
 
 def tokenize_texts(texts):
-    """(tokens, lengths): each document as <|endoftext|> + its tokens, concatenated, and each one's token count."""
+    """(tokens, lengths): each document as <|endoftext|> + its tokens, concatenated, and each one's
+    token count."""
     enc, parts, lengths = _worker["enc"], [], []
     for text in texts:
         if not isinstance(text, str):
@@ -425,32 +305,6 @@ def batches(ds, first_doc, cfg):
 # Writing: cut the token stream into shards, each written atomically and recorded in the manifest
 
 
-def disk_full(e):
-    """Whether an exception comes from a full disk: an OSError ENOSPC, also as the cause or context of
-    the error torch.save raises ("unexpected pos"), in safetensors' message ("os error 28"), or numpy's
-    short write, which has no errno ("20000 requested and 18368 written", from np.save's tofile)."""
-    while e is not None:
-        if isinstance(e, OSError) and (e.errno == errno.ENOSPC or " requested and " in str(e)) \
-                or "os error 28" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def write_synced(path, write):
-    """Write a new file with write(f), then flush it to the disk. Whatever goes wrong, a full disk or
-    Ctrl-C, nothing is left at path."""
-    try:
-        with open(path, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(path)
-        raise
-
-
 def write_shard(path, tokens, fmt):
     """Write a shard under path + ".tmp", renamed once manifest.json lists it; returns that name."""
     def write(f):
@@ -496,7 +350,8 @@ class ShardWriter:
                 self.big_enough |= self.train_tokens >= MIN_TRAIN_TOKENS
             if self.fill == capacity:
                 ends = np.cumsum(lengths)
-                done = int(np.searchsorted(ends, pos, side="right"))  # documents wholly in this shard or before
+                # documents wholly in this shard or before
+                done = int(np.searchsorted(ends, pos, side="right"))
                 self.flush(first_doc + done, pos - (int(ends[done - 1]) if done else 0))
             if self.big_enough:
                 self.finalize()
@@ -531,47 +386,21 @@ class ShardWriter:
         if not self.big_enough:
             total = self.fill + sum(entry["tokens"] for _, entry in self.pending)
             self.discard()
-            raise UserError(f"the corpus has {total:,} tokens, too few for --val_tokens {self.cfg.val_tokens:,} and a "
-                            f"train split of at least {MIN_TRAIN_TOKENS} tokens (a token and its target); set "
-                            f"--val_tokens to at most {total - MIN_TRAIN_TOKENS:,} or add text")
+            raise UserError(f"the corpus has {total:,} tokens, too few for --val_tokens "
+                            f"{self.cfg.val_tokens:,} and a train split of at least {MIN_TRAIN_TOKENS} "
+                            f"tokens (a token and its target); set --val_tokens to at most "
+                            f"{total - MIN_TRAIN_TOKENS:,} or add text")
         if self.fill:
             self.flush(n_docs, 0)
         self.finalize()
         self.manifest.update(docs=n_docs, done=True)
         save_manifest(self.cfg.out_dir, self.manifest)
         largest = max(s["tokens"] for s in self.manifest["shards"] if s["split"] == "train")
-        if largest < DEFAULT_MICRO_BATCH_TOKENS:  # train_gpt2.py slices micro-batches from one shard at a time
+        # train_gpt2.py slices micro-batches from one shard at a time
+        if largest < DEFAULT_MICRO_BATCH_TOKENS:
             print(f"note: the largest train shard has {largest:,} tokens, fewer than one micro-batch of "
                   f"train_gpt2.py's defaults (64 x 1024 + 1 = {DEFAULT_MICRO_BATCH_TOKENS:,}): train with "
                   f"--micro_batch_size B and --seq_len T such that B x T + 1 <= {largest:,}")
-
-
-def hold_folder(folder, flag):
-    """Make folder and lock it for this run (an flock on folder/.lock): a second run on it stops at once,
-    saying whose it is. Use it as a context manager; the OS also drops the lock when the process dies,
-    killed or not, so none outlives its run."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        f = open(os.path.join(folder, ".lock"), "a+")
-    except OSError as e:  # a file of that name, or under a file; a read-only disk
-        doing = "write in" if os.path.isdir(folder) else "make"
-        raise UserError(f"{flag} {folder}: cannot {doing} that folder ({e.strerror}); pick another "
-                        f"{flag}") from None
-    try:
-        if fcntl:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "pid unknown"
-        f.close()
-        raise UserError(f"{flag} {folder}: in use by another run ({holder}); wait for it to end or pick "
-                        f"another {flag}") from None
-    except OSError as e:  # a file system without locks (some network ones): run, unguarded
-        print(f"note: {flag} {folder}: cannot lock it ({e.strerror}), so nothing keeps a second run out")
-    f.truncate(0)
-    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
-    f.flush()
-    return f
 
 
 def save_manifest(out_dir, manifest):
@@ -582,20 +411,23 @@ def save_manifest(out_dir, manifest):
 
 def open_manifest(cfg, source, enc):
     """manifest.json of out_dir, its verified shards only; a fresh one for a new out_dir."""
-    settings = dict(source=source, tokenizer=f"tiktoken gpt2, <|endoftext|> ({enc.eot_token}) before every document",
-                    format=cfg.format, prefix=cfg.prefix, shard_size=cfg.shard_size, val_tokens=cfg.val_tokens)
+    settings = dict(source=source,
+                    tokenizer=f"tiktoken gpt2, <|endoftext|> ({enc.eot_token}) before every document",
+                    format=cfg.format, prefix=cfg.prefix, shard_size=cfg.shard_size,
+                    val_tokens=cfg.val_tokens)
     path = os.path.join(cfg.out_dir, "manifest.json")
     if not os.path.exists(path):
         shards = [n for n in os.listdir(cfg.out_dir) if n.endswith((".npy", ".bin"))]
         if shards:
-            raise UserError(f"--out_dir {cfg.out_dir} holds shards ({shards[0]}, ...) but no manifest.json, so they "
-                            f"are not this run's; choose another --out_dir or empty it")
+            raise UserError(f"--out_dir {cfg.out_dir} holds shards ({shards[0]}, ...) but no manifest.json, "
+                            f"so they are not this run's; choose another --out_dir or empty it")
         return dict(settings, shards=[], docs=None, done=False)
     try:
         with open(path) as f:
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is unreadable ({e}); delete it and the shards beside it to start over") from None
+        raise UserError(f"{path} is unreadable ({e}); "
+                        f"delete it and the shards beside it to start over") from None
     for key, value in settings.items():
         if manifest.get(key) != value:
             raise UserError(f"--out_dir {cfg.out_dir} holds shards of a different corpus or settings ({key}: "
@@ -611,7 +443,7 @@ def open_manifest(cfg, source, enc):
 
 
 # -----------------------------------------------------------------------------
-# Reading the shards, for train_gpt2.py: a split's files, each memory-mapped, and what a checkpoint records
+# Reading the shards, for train_gpt2.py: a split's files, each memory-mapped
 
 
 def open_shard(path):
@@ -684,31 +516,6 @@ def find_shards(data_dir, split):
     return [os.path.join(data_dir, n) for n in names]
 
 
-def shard_record(path, tokens):
-    """What a checkpoint records of a shard, to see later whether it changed: its name, its token count,
-    and a crc32 of its first, middle and last 2048 tokens (a cheap look at a 200 MB shard)."""
-    starts = (0, len(tokens) // 2, max(0, len(tokens) - 2048))
-    crc = zlib.crc32(b"".join(tokens[i:i + 2048].tobytes() for i in starts))
-    return [os.path.basename(path), len(tokens), crc]
-
-
-def first_change(then, now):
-    """The first difference, in name order, between two lists of a split's shard_records: "NAME is new",
-    "is missing", "has changed (...)" or "holds other tokens"; None if there is none."""
-    old, new = ({name: (n, crc) for name, n, crc in records} for records in (then, now))
-    for name in sorted(old.keys() | new.keys()):
-        if name not in old:
-            return f"{name} is new"
-        if name not in new:
-            return f"{name} is missing"
-        (n_then, crc_then), (n_now, crc_now) = old[name], new[name]
-        if n_then != n_now:
-            return f"{name} has changed ({n_then} tokens then, {n_now} now)"
-        if crc_then != crc_now:
-            return f"{name} holds other tokens"
-    return None
-
-
 def main(argv=None):
     cfg = parse_args(argv)
     try:
@@ -754,101 +561,18 @@ def tokenize(cfg, enc, source):
     except Exception as e:
         writer.discard()
         if isinstance(e, NotText):  # in the task that starts at document doc
-            raise UserError(f"{document_source(cfg, doc + e.args[0])}: its --text_column {cfg.text_column!r} is "
-                            f"{e.args[1]}, not text") from None
+            raise UserError(f"{document_source(cfg, doc + e.args[0])}: its --text_column {cfg.text_column!r} "
+                            f"is {e.args[1]}, not text") from None
         if disk_full(e):
-            raise UserError(f"disk full in {cfg.out_dir}/: the {len(manifest['shards'])} shards manifest.json lists "
-                            f"are kept; free space, then rerun this command, which resumes after them") from None
+            raise UserError(f"disk full in {cfg.out_dir}/: the {len(manifest['shards'])} shards "
+                            f"manifest.json lists are kept; free space, then rerun this command, "
+                            f"which resumes after them") from None
         raise
     finally:
         progress.close()
         pool.terminate()
     print(f"wrote {len(manifest['shards'])} shards to {cfg.out_dir}/: "
           f"{sum(s['tokens'] for s in manifest['shards']):,} tokens from {manifest['docs']:,} documents")
-
-
-# -----------------------------------------------------------------------------
-# HellaSwag's data, which train_gpt2.py scores at every eval and hellaswag.py on its own: one JSON task per
-# line, ctx, endings[4] and label
-
-
-def hellaswag_cache():
-    return os.environ.get("HELLASWAG_DIR") or os.path.expanduser("~/.cache/gpt2-repro/hellaswag")
-
-
-def hellaswag_file(split, data_dir=""):
-    """hellaswag_{split}.jsonl in data_dir, which must hold it, or in the cache, downloaded if missing into a
-    temp file of this process's, renamed when complete: no truncated file is ever left at the path."""
-    name = f"hellaswag_{split}.jsonl"
-    path = os.path.join(data_dir or hellaswag_cache(), name)
-    if os.path.isfile(path):
-        return path
-    if data_dir:
-        raise UserError(f"{path}: no such file (without --data_dir it is downloaded to {hellaswag_cache()})")
-    import urllib.request
-    from tqdm import tqdm
-    url = os.environ.get("HELLASWAG_URL", "https://raw.githubusercontent.com/rowanz/hellaswag/master/data")
-    url = url.rstrip("/") + "/" + name
-
-    def download(f):
-        with urllib.request.urlopen(url, timeout=60) as r:
-            total = int(r.headers.get("Content-Length") or 0)
-            with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
-                while chunk := r.read(1 << 20):
-                    bar.update(f.write(chunk))
-        if total and f.tell() != total:
-            raise OSError(f"got {f.tell()} of {total} bytes")
-
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_synced(tmp, download)
-        os.replace(tmp, path)
-    except Exception as e:  # urllib raises OSError, ValueError and http.client's own exceptions
-        raise UserError(f"{path}: not downloaded yet, and downloading it from {url} failed "
-                        f"({type(e).__name__}: {e}); connect to the network, or pass --data_dir a folder "
-                        f"that holds it") from None
-    return path
-
-
-def check_example(ex):
-    """What is wrong with a parsed line, or None if it is a task we can score."""
-    if not isinstance(ex, dict):
-        return f"expected a JSON object, got {type(ex).__name__}"
-    missing = [k for k in ("ctx", "endings", "label") if k not in ex]
-    if missing:
-        return "no " + ", ".join(missing) + " field"
-    if not isinstance(ex["ctx"], str) or not ex["ctx"]:
-        return "ctx must be a non-empty string"  # else an ending's first token would have nothing before it
-    endings = ex["endings"]
-    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
-        return f"endings must be a list of 4 strings, got {json.dumps(endings)[:80]}"
-    if type(ex["label"]) is not int or not 0 <= ex["label"] < 4:
-        return f"label must be 0, 1, 2 or 3, got {json.dumps(ex['label'])}"
-
-
-def iterate_examples(split, data_dir=""):
-    """Yield the tasks of a split (train or val) as dicts, in file order, checking each line; a file of no
-    task is an error (a score over none would divide by zero)."""
-    if split not in ("train", "val"):
-        raise UserError(f"split {split!r}: expected train or val (HellaSwag's test labels are not public)")
-    path = hellaswag_file(split, data_dir)
-    empty = True
-    with open(path, "rb") as f:  # bytes: json.loads reports bad UTF-8 as a ValueError, like bad JSON
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path} line {n}: not valid JSON ({e})") from None
-            problem = check_example(ex)
-            if problem:
-                raise UserError(f"{path} line {n}: {problem}")
-            empty = False
-            yield ex
-    if empty:
-        raise UserError(f"{path}: holds no tasks")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from fineweb import UserError, check_flags, config_parser, gpt2_tokenizer, option
-from train_gpt2 import PRETRAINED, SAMPLE_PROMPT, load_model, require_gpt2_vocab, resolve_system
+from common import (PRETRAINED, UserError, check_flags, config_parser, gpt2_tokenizer, option,
+                    require_gpt2_vocab)
+from train_gpt2 import SAMPLE_PROMPT, load_model, resolve_system
 
 
 @dataclass
@@ -35,7 +36,7 @@ class GenerateConfig:
     top_p: float = option(1.0, "nucleus sampling: among the fewest top tokens whose probability reaches p "
                                "(1 = off)")
     seed: int = option(42, "seed of the sampling; the same flags give the same samples")
-    device: str = option("auto", group="system")  # help: fineweb.SHARED_FLAGS_HELP
+    device: str = option("auto", group="system")  # help: common.SHARED_FLAGS_HELP
     dtype: str = "auto"
     compile: str | bool = "auto"
 

@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from fineweb import UserError, config_parser, option, write_synced
+from common import UserError, config_parser, option, write_synced
 
 # OpenAI's GPT-2 124M evaluated as train_gpt2.py evaluates (build-nanogpt's numbers): the reference lines
 # here and the reference column of export.py's model card

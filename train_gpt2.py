@@ -4,10 +4,12 @@
     torchrun --standalone --nproc_per_node=8 train_gpt2.py            # 8 GPUs
     python train_gpt2.py --help                                       # every flag
 
-One file, read top to bottom: the model, GPT-2 weight loading, the data loader, then the training
-loop (cosine-warmup AdamW, gradient accumulation, bf16 or float16 autocast, torch.compile, DDP or FSDP,
-activation checkpointing, checkpoints and resume). Importing it runs nothing; the other scripts import
-from it.
+One file, read top to bottom: the model, GPT-2 weight loading, the data loader, the flags, then the
+training loop (cosine-warmup AdamW, gradient accumulation, bf16 or float16 autocast, torch.compile, DDP
+or FSDP, activation checkpointing). Beside it, each in the file named for it: common.py (the error,
+flags, tokenizer and disk writes every script shares), fineweb.py (the token shards), checkpoints.py
+(what a run writes to resume), hellaswag.py (the eval) and plot.py (log.txt and loss.png). Importing it
+runs nothing; generate.py, hellaswag.py and export.py import it to load a model.
 """
 
 import contextlib
@@ -19,7 +21,6 @@ import importlib.util
 import json
 import math
 import os
-import pickle
 import re
 import signal
 import stat
@@ -33,20 +34,17 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-# fineweb.py, which writes the shards, holds GPT-2's tokenizer, the shard format, the flag parsing, the
-# disk writes and HellaSwag's data; it imports no torch, so that its tokenizing processes start fast and small
-from fineweb import (GPT2_VOCAB_SIZE, UserError, auto_or_bool, check_flags, config_parser, disk_full,
-                     find_shards, first_change, gpt2_tokenizer, hellaswag_file, hold_folder, iterate_examples,
-                     open_shard, option, shard_record, write_synced)
+from checkpoints import (checkpoint_file, checkpoint_paths, checkpoint_state, load_checkpoint, restore_state,
+                         resume_config, save_checkpoint, shard_record)
+from common import (GPT2_VOCAB_SIZE, PRETRAINED, UserError, check_flags, config_parser, gpt2_tokenizer,
+                    hold_folder, option, print0)
+from fineweb import find_shards, open_shard  # the shard format, read back beside its writer
+from hellaswag import hellaswag_share, score
 from plot import refresh_plot, start_log  # log.txt's format, read and written; matplotlib only when it plots
-
-PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 # -----------------------------------------------------------------------------
@@ -310,12 +308,6 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 # fineweb.find_shards and fineweb.open_shard find and read)
 
 
-def print0(*args, **kwargs):
-    """print() on rank 0 only, so 8 ranks do not print everything 8 times."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs, flush=True)
-
-
 class DataLoaderLite:
     """Micro-batches (x, y) of B x T tokens, y being x shifted by one, from one split's shards.
 
@@ -520,52 +512,13 @@ def get_lr(step, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: log/model_NNNNN.pt is the state after NNNNN optimizer steps
-
-
-def checkpoint_paths(log_dir):
-    """Checkpoints in log_dir, oldest first."""
-    if not os.path.isdir(log_dir):
-        return []
-    names = [n for n in os.listdir(log_dir) if re.fullmatch(r"model_\d{5,}\.pt", n)]
-    return [os.path.join(log_dir, n) for n in sorted(names, key=lambda n: int(n[6:-3]))]
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: loading runs no code
-        missing = {"model", "optimizer", "model_config", "config", "step"} - set(ckpt)
-    except Exception as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if isinstance(e, pickle.UnpicklingError) and found:  # weights_only met pickled objects, maybe code
-            raise UserError(f"{path}: holds objects that are not plain tensors and data ({found[1]}), so it "
-                            f"was refused without loading it") from None
-        raise UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}); it is corrupt or "
-                        f"truncated: move it away and use the one before") from None
-    if missing:
-        raise UserError(f"{path}: not a train_gpt2.py checkpoint (no {', '.join(sorted(missing))})")
-    return ckpt
+# The model to train or sample: from scratch, GPT-2's weights, or a checkpoint (which checkpoints.py reads)
 
 
 def model_from_checkpoint(ckpt):
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model
-
-
-def checkpoint_file(path):
-    """The checkpoint path names: path itself, or for a folder (a --log_dir) its newest model_NNNNN.pt."""
-    if os.path.isdir(path):
-        paths = checkpoint_paths(path)
-        if not paths:
-            raise UserError(f"{path}: no model_NNNNN.pt checkpoint in this folder")
-        return paths[-1]
-    if path.endswith(".pt.tmp"):  # save_checkpoint's temporary name
-        raise UserError(f"{path}: a checkpoint still being written, or cut short by a crash; pass a "
-                        f"finished model_NNNNN.pt, or its folder for the newest one")
-    return path
 
 
 def load_model(init_from):
@@ -583,114 +536,28 @@ def load_model(init_from):
         raise UserError(f"{init_from}: {str(e).strip().splitlines()[0]}") from None
 
 
-def require_gpt2_vocab(model, source):
-    """A model for GPT-2 text (generate.py, hellaswag.py) needs all of GPT-2's token ids."""
-    if model.config.vocab_size < GPT2_VOCAB_SIZE:
-        raise UserError(f"{source}: its vocabulary has {model.config.vocab_size} tokens, fewer than GPT-2's "
-                        f"{GPT2_VOCAB_SIZE}, so it cannot read GPT-2 tokens (it was trained with a smaller "
-                        f"--vocab_size)")
+def build_model(cfg, given, ckpt):
+    """The model, from the checkpoint, GPT-2 weights or scratch. Shape flags given must agree with loaded
+    weights; cfg then records the shape the run really has."""
+    source = f"the checkpoint in {cfg.log_dir}" if ckpt else cfg.init_from
+    if ckpt is not None:
+        model = model_from_checkpoint(ckpt)
+    elif cfg.init_from == "scratch":
+        model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FLAGS}))
+    else:
+        try:
+            model = load_model(cfg.init_from)
+        except UserError as e:
+            raise UserError(f"--init_from {e}") from None
+    for k in MODEL_FLAGS:
+        if k in given and given[k] != getattr(model.config, k):
+            raise UserError(f"--{k} {given[k]} contradicts {source} ({k} {getattr(model.config, k)}); "
+                            f"drop the flag")
+        setattr(cfg, k, getattr(model.config, k))
+    if cfg.seq_len > model.config.block_size:
+        raise UserError(f"--seq_len {cfg.seq_len}: must be <= the model's block_size "
+                        f"{model.config.block_size}")
     return model
-
-
-def checkpoint_state(model, optimizers, scaler, cfg, step, loaders, provenance, **values):
-    """What a resume needs after `step` optimizer steps (the train loader's position is the same on every
-    rank; the shards' record lets a resume check its data), what made it, and values (val_loss, hellaswag,
-    wandb_id) for export.py and W&B. Every rank calls it; under DDP or FSDP only rank 0's is whole."""
-    train_loader, val_loader = loaders
-    # Whole tensors, on the CPU, on rank 0 (other ranks get none): under FSDP gathered from the shards
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    data = {"dir": os.path.realpath(cfg.data_dir), "train": train_loader.record, "val": val_loader.record}
-    return {"model": get_model_state_dict(model, options=full), "scaler": scaler.state_dict(),
-            "optimizer": get_optimizer_state_dict(model, optimizers, options=full),
-            "model_config": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg), "step": step,
-            "loader_position": list(train_loader.position), "data": data, "provenance": provenance, **values}
-
-
-def save_checkpoint(ckpt, log_dir, keep_last):
-    """Write atomically (temp file, fsync, rename), then delete all but the newest keep_last."""
-    path = os.path.join(log_dir, f"model_{ckpt['step']:05d}.pt")
-    try:
-        write_synced(path + ".tmp", lambda f: torch.save(ckpt, f))
-    except Exception as e:
-        if disk_full(e):
-            raise UserError(f"disk full in {log_dir}: {os.path.basename(path)} was not written and the "
-                            f"checkpoints before it are untouched; free space, then continue with "
-                            f"--init_from resume") from None
-        raise
-    os.replace(path + ".tmp", path)
-    for p in checkpoint_paths(log_dir)[:-keep_last] if keep_last else []:
-        os.remove(p)
-    return path
-
-
-def resume_config(cfg, given):
-    """(flags, checkpoint): with --init_from resume (or --auto_resume 1 and a checkpoint there), the newest
-    checkpoint in log_dir and its flags as the defaults, so `--init_from resume` alone continues the same
-    run; else (cfg, None), refusing a log_dir that already holds checkpoints or an earlier run's log."""
-    paths = checkpoint_paths(cfg.log_dir)
-    if cfg.init_from != "resume" and not (cfg.auto_resume and paths):
-        if paths:
-            raise UserError(f"{cfg.log_dir}/ already holds checkpoints (newest {paths[-1]}): continue them "
-                            f"with --init_from resume, or pick a new --log_dir")
-        # A new run would overwrite log.txt and add to samples.txt; an --auto_resume run restarting before its
-        # first checkpoint starts its own log again
-        for name in () if cfg.auto_resume else ("log.txt", "samples.txt"):
-            if os.path.isfile(os.path.join(cfg.log_dir, name)):
-                raise UserError(f"{cfg.log_dir}/ already holds the {name} of an earlier run, without a "
-                                f"checkpoint to resume: move it away, or pick a new --log_dir")
-        return cfg, None
-    if not paths:
-        raise UserError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
-    ckpt = load_checkpoint(paths[-1])
-    if not all(isinstance(n, str) for group in ckpt["optimizer"]["param_groups"] for n in group["params"]):
-        raise UserError(f"{paths[-1]}: written by an older train_gpt2.py, whose optimizer state this one "
-                        f"cannot read; continue that run with the train_gpt2.py that wrote it, or pick a "
-                        f"new --log_dir")
-    saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
-    for k in {"hellaswag", "compile", "chunked_loss"} & set(saved):  # older checkpoints: text, e.g. "1"
-        saved[k] = auto_or_bool(str(saved[k]))
-    shape = {k: ckpt["model_config"][k] for k in MODEL_FLAGS}  # build_model refuses given flags that differ
-    cfg = TrainConfig(**{**saved, **given, **shape, "init_from": "resume"})
-    if cfg.optimizer != saved.get("optimizer", "adamw"):
-        raise UserError(f"--optimizer {cfg.optimizer}: {paths[-1]} holds the state of --optimizer "
-                        f"{saved.get('optimizer', 'adamw')}; resume with that, or start a new run")
-    if cfg.max_steps < ckpt["step"]:
-        raise UserError(f"--max_steps {cfg.max_steps}: {paths[-1]} is at step {ckpt['step']} already, so "
-                        f"there is nothing to train; give --max_steps above {ckpt['step']}")
-    return cfg, ckpt
-
-
-def restore_state(ckpt, model, optimizers, scaler, train_loader, val_loader):
-    """Load a checkpoint's optimizer and loss scale, and continue at its first unread token, in
-    the same data whatever B, T and the rank count; changed data is refused at its first difference,
-    another --data_dir (a new corpus) read from its start."""
-    options = StateDictOptions(full_state_dict=True)  # whole tensors, as saved, into this rank's shards
-    set_optimizer_state_dict(model, optimizers, ckpt["optimizer"], options=options)
-    if scaler.is_enabled() and ckpt.get("scaler"):  # a float16 run's loss scale (a new one after bf16/fp32)
-        scaler.load_state_dict(ckpt["scaler"])
-    then, data = ckpt["config"], ckpt["data"]
-    data_dir = os.path.dirname(train_loader.paths[0])
-    now = {"train": train_loader.record, "val": val_loader.record}
-    if os.path.realpath(data_dir) != data["dir"] and [data["train"], data["val"]] != list(now.values()):
-        print0(f"note: --data_dir {data_dir} is not the data of the checkpoint ({then['data_dir']}): its "
-               f"train split is read from its beginning, and val loss measured on its val split")
-        return  # a new corpus; a copy of the same data continues where the checkpoint stopped
-    for split in now:
-        change = first_change(data[split], now[split])
-        if change:
-            raise UserError(f"--data_dir {data_dir}: {split} shard {change} since the checkpoint, so its "
-                            f"position would read other tokens; restore the shards, or resume with the "
-                            f"changed data under another --data_dir to read it from its beginning")
-    b, t, shuffle = then["micro_batch_size"], then["seq_len"], then["shuffle"]
-    if shuffle != train_loader.shuffle:
-        raise UserError(f"--shuffle {int(train_loader.shuffle)}: the checkpoint's run read its data in "
-                        f"{'shuffled' if shuffle else 'sorted'} order and its position holds in that order "
-                        f"only; keep --shuffle {int(shuffle)}")
-    if shuffle and b * t != train_loader.B * train_loader.T:
-        raise UserError(f"--micro_batch_size {train_loader.B} --seq_len {train_loader.T}: a shuffled run's "
-                        f"position holds for micro-batches of its size only; keep --micro_batch_size {b} "
-                        f"--seq_len {t}")
-    train_loader.position = tuple(ckpt["loader_position"])
 
 
 # -----------------------------------------------------------------------------
@@ -732,7 +599,7 @@ def step_line(step, loss, lr, norm, dt, tokens, mfu, loss_scale, skipped):
 
 def resolve_system(device, dtype, compile):
     """Every script's --device, --dtype and --compile (as auto_or_bool parsed it), checked and resolved as
-    fineweb.SHARED_FLAGS_HELP says: (device, autocast dtype or None for float32, whether to torch.compile, the
+    common.SHARED_FLAGS_HELP says: (device, autocast dtype or None for float32, whether to torch.compile, the
     autocast context). Where Triton cannot run, --compile auto is off with a note, and 1 is an error."""
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
         raise UserError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
@@ -811,102 +678,7 @@ def peak_flops(device):
 
 
 # -----------------------------------------------------------------------------
-# HellaSwag, scored at every eval and by hellaswag.py: 4 rows per task, its context then one ending; acc
-# picks the ending of the lowest summed loss, acc_norm the lowest mean loss per token, as build-nanogpt does
-
-
-def render_example(example, enc):
-    """(tokens (4, T) long, mask (4, T) long, 1 on each row's ending tokens, label); rows padded with 0."""
-    ctx = enc.encode(example["ctx"])
-    endings = [enc.encode(" " + e) for e in example["endings"]]  # GPT-2's BPE folds the space into the word
-    tokens = nn.utils.rnn.pad_sequence([torch.tensor(ctx + end) for end in endings], batch_first=True)
-    mask = nn.utils.rnn.pad_sequence([torch.tensor([0] * len(ctx) + [1] * len(end)) for end in endings],
-                                     batch_first=True)
-    return tokens, mask, example["label"]
-
-
-def longest_example(examples, enc):
-    """Tokens in the longest rendered example: the pad_to that fits them all."""
-    return max((render_example(ex, enc)[0].size(1) for ex in examples), default=1)
-
-
-def iterate_losses(model, rendered, device="cpu", batch_size=16, autocast=contextlib.nullcontext(),
-                   pad_to=None, world_size=1):
-    """Yield (sums (4,), means (4,)): each rendered (tokens, mask, label)'s endings' summed and mean
-    cross-entropy (float32, on the CPU), batch_size examples per forward, padded (attention is causal, so
-    padding changes nothing); with pad_to, every forward is (batch_size * 4, pad_to): one compiled shape."""
-    # Under FSDP every forward all-gathers the weights, which every rank must join: a rank whose share is
-    # one example short may be a batch short, and then runs that batch on padding (so needs pad_to).
-    batches = torch.tensor(math.ceil(len(rendered) / batch_size), device=device)
-    if world_size > 1:
-        dist.all_reduce(batches, op=dist.ReduceOp.MAX)
-    for start in range(0, batches.item() * batch_size, batch_size):
-        batch = rendered[start:start + batch_size]
-        width = pad_to or max(t.size(1) for t, _, _ in batch)
-        tokens = torch.zeros(batch_size * 4 if pad_to else len(batch) * 4, width, dtype=torch.long)
-        mask = torch.zeros_like(tokens)
-        for i, (t, m, _) in enumerate(batch):
-            if t.size(1) > width:
-                raise UserError(f"an example of {t.size(1)} tokens is longer than pad_to={pad_to}")
-            tokens[4 * i:4 * i + 4, :t.size(1)], mask[4 * i:4 * i + 4, :t.size(1)] = t, m
-        tokens, scored = tokens.to(device), mask[:, 1:].bool().to(device)  # position t's logits predict t+1
-        with torch.no_grad(), autocast:
-            logits = model(tokens)[0]  # our GPT returns (logits, loss); transformers' models, logits first
-        ce = F.cross_entropy(logits[:, :-1][scored].float(), tokens[:, 1:][scored], reduction="none")
-        sums = torch.zeros(scored.shape, device=ce.device).masked_scatter_(scored, ce).sum(1)
-        n = 4 * len(batch)
-        yield from zip(sums[:n].view(-1, 4).cpu(), (sums / scored.sum(1))[:n].view(-1, 4).cpu())
-
-
-def score(model, examples, enc, device="cpu", batch_size=16, autocast=contextlib.nullcontext(), pad_to=None,
-          progress=None, world_size=1):
-    """(n_correct, n_correct_norm, n) over the example dicts, tokenized with enc (GPT-2's BPE); with
-    world_size > 1 (and pad_to) each rank scores its share, and the counts are summed. progress: a tqdm bar
-    to advance with the running acc_norm (an estimate until the end without pad_to: shortest tasks first)."""
-    rendered = [render_example(ex, enc) for ex in examples]
-    if pad_to is None:  # batches of like lengths waste less on padding (27% fewer positions on val, batch 16)
-        rendered.sort(key=lambda r: r[0].size(1))
-    n = correct = correct_norm = 0
-    losses = iterate_losses(model, rendered, device, batch_size, autocast, pad_to, world_size)
-    for (sums, means), (_, _, label) in zip(losses, rendered, strict=True):
-        n += 1
-        correct += int(sums.argmin()) == label
-        correct_norm += int(means.argmin()) == label
-        if progress is not None:
-            progress.set_postfix(acc_norm=f"{correct_norm / n:.4f}", refresh=False)
-            progress.update()
-    counts = torch.tensor([correct, correct_norm, n], device=device)
-    if world_size > 1:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    return tuple(counts.tolist())
-
-
-# -----------------------------------------------------------------------------
-# What the loop calls: the model, evaluations, samples, and a stop on SIGTERM/SIGINT/SIGHUP
-
-
-def build_model(cfg, given, ckpt):
-    """The model, from the checkpoint, GPT-2 weights or scratch. Shape flags given must agree with loaded
-    weights; cfg then records the shape the run really has."""
-    source = f"the checkpoint in {cfg.log_dir}" if ckpt else cfg.init_from
-    if ckpt is not None:
-        model = model_from_checkpoint(ckpt)
-    elif cfg.init_from == "scratch":
-        model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FLAGS}))
-    else:
-        try:
-            model = load_model(cfg.init_from)
-        except UserError as e:
-            raise UserError(f"--init_from {e}") from None
-    for k in MODEL_FLAGS:
-        if k in given and given[k] != getattr(model.config, k):
-            raise UserError(f"--{k} {given[k]} contradicts {source} ({k} {getattr(model.config, k)}); "
-                            f"drop the flag")
-        setattr(cfg, k, getattr(model.config, k))
-    if cfg.seq_len > model.config.block_size:
-        raise UserError(f"--seq_len {cfg.seq_len}: must be <= the model's block_size "
-                        f"{model.config.block_size}")
-    return model
+# What the loop calls: evaluations, samples, and a stop on SIGTERM/SIGINT/SIGHUP
 
 
 def estimate_val_loss(model, val_loader, val_steps, device, autocast, world_size):
@@ -931,24 +703,6 @@ def check_finite(step, log_dir, **values):
         raise UserError(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in values.items()) + ": the run "
                         f"diverged; stopping without a checkpoint (newest good one: {newest}). Lower "
                         f"--max_lr or check the data")
-
-
-def hellaswag_share(data_dir, limit, enc, model, rank, world_size):
-    """This rank's share of the HellaSwag val examples, and the longest rendered example's length."""
-    require_gpt2_vocab(model, "--hellaswag: the model")  # the examples are GPT-2 tokens
-    try:
-        if rank == 0:
-            hellaswag_file("val", data_dir)  # downloads it on first use, once
-        if world_size > 1:
-            dist.barrier()
-        examples = list(iterate_examples("val", data_dir))[:limit or None]
-    except UserError as e:  # missing, unreachable or corrupt data
-        raise UserError(f"--hellaswag: {e}") from None
-    longest = longest_example(examples, enc)
-    if longest > model.config.block_size:
-        raise UserError(f"--hellaswag: the longest HellaSwag example has {longest} tokens, more than the "
-                        f"model's block_size {model.config.block_size}; use --hellaswag 0")
-    return examples[rank::world_size], longest
 
 
 SAMPLE_PROMPT = "Hello, I'm a language model,"

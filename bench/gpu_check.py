@@ -1,7 +1,9 @@
 """Every CUDA path of train_gpt2.py checked and timed on one GPU, in one command, within a wall budget.
 
-    python bench/gpu_check.py --out gpu_check              # on a CUDA machine: gpu_check/report.md, gpu_check/logs/
-    python bench/gpu_check.py --out /tmp/rehearsal --dry-run   # the same code paths on CPU, tiny shapes (the tests)
+    python bench/gpu_check.py --out gpu_check              # on a CUDA machine: gpu_check/report.md,
+                                                           # gpu_check/logs/
+    python bench/gpu_check.py --out /tmp/rehearsal --dry-run   # the same code paths on CPU, tiny shapes
+                                                               # (the tests)
     python bench/gpu_check.py --out gpu_check2 --stages 4,5    # what a first call skipped for time
 
 The stages, in order of importance (bench/METHOD.md says how they time):
@@ -26,7 +28,8 @@ of the time is torch.compile's; `--check_flags "--compile 0"` runs stage 3 eager
 
 What this needs that is not in git, and where it comes from (a missing one is a "skipped" row, not a crash):
 - bench/build-nanogpt (stage 2's side by side): git clone https://github.com/karpathy/build-nanogpt
-  bench/build-nanogpt (it is git-ignored), or --reference DIR; its script needs tiktoken (pip install tiktoken).
+  bench/build-nanogpt (it is git-ignored), or --reference DIR; its script needs tiktoken
+  (pip install tiktoken).
 - the full HellaSwag val file (stage 5): hellaswag_val.jsonl in --hellaswag_dir, by default the
   shared/data/hellaswag beside this checkout if there is one, else hellaswag.py's cache, which `python
   hellaswag.py --limit 1` fills from rowanz/hellaswag on GitHub (or copy the file into the git-ignored
@@ -65,7 +68,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from bench.train_bench import PEAK_PROBE, model_flops_per_token, write_synthetic_shards  # noqa: E402
-from fineweb import UserError, config_parser, hellaswag_cache, option  # noqa: E402
+from common import UserError, config_parser, option  # noqa: E402
+from hellaswag import hellaswag_cache  # noqa: E402
 from plot import read_log  # noqa: E402
 from train_gpt2 import TrainConfig, parse_args as parse_train_args  # noqa: E402
 
@@ -95,8 +99,8 @@ SIZES = {
     "dry": dict(recipe_flags="--n_layer 2 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 "
                              "--total_batch_size 512",
                 micro_batch=8, warmup=1, steps=2, synthetic_tokens=20_000,
-                check_shape="--n_layer 2 --n_head 2 --n_embd 32 --block_size 128 --seq_len 32 --micro_batch_size 4 "
-                            "--total_batch_size 256",
+                check_shape="--n_layer 2 --n_head 2 --n_embd 32 --block_size 128 --seq_len 32 "
+                            "--micro_batch_size 4 --total_batch_size 256",
                 hellaswag_limit=16, hellaswag_in_training=8,
                 random_model="--n_layer 2 --n_head 2 --n_embd 32 --block_size 128 --seq_len 32 "
                              "--micro_batch_size 1 --total_batch_size 32",
@@ -133,26 +137,29 @@ torch.amp.GradScaler.scale = _scale_with_overflow
 @dataclass
 class CheckConfig:
     out: str = option("gpu_check", "folder for report.md and logs/ (raw output of every run)")
-    budget_s: int = option(480, "wall seconds for the whole check; at the limit it stops and writes what it has")
+    budget_s: int = option(480, "wall seconds for the whole check; at the limit it stops and writes "
+                                "what it has")
     stages: str = option("1,2,3,4,5", "comma-separated stages to run (1, the machine, always runs)")
-    dry_run: bool = option(False, "the rehearsal: tiny shapes on CPU, every stage's code path but CUDA-only calls "
-                                  "(also --dry-run)")
+    dry_run: bool = option(False, "the rehearsal: tiny shapes on CPU, every stage's code path but "
+                                  "CUDA-only calls (also --dry-run)")
     device: str = option("cuda", "cuda or cuda:N (the dry run uses cpu)")
-    reference: str = option("bench/build-nanogpt", "build-nanogpt checkout for stage 2 (" + REFERENCE_CLONE + ")")
-    hellaswag_dir: str = option("", "folder holding the full hellaswag_val.jsonl ('' = shared/data/hellaswag beside "
-                                    "the checkout, else hellaswag.py's cache)")
-    hellaswag_cpu_tasks: int = option(100, "stage 5: tasks scored on CPU and on the GPU, both in float32, to compare "
-                                           "acc_norm")
+    reference: str = option("bench/build-nanogpt",
+                            "build-nanogpt checkout for stage 2 (" + REFERENCE_CLONE + ")")
+    hellaswag_dir: str = option("", "folder holding the full hellaswag_val.jsonl ('' = shared/data/hellaswag "
+                                    "beside the checkout, else hellaswag.py's cache)")
+    hellaswag_cpu_tasks: int = option(100, "stage 5: tasks scored on CPU and on the GPU, both in float32, "
+                                           "to compare acc_norm")
     data_dir: str = option("", "shards for the timed runs ('' = synthetic ones written into --work_dir)")
-    work_dir: str = option("", "where the runs (removed at the end) and the synthetic shards (kept, reused) go "
-                               "('' = a temp folder, removed at the end)")
+    work_dir: str = option("", "where the runs (removed at the end) and the synthetic shards (kept, reused) "
+                               "go ('' = a temp folder, removed at the end)")
     jobs: int = option(4, "correctness runs at a time (stage 3; untimed)")
     check_flags: str = option("", "more train_gpt2.py flags for every correctness run, e.g. --compile 0")
 
 
 def parse_args(argv=None):
     parser = config_parser(CheckConfig, "gpu_check.py", __doc__)
-    parser.add_argument("--dry-run", dest="dry_run", action="store_const", const=True, help="same as --dry_run 1")
+    parser.add_argument("--dry-run", dest="dry_run", action="store_const", const=True,
+                        help="same as --dry_run 1")
     cfg = CheckConfig(**vars(parser.parse_args(argv)))
     stages = cfg.stages.split(",")
     if not all(s in "12345" and len(s) == 1 for s in stages):
@@ -180,7 +187,8 @@ class Result:
     def why(self):
         """One line for a failed run's report row: the budget, or the last lines of its output."""
         if self.rc in ("timeout", "skipped"):
-            return f"stopped: the --budget_s ran out ({self.log})" if self.rc == "timeout" else "skipped for time"
+            return (f"stopped: the --budget_s ran out ({self.log})" if self.rc == "timeout"
+                    else "skipped for time")
         tail = [ln for ln in self.out.strip().splitlines() if ln.strip() and "Warning" not in ln][-3:]
         return f"exit {self.rc}: " + " / ".join(tail)[-300:].replace("|", "\\|") + f" ({self.log})"
 
@@ -239,10 +247,12 @@ class Check:
 
     def train(self, name, args, nproc=0, env=None, prefix=None):
         """train_gpt2.py with args (torchrun --nproc_per_node=nproc if nproc), log_dir work/runs/NAME."""
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={nproc}"] \
             if nproc else [sys.executable] + (["-c", prefix] if prefix else [])
         log_dir = os.path.join(self.work, "runs", name)
-        result = self.run(name, launcher + [os.path.join(REPO, "train_gpt2.py"), "--log_dir", log_dir, *args], env)
+        result = self.run(name, launcher + [os.path.join(REPO, "train_gpt2.py"), "--log_dir", log_dir, *args],
+                          env)
         return dataclasses.replace(result, log_dir=log_dir)
 
 
@@ -258,8 +268,8 @@ def bench_rows(out):
     """train_bench.py's rows, from the line it prints as each run ends (so a run killed at the budget
     loses only its own): [{name, mb, ms, tok_s, loss, peak_gb} or {name, mb, error}]."""
     rows = []
-    for name, mb, values in re.findall(r"^  (train_gpt2\.py.*?|build-nanogpt train_gpt2\.py) ?(\d*): (\{.*\})$",
-                                       out, re.M):
+    for name, mb, values in re.findall(r"^  (train_gpt2\.py.*?|build-nanogpt train_gpt2\.py) ?(\d*): "
+                                       r"(\{.*\})$", out, re.M):
         values = re.sub(r"(?<=: )nan(?=[,}])", "None", values)  # a run without a peak memory line
         rows.append({"name": name, "mb": int(mb) if mb else "", **ast.literal_eval(values)})
     return rows
@@ -289,8 +299,9 @@ def bench_table(c, rows, flops_per_token, baseline=None):
 def bench_cmd(c, mb_sizes, more=()):
     """bench/train_bench.py at the recipe (the dry run: a tiny shape) on the check's shards."""
     return [sys.executable, os.path.join(REPO, "bench", "train_bench.py"), "--micro_batch_sizes", mb_sizes,
-            "--warmup", c.size["warmup"], "--steps", c.size["steps"], "--data_dir", c.data, "--device", c.cfg.device,
-            "--train_flags", c.size["recipe_flags"], "--timeout", max(1, int(c.left())), *more]
+            "--warmup", c.size["warmup"], "--steps", c.size["steps"], "--data_dir", c.data,
+            "--device", c.cfg.device, "--train_flags", c.size["recipe_flags"],
+            "--timeout", max(1, int(c.left())), *more]
 
 
 # -----------------------------------------------------------------------------
@@ -311,14 +322,17 @@ def stage_machine(c):
     c.rate = info["rate"]
     if cuda:
         query = "driver_version,clocks.sm,clocks.max.sm,power.limit,persistence_mode,mig.mode.current"
-        smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
-                             text=True) if shutil.which("nvidia-smi") else None  # read-only; one line per GPU
-        driver = smi.stdout.strip().replace("\n", "; ") if smi and smi.returncode == 0 else "nvidia-smi failed"
+        # read-only; one line per GPU
+        smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                             capture_output=True, text=True) if shutil.which("nvidia-smi") else None
+        driver = (smi.stdout.strip().replace("\n", "; ") if smi and smi.returncode == 0
+                  else "nvidia-smi failed")
     gpu = info.get("gpu", f"none: the dry run, on CPU ({os.cpu_count()} cores, {platform.machine()})")
-    c.sections[1] = table(["GPU", f"nvidia-smi: {query.replace(',', ', ')}" if cuda else "driver", "torch", "CUDA",
-                           "Triton", "bfloat16 dense matmul (measured)"],
-                          [[gpu, driver if cuda else "n/a", versions["torch"], torch.version.cuda or "none (CPU "
-                            "build)", versions["triton"], f"{c.rate / 1e12:.1f} TFLOP/s"]])
+    c.sections[1] = table(["GPU", f"nvidia-smi: {query.replace(',', ', ')}" if cuda else "driver", "torch",
+                           "CUDA", "Triton", "bfloat16 dense matmul (measured)"],
+                          [[gpu, driver if cuda else "n/a", versions["torch"],
+                            torch.version.cuda or "none (CPU build)", versions["triton"],
+                            f"{c.rate / 1e12:.1f} TFLOP/s"]])
 
 
 def reference_args(c):
@@ -352,14 +366,15 @@ def stage_recipe(c):
     names = ["tokens/s", "MFU against the measured bfloat16 rate", "tokens/s vs build-nanogpt, same run"]
     wanted = [f">= {TARGETS['tok_s']:,}", f">= {TARGETS['mfu']:.0f}%", f">= {TARGETS['vs_reference']}x"]
     lines += ["", table(["target (one H200, the recipe)", "measured", "target", "met"],
-                        [[n, m, w, "yes" if ok else "no"] for n, m, w, ok in zip(names, measured, wanted, met)]),
+                        [[n, m, w, "yes" if ok else "no"]
+                         for n, m, w, ok in zip(names, measured, wanted, met)]),
               f"\nmedian of {c.size['steps']} steps after {c.size['warmup']} warm-up steps; `{result.log}`"]
     c.sections[2] = "\n".join(lines)
 
 
 def learnable_shards(folder):
-    """A random 97-token motif repeated, 10% of tokens noise (ids < 512): a loss that falls within a few steps,
-    so that paths which train differently show."""
+    """A random 97-token motif repeated, 10% of tokens noise (ids < 512): a loss that falls within a few
+    steps, so that paths which train differently show."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
     motif = rng.integers(0, 512, 97)
@@ -387,20 +402,22 @@ def stage_correctness(c):
     # name: (the row's text, dtype (its tolerance), torchrun's nproc (0: none), flags, env, code run first,
     # what its start-up line must say); how None: rows of their own below
     variants = {
-        "float16": ("`--dtype float16`: GradScaler, fused AdamW", "float16", 0, ["--dtype", "float16"], {}, None,
-                    "| float16 |"),
+        "float16": ("`--dtype float16`: GradScaler, fused AdamW", "float16", 0, ["--dtype", "float16"],
+                    {}, None, "| float16 |"),
         "bfloat16": ("`--dtype bfloat16`, with an eval every 2 steps: val, HellaSwag "
-                     f"({c.size['hellaswag_in_training']} tasks), samples (the recompiles' run, below)", "bfloat16",
-                     0, ["--dtype", "bfloat16", *hella], {"TORCH_LOGS": "recompiles"}, None, "| bfloat16 |"),
+                     f"({c.size['hellaswag_in_training']} tasks), samples (the recompiles' run, below)",
+                     "bfloat16", 0, ["--dtype", "bfloat16", *hella], {"TORCH_LOGS": "recompiles"}, None,
+                     "| bfloat16 |"),
         "chunked_loss": ("`--chunked_loss 1` (float32; the reference has 0)", "float32", 0,
                          ["--dtype", "float32", "--chunked_loss", 1], {}, None, "chunked loss on"),
-        "fsdp_ac": ("`--fsdp 1 --activation_checkpointing 1`, torchrun --nproc_per_node=1 (float32)", "float32", 1,
-                    ["--dtype", "float32", "--fsdp", 1, "--activation_checkpointing", 1], nccl, None, "sharded over"),
+        "fsdp_ac": ("`--fsdp 1 --activation_checkpointing 1`, torchrun --nproc_per_node=1 (float32)",
+                    "float32", 1, ["--dtype", "float32", "--fsdp", 1, "--activation_checkpointing", 1], nccl,
+                    None, "sharded over"),
         "fsdp_bfloat16": ("`--fsdp 1 --dtype bfloat16`, torchrun --nproc_per_node=1: FSDP2's mixed precision",
                           "bfloat16", 1, ["--dtype", "bfloat16", "--fsdp", 1], nccl, None, "| bfloat16 |"),
         "float16_overflow": (None, None, 0, ["--dtype", "float16"],
-                             {"GPU_CHECK_OVERFLOW_AT": str(OVERFLOW_STEP * accum + 1)}, OVERFLOW_PATCH + PEAK_PROBE,
-                             "| float16 |"),
+                             {"GPU_CHECK_OVERFLOW_AT": str(OVERFLOW_STEP * accum + 1)},
+                             OVERFLOW_PATCH + PEAK_PROBE, "| float16 |"),
     }
 
     def float32_then_resume():
@@ -428,32 +445,40 @@ def stage_correctness(c):
             continue
         tol = TOLERANCES[dtype]
         if not run.ok() or not ref_ok:
-            rows.append([how, "float32", f"{tol:g}", run.why() if not run.ok() else "the float32 run: " + ref.why(),
-                         c.fail(name)])
+            rows.append([how, "float32", f"{tol:g}",
+                         run.why() if not run.ok() else "the float32 run: " + ref.why(), c.fail(name)])
             continue
         losses = read_losses(run.log_dir)
         diff = max((abs(losses.get(s, math.inf) - v) for s, v in ref_losses.items()), default=math.inf)
         header_ok = expect in run.out
         measured = f"{diff:.2g}" + ("" if header_ok else f"; its start-up line lacks `{expect}`")
-        if nproc and cuda:  # NCCL_DEBUG=INFO: NCCL's lines show that it ran (its first collective initialises it)
+        # NCCL_DEBUG=INFO: NCCL's lines show that it ran (its first collective initialises it)
+        if nproc and cuda:
             measured += "; NCCL ran" if "NCCL INFO" in run.out else "; no NCCL INFO lines"
-        rows.append([how, "float32", f"{tol:g}", measured, "PASS" if diff <= tol and header_ok else c.fail(name)])
+        rows.append([how, "float32", f"{tol:g}", measured,
+                     "PASS" if diff <= tol and header_ok else c.fail(name)])
 
     run = runs["float16_overflow"]
     steps = re.findall(r"^step +(\d+) \| loss (.*)$", run.out, re.M)
     skipped = [int(s) for s, line in steps if "skipped: float16 gradients overflowed" in line]
     scales = re.findall(r"\| loss scale (\d+)", run.out)
-    ok = run.ok() and skipped == [OVERFLOW_STEP] and len(steps) == STEPS and scales[:OVERFLOW_STEP + 1] == \
-        ["65536"] * (OVERFLOW_STEP + 1) and scales[OVERFLOW_STEP + 1:] == ["32768"] * (STEPS - OVERFLOW_STEP - 1)
-    rows.append([f"float16: step {OVERFLOW_STEP}'s first micro-batch's gradients made inf (GradScaler.scale patched)",
-                 "itself", f"step {OVERFLOW_STEP} skipped, no other; loss scale 65536 then 32768; all {STEPS} steps",
-                 f"skipped {skipped}, scales {'/'.join(sorted(set(scales), key=scales.index))}, {len(steps)} steps"
-                 if run.ok() else run.why(), "PASS" if ok else c.fail("float16 overflow")])
+    ok = run.ok() and skipped == [OVERFLOW_STEP] and len(steps) == STEPS and \
+        scales[:OVERFLOW_STEP + 1] == ["65536"] * (OVERFLOW_STEP + 1) and \
+        scales[OVERFLOW_STEP + 1:] == ["32768"] * (STEPS - OVERFLOW_STEP - 1)
+    rows.append([f"float16: step {OVERFLOW_STEP}'s first micro-batch's gradients made inf "
+                 f"(GradScaler.scale patched)",
+                 "itself",
+                 f"step {OVERFLOW_STEP} skipped, no other; loss scale 65536 then 32768; all {STEPS} steps",
+                 f"skipped {skipped}, scales {'/'.join(sorted(set(scales), key=scales.index))}, "
+                 f"{len(steps)} steps" if run.ok() else run.why(),
+                 "PASS" if ok else c.fail("float16 overflow")])
 
     if resumed.ok() and ref_ok:
         resumed_losses = read_losses(resumed.log_dir)
-        diff = max((abs(resumed_losses.get(s, math.inf) - ref_losses[s]) for s in range(3, STEPS)), default=math.inf)
-        a, b = (torch.load(os.path.join(d, f"model_{STEPS:05d}.pt"), map_location="cpu", weights_only=True)["model"]
+        diff = max((abs(resumed_losses.get(s, math.inf) - ref_losses[s]) for s in range(3, STEPS)),
+                   default=math.inf)
+        a, b = (torch.load(os.path.join(d, f"model_{STEPS:05d}.pt"), map_location="cpu",
+                           weights_only=True)["model"]
                 for d in (ref.log_dir, resumed.log_dir))
         bitwise = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         wdiff = max(float((a[k] - b[k]).abs().max()) for k in a) if a.keys() == b.keys() else math.inf
@@ -461,7 +486,8 @@ def stage_correctness(c):
         measured = "bitwise equal weights" if bitwise else f"losses {diff:.2g}, weights {wdiff:.2g}"
     else:
         ok, measured = False, resumed.why() if ref_ok else "the float32 run: " + ref.why()
-    rows.append([f"`--init_from resume` from step 3's checkpoint to step {STEPS}", "the uninterrupted float32 run",
+    rows.append([f"`--init_from resume` from step 3's checkpoint to step {STEPS}",
+                 "the uninterrupted float32 run",
                  f"bitwise, else {TOLERANCES['resume']:g} (losses of steps 3-{STEPS - 1}, weights)", measured,
                  "PASS" if ok else c.fail("resume")])
 
@@ -475,10 +501,11 @@ def stage_correctness(c):
                  (f"{after} after, {before} before" + ("" if compiled else " (compile off: the dry run)"))
                  if run.ok() and after is not None else run.why(),
                  "PASS" if run.ok() and after == 0 else c.fail("recompiles")])
-    c.sections[3] = table(["check", "compared with", "tolerance (max abs train-loss difference over the steps)",
-                           "measured", "result"], rows) + \
-        f"\n\n{STEPS} steps each, {accum} micro-batches a step: `{c.size['check_shape']}`, learnable synthetic " \
-        f"tokens; the float32 run `logs/3_float32.log`, the others `logs/3_*.log`." + \
+    c.sections[3] = table(["check", "compared with",
+                           "tolerance (max abs train-loss difference over the steps)", "measured", "result"],
+                          rows) + \
+        f"\n\n{STEPS} steps each, {accum} micro-batches a step: `{c.size['check_shape']}`, learnable " \
+        f"synthetic tokens; the float32 run `logs/3_float32.log`, the others `logs/3_*.log`." + \
         ("" if cuda else " The dry run's torchrun rows use gloo (train_gpt2.py's backend off CUDA).")
 
 
@@ -487,7 +514,8 @@ def stage_levers(c):
     liger_flag = next((f for f in flags if "liger" in f), None)
     variants, notes = ["", "--chunked_loss 1"], []
     if not importlib.util.find_spec("liger_kernel"):
-        notes.append(["liger-kernel fused linear cross-entropy", "skipped: not installed (pip install liger-kernel)"])
+        notes.append(["liger-kernel fused linear cross-entropy",
+                      "skipped: not installed (pip install liger-kernel)"])
     elif not liger_flag:
         notes.append(["liger-kernel fused linear cross-entropy",
                       "skipped: installed, but train_gpt2.py has no flag to use it"])
@@ -513,8 +541,8 @@ def stage_levers(c):
     for r in (result, biggest):
         if not r.ok() and not bench_rows(r.out):
             lines.append(f"\n{r.why()}")
-    lines.append(f"\n`{result.log}`, `{biggest.log}`: before/after in one train_bench.py run; the search doubles "
-                 f"from {2 * mb} until out of memory (that last row is expected).")
+    lines.append(f"\n`{result.log}`, `{biggest.log}`: before/after in one train_bench.py run; the search "
+                 f"doubles from {2 * mb} until out of memory (that last row is expected).")
     c.sections[4] = "\n".join(lines)
 
 
@@ -525,8 +553,9 @@ def stage_eval(c):
     rows = []
     # A random GPT-2 124M (the dry run: tiny) to score and sample: one step of train_gpt2.py, eager.
     model = c.train("5_random_model", ["--data_dir", c.data, "--device", c.cfg.device, "--max_steps", 1,
-                                       "--eval_interval", 1, "--val_steps", 1, "--compile", 0, "--hellaswag", 0,
-                                       "--sample_interval", 0, "--plot", 0, *shlex.split(c.size["random_model"])])
+                                       "--eval_interval", 1, "--val_steps", 1, "--compile", 0,
+                                       "--hellaswag", 0, "--sample_interval", 0, "--plot", 0,
+                                       *shlex.split(c.size["random_model"])])
     ckpt = os.path.join(model.log_dir, "model_00001.pt")
     if not model.ok():
         c.sections[5] = f"the random model: {model.why()}"
@@ -534,8 +563,8 @@ def stage_eval(c):
         return
 
     def score(name, *args):
-        r = c.run(name, [sys.executable, os.path.join(REPO, "hellaswag.py"), "--model", ckpt, "--data_dir", hella_dir,
-                         *args])
+        r = c.run(name, [sys.executable, os.path.join(REPO, "hellaswag.py"), "--model", ckpt,
+                         "--data_dir", hella_dir, *args])
         m = re.search(r"^acc: ([\d.]+) acc_norm: ([\d.]+) n: (\d+)$", r.out, re.M)
         return r, m
 
@@ -544,35 +573,39 @@ def stage_eval(c):
                      f"(`python hellaswag.py --limit 1` downloads it; or --hellaswag_dir)", "", ""])
     else:
         r, m = score("5_hellaswag", "--device", c.cfg.device, "--limit", c.size["hellaswag_limit"])
-        rows.append([f"hellaswag.py, {m[3] if m else 'all'} val tasks, dtype and compile auto (`{hella_dir}`)",
+        rows.append([f"hellaswag.py, {m[3] if m else 'all'} val tasks, dtype and compile auto "
+                     f"(`{hella_dir}`)",
                      f"{r.seconds:.0f} s wall" if m else r.why(), f"acc_norm {m[2]}" if m else "",
                      "ran" if m else c.fail("hellaswag.py")])
         k = c.cfg.hellaswag_cpu_tasks if not c.cfg.dry_run else 8
+        # the dry run: one, on CPU
         runs = {d: score(f"5_hellaswag_float32_{d}", "--device", d, "--dtype", "float32", "--compile", 0,
-                         "--limit", k) for d in dict.fromkeys(["cpu", c.cfg.device])}  # the dry run: one, on CPU
+                         "--limit", k) for d in dict.fromkeys(["cpu", c.cfg.device])}
         (r_cpu, m_cpu), (r_dev, m_dev) = runs["cpu"], runs[c.cfg.device]
         ok = m_cpu and m_dev and abs(float(m_cpu[2]) - float(m_dev[2])) <= 1.01 / k and m_cpu[3] == m_dev[3]
         rows.append([f"acc_norm on the first {k} tasks: {c.cfg.device} vs CPU, both float32 and eager",
-                     f"{m_dev[2]} vs {m_cpu[2]}" if m_cpu and m_dev else (r_dev if not m_dev else r_cpu).why(),
+                     f"{m_dev[2]} vs {m_cpu[2]}" if m_cpu and m_dev else
+                     (r_dev if not m_dev else r_cpu).why(),
                      "equal, or one task apart (a near-tie of a random model)",
                      "PASS" if ok else c.fail("hellaswag vs CPU")])
 
-    r = c.run("5_generate", [sys.executable, os.path.join(REPO, "generate.py"), "--init_from", ckpt, "--device",
-                             c.cfg.device, *shlex.split(c.size["generate"])])
+    r = c.run("5_generate", [sys.executable, os.path.join(REPO, "generate.py"), "--init_from", ckpt,
+                             "--device", c.cfg.device, *shlex.split(c.size["generate"])])
     n = int(shlex.split(c.size["generate"])[-1])
     samples = sum(ln.startswith("> ") for ln in r.out.splitlines())
-    rows.append([f"generate.py `{c.size['generate']}`, dtype and compile auto", f"{r.seconds:.0f} s wall, start-up "
-                 f"and compile included" if r.ok() else r.why(), f"{samples} samples",
-                 "ran" if r.ok() and samples == n else c.fail("generate.py")])
-    r = c.run("5_generate_bench", [sys.executable, os.path.join(REPO, "bench", "generate_bench.py"), "--sizes",
-                                   c.size["generate_sizes"], "--device", c.cfg.device,
+    rows.append([f"generate.py `{c.size['generate']}`, dtype and compile auto",
+                 f"{r.seconds:.0f} s wall, start-up and compile included" if r.ok() else r.why(),
+                 f"{samples} samples", "ran" if r.ok() and samples == n else c.fail("generate.py")])
+    r = c.run("5_generate_bench", [sys.executable, os.path.join(REPO, "bench", "generate_bench.py"),
+                                   "--sizes", c.size["generate_sizes"], "--device", c.cfg.device,
                                    *shlex.split(c.size["generate_flags"])])
     bench = "\n".join(ln for ln in r.out.splitlines() if ln.startswith("|"))
     rows.append(["bench/generate_bench.py: greedy tokens, KV cache vs recompute (table below)",
                  f"{r.seconds:.0f} s wall",
                  "same tokens", "PASS" if r.ok() else c.fail("generate KV cache vs recompute")])
     c.sections[5] = table(["run", "time", "result", "check"], rows) + \
-        f"\n\n{bench or r.why()}\n\nlogs: `logs/5_*.log`; the model: one step of train_gpt2.py from a random init."
+        f"\n\n{bench or r.why()}\n\nlogs: `logs/5_*.log`; the model: one step of train_gpt2.py from a " \
+        f"random init."
 
 
 STAGES = {1: ("The machine", stage_machine), 2: ("The GPT-2 124M recipe", stage_recipe),
@@ -582,11 +615,13 @@ STAGES = {1: ("The machine", stage_machine), 2: ("The GPT-2 124M recipe", stage_
 
 def write_report(c, skipped_for_time, argv):
     now = datetime.datetime.now(datetime.timezone.utc)
-    lines = [f"# GPU check{' (dry run on CPU: tiny shapes, the numbers mean nothing)' if c.cfg.dry_run else ''}",
-             "", f"{now:%Y-%m-%d %H:%M} UTC | {time.monotonic() - c.start:.0f} s of the {c.cfg.budget_s} s budget | "
-             f"`{shlex.join(['python', 'bench/gpu_check.py'] + argv)}`", ""]
+    lines = [f"# GPU check"
+             f"{' (dry run on CPU: tiny shapes, the numbers mean nothing)' if c.cfg.dry_run else ''}",
+             "", f"{now:%Y-%m-%d %H:%M} UTC | {time.monotonic() - c.start:.0f} s of the {c.cfg.budget_s} s "
+             f"budget | `{shlex.join(['python', 'bench/gpu_check.py'] + argv)}`", ""]
     if skipped_for_time:
-        lines += [f"Skipped for time: stages {', '.join(map(str, skipped_for_time))} (rerun them with --stages).", ""]
+        lines += [f"Skipped for time: stages {', '.join(map(str, skipped_for_time))} "
+                  f"(rerun them with --stages).", ""]
     lines += [f"Correctness failures or errors: {', '.join(c.failures)}" if c.failures else
               "No correctness check failed, no stage errored.", ""]
     for n, (title, _) in STAGES.items():

@@ -8,7 +8,7 @@ The model is a GPT of the given shape with random weights (speed does not depend
 its token embedding, tied to the output layer, is drawn with std 0.3 instead of 0.02 so that the
 endings' losses differ by more than rounding noise and "same predictions" is a meaningful check.
 Run A scores one task (4 rows) per forward, eager, in file order: build-nanogpt's loop. Run B is what
-train_gpt2.score() does: --batch_size tasks per forward, shortest first when eager, or, compiled,
+hellaswag.score() does: --batch_size tasks per forward, shortest first when eager, or, compiled,
 every forward padded to the longest task (one shape, compiled once; compile time reported apart).
 Each run gets one untimed warm-up forward. Rendering (tokenizing) is done once, untimed. Prints a
 markdown table, and whether both runs chose the same ending for every task (acc and acc_norm).
@@ -27,8 +27,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SHARED_HELLASWAG = os.path.normpath(os.path.join(REPO, "../shared/data/hellaswag"))
 
-from fineweb import SHARED_FLAGS_HELP, auto_or_bool, gpt2_tokenizer, iterate_examples  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, iterate_losses, render_example, resolve_system  # noqa: E402
+from common import SHARED_FLAGS_HELP, auto_or_bool, gpt2_tokenizer  # noqa: E402
+from hellaswag import iterate_examples, iterate_losses, render_example  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, resolve_system  # noqa: E402
 
 FLAGS = dict(  # name: (default, help)
     limit=(200, "val tasks to score (0 = all 10,042)"),
@@ -40,7 +41,8 @@ FLAGS = dict(  # name: (default, help)
     dtype=("auto", SHARED_FLAGS_HELP["dtype"]),
     compile=("auto", "run B: " + SHARED_FLAGS_HELP["compile"] + ", with pad_to"),
     threads=(0, "torch CPU threads (0 = torch's default)"),
-    data_dir=(SHARED_HELLASWAG if os.path.isdir(SHARED_HELLASWAG) else "", "folder holding hellaswag_val.jsonl ('' = the download cache)"),
+    data_dir=(SHARED_HELLASWAG if os.path.isdir(SHARED_HELLASWAG) else "",
+              "folder holding hellaswag_val.jsonl ('' = the download cache)"),
     seed=(1337, "seed for the random weights"),
 )
 
@@ -93,7 +95,8 @@ def main():
         t0 = time.perf_counter()
         list(iterate_losses(model_b, rendered[:1], device, args.batch_size, autocast, pad_to))
         compile_s = time.perf_counter() - t0
-    order_b = list(range(len(rendered))) if pad_to else sorted(range(len(rendered)), key=lambda i: rendered[i][0].size(1))
+    order_b = (list(range(len(rendered))) if pad_to
+               else sorted(range(len(rendered)), key=lambda i: rendered[i][0].size(1)))
     b = timed_run(model_b, rendered, device, args.batch_size, autocast, pad_to, order_b)
 
     n = len(rendered)
@@ -102,22 +105,26 @@ def main():
     max_diff = max(float((a[2][i][k] - b[2][i][k]).abs().max()) for i in range(n) for k in (0, 1))
     max_loss = max(float(a[2][i][0].max()) for i in range(n))
 
-    where = torch.cuda.get_device_name(device) if device_type == "cuda" else platform.processor() or platform.machine()
-    print(f"\n{datetime.date.today()} | {where}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads | "
+    where = (torch.cuda.get_device_name(device) if device_type == "cuda"
+             else platform.processor() or platform.machine())
+    print(f"\n{datetime.date.today()} | {where}, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} torch threads | "
           f"torch {torch.__version__} | Python {platform.python_version()}")
-    print(f"model: {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, {n_params / 1e6:.0f}M parameters, "
-          f"random weights | {device}, {str(dtype).removeprefix('torch.') + ' autocast' if dtype else 'float32'} | {n} val tasks")
+    print(f"model: {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, "
+          f"{n_params / 1e6:.0f}M parameters, random weights | {device}, "
+          f"{str(dtype).removeprefix('torch.') + ' autocast' if dtype else 'float32'} | {n} val tasks")
     print(f"command: python {' '.join(sys.argv)}\n")
     print("| run | tasks per forward | forwards | compiled | seconds | tasks/s | speedup | acc | acc_norm |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, (seconds, forwards, losses), per, compiled in (("A one task per forward", a, 1, "no"),
-                                                             ("B hellaswag.score()", b, args.batch_size,
-                                                              f"yes, pad_to {pad_to} ({compile_s:.0f} s to compile)" if pad_to else "no")):
+    for name, (seconds, forwards, losses), per, compiled in (
+            ("A one task per forward", a, 1, "no"),
+            ("B hellaswag.score()", b, args.batch_size,
+             f"yes, pad_to {pad_to} ({compile_s:.0f} s to compile)" if pad_to else "no")):
         acc, acc_norm = accuracy(losses, rendered)
         print(f"| {name} | {per} | {forwards} | {compiled} | {seconds:.1f} | {n / seconds:.2f} | "
               f"{a[0] / seconds:.2f}x | {acc:.4f} | {acc_norm:.4f} |")
-    print(f"\nsame predictions (acc and acc_norm choice) on {same}/{n} tasks; max |loss difference| {max_diff:.2e} "
-          f"(summed losses up to {max_loss:.0f})")
+    print(f"\nsame predictions (acc and acc_norm choice) on {same}/{n} tasks; "
+          f"max |loss difference| {max_diff:.2e} (summed losses up to {max_loss:.0f})")
     if same != n and dtype is None:
         sys.exit(1)
 

@@ -1,6 +1,8 @@
-"""Peak memory of one training step per rank: full state (one process) vs --fsdp 1 vs --activation_checkpointing 1.
+"""Peak memory of one training step per rank: full state (one process) vs --fsdp 1 vs \
+--activation_checkpointing 1.
 
-    python bench/memory_bench.py                                  # 124M and gpt2-medium, T=256, micro-batch 1, CPU
+    python bench/memory_bench.py                                  # 124M and gpt2-medium, T=256,
+                                                                  # micro-batch 1, CPU
     python bench/memory_bench.py --device cuda --seq_len 1024 --micro_batch_size 8
 
 Each row is one run of the real train_gpt2.py in a process of its own (torchrun for the FSDP rows), on
@@ -30,7 +32,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from bench.train_bench import write_synthetic_shards  # noqa: E402
-from fineweb import config_parser, option  # noqa: E402
+from common import config_parser, option  # noqa: E402
 
 SHAPES = {"124M": (12, 12, 768), "gpt2-medium": (24, 16, 1024)}  # n_layer, n_head, n_embd
 VARIANTS = (("full state", 1, []),  # name, ranks, flags
@@ -44,7 +46,8 @@ STEP_1 = re.compile(r"^step +1 \| loss .*\| dt (\d+)ms", re.M)
 
 @dataclass
 class MemoryBenchConfig:
-    shapes: str = option("124M,gpt2-medium", "comma-separated model shapes: 124M, gpt2-medium, or LxHxD (e.g. 2x2x32)")
+    shapes: str = option("124M,gpt2-medium", "comma-separated model shapes: 124M, gpt2-medium, or LxHxD "
+                                             "(e.g. 2x2x32)")
     seq_len: int = option(256, "tokens per sequence")
     micro_batch_size: int = option(1, "sequences per forward pass per rank")
     train_flags: str = option("", "more train_gpt2.py flags for every run")
@@ -75,11 +78,12 @@ def run(flags, nproc, cfg, log_dir):
         if nproc > 1 else [sys.executable]
     tokens = cfg.micro_batch_size * cfg.seq_len * nproc
     args = ["--data_dir", os.path.abspath(cfg.data_dir), "--log_dir", log_dir, "--device", cfg.device,
-            "--seq_len", cfg.seq_len, "--micro_batch_size", cfg.micro_batch_size, "--total_batch_size", tokens,
-            "--max_steps", 3, "--val_steps", 1, "--hellaswag", 0, "--sample_interval", 0, "--plot", 0,
-            *flags, *shlex.split(cfg.train_flags)]
-    proc = subprocess.Popen(launcher + [os.path.join(REPO, "train_gpt2.py"), *map(str, args)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            "--seq_len", cfg.seq_len, "--micro_batch_size", cfg.micro_batch_size,
+            "--total_batch_size", tokens, "--max_steps", 3, "--val_steps", 1, "--hellaswag", 0,
+            "--sample_interval", 0, "--plot", 0, *flags, *shlex.split(cfg.train_flags)]
+    proc = subprocess.Popen(launcher + [os.path.join(REPO, "train_gpt2.py"), *map(str, args)], cwd=REPO,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     timer = threading.Timer(cfg.timeout, os.killpg, (proc.pid, signal.SIGKILL))
     timer.start()
     out = ""
@@ -103,7 +107,8 @@ def run(flags, nproc, cfg, log_dir):
 def main(argv=None):
     cfg = parse_args(argv)
     wrote = write_synthetic_shards(cfg.data_dir, cfg.synthetic_tokens)
-    print(f"{'wrote synthetic shards to' if wrote else 'using the shards in'} {cfg.data_dir}", file=sys.stderr)
+    print(f"{'wrote synthetic shards to' if wrote else 'using the shards in'} {cfg.data_dir}",
+          file=sys.stderr)
     rows = []
     for shape in cfg.shapes.split(","):
         for name, nproc, flags in VARIANTS:
@@ -113,11 +118,13 @@ def main(argv=None):
             print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     where = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"{os.cpu_count()} CPU cores"
     measure = "torch.cuda.max_memory_allocated" if cfg.device.startswith("cuda") else "peak RSS"
-    print(f"### Peak memory of one training step per rank, T={cfg.seq_len}, micro-batch {cfg.micro_batch_size}\n\n"
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {where} ({platform.machine()}) | "
+    print(f"### Peak memory of one training step per rank, T={cfg.seq_len}, "
+          f"micro-batch {cfg.micro_batch_size}\n\n"
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {where} "
+          f"({platform.machine()}) | "
           f"torch {torch.__version__} | peak: {measure} of rank 0 after its first step\n\n"
-          f"`{shlex.join(['python', 'bench/memory_bench.py'] + (sys.argv[1:] if argv is None else argv))}`\n\n"
-          f"| shape | run | ranks | state per rank | peak per rank | ms (step 1) |\n"
+          f"`{shlex.join(['python', 'bench/memory_bench.py'] + (sys.argv[1:] if argv is None else argv))}`"
+          f"\n\n| shape | run | ranks | state per rank | peak per rank | ms (step 1) |\n"
           f"| --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         if "error" in r:

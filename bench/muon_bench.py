@@ -3,7 +3,8 @@
     python bench/muon_bench.py      # CPU: Tiny Shakespeare in an 8K vocabulary, 6 layers x 192 wide
     python bench/muon_bench.py --data_dir edu_fineweb10B --vocab_size 0 \\
         --train_flags "--max_steps 2000 --warmup_steps 100 --eval_interval 100" \\
-        --adamw_lrs 6e-4,1.2e-3,2.4e-3 --muon_lrs 1.2e-3,2.4e-3,4.8e-3    # one GPU, GPT-2 124M, 1B tokens a run
+        --adamw_lrs 6e-4,1.2e-3,2.4e-3 --muon_lrs 1.2e-3,2.4e-3,4.8e-3    # one GPU, GPT-2 124M,
+                                                                          # 1B tokens a run
 
 Each run is the real train_gpt2.py: --optimizer adamw or muon at --max_lr LR with --min_lr LR/10 (the
 recipe's warmup then cosine, which in a muon run drives both optimizers), on --train_flags (the scale:
@@ -34,13 +35,13 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from fineweb import config_parser, option  # noqa: E402
+from common import config_parser, option  # noqa: E402
 from plot import read_log  # noqa: E402
 from train_gpt2 import parse_args as parse_train_args  # noqa: E402
 
 CPU_SCALE = ("--n_layer 6 --n_head 6 --n_embd 192 --seq_len 128 --micro_batch_size 4 --total_batch_size 512 "
-             "--max_steps 400 --warmup_steps 32 --eval_interval 20 --val_steps 8 --device cpu --dtype float32 "
-             "--compile 0")
+             "--max_steps 400 --warmup_steps 32 --eval_interval 20 --val_steps 8 --device cpu "
+             "--dtype float32 --compile 0")
 
 
 @dataclass
@@ -51,8 +52,8 @@ class BenchConfig:
     adamw_lrs: str = option("6e-4,1.2e-3,2.4e-3", "comma-separated --max_lr values of the AdamW runs")
     muon_lrs: str = option("2.4e-3,4.8e-3,9.6e-3", "comma-separated --max_lr values of the Muon runs")
     short_schedule: float = option(0.6, "each Muon lr again with its schedule ending at this fraction of the "
-                                        "steps (0 = none): the goal's tokens with the lr annealed there, as a "
-                                        "run still mid-schedule has not")
+                                        "steps (0 = none): the goal's tokens with the lr annealed there, as "
+                                        "a run still mid-schedule has not")
     out_dir: str = option("bench/data/muon_runs", "the runs' log folders (a finished run there is reused)")
     timeout: int = option(36000, "seconds allowed for one run")
 
@@ -64,7 +65,8 @@ def remap_vocab(data_dir, n):
     if os.path.isdir(out):
         return out
     names = sorted(f for f in os.listdir(data_dir) if f.endswith(".npy"))
-    counts = sum(np.bincount(np.load(os.path.join(data_dir, f)), minlength=2**16) for f in names if "train" in f)
+    counts = sum(np.bincount(np.load(os.path.join(data_dir, f)), minlength=2**16)
+                 for f in names if "train" in f)
     table = np.full(2**16, n - 1, dtype=np.uint16)
     table[np.argsort(-counts, kind="stable")[:n - 1]] = np.arange(n - 1)
     os.makedirs(out + ".tmp", exist_ok=True)
@@ -82,12 +84,14 @@ def run(optimizer, lr, steps, data_dir, cfg, log_dir):
         output = open(out_file).read()
     else:
         shutil.rmtree(log_dir, ignore_errors=True)
-        args = [sys.executable, os.path.join(REPO, "train_gpt2.py"), *shlex.split(cfg.train_flags), "--max_steps",
-                str(steps), "--data_dir", data_dir, "--log_dir", log_dir, "--optimizer", optimizer, "--max_lr",
-                str(lr), "--min_lr", str(lr / 10), "--hellaswag", "0", "--sample_interval", "0", "--plot", "0",
+        args = [sys.executable, os.path.join(REPO, "train_gpt2.py"), *shlex.split(cfg.train_flags),
+                "--max_steps", str(steps), "--data_dir", data_dir, "--log_dir", log_dir,
+                "--optimizer", optimizer, "--max_lr", str(lr), "--min_lr", str(lr / 10),
+                "--hellaswag", "0", "--sample_interval", "0", "--plot", "0",
                 "--ckpt_interval", "10000000"]
         args += ["--vocab_size", str(cfg.vocab_size)] if cfg.vocab_size else []
-        proc = subprocess.run(args, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=cfg.timeout)
+        proc = subprocess.run(args, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=cfg.timeout)
         output = proc.stdout
         if proc.returncode != 0:
             sys.exit(f"muon_bench.py: error: {shlex.join(args[1:])} failed:\n{output[-2000:]}")
@@ -109,8 +113,8 @@ def main(argv=None):
     train_cfg, _ = parse_train_args(shlex.split(cfg.train_flags))
     lrs = {name: [float(x) for x in getattr(cfg, f"{name}_lrs").split(",")] for name in ("adamw", "muon")}
     if cfg.data_dir == BenchConfig.data_dir and not os.path.isdir(cfg.data_dir):
-        subprocess.run([sys.executable, os.path.join(REPO, "fineweb.py"), "--preset", "shakespeare", "--out_dir",
-                        cfg.data_dir], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, os.path.join(REPO, "fineweb.py"), "--preset", "shakespeare",
+                        "--out_dir", cfg.data_dir], check=True, stdout=subprocess.DEVNULL)
     data_dir = remap_vocab(cfg.data_dir, cfg.vocab_size) if cfg.vocab_size else cfg.data_dir
 
     steps, tokens = train_cfg.max_steps, train_cfg.total_batch_size
@@ -124,7 +128,8 @@ def main(argv=None):
         runs[name, lr, n], out = run(name, lr, n, data_dir, cfg, folder)
         split = re.search(r"^muon: \d+ block matrices \(([\d,]+) parameters\)", out, re.M) or split
         total = re.search(r"^([\d,]+) parameters \|", out, re.M)[1]
-        print(f"{name} max_lr {lr:g}, {n} steps: final val {runs[name, lr, n][n]:.4f}", file=sys.stderr, flush=True)
+        print(f"{name} max_lr {lr:g}, {n} steps: final val {runs[name, lr, n][n]:.4f}",
+              file=sys.stderr, flush=True)
 
     best = min((key for key in runs if key[0] == "adamw"), key=lambda key: runs[key][steps])
     target = runs[best][steps]
@@ -134,14 +139,16 @@ def main(argv=None):
     print(f"{train_cfg.n_layer}L/{train_cfg.n_head}H/{train_cfg.n_embd}d, vocab {cfg.vocab_size or 'GPT-2'}, "
           f"{total} parameters ({100 * muon_share:.0f}% in the blocks' matrices, which Muon steps), "
           f"T={train_cfg.seq_len}, {tokens:,} tokens per step, warmup {train_cfg.warmup_steps} steps\n")
-    print(f"| optimizer | max_lr | schedule | " + " | ".join(f"val @ {s * tokens / 1e6:.3g}M tok" for s in marks)
+    print(f"| optimizer | max_lr | schedule | "
+          + " | ".join(f"val @ {s * tokens / 1e6:.3g}M tok" for s in marks)
           + f" | tokens to val {target:.4f} | vs best AdamW |\n|---|---:|---:|" + "---:|" * (len(marks) + 2))
     for name, lr, n in sorted(runs, key=lambda key: (key[0], -key[2], key[1])):
         val = runs[name, lr, n]
         needs = first_reaching(val, target)
         reach = f"{needs * tokens / 1e6:.3g}M" if needs is not None else "not reached"
         ratio = f"{needs / best_needs:.2f}x" if needs is not None else "-"
-        print(f"| {name} | {lr:g} | {n} steps | " + " | ".join(f"{val[s]:.4f}" if s in val else "" for s in marks)
+        print(f"| {name} | {lr:g} | {n} steps | "
+              + " | ".join(f"{val[s]:.4f}" if s in val else "" for s in marks)
               + f" | {reach} | {ratio} |")
 
 

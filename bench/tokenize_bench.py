@@ -8,8 +8,8 @@ Builds a .jsonl corpus of Tiny Shakespeare paragraphs (documents split at blank 
 warm cache), then runs each configuration in its own subprocess, interleaved A, B, A, B ... --repeats
 times: wall clock end to end (interpreter start, imports, dataset load, tokenizing, writing shards).
 Memory: "max RSS" is the largest single process of the run's tree (ru_maxrss, exact); "tree PSS" is
-the peak of the tree's summed proportional set size, sampled from /proc every --pss_interval s (pages shared by
-forked workers counted once), and in brackets its anonymous part (without page cache, e.g. the mmapped
+the peak of the tree's summed proportional set size, sampled from /proc every --pss_interval s (pages shared
+by forked workers counted once), and in brackets its anonymous part (without page cache, e.g. the mmapped
 arrow file). Every run's shards, concatenated in order, must be the same token stream. Prints a markdown
 table and PASS/FAIL for the speed targets; exits 1 on a FAIL. "CPU s" (user + system, whole tree) is
 less sensitive than wall clock to other load on the machine.
@@ -35,14 +35,15 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from fineweb import GPT2_EOT  # noqa: E402
+from common import GPT2_EOT  # noqa: E402
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
 FLAGS = dict(  # name: (default, help)
     corpus_mb=(50, "corpus size in MB (the memory check also uses twice this)"),
     repeats=(3, "runs of each configuration, interleaved; the table shows the median time"),
     memory_check=(True, "also run fineweb.py on the 2x corpus, and with --shard_size 10000000"),
-    val_tokens=(1_000_000, "fineweb.py's --val_tokens, its first shard (the corpus must be bigger: >= ~4 MB)"),
+    val_tokens=(1_000_000, "fineweb.py's --val_tokens, its first shard "
+                           "(the corpus must be bigger: >= ~4 MB)"),
     paras_per_doc=(1, "blank-line paragraphs per document (1 = one paragraph each, ~40 tokens)"),
     source=(os.path.join(REPO, "data", "input.txt"), "text to build the corpus from"),
     pss_interval=(0.5, "seconds between samples of the tree's PSS (a sample costs ~2 ms of CPU per process)"),
@@ -54,7 +55,8 @@ FLAGS = dict(  # name: (default, help)
 # Approach A, written from build-nanogpt's fineweb.py as described: one document per task, chunksize 16
 
 
-_enc = None  # the GPT-2 encoder, loaded in the parent before the pool forks (as build-nanogpt's module-level enc)
+# the GPT-2 encoder, loaded in the parent before the pool forks (as build-nanogpt's module-level enc)
+_enc = None
 
 
 def tokenize_doc(doc):
@@ -165,7 +167,8 @@ def build_corpus(args, path, copies_factor=1):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, (default, help) in FLAGS.items():
-        kind = (lambda s: s.lower() in ("1", "true", "yes", "on")) if isinstance(default, bool) else type(default)
+        kind = ((lambda s: s.lower() in ("1", "true", "yes", "on")) if isinstance(default, bool)
+                else type(default))
         parser.add_argument(f"--{name}", type=kind, default=default, help=f"{help} (default {default})")
     parser.add_argument("--_run_a", nargs=3, help=argparse.SUPPRESS)  # CORPUS OUT_DIR NPROCS: one A run
     args = parser.parse_args()
@@ -187,7 +190,8 @@ def main():
         for name in ("vocab.bpe", "encoder.json"):
             url = f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{name}"
             shutil.copy(os.path.join(REPO, "data", name),
-                        os.path.join(os.environ["TIKTOKEN_CACHE_DIR"], hashlib.sha1(url.encode()).hexdigest()))
+                        os.path.join(os.environ["TIKTOKEN_CACHE_DIR"],
+                                     hashlib.sha1(url.encode()).hexdigest()))
     datasets.config.HF_DATASETS_CACHE = os.environ["HF_DATASETS_CACHE"]
     corpora, n_docs = {1: os.path.join(tmp, "corpus.jsonl")}, {}
     if args.memory_check:
@@ -196,19 +200,21 @@ def main():
         n_docs[factor] = build_corpus(args, path, factor)
         t0 = time.perf_counter()
         datasets.load_dataset("json", data_files=path, split="train")  # the arrow cache every run then reads
-        datasets.load_dataset("json", data_files=[path], split="train")  # (fineweb.py passes a list: same cache)
-        print(f"{path}: {os.path.getsize(path) / 1e6:.0f} MB, {n_docs[factor]:,} documents, arrow cache built in "
-              f"{time.perf_counter() - t0:.1f} s (not timed below)", flush=True)
+        # (fineweb.py passes a list: same cache)
+        datasets.load_dataset("json", data_files=[path], split="train")
+        print(f"{path}: {os.path.getsize(path) / 1e6:.0f} MB, {n_docs[factor]:,} documents, "
+              f"arrow cache built in {time.perf_counter() - t0:.1f} s (not timed below)", flush=True)
 
     def a(nprocs):
         return dict(name="A build-nanogpt", procs=nprocs, corpus=1, shard=100_000_000,
-                    cmd=[sys.executable, os.path.abspath(__file__), "--_run_a", corpora[1], "{out}", str(nprocs)])
+                    cmd=[sys.executable, os.path.abspath(__file__), "--_run_a", corpora[1], "{out}",
+                         str(nprocs)])
 
     def b(nprocs=None, corpus=1, shard=100_000_000):  # nprocs None: fineweb.py's default, all cores
         num_proc = ["--num_proc", str(nprocs)] if nprocs else []
         return dict(name="B fineweb.py", procs=nprocs or cores, corpus=corpus, shard=shard,
-                    cmd=[sys.executable, "fineweb.py", "--input", corpora[corpus], "--out_dir", "{out}", "--val_tokens",
-                         str(args.val_tokens), "--shard_size", str(shard), *num_proc])
+                    cmd=[sys.executable, "fineweb.py", "--input", corpora[corpus], "--out_dir", "{out}",
+                         "--val_tokens", str(args.val_tokens), "--shard_size", str(shard), *num_proc])
 
     def key(c):
         return c["name"], c["procs"], c["corpus"], c["shard"]
@@ -235,10 +241,11 @@ def main():
                 assert (stream == GPT2_EOT).sum() == n_docs[c["corpus"]] and stream[0] == GPT2_EOT, \
                     "not one EOT per document"
                 reference[c["corpus"]] = digest
-            runs[key(c)].append(dict(seconds=seconds, cpu=cpu, rss=rss, pss=pss, anon=anon, tokens=len(stream),
-                                     same=digest == reference[c["corpus"]]))
-            print(f"  {c['name']} x{c['procs']}, corpus {c['corpus']}x, shard {c['shard']:,}: {len(stream):,} tokens "
-                  f"in {seconds:.1f} s ({cpu:.1f} s CPU), max RSS {rss:.0f} MB, tree PSS {pss:.0f} MB ({anon:.0f} anon)",
+            runs[key(c)].append(dict(seconds=seconds, cpu=cpu, rss=rss, pss=pss, anon=anon,
+                                     tokens=len(stream), same=digest == reference[c["corpus"]]))
+            print(f"  {c['name']} x{c['procs']}, corpus {c['corpus']}x, shard {c['shard']:,}: "
+                  f"{len(stream):,} tokens in {seconds:.1f} s ({cpu:.1f} s CPU), max RSS {rss:.0f} MB, "
+                  f"tree PSS {pss:.0f} MB ({anon:.0f} anon)",
                   flush=True)
 
     rows = {}
@@ -256,12 +263,13 @@ def main():
           f"{args.corpus_mb} MB corpus, {args.paras_per_doc} paragraph(s) per document "
           f"({rows[key(a(half))]['tokens'] / n_docs[1]:,.0f} tokens/document), median of "
           f"{args.repeats} run(s), warm arrow cache\n")
-    print("| approach | processes | corpus | shard size | tokens | seconds | CPU s | tokens/s | vs A-default | max RSS MB "
-          "| tree PSS MB (anon) |")
+    print("| approach | processes | corpus | shard size | tokens | seconds | CPU s | tokens/s | vs A-default "
+          "| max RSS MB | tree PSS MB (anon) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (name, procs, corpus, shard), r in rows.items():
-        print(f"| {name} | {procs} | {corpus}x | {shard:,} | {r['tokens']:,} | {r['seconds']:.1f} | {r['cpu']:.1f} | "
-              f"{r['tps']:,.0f} | {r['tps'] / base:.2f}x | {r['rss']:.0f} | {r['pss']:.0f} ({r['anon']:.0f}) |")
+        print(f"| {name} | {procs} | {corpus}x | {shard:,} | {r['tokens']:,} | {r['seconds']:.1f} "
+              f"| {r['cpu']:.1f} | {r['tps']:,.0f} | {r['tps'] / base:.2f}x | {r['rss']:.0f} "
+              f"| {r['pss']:.0f} ({r['anon']:.0f}) |")
     checks = [
         (f"fineweb.py default ({cores} procs) >= 1.5x A-default ({half} procs)", tps(b()) >= 1.5 * base),
         (f"fineweb.py >= A at {half} procs", tps(b(half)) >= tps(a(half))),
@@ -271,8 +279,9 @@ def main():
     if args.memory_check:
         for shard in (100_000_000, 10_000_000):
             m1, m2 = (rows[key(b(corpus=corpus, shard=shard))] for corpus in (1, 2))
-            print(f"\nfineweb.py memory, shard {shard:,} ({shard * 2 / 1e6:.0f} MB buffer), corpus 1x -> 2x: max RSS "
-                  f"{m1['rss']:.0f} -> {m2['rss']:.0f} MB, tree PSS {m1['pss']:.0f} -> {m2['pss']:.0f} MB, "
+            print(f"\nfineweb.py memory, shard {shard:,} ({shard * 2 / 1e6:.0f} MB buffer), corpus 1x -> 2x: "
+                  f"max RSS {m1['rss']:.0f} -> {m2['rss']:.0f} MB, "
+                  f"tree PSS {m1['pss']:.0f} -> {m2['pss']:.0f} MB, "
                   f"anonymous {m1['anon']:.0f} -> {m2['anon']:.0f} MB", end="")
         print()
     print()

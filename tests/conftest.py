@@ -23,7 +23,8 @@ SHARED_HELLASWAG = os.path.join(os.path.dirname(REPO), "shared", "data", "hellas
 
 # The slowest checks (30 s to minutes each on 2 CPU cores), past what the suite's 15 minutes can hold on a
 # user's machine; CI (CI=true) runs them.
-ci_only = pytest.mark.skipif(not os.environ.get("CI"), reason="30 s or more on 2 CPU cores: CI runs it (CI=true)")
+ci_only = pytest.mark.skipif(not os.environ.get("CI"),
+                             reason="30 s or more on 2 CPU cores: CI runs it (CI=true)")
 
 # Never wait on the network: transformers and datasets must use local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,7 +37,7 @@ sys.path.insert(0, REPO)
 
 @functools.cache
 def tiktoken_gpt2():
-    """tiktoken's own "gpt2" encoding, the reference for fineweb.gpt2_tokenizer() and what the tests build
+    """tiktoken's own "gpt2" encoding, the reference for common.gpt2_tokenizer() and what the tests build
     expected tokens with. tiktoken downloads OpenAI's two files and caches them under the sha1 of their URL;
     here its cache is a temporary folder holding the repository's copies under those names, so it is built
     without network, by tiktoken's own code (which also checks the files' sha256)."""
@@ -45,7 +46,8 @@ def tiktoken_gpt2():
     cache = tempfile.mkdtemp(prefix="tiktoken_cache_")
     for name in ("vocab.bpe", "encoder.json"):
         url = f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{name}"
-        shutil.copy(os.path.join(REPO, "data", name), os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()))
+        shutil.copy(os.path.join(REPO, "data", name),
+                    os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()))
     saved = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = cache
     try:
@@ -77,18 +79,20 @@ def run_train(*args, nproc=1, check=True, timeout=900, merge_stderr=False, **kwa
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
     proc = subprocess.run(launcher + [os.path.join(REPO, "train_gpt2.py"), *map(str, args)], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
                           text=True, timeout=timeout, **kwargs)
     if check and proc.returncode != 0:
-        raise AssertionError(f"train_gpt2.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"train_gpt2.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
     return proc
 
 
 @contextlib.contextmanager
 def folder_in_use(folder):
-    """folder held as a running train_gpt2.py or fineweb.py holds it (fineweb.hold_folder, in a child process
+    """folder held as a running train_gpt2.py or fineweb.py holds it (common.hold_folder, in a child process
     waiting on its stdin); yields the child, which is SIGKILLed at the end if still alive."""
-    code = ("import sys, fineweb; lock = fineweb.hold_folder(sys.argv[1], ''); print('held', flush=True); "
+    code = ("import sys, common; lock = common.hold_folder(sys.argv[1], ''); print('held', flush=True); "
             "sys.stdin.read()")
     child = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
@@ -135,7 +139,7 @@ def children(proc):
 @pytest.fixture(scope="session")
 def shakespeare_shards(tmp_path_factory):
     """Tiny Shakespeare tokenized with GPT-2's BPE: the first 10% as the val shard, the rest as train."""
-    from fineweb import gpt2_tokenizer
+    from common import gpt2_tokenizer
     text = open(TINY_SHAKESPEARE, encoding="utf-8").read()
     enc = gpt2_tokenizer()
     tokens = np.array([enc.eot_token] + enc.encode_ordinary(text), dtype=np.uint16)
@@ -188,11 +192,11 @@ def on_small_disk(mount_dir, size, steps):
     """Do steps on a tmpfs of `size` (e.g. "8m") mounted at mount_dir, a disk that fills up for real
     (ENOSPC from the kernel). It lives in a private mount namespace (unshare: no root needed, nothing
     else sees it, gone at the end). Steps: ("fill", bytes_left_free), ("free",) to remove the filling,
-    ("readonly",) to remount it read-only, ("run", argv), ("save", folder) to copy the disk's files out. Returns, per "run", its returncode,
-    stdout, stderr and the files then on the disk."""
+    ("readonly",) to remount it read-only, ("run", argv), ("save", folder) to copy the disk's files out.
+    Returns, per "run", its returncode, stdout, stderr and the files then on the disk."""
     os.makedirs(mount_dir, exist_ok=True)
-    cmd = ["unshare", "--map-root-user", "--mount", sys.executable, "-c", SMALL_DISK_STEPS, str(mount_dir), size,
-           json.dumps(steps, default=str)]
+    cmd = ["unshare", "--map-root-user", "--mount", sys.executable, "-c", SMALL_DISK_STEPS, str(mount_dir),
+           size, json.dumps(steps, default=str)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except FileNotFoundError:

@@ -12,7 +12,8 @@ import pytest
 from bench.train_bench import parse_args
 from conftest import REPO, ci_only
 
-TINY = "--n_layer 2 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 --total_batch_size 512 --compile 0 --device cpu"
+TINY = ("--n_layer 2 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 --total_batch_size 512 "
+        "--compile 0 --device cpu")
 
 
 def bench(*args, timeout=600):
@@ -50,9 +51,9 @@ def test_table_from_real_runs_with_max_search(tmp_path):
 @pytest.mark.slow
 @ci_only
 def test_repeats_interleave_the_rows_and_report_the_median(tmp_path):
-    proc = bench("--micro_batch_sizes", "4", "--train_flags", TINY, "--variants", ";--chunked_loss 0", "--warmup", "1",
-                 "--steps", "2", "--repeats", "2", "--data_dir", str(tmp_path / "data"), "--synthetic_tokens", "20000",
-                 "--device", "cpu")
+    proc = bench("--micro_batch_sizes", "4", "--train_flags", TINY, "--variants", ";--chunked_loss 0",
+                 "--warmup", "1", "--steps", "2", "--repeats", "2", "--data_dir", str(tmp_path / "data"),
+                 "--synthetic_tokens", "20000", "--device", "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     order = re.findall(r"^  (train_gpt2.py[^:]*?) 4(?: \(repeat (\d)\))?:", proc.stderr, re.M)
     assert order == [("train_gpt2.py", ""), ("train_gpt2.py --chunked_loss 0", ""), ("train_gpt2.py", "2"),
@@ -65,8 +66,9 @@ def test_repeats_interleave_the_rows_and_report_the_median(tmp_path):
 
 @pytest.mark.slow
 def test_failed_run_is_a_row_and_exit_1(tmp_path):
-    proc = bench("--micro_batch_sizes", "4", "--train_flags", TINY, "--variants", "--max_lr 0", "--warmup", "1",
-                 "--steps", "1", "--data_dir", str(tmp_path / "data"), "--synthetic_tokens", "20000", "--device", "cpu")
+    proc = bench("--micro_batch_sizes", "4", "--train_flags", TINY, "--variants", "--max_lr 0",
+                 "--warmup", "1", "--steps", "1", "--data_dir", str(tmp_path / "data"),
+                 "--synthetic_tokens", "20000", "--device", "cpu")
     assert proc.returncode == 1
     [row] = table(proc.stdout)
     assert row[0] == "train_gpt2.py --max_lr 0" and "--max_lr 0.0: must be > 0" in row[2]
@@ -74,8 +76,9 @@ def test_failed_run_is_a_row_and_exit_1(tmp_path):
 
 def test_reference_edits_refuse_another_script(tmp_path):
     (tmp_path / "train_gpt2.py").write_text("print('not build-nanogpt')\n")
-    proc = bench("--micro_batch_sizes", "4", "--train_flags", TINY, "--reference", str(tmp_path), "--warmup", "1",
-                 "--steps", "1", "--data_dir", str(tmp_path / "data"), "--synthetic_tokens", "20000", "--device", "cpu")
+    proc = bench("--micro_batch_sizes", "4", "--train_flags", TINY, "--reference", str(tmp_path),
+                 "--warmup", "1", "--steps", "1", "--data_dir", str(tmp_path / "data"),
+                 "--synthetic_tokens", "20000", "--device", "cpu")
     assert proc.returncode == 1
     assert "has 0 copies of 'data_root = \"edu_fineweb10B\"', expected 1" in proc.stderr
 
@@ -99,17 +102,20 @@ def test_bad_flags_one_line(args, message, capsys):
 def test_memory_bench_table_from_real_runs(tmp_path):
     """bench/memory_bench.py on a tiny shape: a row per variant, FSDP's state per rank half the full state,
     each run stopped after its second step with nothing left behind."""
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "memory_bench.py"), "--shapes", "2x2x32",
-                           "--seq_len", "32", "--micro_batch_size", "2", "--data_dir", str(tmp_path / "data"),
-                           "--synthetic_tokens", "20000"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "memory_bench.py"),
+                           "--shapes", "2x2x32", "--seq_len", "32", "--micro_batch_size", "2",
+                           "--data_dir", str(tmp_path / "data"), "--synthetic_tokens", "20000"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
             if line.startswith("| 2x2x32 |")]
-    assert [(r[1], r[2]) for r in rows] == [("full state", "1"), ("full state, activation checkpointing", "1"),
+    assert [(r[1], r[2]) for r in rows] == [("full state", "1"),
+                                            ("full state, activation checkpointing", "1"),
                                             ("FSDP", "2"), ("FSDP, activation checkpointing", "2")]
     state = [float(r[3].removesuffix(" MB")) for r in rows]
     # 2 layers of 32 wide and the 50304 x 32 embedding: ~1.67M parameters, 16 bytes each
-    assert state[0] == state[1] == pytest.approx(26.7, abs=0.1) and state[2] == state[3] == pytest.approx(13.3, abs=0.1)
+    assert (state[0] == state[1] == pytest.approx(26.7, abs=0.1)
+            and state[2] == state[3] == pytest.approx(13.3, abs=0.1))
     for r in rows:
         assert 50 < float(r[4].removesuffix(" MB")) < 4000 and int(r[5].replace(",", "")) > 0
     assert os.listdir(tmp_path / "data" / "runs") == []
@@ -123,18 +129,21 @@ def test_muon_bench_table_from_real_runs(shakespeare_shards, tmp_path):
     the runs' log.txt's, the tokens to reach the best AdamW run's final val loss are counted at the first
     eval at or below it; run again, it reuses the finished runs."""
     flags = "--n_layer 2 --n_head 2 --n_embd 32 --block_size 32 --seq_len 32 --micro_batch_size 4 " \
-            "--total_batch_size 128 --max_steps 8 --warmup_steps 2 --eval_interval 2 --val_steps 2 --device cpu " \
-            "--dtype float32 --compile 0"
-    args = [sys.executable, os.path.join(REPO, "bench", "muon_bench.py"), "--data_dir", str(shakespeare_shards),
+            "--total_batch_size 128 --max_steps 8 --warmup_steps 2 --eval_interval 2 --val_steps 2 " \
+            "--device cpu --dtype float32 --compile 0"
+    args = [sys.executable, os.path.join(REPO, "bench", "muon_bench.py"),
+            "--data_dir", str(shakespeare_shards),
             "--vocab_size", "256", "--train_flags", flags, "--adamw_lrs", "3e-3", "--muon_lrs", "1e-2",
             "--short_schedule", "0.5", "--out_dir", str(tmp_path)]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     remapped = np.load(f"{shakespeare_shards}_vocab256/shakespeare_train_000001.npy")
     assert remapped.max() == 255 and len(np.unique(remapped)) == 256
-    assert re.search(r"^2L/2H/32d, vocab 256, [\d,]+ parameters \(\d+% in the blocks' matrices", proc.stdout, re.M)
+    assert re.search(r"^2L/2H/32d, vocab 256, [\d,]+ parameters \(\d+% in the blocks' matrices",
+                     proc.stdout, re.M)
     rows = {(r[0], r[2]): r for r in ([c.strip() for c in line.strip("|").split("|")]
-                                      for line in proc.stdout.splitlines() if re.match(r"\| (adamw|muon) ", line))}
+                                      for line in proc.stdout.splitlines()
+                                      if re.match(r"\| (adamw|muon) ", line))}
     assert list(rows) == [("adamw", "8 steps"), ("muon", "8 steps"), ("muon", "4 steps")]
 
     def val(folder):

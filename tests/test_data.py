@@ -1,4 +1,5 @@
-"""DataLoaderLite: token shards (.npy and llm.c .bin) -> micro-batches, ranks, epochs, shuffle, resume, bad data.
+"""DataLoaderLite: token shards (.npy and llm.c .bin) -> micro-batches, ranks, epochs, shuffle, resume,
+bad data.
 
 Every shard is filled with distinct consecutive token ids (a running counter over the whole folder), so a
 batch says which shard and offset it came from, and equality checks cannot pass by accident.
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from conftest import write_bin_shard, write_npy_shard
-from train_gpt2 import DataLoaderLite, UserError
+from common import UserError
+from train_gpt2 import DataLoaderLite
 
 B, T = 2, 4
 BT = B * T
@@ -24,7 +26,8 @@ BT = B * T
 
 
 def make_dir(path, shards, start=0):
-    """Write shards {name: n_tokens} into folder `path` (created), in the given order, as .npy or .bin by name.
+    """Write shards {name: n_tokens} into folder `path` (created), in the given order, as .npy or .bin
+    by name.
 
     Tokens are a running counter from `start` across the shards, so every token id in the folder is distinct.
     Returns {name: tokens}.
@@ -84,12 +87,14 @@ def loader(data_dir, split="train", **kwargs):
 
 
 def shard_of(shards, batch):
-    """The name of the shard (from make_dir's result) that batch (x, y) was cut from, and its micro-batch index."""
+    """The name of the shard (from make_dir's result) that batch (x, y) was cut from, and its micro-batch
+    index."""
     first = batch[0][0, 0]
     for name, tokens in shards.items():
         hits = np.flatnonzero(tokens == first)
         if len(hits):
-            assert hits[0] % BT == 0, f"micro-batch starts at offset {hits[0]} of {name}, not a multiple of B*T"
+            assert hits[0] % BT == 0, (f"micro-batch starts at offset {hits[0]} of {name}, "
+                                       "not a multiple of B*T")
             return name, hits[0] // BT
     raise AssertionError(f"token {first} is in no shard")
 
@@ -130,7 +135,8 @@ def test_reads_micro_batches_in_sorted_shard_order_and_wraps_around(tmp_path):
 
 def test_micro_batch_boundaries_within_a_shard(tmp_path):
     # Exactly k*B*T+1 tokens give k micro-batches; one fewer gives k-1 (the tail is dropped).
-    shards = make_dir(tmp_path, {"a_train_0.npy": 2 * BT + 1, "a_train_1.npy": 2 * BT, "a_train_2.npy": BT + 1})
+    shards = make_dir(tmp_path, {"a_train_0.npy": 2 * BT + 1, "a_train_1.npy": 2 * BT,
+                                 "a_train_2.npy": BT + 1})
     dl = loader(tmp_path)
     got = read(dl, 4)
     names = [shard_of(shards, b) for b in got]
@@ -149,7 +155,8 @@ def test_npy_and_bin_give_identical_batches(tmp_path):
 
 
 def test_npy_and_bin_shards_mix_in_one_split(tmp_path):
-    shards = make_dir(tmp_path, {"s_train_1.bin": 2 * BT + 1, "s_train_0.npy": BT + 1, "s_train_2.npy": BT + 1})
+    shards = make_dir(tmp_path, {"s_train_1.bin": 2 * BT + 1, "s_train_0.npy": BT + 1,
+                                 "s_train_2.npy": BT + 1})
     assert_same(read(loader(tmp_path), 8), sorted_stream(shards) * 2)
 
 
@@ -167,7 +174,8 @@ def test_shards_are_memory_mapped(tmp_path, ext):
 
 
 def test_splits_and_unrelated_files_are_kept_apart(tmp_path):
-    train = make_dir(tmp_path, {"edufineweb_train_000001.npy": 2 * BT + 1, "edufineweb_train_000002.bin": BT + 1})
+    train = make_dir(tmp_path, {"edufineweb_train_000001.npy": 2 * BT + 1,
+                                "edufineweb_train_000002.bin": BT + 1})
     val = make_dir(tmp_path, {"edufineweb_val_000000.npy": 3 * BT + 1}, start=10000)
     # Files the loader must ignore; reading any of them as a shard would fail or change the batches.
     (tmp_path / "manifest.json").write_text('{"train": 2, "val": 1}')
@@ -179,7 +187,8 @@ def test_splits_and_unrelated_files_are_kept_apart(tmp_path):
     (tmp_path / "train_subdir_is_not_a_file.txt").mkdir()
 
     dl = loader(tmp_path, "train")
-    assert [os.path.basename(p) for p in dl.paths] == ["edufineweb_train_000001.npy", "edufineweb_train_000002.bin"]
+    assert [os.path.basename(p) for p in dl.paths] == ["edufineweb_train_000001.npy",
+                                                       "edufineweb_train_000002.bin"]
     assert_same(read(dl, 6), sorted_stream(train) * 2)
     dl = loader(tmp_path, "val")
     assert [os.path.basename(p) for p in dl.paths] == ["edufineweb_val_000000.npy"]
@@ -215,7 +224,8 @@ def test_ranks_interleave_into_the_single_process_stream(tmp_path, world):
 
 
 @pytest.mark.parametrize("world,accum", [(2, 2), (3, 2), (2, 3)])
-def test_ranks_with_accumulation_see_the_tokens_of_one_process_with_world_times_accumulation(tmp_path, world, accum):
+def test_ranks_with_accumulation_see_the_tokens_of_one_process_with_world_times_accumulation(tmp_path, world,
+                                                                                             accum):
     make_dir(tmp_path, THREE_SHARDS)
     steps = 7  # 7 * W * A micro-batches: several epochs
     single = loader(tmp_path)
@@ -233,7 +243,8 @@ def test_ranks_with_accumulation_see_the_tokens_of_one_process_with_world_times_
 @pytest.mark.parametrize("world,rank", [(1, 0), (2, 1), (3, 2)])
 def test_position_is_the_whole_state(tmp_path, world, rank):
     make_dir(tmp_path, THREE_SHARDS)
-    for k in (0, 1, 4, 6, 10, 11, 13, 25):  # 11 micro-batches per epoch: inside shards, at boundaries, past wrap-arounds
+    # 11 micro-batches per epoch: inside shards, at boundaries, past wrap-arounds
+    for k in (0, 1, 4, 6, 10, 11, 13, 25):
         original = loader(tmp_path, process_rank=rank, num_processes=world)
         read(original, k)
         saved = original.position
@@ -333,7 +344,8 @@ def test_shuffle_visits_every_micro_batch_once_per_epoch_shard_by_shard(tmp_path
         assert sorted(order) == sorted(shards), f"shard order {order} is not a permutation (each shard once)"
         assert sorted(visits) == want_visits  # every micro-batch exactly once
         epoch = got[e * per_epoch:(e + 1) * per_epoch]
-        assert sorted(map(key, epoch)) == sorted(map(key, unshuffled_epoch))  # the same (x, y) pairs, reordered
+        # the same (x, y) pairs, reordered
+        assert sorted(map(key, epoch)) == sorted(map(key, unshuffled_epoch))
     # The batches themselves are the shards' micro-batches, x and y as in the unshuffled stream.
     unshuffled = {shard_of(shards, b): b for b in unshuffled_epoch}
     assert_same(got, [unshuffled[shard_of(shards, b)] for b in got])
@@ -342,7 +354,8 @@ def test_shuffle_visits_every_micro_batch_once_per_epoch_shard_by_shard(tmp_path
 def test_shuffle_draws_a_new_shard_order_every_epoch(tmp_path):
     shards = make_dir(tmp_path, EIGHT_SHARDS)
     per_epoch = len(sorted_stream(shards))
-    orders = [order for order, _ in epochs_of(shards, per_epoch, read(loader(tmp_path, shuffle=True), 4 * per_epoch))]
+    orders = [order for order, _ in epochs_of(shards, per_epoch,
+                                              read(loader(tmp_path, shuffle=True), 4 * per_epoch))]
     assert any(order != sorted(shards) for order in orders), "shuffle=True never shuffled the shards"
     for e in range(1, len(orders)):
         assert orders[e] != orders[e - 1], f"epochs {e - 1} and {e} have the same shard order"
@@ -353,12 +366,15 @@ def test_shuffle_permutes_the_micro_batches_within_each_shard_every_epoch(tmp_pa
     counts = batch_counts(shards)
     per_epoch = sum(counts.values())
     epochs = epochs_of(shards, per_epoch, read(loader(tmp_path, shuffle=True, seed=1337), 3 * per_epoch))
-    within = [{n: [i for m, i in visits if m == n] for n in shards} for _, visits in epochs]  # per epoch, per shard
+    # per epoch, per shard
+    within = [{n: [i for m, i in visits if m == n] for n in shards} for _, visits in epochs]
     for e, orders in enumerate(within):
         for n, order in orders.items():
-            assert order != list(range(counts[n])), f"epoch {e}: {n}'s micro-batches in their unshuffled order"
+            assert order != list(range(counts[n])), (f"epoch {e}: {n}'s micro-batches in their "
+                                                     "unshuffled order")
             if e:
-                assert order != within[e - 1][n], f"epochs {e - 1} and {e} read {n}'s micro-batches in one order"
+                assert order != within[e - 1][n], (f"epochs {e - 1} and {e} read {n}'s micro-batches "
+                                                   "in one order")
         a, b = (orders[n] for n in sorted(shards) if counts[n] == 9)
         assert a != b, f"epoch {e}: the two 9-micro-batch shards share one order"
 
@@ -371,7 +387,8 @@ def test_shuffle_is_deterministic_from_the_seed(tmp_path, layout):
     a = read(loader(tmp_path, shuffle=True, seed=7), n)
     assert_same(read(loader(tmp_path, shuffle=True, seed=7), n), a)
     other = read(loader(tmp_path, shuffle=True, seed=8), n)
-    assert any(not np.array_equal(x, ox) for (x, _), (ox, _) in zip(a, other)), "seeds 7 and 8 gave the same order"
+    assert any(not np.array_equal(x, ox)
+               for (x, _), (ox, _) in zip(a, other)), "seeds 7 and 8 gave the same order"
 
 
 def test_shuffle_draws_each_shards_order_once_per_epoch(tmp_path, monkeypatch):
@@ -403,7 +420,8 @@ def test_shuffled_position_restored_anywhere_continues_identically(tmp_path, wor
         original = loader(tmp_path, shuffle=True, seed=3, process_rank=rank, num_processes=world)
         read(original, k)  # mid shard, mid epoch 2, past epochs
         restored = loader(tmp_path, shuffle=True, seed=3, process_rank=rank, num_processes=world)
-        read(restored, 2 * per_epoch)  # elsewhere first: what it cached must not leak into the restored stream
+        # elsewhere first: what it cached must not leak into the restored stream
+        read(restored, 2 * per_epoch)
         restored.position = original.position
         assert_same(read(restored, 2 * per_epoch), read(original, 2 * per_epoch))
 
@@ -413,7 +431,8 @@ def test_shuffled_ranks_interleave_into_the_single_process_stream(tmp_path, worl
     shards = make_dir(tmp_path, LONG_SHARDS)
     n = 2 * len(sorted_stream(shards)) + 1
     single = read(loader(tmp_path, shuffle=True, seed=5), world * n)
-    ranks = [read(loader(tmp_path, shuffle=True, seed=5, process_rank=r, num_processes=world), n) for r in range(world)]
+    ranks = [read(loader(tmp_path, shuffle=True, seed=5, process_rank=r, num_processes=world), n)
+             for r in range(world)]
     assert_same([ranks[r][k] for k in range(n) for r in range(world)], single)
 
 
@@ -535,9 +554,11 @@ def test_bad_val_shard_is_found_when_the_val_loader_is_built(tmp_path):
 
 
 def test_token_id_out_of_vocab_is_raised_when_that_shard_is_first_read(tmp_path):
-    shards = make_dir(tmp_path, {"v_train_0.npy": 2 * BT + 1, "v_train_1.bin": 2 * BT + 1, "v_train_2.npy": BT + 1})
+    shards = make_dir(tmp_path, {"v_train_0.npy": 2 * BT + 1, "v_train_1.bin": 2 * BT + 1,
+                                 "v_train_2.npy": BT + 1})
     top_ok = int(shards["v_train_1.bin"].max())
-    vocab = top_ok + 1  # shards 0 and 1 fit exactly (max id == vocab_size - 1); shard 2 holds ids >= vocab_size
+    # shards 0 and 1 fit exactly (max id == vocab_size - 1); shard 2 holds ids >= vocab_size
+    vocab = top_ok + 1
     dl = loader(tmp_path, vocab_size=vocab)  # building the loader reads no tokens
     got = read(dl, 4)  # shards 0 and 1 are fine
     assert_same(got, sorted_stream(shards)[:4])
@@ -576,8 +597,8 @@ def test_with_gpt2s_vocabulary_the_padding_ids_are_refused(tmp_path, vocab_size,
     with pytest.raises(UserError) as info:
         dl.next_batch()
     limit = "GPT-2's 50257 ids" if vocab_size in (50257, 50304) else f"the model's vocab_size {vocab_size}"
-    assert str(info.value) == f"{tmp_path / 'g_train_0.npy'}: token id {top} is past {limit}; the shard was " \
-                              f"made with another tokenizer"
+    assert str(info.value) == (f"{tmp_path / 'g_train_0.npy'}: token id {top} is past {limit}; "
+                               f"the shard was made with another tokenizer")
 
 
 def test_token_ids_below_vocab_are_accepted_on_every_read(tmp_path):

@@ -2,7 +2,8 @@
 loads with the same logits and greedy tokens as our GPT, with GPT-2's tokenizer (tiktoken's ids on real
 text), a model card holding the run's numbers, and one-line errors that never leave a half-written folder.
 
-GPT-2's tokenizer comes from OpenAI's original files in data/, export.py's default, so exports need no network.
+GPT-2's tokenizer comes from OpenAI's original files in data/, export.py's default, so exports need no
+network.
 """
 
 import contextlib
@@ -21,11 +22,13 @@ from transformers.utils import logging as hf_logging
 
 from conftest import REPO, TINY_SHAKESPEARE, on_small_disk, run_train, tiktoken_gpt2
 from export import ExportConfig, main, parse_args
-from train_gpt2 import GPT, GPTConfig, load_checkpoint, load_model
+from checkpoints import load_checkpoint
+from train_gpt2 import GPT, GPTConfig, load_model
 
 TOL = 1e-4  # float32 logits
-TINY = ("--n_layer", 2, "--n_head", 2, "--n_embd", 32, "--block_size", 64, "--seq_len", 64, "--micro_batch_size", 4,
-        "--total_batch_size", 256, "--hellaswag", 0, "--sample_interval", 0, "--compile", 0, "--device", "cpu")
+TINY = ("--n_layer", 2, "--n_head", 2, "--n_embd", 32, "--block_size", 64, "--seq_len", 64,
+        "--micro_batch_size", 4, "--total_batch_size", 256, "--hellaswag", 0, "--sample_interval", 0,
+        "--compile", 0, "--device", "cpu")
 QUICK = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")  # quiet(), in a subprocess
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"}
 
@@ -74,8 +77,9 @@ def log_dir(shakespeare_shards, tmp_path_factory):
     """A tiny run on Tiny Shakespeare with checkpoints at steps 2 and 4 (vocab 50304, context 64); a short
     warmup and a high learning rate, so that 4 steps move the weights away from their init."""
     log_dir = tmp_path_factory.mktemp("log")
-    run_train("--data_dir", shakespeare_shards, "--log_dir", log_dir, *TINY, "--max_steps", 4, "--ckpt_interval", 2,
-              "--eval_interval", 2, "--val_steps", 2, "--warmup_steps", 1, "--max_lr", 3e-3, env=QUICK)
+    run_train("--data_dir", shakespeare_shards, "--log_dir", log_dir, *TINY, "--max_steps", 4,
+              "--ckpt_interval", 2, "--eval_interval", 2, "--val_steps", 2, "--warmup_steps", 1,
+              "--max_lr", 3e-3, env=QUICK)
     return log_dir
 
 
@@ -101,7 +105,8 @@ def test_newest_checkpoint_into_default_folder_with_every_file(exported, log_dir
     folder, out = exported
     assert "hf_model_00004" in os.listdir(log_dir) and not any(".tmp" in n for n in os.listdir(log_dir))
     assert {"config.json", "model.safetensors", "README.md", *TOKENIZER_FILES} <= set(os.listdir(folder))
-    assert out == f'saved {folder}\nload it with: transformers.pipeline("text-generation", model="{folder}")\n'
+    assert out == (f'saved {folder}\nload it with: transformers.pipeline("text-generation", '
+                   f'model="{folder}")\n')
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +172,8 @@ def test_model_card(exported, log_dir):
                            "tags:\n- gpt2\n---\n")
     assert "| step | 4 of 4 |" in card
     assert "| tokens seen | 1,024 (4 steps x 256) |" in card
-    assert f"| val loss | {ckpt['val_loss']:.4f} on the val split of `{ckpt['config']['data_dir']}` | 3.2924" in card
+    assert (f"| val loss | {ckpt['val_loss']:.4f} on the val split of `{ckpt['config']['data_dir']}` "
+            "| 3.2924") in card
     assert "| HellaSwag acc_norm | not measured | 0.2955" in card
     assert "| 2 | 2 | 32 | 64 | 50257 (trained with 50304;" in card
     assert "| `--max_lr` | `0.003` |" in card and "| `--init_from` | `scratch` |" in card
@@ -196,7 +202,8 @@ def save_variant(log_dir, path, vocab_size=None, **keys):
 
 def test_card_shows_hellaswag_when_measured(log_dir, gpt2_files, tmp_path):
     path = save_variant(log_dir, tmp_path / "model_00004.pt", hellaswag=0.30125, val_loss=None,
-                        config={**load_checkpoint(str(log_dir / "model_00004.pt"))["config"], "hellaswag_limit": 500})
+                        config={**load_checkpoint(str(log_dir / "model_00004.pt"))["config"],
+                                "hellaswag_limit": 500})
     cli("--checkpoint", path, "--tokenizer", gpt2_files)
     card = (tmp_path / "hf_model_00004" / "README.md").read_text(encoding="utf-8")
     assert "| HellaSwag acc_norm | 0.3013 on 500 val examples | 0.2955 on 10,042 val examples |" in card
@@ -219,9 +226,10 @@ def test_toy_vocab_exports_the_weights_without_a_tokenizer(log_dir, tmp_path):
 def test_finetuned_from_a_hugging_face_folder(shakespeare_shards, hf_folder, exported, tmp_path):
     """An --init_from run has GPT-2's 50257 tokens, no padding; the tokenizer comes from a Hugging Face
     folder (the first export's)."""
-    run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, "--init_from", hf_folder, "--seq_len", 64,
-              "--micro_batch_size", 4, "--total_batch_size", 256, "--max_steps", 2, "--eval_interval", 2,
-              "--val_steps", 1, "--hellaswag", 0, "--sample_interval", 0, "--compile", 0, "--device", "cpu", env=QUICK)
+    run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, "--init_from", hf_folder,
+              "--seq_len", 64, "--micro_batch_size", 4, "--total_batch_size", 256, "--max_steps", 2,
+              "--eval_interval", 2, "--val_steps", 1, "--hellaswag", 0, "--sample_interval", 0,
+              "--compile", 0, "--device", "cpu", env=QUICK)
     cli("--checkpoint", tmp_path, "--tokenizer", exported[0])
     folder = tmp_path / "hf_model_00002"
     card = (folder / "README.md").read_text(encoding="utf-8")
@@ -229,7 +237,8 @@ def test_finetuned_from_a_hugging_face_folder(shakespeare_shards, hf_folder, exp
     text = text_sample()
     expected = tiktoken_gpt2().encode_ordinary(text)
     assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == expected
-    ours, hf = load_model(str(tmp_path / "model_00002.pt")).eval(), GPT2LMHeadModel.from_pretrained(folder).eval()
+    ours, hf = (load_model(str(tmp_path / "model_00002.pt")).eval(),
+                GPT2LMHeadModel.from_pretrained(folder).eval())
     idx = torch.randint(0, 50257, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (hf(idx).logits - ours(idx)[0]).abs().max().item() < TOL
@@ -239,7 +248,8 @@ def test_finetuned_from_a_hugging_face_folder(shakespeare_shards, hf_folder, exp
 
 
 def test_defaults_and_help(capsys):
-    assert parse_args([]) == ExportConfig(checkpoint="log", out_dir="", tokenizer="", push_to_hub="", private=False)
+    assert parse_args([]) == ExportConfig(checkpoint="log", out_dir="", tokenizer="", push_to_hub="",
+                                          private=False)
     assert parse_args(["--private", "true", "--push_to_hub", "a/b"]).private is True
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -249,11 +259,15 @@ def test_defaults_and_help(capsys):
 
 
 @pytest.mark.parametrize("case, argv, expected", [
-    ("out_dir not empty", ["--out_dir", "{tmp}/full"], "--out_dir {tmp}/full: already exists and is not an empty"),
-    ("no such checkpoint", ["--checkpoint", "{tmp}/model_00100.pt"], "--checkpoint {tmp}/model_00100.pt: no such checkpoint"),
-    ("folder without checkpoints", ["--checkpoint", "{tmp}/full"], "no model_NNNNN.pt checkpoint in this folder"),
+    ("out_dir not empty", ["--out_dir", "{tmp}/full"],
+     "--out_dir {tmp}/full: already exists and is not an empty"),
+    ("no such checkpoint", ["--checkpoint", "{tmp}/model_00100.pt"],
+     "--checkpoint {tmp}/model_00100.pt: no such checkpoint"),
+    ("folder without checkpoints", ["--checkpoint", "{tmp}/full"],
+     "no model_NNNNN.pt checkpoint in this folder"),
     ("corrupt checkpoint", ["--checkpoint", "{tmp}/model_00009.pt"], "cannot read the checkpoint"),
-    ("tokenizer folder without files", ["--tokenizer", "{tmp}/full"], "--tokenizer {tmp}/full: no GPT-2 tokenizer"),
+    ("tokenizer folder without files", ["--tokenizer", "{tmp}/full"],
+     "--tokenizer {tmp}/full: no GPT-2 tokenizer"),
     ("corrupt tokenizer.json", ["--tokenizer", "{tmp}/bad_tok"], "--tokenizer {tmp}/bad_tok: cannot read"),
     ("no such tokenizer folder", ["--tokenizer", "{tmp}/nope"], "--tokenizer {tmp}/nope: no such folder"),
     ("repo id without user", ["--push_to_hub", "notarepoid", "--checkpoint", "{tmp}/missing"],
@@ -268,10 +282,12 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(capsys, log_dir, tmp_p
     (tmp_path / "model_00009.pt").write_bytes(b"not a checkpoint")
     before = sorted(os.listdir(tmp_path))
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code, err = cli_error(capsys, "--checkpoint", log_dir / "model_00004.pt", "--out_dir", tmp_path / "out", *argv)
+    code, err = cli_error(capsys, "--checkpoint", log_dir / "model_00004.pt", "--out_dir", tmp_path / "out",
+                          *argv)
     assert code == 1
     assert_one_line_error(err, expected.replace("{tmp}", str(tmp_path)))
-    assert sorted(os.listdir(tmp_path)) == before and (tmp_path / "full" / "keep.txt").read_text() == "someone's work"
+    assert (sorted(os.listdir(tmp_path)) == before
+            and (tmp_path / "full" / "keep.txt").read_text() == "someone's work")
 
 
 def test_push_offline_keeps_the_complete_folder(capsys, log_dir, gpt2_files, tmp_path):
@@ -282,7 +298,8 @@ def test_push_offline_keeps_the_complete_folder(capsys, log_dir, gpt2_files, tmp
     code, err = cli_error(capsys, "--checkpoint", log_dir, "--out_dir", out_dir, "--tokenizer", gpt2_files,
                           "--push_to_hub", "someone/tiny-gpt")
     assert code == 1
-    assert_one_line_error(err, "--push_to_hub someone/tiny-gpt: ", "offline", f"the folder is saved in {out_dir}: "
+    assert_one_line_error(err, "--push_to_hub someone/tiny-gpt: ", "offline",
+                          f"the folder is saved in {out_dir}: "
                           f"upload it later with `hf upload someone/tiny-gpt {out_dir}`\n")
     assert {"config.json", "model.safetensors", "README.md", *TOKENIZER_FILES} <= set(os.listdir(out_dir))
     card = (out_dir / "README.md").read_text(encoding="utf-8")
@@ -292,11 +309,13 @@ def test_push_offline_keeps_the_complete_folder(capsys, log_dir, gpt2_files, tmp
 def test_push_to_an_unreachable_hub_is_one_line(log_dir, gpt2_files, tmp_path):
     """Online mode against a closed local port (refused at once): a network error, not a traceback."""
     env = dict(QUICK, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN="hf_not_a_real_token")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "export.py"), "--checkpoint", log_dir, "--out_dir",
-                           tmp_path / "out", "--tokenizer", gpt2_files, "--push_to_hub", "someone/tiny-gpt"],
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "export.py"), "--checkpoint", log_dir,
+                           "--out_dir", tmp_path / "out", "--tokenizer", gpt2_files,
+                           "--push_to_hub", "someone/tiny-gpt"],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 1
-    assert_one_line_error(proc.stderr, "--push_to_hub someone/tiny-gpt: ", f"the folder is saved in {tmp_path / 'out'}")
+    assert_one_line_error(proc.stderr, "--push_to_hub someone/tiny-gpt: ",
+                          f"the folder is saved in {tmp_path / 'out'}")
     assert proc.stdout.startswith(f"saved {tmp_path / 'out'}\n")
 
 
@@ -309,7 +328,8 @@ def test_disk_full_is_one_line_and_leaves_nothing(log_dir, tmp_path):
     full, freed = on_small_disk(disk, "16m", [("fill", 2_000_000), run, ("free",), run])
     assert full["returncode"] == 1 and full["files"] == []
     assert "Traceback" not in full["stderr"]  # before it, only transformers' progress bar
-    assert full["stderr"].splitlines()[-1] == f"export.py: error: disk full in {disk}: {disk / 'gpt2-repro'} was not " \
-                                              f"written; free space and export again"
+    assert full["stderr"].splitlines()[-1] == (f"export.py: error: disk full in {disk}: "
+                                               f"{disk / 'gpt2-repro'} was not written; "
+                                               "free space and export again")
     assert freed["returncode"] == 0, freed["stderr"][-3000:]
     assert {"model.safetensors", "config.json", "README.md"} <= {os.path.basename(n) for n in freed["files"]}

@@ -24,10 +24,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_SHAKESPEARE, folder_in_use, on_small_disk, read_log, run_train, tiktoken_gpt2
+import common
 import fineweb
 
 EOT = 50256
-MIN_TRAIN_TOKENS = 2  # the spec: a corpus of val_tokens plus 2 tokens (a token and its target) has a train split
+# the spec: a corpus of val_tokens plus 2 tokens (a token and its target) has a train split
+MIN_TRAIN_TOKENS = 2
 
 # The many-document corpus: small shards, so documents cross shard boundaries and several tasks of 256
 # documents each run in parallel. 12,345 is not a document boundary, so the last val document runs on
@@ -45,7 +47,8 @@ def fineweb_main(*args):
     argv0, sys.argv[0] = sys.argv[0], "fineweb.py"  # argparse names the program after argv[0]
     try:
         fineweb.main([str(a) for a in args])
-    except SystemExit as e:  # sys.exit("fineweb.py: error: ...") exits 1 printing the message; argparse exits 2
+    # sys.exit("fineweb.py: error: ...") exits 1 printing the message; argparse exits 2
+    except SystemExit as e:
         return (1, e.code) if isinstance(e.code, str) else (e.code, None)
     finally:
         sys.argv[0] = argv0
@@ -197,7 +200,8 @@ def paragraphs(shakespeare):
 
 @pytest.fixture(scope="module")
 def small_docs(paragraphs):
-    """The first 2,000 paragraphs: 84,899 tokens, enough for a small val shard plus one training micro-batch."""
+    """The first 2,000 paragraphs: 84,899 tokens, enough for a small val shard plus one training
+    micro-batch."""
     return paragraphs[:2000]
 
 
@@ -222,7 +226,8 @@ def reference(tmp_path_factory, corpus):
 
 @pytest.fixture(scope="module")
 def reference_bin(tmp_path_factory, corpus):
-    return tokenize(tmp_path_factory.mktemp("reference_bin") / "out", "--input", corpus, *REF, "--format", "bin")
+    return tokenize(tmp_path_factory.mktemp("reference_bin") / "out", "--input", corpus, *REF,
+                    "--format", "bin")
 
 
 @pytest.fixture(scope="module")
@@ -313,8 +318,10 @@ def test_txt_folder_is_one_document_per_file_in_sorted_order(tmp_path, small_doc
 
 
 def test_jsonl(tmp_path, small_docs):
-    docs = ["", "<|endoftext|> is plain text inside a document", "naïve café — 日本語 🙂\r\n\ttabs"] + small_docs
-    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": d, "id": i, "url": f"u{i}"} for i, d in enumerate(docs)])
+    docs = ["", "<|endoftext|> is plain text inside a document",
+            "naïve café — 日本語 🙂\r\n\ttabs"] + small_docs
+    path = write_jsonl(tmp_path / "docs.jsonl",
+                       [{"text": d, "id": i, "url": f"u{i}"} for i, d in enumerate(docs)])
     assert_stream(tokenize(tmp_path / "out", "--input", path, *READER), docs)
 
 
@@ -428,12 +435,13 @@ fineweb.main(sys.argv[2:])
 @pytest.mark.parametrize("kill_at", [1, 9], ids=["before-the-first-manifest", "mid-run"])
 def test_resume_after_sigkill(tmp_path, capsys, reference, corpus, paragraphs, kill_at):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", DYING_RUN, str(kill_at), "--input", str(corpus), *map(str, REF),
-                           "--num_proc", "1", "--out_dir", str(out)],
+    proc = subprocess.run([sys.executable, "-c", DYING_RUN, str(kill_at), "--input", str(corpus),
+                           *map(str, REF), "--num_proc", "1", "--out_dir", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert any(n.endswith(".tmp") for n in os.listdir(out))  # the half-written shard
-    if kill_at == 1:  # the val shard itself, which waits under its temporary name until train tokens follow it
+    # the val shard itself, which waits under its temporary name until train tokens follow it
+    if kill_at == 1:
         assert shard_names(out) == [] and not os.path.exists(out / "manifest.json")
         resumed_after = None
     else:
@@ -537,7 +545,7 @@ def test_an_out_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(tm
 def test_a_file_system_without_locks_runs_unguarded_with_a_note(tmp_path, capsys, monkeypatch, small_corpus):
     def flock(f, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # as some network file systems answer
-    monkeypatch.setattr(fineweb, "fcntl", types.SimpleNamespace(flock=flock, LOCK_EX=2, LOCK_NB=4))
+    monkeypatch.setattr(common, "fcntl", types.SimpleNamespace(flock=flock, LOCK_EX=2, LOCK_NB=4))
     out = tokenize(tmp_path / "out", "--input", small_corpus, *READER)
     assert f"note: --out_dir {out}: cannot lock it (No locks available), so nothing keeps a second run out" \
         in capsys.readouterr().out
@@ -561,7 +569,8 @@ def folder_without_corpus_files(tmp_path, request):
 
 def empty_jsonl(tmp_path, request):
     (tmp_path / "empty.jsonl").write_text("")
-    return ["--input", tmp_path / "empty.jsonl", "--val_tokens", 1000], [f"--input {tmp_path / 'empty.jsonl'}: an empty file"]
+    return ["--input", tmp_path / "empty.jsonl", "--val_tokens", 1000], \
+        [f"--input {tmp_path / 'empty.jsonl'}: an empty file"]
 
 
 def non_utf8_file_in_a_folder(tmp_path, request):
@@ -578,15 +587,19 @@ def csv_file(tmp_path, request):
 
 
 def missing_text_column(tmp_path, request):
-    path = write_jsonl(tmp_path / "docs.jsonl", [{"body": d, "title": "t"} for d in request.getfixturevalue("small_docs")])
+    path = write_jsonl(tmp_path / "docs.jsonl",
+                       [{"body": d, "title": "t"} for d in request.getfixturevalue("small_docs")])
     return ["--input", path, "--val_tokens", 1000], ["'text'", "body", "title", "--text_column"]
 
 
 def corpus_too_small(tmp_path, request):
-    """One token short of val_tokens plus the smallest train split; the message says what --val_tokens works."""
+    """One token short of val_tokens plus the smallest train split; the message says what --val_tokens
+    works."""
     n = len(expected_stream(request.getfixturevalue("small_docs")))
-    return ["--input", request.getfixturevalue("small_corpus"), "--val_tokens", n - MIN_TRAIN_TOKENS + 1, "--shard_size", 5000], \
-        [f"--val_tokens {n - MIN_TRAIN_TOKENS + 1:,}", f"set --val_tokens to at most {n - MIN_TRAIN_TOKENS:,}"]
+    return ["--input", request.getfixturevalue("small_corpus"), "--val_tokens", n - MIN_TRAIN_TOKENS + 1,
+            "--shard_size", 5000], \
+        [f"--val_tokens {n - MIN_TRAIN_TOKENS + 1:,}",
+         f"set --val_tokens to at most {n - MIN_TRAIN_TOKENS:,}"]
 
 
 def out_dir_of_another_corpus(tmp_path, request):
@@ -638,8 +651,8 @@ def test_out_dir_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, small_cor
     (tmp_path / "afile").write_text("not a folder")
     for out, why in [(tmp_path / "afile", "File exists"), (tmp_path / "afile" / "out", "Not a directory")]:
         status, message = fineweb_main("--num_proc", 1, "--input", small_corpus, "--out_dir", out)
-        assert status == 1 and message == f"fineweb.py: error: --out_dir {out}: cannot make that folder ({why}); " \
-                                          f"pick another --out_dir"
+        assert status == 1 and message == (f"fineweb.py: error: --out_dir {out}: "
+                                           f"cannot make that folder ({why}); pick another --out_dir")
     assert "Traceback" not in capsys.readouterr().err
 
 
@@ -650,11 +663,13 @@ def test_disk_full_keeps_the_shards_written_and_the_rerun_finishes(tmp_path, ref
     disk = tmp_path / "disk"
     run = ["run", [sys.executable, os.path.join(REPO, "fineweb.py"), "--num_proc", 1, "--input", corpus, *REF,
                    "--out_dir", disk / "out"]]
-    full, rerun = on_small_disk(disk, "4m", [("fill", 200_000), run, ("free",), run, ("save", tmp_path / "saved")])
+    full, rerun = on_small_disk(disk, "4m", [("fill", 200_000), run, ("free",), run,
+                                             ("save", tmp_path / "saved")])
     assert full["returncode"] == 1 and "Traceback" not in full["stderr"]
     errors = [line for line in full["stderr"].splitlines() if line.startswith("fineweb.py: error:")]
     assert len(errors) == 1 and re.fullmatch(
-        rf"fineweb.py: error: disk full in {re.escape(str(disk / 'out'))}/: the (\d+) shards manifest.json lists "
+        rf"fineweb.py: error: disk full in {re.escape(str(disk / 'out'))}/: "
+        r"the (\d+) shards manifest.json lists "
         r"are kept; free space, then rerun this command, which resumes after them", errors[0]), errors
     kept = int(re.search(r"the (\d+) shards", errors[0])[1])
     assert kept > 1 and not [n for n in full["files"] if n.endswith(".tmp")]
@@ -667,7 +682,8 @@ def test_disk_full_keeps_the_shards_written_and_the_rerun_finishes(tmp_path, ref
 def test_smallest_trainable_corpus(tmp_path, small_corpus, small_docs):
     """Exactly val_tokens plus 2 tokens is enough (one token fewer is corpus_too_small)."""
     n = len(expected_stream(small_docs))
-    out = tokenize(tmp_path / "out", "--input", small_corpus, "--val_tokens", n - MIN_TRAIN_TOKENS, "--shard_size", 5000)
+    out = tokenize(tmp_path / "out", "--input", small_corpus, "--val_tokens", n - MIN_TRAIN_TOKENS,
+                   "--shard_size", 5000)
     assert_stream(out, small_docs)
     sizes = [s["tokens"] for s in read_manifest(out)["shards"]]
     assert sizes[0] == n - MIN_TRAIN_TOKENS and sum(sizes[1:]) == MIN_TRAIN_TOKENS
@@ -682,9 +698,9 @@ def test_corpus_smaller_than_a_default_micro_batch_tokenizes_with_a_note(tmp_pat
     assert n == 10853
     out = tokenize(tmp_path / "out", "--input", path, "--val_tokens", 1000)
     assert_stream(out, docs)
-    assert f"note: the largest train shard has {n - 1000:,} tokens, fewer than one micro-batch of train_gpt2.py's " \
-           f"defaults (64 x 1024 + 1 = 65,537): train with --micro_batch_size B and --seq_len T such that B x T + 1 " \
-           f"<= {n - 1000:,}" in capsys.readouterr().out
+    assert (f"note: the largest train shard has {n - 1000:,} tokens, fewer than one micro-batch of "
+            f"train_gpt2.py's defaults (64 x 1024 + 1 = 65,537): train with --micro_batch_size B and "
+            f"--seq_len T such that B x T + 1 <= {n - 1000:,}") in capsys.readouterr().out
     run_train("--data_dir", out, "--log_dir", tmp_path / "log", "--n_layer", 1, "--n_head", 2, "--n_embd", 32,
               "--block_size", 32, "--seq_len", 32, "--micro_batch_size", 4, "--total_batch_size", 128,
               "--max_steps", 2, "--val_steps", 2, "--device", "cpu")
@@ -705,7 +721,8 @@ def test_local_dataset_folder(tmp_path, small_docs, kind):
     else:
         write_jsonl(folder / "train.jsonl", [{"text": d} for d in small_docs])
         write_jsonl(folder / "test.jsonl", [{"text": "held out"}] * 10)
-    out = tokenize(tmp_path / "out", "--dataset", folder, "--name", "", "--split", "train", "--prefix", "local", *READER)
+    out = tokenize(tmp_path / "out", "--dataset", folder, "--name", "", "--split", "train",
+                   "--prefix", "local", *READER)
     assert shard_names(out) == ["local_train_000001.npy", "local_train_000002.npy", "local_val_000000.npy"]
     assert_stream(out, small_docs)
     source = read_manifest(out)["source"]
@@ -718,9 +735,10 @@ def test_local_dataset_folder(tmp_path, small_docs, kind):
 
 @pytest.mark.parametrize("fixture", ["shakespeare_preset", "shakespeare_bin"], ids=["npy", "bin"])
 def test_train_gpt2_reads_the_shards(tmp_path, request, fixture):
-    run_train("--data_dir", request.getfixturevalue(fixture), "--log_dir", tmp_path, "--n_layer", 1, "--n_head", 2,
-              "--n_embd", 32, "--block_size", 32, "--seq_len", 32, "--micro_batch_size", 4, "--total_batch_size", 128,
-              "--max_steps", 3, "--eval_interval", 3, "--val_steps", 2, "--device", "cpu")
+    run_train("--data_dir", request.getfixturevalue(fixture), "--log_dir", tmp_path, "--n_layer", 1,
+              "--n_head", 2, "--n_embd", 32, "--block_size", 32, "--seq_len", 32, "--micro_batch_size", 4,
+              "--total_batch_size", 128, "--max_steps", 3, "--eval_interval", 3, "--val_steps", 2,
+              "--device", "cpu")
     log = read_log(tmp_path)
     assert sorted(log["train"]) == [0, 1, 2]
     assert 3 in log["val"]
@@ -758,7 +776,8 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize("moment", ["before the first manifest", "between manifest and rename"])
-def test_interruption_around_the_first_manifest_can_be_resumed(tmp_path, monkeypatch, reference, corpus, moment):
+def test_interruption_around_the_first_manifest_can_be_resumed(tmp_path, monkeypatch, reference, corpus,
+                                                               moment):
     """Killed while finalizing the val shard: before manifest.json exists, or after it lists the shard
     but before the rename. Either way the rerun resumes and ends byte-identical."""
     real_replace = os.replace
@@ -786,7 +805,8 @@ def test_interruption_around_the_first_manifest_can_be_resumed(tmp_path, monkeyp
 
 def test_streaming_malformed_jsonl_is_a_one_line_error(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text("".join(json.dumps({"text": "hello world " * 10}) + "\n" for _ in range(3000)) + "{not json\n")
+    path.write_text("".join(json.dumps({"text": "hello world " * 10}) + "\n" for _ in range(3000))
+                    + "{not json\n")
     status, message = fineweb_main("--num_proc", 1, "--input", path, "--streaming", 1, "--val_tokens", 1000,
                                    "--out_dir", tmp_path / "out")
     assert status == 1 and message.startswith("fineweb.py: error:")
@@ -800,8 +820,8 @@ def test_null_document_is_a_one_line_error_naming_file_and_row(tmp_path, small_d
                          + [{"text": d} for d in small_docs[400:]])
     status, message = fineweb_main("--num_proc", num_proc, "--streaming", streaming, "--input", first, second,
                                    "--val_tokens", 1000, "--out_dir", tmp_path / "out")
-    assert (status, message) == (1, f"fineweb.py: error: row 301 of {second}: its --text_column 'text' is None, "
-                                    f"not text")
+    assert (status, message) == (1, f"fineweb.py: error: row 301 of {second}: its --text_column 'text' "
+                                    f"is None, not text")
     manifest = read_manifest(tmp_path / "out")  # the val shard was done before the second task
     assert not manifest["done"] and shard_names(tmp_path / "out") == [s["name"] for s in manifest["shards"]]
     assert not [n for n in os.listdir(tmp_path / "out") if n.endswith(".tmp")]
@@ -832,7 +852,8 @@ def test_spawn_start_method_as_on_macos_and_windows(tmp_path, reference, corpus)
     the dataset by pickling. The shards must be those of a forked run."""
     script = tmp_path / "spawned.py"
     script.write_text(f"import multiprocessing, sys\nsys.path.insert(0, {REPO!r})\nimport fineweb\n"
-                      f"if __name__ == '__main__':\n    multiprocessing.set_start_method('spawn')\n    fineweb.main()\n")
+                      f"if __name__ == '__main__':\n    multiprocessing.set_start_method('spawn')\n"
+                      f"    fineweb.main()\n")
     proc = subprocess.run([sys.executable, script, "--input", corpus, *map(str, REF), "--num_proc", "2",
                            "--out_dir", tmp_path / "out"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -840,34 +861,39 @@ def test_spawn_start_method_as_on_macos_and_windows(tmp_path, reference, corpus)
 
 
 def test_url_input_over_http(tmp_path, shakespeare_bin):
-    """--input http(s)://... goes through datasets' HTTP filesystem, which needs aiohttp (in requirements.txt):
-    Tiny Shakespeare served by `python -m http.server` on 127.0.0.1 gives the shards of the local file."""
+    """--input http(s)://... goes through datasets' HTTP filesystem, which needs aiohttp
+    (in requirements.txt): Tiny Shakespeare served by `python -m http.server` on 127.0.0.1 gives the
+    shards of the local file."""
     (tmp_path / "www").mkdir()
     shutil.copy(TINY_SHAKESPEARE, tmp_path / "www" / "input.txt")
-    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory",
-                               tmp_path / "www"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
+                               "--directory", tmp_path / "www"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        port = re.search(r" port (\d+) ", server.stdout.readline()).group(1)  # "Serving HTTP on 127.0.0.1 port N ..."
+        # "Serving HTTP on 127.0.0.1 port N ..."
+        port = re.search(r" port (\d+) ", server.stdout.readline()).group(1)
         url = f"http://127.0.0.1:{port}/input.txt"
         # datasets' offline mode (HF_DATASETS_OFFLINE, or HF_HUB_OFFLINE) refuses every URL, a local one too
         env = {k: v for k, v in os.environ.items() if k not in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-        proc = subprocess.run([sys.executable, os.path.join(REPO, "fineweb.py"), "--input", url, "--val_tokens",
-                               "34000", "--shard_size", "100000", "--format", "bin", "--out_dir", tmp_path / "out"],
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "fineweb.py"), "--input", url,
+                               "--val_tokens", "34000", "--shard_size", "100000", "--format", "bin",
+                               "--out_dir", tmp_path / "out"],
                               capture_output=True, text=True, env=env, timeout=300)
     finally:
         server.terminate()
         server.wait(timeout=30)
     assert proc.returncode == 0, proc.stderr[-2000:]
     shards = {n: b for n, b in snapshot(tmp_path / "out").items() if n != "manifest.json"}
-    assert shards == {n: b for n, b in snapshot(shakespeare_bin).items() if n != "manifest.json"} and len(shards) == 5
+    assert (shards == {n: b for n, b in snapshot(shakespeare_bin).items() if n != "manifest.json"}
+            and len(shards) == 5)
     assert read_manifest(tmp_path / "out")["source"]["input"] == [[url, None]]
 
 
 def test_no_network_and_no_tiktoken_cache_needed(tmp_path, small_corpus):
     """GPT-2's BPE comes from the repository's data/ folder: with an empty tiktoken cache and every proxy
     dead, a real fineweb.py process tokenizes as the in-process run does."""
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HTTPS_PROXY": "http://127.0.0.1:9",
-           "HTTP_PROXY": "http://127.0.0.1:9"}
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"),
+           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
     proc = subprocess.run([sys.executable, os.path.join(REPO, "fineweb.py"), "--input", small_corpus,
                            *map(str, READER), "--out_dir", tmp_path / "out"], capture_output=True, text=True,
                           env=env, timeout=120)
@@ -880,12 +906,12 @@ def test_damaged_bpe_file_is_a_one_line_error(tmp_path, small_corpus, monkeypatc
     shutil.copytree(os.path.join(REPO, "data"), tmp_path / "data")
     with open(tmp_path / "data" / "encoder.json", "r+b") as f:
         f.truncate(1000)  # cut short, as by a bad copy
-    monkeypatch.setattr(fineweb, "DATA_DIR", str(tmp_path / "data"))
-    fineweb.gpt2_tokenizer.cache_clear()
+    monkeypatch.setattr(common, "DATA_DIR", str(tmp_path / "data"))
+    common.gpt2_tokenizer.cache_clear()
     try:
         status, error = fineweb_main("--input", small_corpus, *READER, "--out_dir", tmp_path / "out")
     finally:
-        fineweb.gpt2_tokenizer.cache_clear()
-    assert status == 1 and error == (f"fineweb.py: error: {tmp_path}/data/encoder.json: damaged (not the bytes of "
-                                     f"OpenAI's file); restore it with `git checkout -- data`")
+        common.gpt2_tokenizer.cache_clear()
+    assert status == 1 and error == (f"fineweb.py: error: {tmp_path}/data/encoder.json: damaged (not the "
+                                     f"bytes of OpenAI's file); restore it with `git checkout -- data`")
     assert not os.path.exists(tmp_path / "out")

@@ -1,6 +1,6 @@
-"""--fsdp 1 (FSDP2 over 2 gloo ranks on CPU) and --activation_checkpointing 1: the same training as one process,
-checkpoints in the one format every script reads (resumed with or without FSDP, exported), evaluations and
-samples under FSDP, and the memory lines at start-up."""
+"""--fsdp 1 (FSDP2 over 2 gloo ranks on CPU) and --activation_checkpointing 1: the same training as one
+process, checkpoints in the one format every script reads (resumed with or without FSDP, exported),
+evaluations and samples under FSDP, and the memory lines at start-up."""
 import os
 import re
 import shutil
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import HELLASWAG_EXCERPT, ci_only, read_log, run_train
-from fineweb import gpt2_tokenizer
+from checkpoints import load_checkpoint
+from common import gpt2_tokenizer
 from test_train import HELLA, TINY, data, resume, run_main, train  # noqa: F401 (data: the fixture)
-from train_gpt2 import GPT, GPTConfig, SAMPLE_PROMPT, load_checkpoint, model_from_checkpoint
+from train_gpt2 import GPT, GPTConfig, SAMPLE_PROMPT, model_from_checkpoint
 
 # 2 ranks x 2 micro-batches = 1 process x 4; a clip below the norms (~0.8-1.0), so clipping over the
 # sharded gradients changes every step.
@@ -153,7 +154,8 @@ def test_ddp_and_compile_train_like_one_plain_process(runs, data, tmp_path):
     since did not.)"""
     root, _, _ = runs
     proc = train(data, tmp_path, *COMMON, "--compile", 1, nproc=2)
-    assert "2 process(es) on cpu | float32 | compile on" in proc.stdout and "a full copy on every rank" in proc.stdout
+    assert ("2 process(es) on cpu | float32 | compile on" in proc.stdout
+            and "a full copy on every rank" in proc.stdout)
     assert_same_losses(read_log(tmp_path), read_log(root / "single"), range(6))
 
 
@@ -164,8 +166,8 @@ def test_hellaswag_and_samples_under_fsdp(tmp_path, shakespeare_shards):
     those of the checkpoint's model."""
     from hellaswag import iterate_examples, score
     run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--max_steps", 2,
-              "--micro_batch_size", 4, "--hellaswag_limit", 41, "--hellaswag_dir", HELLASWAG_EXCERPT, "--plot", 0,
-              "--fsdp", 1, nproc=2)
+              "--micro_batch_size", 4, "--hellaswag_limit", 41, "--hellaswag_dir", HELLASWAG_EXCERPT,
+              "--plot", 0, "--fsdp", 1, nproc=2)
     model = model_from_checkpoint(load_checkpoint(tmp_path / "model_00002.pt")).eval()
     enc = gpt2_tokenizer()
     _, correct_norm, n = score(model, list(iterate_examples("val", HELLASWAG_EXCERPT))[:41], enc)

@@ -1,6 +1,6 @@
 """GPT.generate() and generate.py: the KV-cache loop against the recompute-everything baseline, sampling
-(seeded, top-k, top-p), the command line's output and flags, its one-line errors, and end-to-end runs on a Hugging Face
-folder and on a checkpoint from a tiny train_gpt2.py run.
+(seeded, top-k, top-p), the command line's output and flags, its one-line errors, and end-to-end runs on a
+Hugging Face folder and on a checkpoint from a tiny train_gpt2.py run.
 
 Small random models stand in for GPT-2's weights (not reachable offline): the cache and sampling code
 do not care what the weights are.
@@ -117,7 +117,8 @@ def test_seeded_sampling_is_reproducible(model, top_k, top_p):
     assert len({tuple(row) for row in run(42).tolist()}) > 1  # the sequences of one call differ too
 
 
-@pytest.mark.parametrize("kwargs", [dict(top_p=1e-6), dict(top_k=1), dict(top_k=1, top_p=0.5, temperature=3.0)])
+@pytest.mark.parametrize("kwargs", [dict(top_p=1e-6), dict(top_k=1),
+                                    dict(top_k=1, top_p=0.5, temperature=3.0)])
 def test_tiny_top_p_or_top_k_1_is_greedy(model, kwargs):
     greedy = model.generate([1, 2, 3], 3, 30, temperature=0)
     assert torch.equal(model.generate([1, 2, 3], 3, 30, seed=1, **kwargs), greedy)
@@ -198,7 +199,8 @@ def test_help_lists_every_flag_and_the_context_limit(capsys):
 
 
 def test_prints_each_sample_as_prompt_and_continuation(capsys, hf_folder):
-    out = cli(capsys, "--init_from", hf_folder, "--num_return_sequences", 4, "--max_length", 20, "--device", "cpu")
+    out = cli(capsys, "--init_from", hf_folder, "--num_return_sequences", 4, "--max_length", 20,
+              "--device", "cpu")
     texts = samples(out.out)
     assert len(texts) == 4 and all(t.startswith(PROMPT) for t in texts)
     # Exactly the decoded rows of GPT.generate() with the same settings.
@@ -210,8 +212,8 @@ def test_prints_each_sample_as_prompt_and_continuation(capsys, hf_folder):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_16_bit_autocast_samples(capsys, hf_folder, dtype):
     """--dtype float16 (GPUs without bfloat16) and bfloat16 run on CPU too: 16-bit logits, the same prompt."""
-    out = cli(capsys, "--init_from", hf_folder, "--num_return_sequences", 2, "--max_new_tokens", 6, "--dtype", dtype,
-              "--device", "cpu")
+    out = cli(capsys, "--init_from", hf_folder, "--num_return_sequences", 2, "--max_new_tokens", 6,
+              "--dtype", dtype, "--device", "cpu")
     texts = samples(out.out)
     assert len(texts) == 2 and all(t.startswith(PROMPT) and len(t) > len(PROMPT) for t in texts)
 
@@ -234,7 +236,8 @@ def rows(monkeypatch):
 def test_max_length_counts_the_prompt_and_max_new_tokens_overrides_it(capsys, hf_folder, rows):
     n_prompt = len(ENC.encode(PROMPT))
     cli(capsys, "--init_from", hf_folder, "--num_return_sequences", 2, "--max_length", 12)
-    cli(capsys, "--init_from", hf_folder, "--num_return_sequences", 2, "--max_length", 12, "--max_new_tokens", 7)
+    cli(capsys, "--init_from", hf_folder, "--num_return_sequences", 2, "--max_length", 12,
+        "--max_new_tokens", 7)
     assert [r.shape for r in rows] == [(2, 12), (2, n_prompt + 7)]
 
 
@@ -247,7 +250,8 @@ def test_file_prompt(capsys, hf_folder, tmp_path, rows):
     assert out.out.count(f"> {text}") == 2
 
 
-def test_endoftext_in_the_prompt_is_the_special_token_and_empty_prompt_starts_from_it(capsys, hf_folder, rows):
+def test_endoftext_in_the_prompt_is_the_special_token_and_empty_prompt_starts_from_it(capsys, hf_folder,
+                                                                                       rows):
     cli(capsys, "--init_from", hf_folder, "--prompt", "a<|endoftext|>b", "--max_new_tokens", 2)
     cli(capsys, "--init_from", hf_folder, "--prompt", "", "--max_new_tokens", 2)
     assert rows[0][0, :3].tolist() == [64, 50256, 65]
@@ -262,7 +266,8 @@ def test_generation_past_the_context_stops_there(capsys, hf_folder, rows):
 
 
 def test_checkpoint_with_padded_vocab(capsys, checkpoint, rows):
-    out = cli(capsys, "--init_from", checkpoint, "--num_return_sequences", 3, "--max_new_tokens", 20, "--top_k", 0)
+    out = cli(capsys, "--init_from", checkpoint, "--num_return_sequences", 3, "--max_new_tokens", 20,
+              "--top_k", 0)
     assert rows[0].shape == (3, len(ENC.encode(PROMPT)) + 20) and rows[0].max().item() < 50257
     assert len(samples(out.out)) == 3
 
@@ -302,7 +307,8 @@ def test_a_training_log_dir_means_its_newest_checkpoint(capsys, checkpoint, tmp_
     ("bad compile", ["--compile", "maybe"], "--compile: expected auto, 1, 0, true or false, got 'maybe'"),
     ("not a number", ["--top_k", "ten"], "--top_k"),
     ("unknown flag", ["--beam_width", "4"], "--beam_width"),
-    ("FILE: not UTF-8", ["--prompt", "FILE:{tmp}/latin1.txt"], "--prompt FILE:{tmp}/latin1.txt: not UTF-8 text (byte 0xe9"),
+    ("FILE: not UTF-8", ["--prompt", "FILE:{tmp}/latin1.txt"],
+     "--prompt FILE:{tmp}/latin1.txt: not UTF-8 text (byte 0xe9"),
     ("vocabulary smaller than GPT-2's", ["--init_from", "{tmp}/model_00001.pt"],
      "its vocabulary has 1000 tokens, fewer than GPT-2's 50257, so it cannot read GPT-2 tokens"),
     ("infinite temperature", ["--temperature", "inf"], "--temperature: expected a finite number, got 'inf'"),
@@ -326,7 +332,8 @@ def test_bad_input_is_a_one_line_error(capsys, tmp_path, checkpoint, case, argv,
 # --- end to end, as a user runs it --------------------------------------------------------------------
 
 
-ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")  # one_thread(), in a subprocess
+# one_thread(), in a subprocess
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
 
 
 def run_generate(*args):
@@ -349,7 +356,8 @@ def test_end_to_end_on_a_hugging_face_folder(hf_folder):
 
 @pytest.mark.slow
 def test_end_to_end_on_a_checkpoint_from_train_gpt2(shakespeare_shards, tmp_path):
-    run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, "--n_layer", 2, "--n_head", 2, "--n_embd", 32,
+    run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path,
+              "--n_layer", 2, "--n_head", 2, "--n_embd", 32,
               "--block_size", 32, "--seq_len", 32, "--micro_batch_size", 4, "--total_batch_size", 128,
               "--max_steps", 3, "--warmup_steps", 1, "--max_lr", 1e-3, "--min_lr", 1e-4, "--eval_interval", 3,
               "--val_steps", 1, "--device", "cpu", "--compile", "0", env=ONE_THREAD)
@@ -358,7 +366,8 @@ def test_end_to_end_on_a_checkpoint_from_train_gpt2(shakespeare_shards, tmp_path
     texts = samples(proc.stdout)
     assert len(texts) == 3 and all(t.startswith(PROMPT) for t in texts)
     assert "note: stopping at the model's context of 32 tokens" in proc.stdout
-    assert proc.stdout == run_generate("--init_from", ckpt, "--num_return_sequences", 3, "--max_new_tokens", 40).stdout
+    assert proc.stdout == run_generate("--init_from", ckpt, "--num_return_sequences", 3,
+                                       "--max_new_tokens", 40).stdout
 
 
 @pytest.mark.slow

@@ -41,12 +41,14 @@ def reference_losses(hf_folder, train_shard, optimizer="adamw"):
     HF's Conv1D stores those weights transposed, (in, out), against train_gpt2's nn.Linear (out, in): Muon's
     update of the transpose is the transpose of its update (its Newton-Schulz iteration transposes a tall
     matrix to wide first; match_rms_adamw scales by 0.2 * sqrt(max(rows, cols)), symmetric in the two)."""
-    model = GPT2LMHeadModel.from_pretrained(hf_folder, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).train()
+    model = GPT2LMHeadModel.from_pretrained(hf_folder, resid_pdrop=0.0, embd_pdrop=0.0,
+                                            attn_pdrop=0.0).train()
     params = list(model.parameters())
     hidden = [p for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
     hidden = hidden if optimizer == "muon" else []
     rest = [p for p in params if all(p is not h for h in hidden)]
-    optimizers = [torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+    optimizers = [torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2],
+                                      "weight_decay": WEIGHT_DECAY},
                                      {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
                                     lr=MAX_LR, betas=(0.9, 0.95), eps=1e-8)]
     if hidden:
@@ -68,7 +70,8 @@ def reference_losses(hf_folder, train_shard, optimizer="adamw"):
         if step < WARMUP:
             lr = MAX_LR * (step + 1) / WARMUP
         else:
-            lr = MIN_LR + 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / (STEPS - WARMUP))) * (MAX_LR - MIN_LR)
+            lr = MIN_LR + (0.5 * (1 + math.cos(math.pi * (step - WARMUP) / (STEPS - WARMUP)))
+                           * (MAX_LR - MIN_LR))
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -84,7 +87,8 @@ def test_training_equals_an_independent_trainer(hf_folder, shakespeare_shards, t
                        "--seq_len", T, "--total_batch_size", B * T * ACCUM, "--max_steps", STEPS,
                        "--warmup_steps", WARMUP, "--max_lr", MAX_LR, "--min_lr", MIN_LR,
                        "--weight_decay", WEIGHT_DECAY, "--grad_clip", CLIP, "--optimizer", optimizer)
-    expected, norms = reference_losses(hf_folder, shakespeare_shards / "shakespeare_train_000001.npy", optimizer)
+    expected, norms = reference_losses(hf_folder, shakespeare_shards / "shakespeare_train_000001.npy",
+                                       optimizer)
     assert any(n > CLIP for n in norms) and any(n < CLIP for n in norms)  # clipping acts on some steps only
     assert expected[-1] < expected[0] - 0.1  # the reference learns, so agreeing with it means something
     assert len(got) == len(expected) == STEPS
@@ -94,16 +98,17 @@ def test_training_equals_an_independent_trainer(hf_folder, shakespeare_shards, t
 
 # Measured on this repository's train_gpt2.py (Tiny Shakespeare from data/input.txt, conftest's shards).
 EXPECTED_LOSSES = [10.825672, 10.772696, 10.521061, 10.320457, 10.120480]
-# Float32 on CPU moves these by ~1e-6 at most across thread counts and SIMD kernels (ATEN_CPU_CAPABILITY=default
-# vs AVX2); the changes this test is meant to catch (c_proj init, warmup, betas, accumulation) move one by 3e-3
-# or more. 1e-4 sits between. The clip, 1.25, acts on steps 0-1 only, so the gradients' scale matters too.
+# Float32 on CPU moves these by ~1e-6 at most across thread counts and SIMD kernels
+# (ATEN_CPU_CAPABILITY=default vs AVX2); the changes this test is meant to catch (c_proj init, warmup, betas,
+# accumulation) move one by 3e-3 or more. 1e-4 sits between. The clip, 1.25, acts on steps 0-1 only, so the
+# gradients' scale matters too.
 TOLERANCE = 1e-4
 
 
 def test_seeded_scratch_run_matches_pinned_losses(shakespeare_shards, tmp_path):
     got = train_losses(shakespeare_shards, tmp_path, "--init_from", "scratch", "--seed", 1337, "--n_layer", 2,
-                       "--n_head", 4, "--n_embd", 32, "--block_size", 32, "--seq_len", 32, "--micro_batch_size", 2,
-                       "--total_batch_size", 128, "--max_steps", 5, "--warmup_steps", 2, "--max_lr", 1e-2,
-                       "--min_lr", 1e-4, "--grad_clip", 1.25)
+                       "--n_head", 4, "--n_embd", 32, "--block_size", 32, "--seq_len", 32,
+                       "--micro_batch_size", 2, "--total_batch_size", 128, "--max_steps", 5,
+                       "--warmup_steps", 2, "--max_lr", 1e-2, "--min_lr", 1e-4, "--grad_clip", 1.25)
     assert len(got) == len(EXPECTED_LOSSES)
     assert max(abs(a - b) for a, b in zip(got, EXPECTED_LOSSES)) <= TOLERANCE, got

@@ -16,8 +16,8 @@ STAGES = ["1. The machine", "2. The GPT-2 124M recipe", "3. Correctness on the d
 
 
 def gpu_check(*args, timeout=1200):
-    return subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu_check.py"), *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu_check.py"), *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def sections(report):
@@ -44,14 +44,16 @@ def test_dry_run_rehearses_every_stage(tmp_path):
     assert list(got) == STAGES, report
 
     machine = rows(got["1. The machine"])
-    assert machine[1][0].startswith("none: the dry run, on CPU") and re.fullmatch(r"[\d.]+ TFLOP/s", machine[1][5])
+    assert (machine[1][0].startswith("none: the dry run, on CPU")
+            and re.fullmatch(r"[\d.]+ TFLOP/s", machine[1][5]))
 
     recipe = rows(got["2. The GPT-2 124M recipe"])
     assert recipe[1][:2] == ["train_gpt2.py", "8"] and float(recipe[1][3].replace(",", "")) > 0  # tokens/s
     assert recipe[2][0] == "build-nanogpt train_gpt2.py" and "no-build-nanogpt/train_gpt2.py not present" in \
         recipe[2][2] and "git clone https://github.com/karpathy/build-nanogpt" in recipe[2][2]
+    # the targets, beside the numbers
     assert [r[0] for r in recipe[4:]] == ["tokens/s", "MFU against the measured bfloat16 rate",
-                                          "tokens/s vs build-nanogpt, same run"]  # the targets, beside the numbers
+                                          "tokens/s vs build-nanogpt, same run"]
 
     checks = rows(got["3. Correctness on the device"])[1:]
     assert len(checks) == 8 and all(r[-1] == "PASS" for r in checks), got["3. Correctness on the device"]
@@ -60,7 +62,8 @@ def test_dry_run_rehearses_every_stage(tmp_path):
     assert any(m == "skipped [2], scales 65536/32768, 6 steps" for m in measured.values())
 
     levers = got["4. The levers"]
-    assert [r[0] for r in rows(levers)[1:4]] == ["train_gpt2.py", "train_gpt2.py --chunked_loss 1", "train_gpt2.py"]
+    assert [r[0] for r in rows(levers)[1:4]] == ["train_gpt2.py", "train_gpt2.py --chunked_loss 1",
+                                                 "train_gpt2.py"]
     assert "| largest micro-batch that fits | 16 |" in levers  # 512 tokens a step / 32: one micro-batch of 16
     assert "max-autotune-no-cudagraphs" in levers and "liger-kernel" in levers
 
@@ -69,19 +72,22 @@ def test_dry_run_rehearses_every_stage(tmp_path):
     assert "| 2 x 4 | greedy |" in got["5. HellaSwag and generation"]  # generate_bench.py's table
 
     logs = os.listdir(tmp_path / "out" / "logs")
-    assert {"2_recipe.log", "3_float32.log", "3_resume.log", "3_fsdp_ac.log", "4_levers.log", "5_hellaswag.log",
-            "5_generate_bench.log"} <= set(logs)
-    assert sorted(os.listdir(tmp_path / "work")) == ["data", "motif"]  # the runs and their checkpoints are removed
+    assert {"2_recipe.log", "3_float32.log", "3_resume.log", "3_fsdp_ac.log", "4_levers.log",
+            "5_hellaswag.log", "5_generate_bench.log"} <= set(logs)
+    # the runs and their checkpoints are removed
+    assert sorted(os.listdir(tmp_path / "work")) == ["data", "motif"]
 
 
 @pytest.mark.slow
 @ci_only
 def test_budget_stops_the_check_and_still_writes_the_report(tmp_path):
-    """At --budget_s the running stage's processes are killed; the stages left are listed as skipped for time."""
+    """At --budget_s the running stage's processes are killed; the stages left are listed as skipped
+    for time."""
     proc = gpu_check("--out", tmp_path, "--dry-run", "--budget_s", 12, "--stages", "2,5")
     report = (tmp_path / "report.md").read_text()
     assert list(sections(report)) == STAGES, report
-    assert re.search(r"^Skipped for time: stages (2, )?5 \(rerun them with --stages\)\.$", report, re.M), report
+    assert re.search(r"^Skipped for time: stages (2, )?5 \(rerun them with --stages\)\.$", report,
+                     re.M), report
     assert "not selected (--stages)" in sections(report)["3. Correctness on the device"]
     if "stopped: the --budget_s ran out" in report:  # stage 2 started and was killed: a failure, exit 1
         assert proc.returncode == 1

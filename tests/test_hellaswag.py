@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import hellaswag
+from common import UserError, gpt2_tokenizer
 from conftest import HELLASWAG_EXCERPT, REPO, SHARED_HELLASWAG, ci_only, tiktoken_gpt2
-from hellaswag import main
-from fineweb import UserError, gpt2_tokenizer, hellaswag_cache, iterate_examples
-from train_gpt2 import iterate_losses, load_model, longest_example, render_example, score
+from hellaswag import (hellaswag_cache, iterate_examples, iterate_losses, longest_example, main,
+                       render_example, score)
+from train_gpt2 import load_model
 
 TOL = 1e-4  # float32 losses
 LAST_LINE = re.compile(r"acc: (\d\.\d{4}) acc_norm: (\d\.\d{4}) n: (\d+)")
@@ -105,7 +106,8 @@ def test_render_real_examples(examples, enc):
         tokens, mask, label = render_example(ex, enc)
         ctx = enc.encode(ex["ctx"])
         endings = [enc.encode(" " + e) for e in ex["endings"]]
-        assert tokens.dtype == torch.long and tokens.shape == mask.shape == (4, len(ctx) + max(map(len, endings)))
+        assert (tokens.dtype == torch.long
+                and tokens.shape == mask.shape == (4, len(ctx) + max(map(len, endings))))
         for row, end in enumerate(endings):
             n = len(ctx) + len(end)
             assert tokens[row, :n].tolist() == ctx + end
@@ -123,7 +125,8 @@ def transformers_losses(hf, enc, ex):
         end = enc.encode(" " + ending)
         with torch.no_grad():
             logits = hf(torch.tensor([ctx + end])).logits[0]
-        ce = F.cross_entropy(logits[len(ctx) - 1:len(ctx) + len(end) - 1], torch.tensor(end), reduction="none")
+        ce = F.cross_entropy(logits[len(ctx) - 1:len(ctx) + len(end) - 1], torch.tensor(end),
+                             reduction="none")
         sums.append(ce.sum())
         means.append(ce.mean())
     return torch.stack(sums), torch.stack(means)
@@ -142,11 +145,14 @@ def test_losses_and_predictions_match_transformers(tiny, examples, enc):
         correct += int(ref_sums.argmin()) == label
         correct_norm += int(ref_means.argmin()) == label
     assert score(ours, examples, enc) == (correct, correct_norm, len(examples))
-    assert score(hf, examples, enc) == (correct, correct_norm, len(examples))  # transformers' model scores alike
-    assert correct != correct_norm or correct not in (0, len(examples))  # a non-trivial check, not all right or wrong
+    # transformers' model scores alike
+    assert score(hf, examples, enc) == (correct, correct_norm, len(examples))
+    # a non-trivial check, not all right or wrong
+    assert correct != correct_norm or correct not in (0, len(examples))
 
 
-@pytest.mark.parametrize("batch_size, pad_to", [(1, None), (3, None), (4, None), (16, None), (5, 96), (1, 80)])
+@pytest.mark.parametrize("batch_size, pad_to", [(1, None), (3, None), (4, None), (16, None), (5, 96),
+                                                (1, 80)])
 def test_batched_equals_one_example_per_forward(tiny, examples, enc, batch_size, pad_to):
     _, ours, _ = tiny
     rendered = [render_example(ex, enc) for ex in examples]  # 12 tasks: 3 and 5 do not divide it
@@ -157,7 +163,8 @@ def test_batched_equals_one_example_per_forward(tiny, examples, enc, batch_size,
         torch.testing.assert_close(sums, ref_sums, atol=TOL, rtol=0)
         torch.testing.assert_close(means, ref_means, atol=TOL, rtol=0)
         assert (sums.argmin(), means.argmin()) == (ref_sums.argmin(), ref_means.argmin())
-    assert score(ours, examples, enc, batch_size=batch_size, pad_to=pad_to) == score(ours, examples, enc, batch_size=1)
+    assert (score(ours, examples, enc, batch_size=batch_size, pad_to=pad_to)
+            == score(ours, examples, enc, batch_size=1))
 
 
 def test_pad_to_gives_every_forward_one_shape(tiny, examples, enc):
@@ -170,7 +177,8 @@ def test_pad_to_gives_every_forward_one_shape(tiny, examples, enc):
 
     longest = longest_example(examples, enc)
     assert longest < 80
-    score(recording, examples, enc, batch_size=5, pad_to=80)  # 12 tasks: batches of 5, 5, and 2 plus 3 dummies
+    # 12 tasks: batches of 5, 5, and 2 plus 3 dummies
+    score(recording, examples, enc, batch_size=5, pad_to=80)
     assert shapes == [(20, 80)] * 3
     shapes.clear()
     score(recording, examples, enc, batch_size=5)  # without pad_to: each batch as wide as its longest task
@@ -187,7 +195,8 @@ def uniform_model(idx):
 # The excerpt's 200 tasks; where ../shared/data is beside the checkout, all 10,042 val tasks as well, with the
 # label counts its SOURCES.md gives.
 VAL_FILES = [(HELLASWAG_EXCERPT, {0: 53, 1: 47, 2: 58, 3: 42})] + \
-    [(SHARED_HELLASWAG, {0: 2515, 1: 2485, 2: 2584, 3: 2458})] * os.path.isfile(os.path.join(SHARED_HELLASWAG, "hellaswag_val.jsonl"))
+    [(SHARED_HELLASWAG, {0: 2515, 1: 2485, 2: 2584, 3: 2458})] * \
+    os.path.isfile(os.path.join(SHARED_HELLASWAG, "hellaswag_val.jsonl"))
 
 
 @pytest.mark.parametrize("folder, labels", VAL_FILES, ids=[f"{sum(c.values())}-tasks" for _, c in VAL_FILES])
@@ -230,8 +239,8 @@ if len(VAL_FILES) > 1:  # defined only where ../shared/data holds the full val s
         cross-entropy (a real model would add its forward: ~9 or more)."""
         examples = list(iterate_examples("val", SHARED_HELLASWAG))
         reference = tiktoken_gpt2()
-        shortest = sum(int(torch.tensor([len(reference.encode(" " + e)) for e in ex["endings"]]).argmin()) == ex["label"]
-                       for ex in examples)
+        shortest = sum(int(torch.tensor([len(reference.encode(" " + e)) for e in ex["endings"]]).argmin())
+                       == ex["label"] for ex in examples)
         correct, _, n = score(uniform_model, examples, enc, batch_size=64)
         assert (correct, n) == (shortest, 10042)
 
@@ -259,9 +268,24 @@ def test_cli_limit_and_last_line(tiny, data_dir):
     assert "acc_norm=" in proc.stderr  # the progress bar's running acc_norm
 
 
+def test_cli_on_a_train_gpt2_checkpoint(tiny, examples, enc, data_dir, tmp_path):
+    """`python hellaswag.py --model model_NNNNN.pt` as a user runs it: main() loads the checkpoint through
+    train_gpt2.py, and the counts are score()'s on the same weights."""
+    model = tiny[1]
+    torch.save({"model": model.state_dict(), "optimizer": {}, "config": {}, "step": 3,
+                "model_config": dataclasses.asdict(model.config)}, tmp_path / "model_00003.pt")
+    proc = subprocess.run([sys.executable, "hellaswag.py", "--model", tmp_path / "model_00003.pt",
+                           "--data_dir", data_dir, "--limit", "6", "--batch_size", "4", "--device", "cpu",
+                           "--dtype", "float32", "--compile", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    correct, correct_norm, n = score(model, examples[:6], enc)
+    assert proc.stdout.splitlines()[-1] == f"acc: {correct / 6:.4f} acc_norm: {correct_norm / 6:.4f} n: 6"
+
+
 def test_cli_counts_equal_score(tiny, examples, enc, data_dir, capsys):
-    code, out, _ = run_main(capsys, "--model", tiny[2], "--data_dir", data_dir, "--limit", 7, "--batch_size=3",
-                            "--device", "cpu", "--dtype", "float32", "--compile", "0")
+    code, out, _ = run_main(capsys, "--model", tiny[2], "--data_dir", data_dir, "--limit", 7,
+                            "--batch_size=3", "--device", "cpu", "--dtype", "float32", "--compile", "0")
     assert code == 0
     correct, correct_norm, n = score(tiny[1], examples[:7], enc)
     assert out.splitlines()[-1] == f"acc: {correct / 7:.4f} acc_norm: {correct_norm / 7:.4f} n: 7"
@@ -296,19 +320,20 @@ def test_16_bit_autocast_scores_like_float32(tiny, data_dir, capsys, dtype):
     far more than 16-bit rounding, so the counts equal float32's."""
     lines = []
     for d in ("float32", dtype):
-        code, out, _ = run_main(capsys, "--model", tiny[2], "--data_dir", data_dir, "--limit", 12, "--batch_size", 4,
-                                "--device", "cpu", "--dtype", d, "--compile", "0")
+        code, out, _ = run_main(capsys, "--model", tiny[2], "--data_dir", data_dir, "--limit", 12,
+                                "--batch_size", 4, "--device", "cpu", "--dtype", d, "--compile", "0")
         assert code == 0
         lines.append(out.splitlines()[-1])
     assert lines[0] == lines[1]
 
 
 def test_import_runs_nothing():
-    """hellaswag.py imports its data from fineweb.py and its scoring from train_gpt2.py, which never
-    imports it back: one way, no cycle (the run-as-a-script test in test_train.py checks the other side)."""
-    code = "import sys; sys.argv = ['x', '--bogus']; import hellaswag"
+    """Importing hellaswag.py (as train_gpt2.py does for its evals) runs nothing and loads no train_gpt2.py:
+    only its main() imports that, to load a model (the run-as-a-script test in test_train.py checks the
+    other side)."""
+    code = "import sys; sys.argv = ['x', '--bogus']; import hellaswag; print('train_gpt2' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+    assert (out.returncode, out.stdout, out.stderr) == (0, "False\n", "")
 
 
 def test_help_lists_every_flag(capsys):
@@ -341,21 +366,26 @@ def test_bad_models_are_one_line_errors(capsys, data_dir, tmp_path):
     code, _, err = run_main(capsys, "--model", tmp_path / "empty", "--data_dir", data_dir, "--limit", 1)
     assert_one_line_error(code, err, f"--model {tmp_path / 'empty'}: neither a Hugging Face GPT-2 folder")
     (tmp_path / "model_00010.pt").write_bytes(b"not a checkpoint")
-    code, _, err = run_main(capsys, "--model", tmp_path / "model_00010.pt", "--data_dir", data_dir, "--limit", 1)
+    code, _, err = run_main(capsys, "--model", tmp_path / "model_00010.pt", "--data_dir", data_dir,
+                            "--limit", 1)
     assert_one_line_error(code, err, "model_00010.pt", "corrupt")
     # a model whose context is shorter than a task
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=16)).save_pretrained(tmp_path / "short")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8,
+                               n_positions=16)).save_pretrained(tmp_path / "short")
     code, _, err = run_main(capsys, "--model", tmp_path / "short", "--data_dir", data_dir, "--limit", 3)
     assert_one_line_error(code, err, "block_size 16")
-    # a model of a run with a vocabulary smaller than GPT-2's: GPT-2 token ids past it would be read as garbage
-    GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_layer=1, n_head=2, n_embd=8)).save_pretrained(tmp_path / "small_vocab")
+    # a model of a run with a vocabulary smaller than GPT-2's: GPT-2 token ids past it would be read as
+    # garbage
+    GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_layer=1, n_head=2,
+                               n_embd=8)).save_pretrained(tmp_path / "small_vocab")
     code, _, err = run_main(capsys, "--model", tmp_path / "small_vocab", "--data_dir", data_dir, "--limit", 1)
     assert_one_line_error(code, err, "fewer than GPT-2's 50257, so it cannot read GPT-2 tokens")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unavailable_device_is_a_one_line_error(capsys, tiny, data_dir):
-    code, _, err = run_main(capsys, "--model", tiny[2], "--data_dir", data_dir, "--limit", 1, "--device", "cuda")
+    code, _, err = run_main(capsys, "--model", tiny[2], "--data_dir", data_dir, "--limit", 1,
+                            "--device", "cuda")
     assert_one_line_error(code, err, "--device cuda: not available")
 
 
@@ -388,8 +418,8 @@ def test_missing_file_without_network(monkeypatch, capsys, tmp_path, url):
     monkeypatch.setenv("HELLASWAG_DIR", str(tmp_path))
     monkeypatch.setenv("HELLASWAG_URL", url)
     path = tmp_path / "hellaswag_val.jsonl"
-    with pytest.raises(UserError, match=f"{re.escape(str(path))}: not downloaded yet, and downloading it from "
-                                             f"{re.escape(url)}/hellaswag_val.jsonl failed"):
+    with pytest.raises(UserError, match=f"{re.escape(str(path))}: not downloaded yet, and downloading "
+                                        f"it from {re.escape(url)}/hellaswag_val.jsonl failed"):
         next(iterate_examples("val"))
     assert os.listdir(tmp_path) == []  # no partial file left behind
     code, _, err = run_main(capsys, "--limit", 1)
@@ -422,7 +452,8 @@ GOOD = {"ind": 0, "activity_label": "x", "ctx": "A man walks.", "split": "val", 
 ])
 def test_corrupt_lines_name_file_and_line(capsys, tmp_path, line, problem):
     path = tmp_path / "hellaswag_val.jsonl"
-    path.write_bytes(json.dumps(GOOD).encode() + b"\n\n" + (line if isinstance(line, bytes) else line.encode()) + b"\n")
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n\n"
+                     + (line if isinstance(line, bytes) else line.encode()) + b"\n")
     with pytest.raises(UserError) as e:
         list(iterate_examples("val", str(tmp_path)))
     assert str(e.value).startswith(f"{path} line 3: {problem}"), str(e.value)
@@ -455,10 +486,12 @@ def test_pad_to_compiles_once(tiny, examples, enc):
     torch._dynamo.reset()
     compiled = torch.compile(ours, backend=counting_backend)
     expected = score(ours, examples, enc, batch_size=5)
-    assert score(compiled, examples[:7], enc, batch_size=5, pad_to=80) == score(ours, examples[:7], enc, batch_size=5)
+    assert (score(compiled, examples[:7], enc, batch_size=5, pad_to=80)
+            == score(ours, examples[:7], enc, batch_size=5))
     assert len(graphs) == 1
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert score(compiled, examples, enc, batch_size=5, pad_to=80) == expected  # other lengths, same shape
+        # other lengths, same shape
+        assert score(compiled, examples, enc, batch_size=5, pad_to=80) == expected
     assert len(graphs) == 1
     # the control: without pad_to, batches of other shapes do recompile, and the count shows it
     score(compiled, examples, enc, batch_size=5)
@@ -468,14 +501,16 @@ def test_pad_to_compiles_once(tiny, examples, enc):
 
 @pytest.mark.slow
 @ci_only
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # from inductor
+# from inductor
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compile_cli_matches_eager(tiny, examples, enc, data_dir, capsys):
     """Inductor on CPU (a C++ build: tens of seconds) scores like eager, through the library and the CLI."""
     _, ours, folder = tiny
     torch._dynamo.reset()
     rendered = [render_example(ex, enc) for ex in examples]
     compiled = torch.compile(ours)
-    for (sums, means), (ref_sums, ref_means) in zip(iterate_losses(compiled, rendered, batch_size=4, pad_to=80),
+    for (sums, means), (ref_sums, ref_means) in zip(iterate_losses(compiled, rendered, batch_size=4,
+                                                                   pad_to=80),
                                                     iterate_losses(ours, rendered, batch_size=4)):
         torch.testing.assert_close(sums, ref_sums, atol=TOL, rtol=0)
         torch.testing.assert_close(means, ref_means, atol=TOL, rtol=0)

@@ -165,7 +165,8 @@ def test_save_pretrained_drops_vocab_padding_and_round_trips(tmp_path):
 
 def test_save_pretrained_small_vocab_round_trips(tmp_path):
     torch.manual_seed(0)
-    model = perturb_(GPT(GPTConfig(vocab_size=1000, n_layer=2, n_head=4, n_embd=64, block_size=64)).eval(), 64)
+    model = perturb_(GPT(GPTConfig(vocab_size=1000, n_layer=2, n_head=4, n_embd=64,
+                                   block_size=64)).eval(), 64)
     save_pretrained(model, str(tmp_path), 1000)
     hf = GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
     assert hf.config.vocab_size == 1000
@@ -323,7 +324,8 @@ def test_chunked_loss_without_gradients_and_with_logits_asked_for(small_model):
     full_logits, full = small_model(idx, targets)
     small_model.chunked_loss = True
     with torch.no_grad():  # evaluation: the loss only
-        assert small_model(idx, targets)[1].item() == pytest.approx(full.item(), abs=1e-6)
+        # float32 sums in another order: a few ulps apart (1.4e-6 of 6.92 on an AMD EPYC)
+        assert small_model(idx, targets)[1].item() == pytest.approx(full.item(), abs=1e-5)
     logits, loss = small_model(idx, targets, return_logits=True)
     assert torch.equal(logits, full_logits) and torch.equal(loss, full)
 

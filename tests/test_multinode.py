@@ -33,7 +33,8 @@ class TwoNodes:
         for node in range(2):
             cwd = tmp_path / f"node{node}"
             cwd.mkdir()
-            with open(tmp_path / f"node{node}.out", "w") as out, open(tmp_path / f"node{node}.err", "w") as err:
+            with open(tmp_path / f"node{node}.out", "w") as out, \
+                    open(tmp_path / f"node{node}.err", "w") as err:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                      "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
@@ -100,14 +101,16 @@ def test_two_nodes_train_like_one_process_and_only_rank_0_writes(data, tmp_path,
 
 @pytest.mark.parametrize("target", ["worker", "launcher"])
 @pytest.mark.parametrize("flags", PARALLEL_FLAGS)
-def test_sigterm_on_one_node_stops_every_rank_at_one_step_with_one_checkpoint(data, tmp_path, flags, target):  # noqa: F811
+def test_sigterm_on_one_node_stops_every_rank_at_one_step_with_one_checkpoint(data, tmp_path,  # noqa: F811
+                                                                              flags, target):
     """SIGTERM to node 1's worker (its training process), or to node 1's launcher, which sends it on to the
     worker. The rank that gets it finishes its step; the stop flag, all-reduced with the step's loss, stops
     every other rank after that same step, and rank 0 writes one checkpoint."""
     log_file = tmp_path / "log" / "log.txt"
     with TwoNodes(tmp_path, "--data_dir", data, "--log_dir", tmp_path / "log", *TINY, "--max_steps", 1000,
                   "--ckpt_interval", 1000, *flags) as nodes:
-        wait_for(lambda: log_file.exists() and log_file.read_text().count(" train ") >= 3, 600, "3 train steps")
+        wait_for(lambda: log_file.exists() and log_file.read_text().count(" train ") >= 3, 600,
+                 "3 train steps")
         worker, = children(nodes.procs[1])
         os.kill(nodes.procs[1].pid if target == "launcher" else worker, signal.SIGTERM)
         if target == "worker":
@@ -119,9 +122,9 @@ def test_sigterm_on_one_node_stops_every_rank_at_one_step_with_one_checkpoint(da
             assert nodes.wait(1) == 1
             assert "SignalException" in nodes.output(1, "err") and "SIGKILL" not in nodes.output(1, "err")
             wait_for(lambda: children(nodes.procs[0]) == [], 60, "exit of node 0's worker")
-            # Node 0's launcher now waits at torchrun's exit barrier for node 1's, which never comes: 5 minutes,
-            # in a store wait that a SIGTERM does not interrupt. The test kills it (docs/checkpoints.md: signal
-            # every node, or the training processes).
+            # Node 0's launcher now waits at torchrun's exit barrier for node 1's, which never comes:
+            # 5 minutes, in a store wait that a SIGTERM does not interrupt. The test kills it
+            # (docs/checkpoints.md: signal every node, or the training processes).
             assert nodes.procs[0].poll() is None
         stdout = nodes.output(0) + nodes.output(1)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from fineweb import UserError
+from common import UserError
 from plot import plot_log, read_log
 
 pytest.importorskip("matplotlib")
@@ -71,7 +71,8 @@ def test_plot_log_draws_the_data(tmp_path):
     assert not np.array_equal(full, check_png(tmp_path / "no_hella.png", panels=1))
     plot_log(no_hella, out)  # overwrites the earlier loss.png in place
     assert np.array_equal(check_png(out, panels=1), check_png(tmp_path / "no_hella.png", panels=1))
-    assert sorted(os.listdir(tmp_path)) == ["log.txt", "loss.png", "no_hella.png", "no_hella.txt", "no_refs.png"]
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "loss.png", "no_hella.png", "no_hella.txt",
+                                            "no_refs.png"]
 
 
 @pytest.mark.parametrize("lines", ["0 val 10.9871\n", "0 val 10.9871\n250 val 6.1\n500 val 4.8\n",
@@ -129,9 +130,11 @@ def test_binary_log_and_folders_are_one_line_errors(tmp_path):
     log = write_log(tmp_path / "log.txt")
     for args, says in [(["--log_file", tmp_path / "log.bin"], "not a text log (byte 0x80 at offset 12)"),
                        (["--log_file", tmp_path], "is a folder; pass --log_file its log.txt"),
-                       (["--log_file", log, "--out", tmp_path / "out.png"], "is a folder; pass --out a .png")]:
+                       (["--log_file", log, "--out", tmp_path / "out.png"],
+                        "is a folder; pass --out a .png")]:
         proc = plot_cli(*args)
-        assert proc.returncode == 1 and proc.stderr.startswith("plot.py: error: ") and says in proc.stderr, proc.stderr
+        assert (proc.returncode == 1 and proc.stderr.startswith("plot.py: error: ")
+                and says in proc.stderr), proc.stderr
         assert proc.stderr.count("\n") == 1
 
 

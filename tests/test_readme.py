@@ -64,7 +64,8 @@ def run_parser(script, argv):
 
 def flags_in_help(text):
     """Every option string of an argparse --help: the lines that start with two spaces and a dash."""
-    return {f for line in re.findall(r"^  (-\S.*?)(?:  |$)", text, re.M) for f in re.findall(r"--[\w-]+", line)}
+    return {f for line in re.findall(r"^  (-\S.*?)(?:  |$)", text, re.M)
+            for f in re.findall(r"--[\w-]+", line)}
 
 
 @functools.cache
@@ -143,7 +144,8 @@ def command_problems(fenced, tokens):
 
 @pytest.mark.parametrize("doc", DOCS, ids=name)
 def test_every_command_and_flag_is_real(doc):
-    problems = [p for fenced, tokens in code_spans(read(doc)) if tokens for p in command_problems(fenced, tokens)]
+    problems = [p for fenced, tokens in code_spans(read(doc)) if tokens
+                for p in command_problems(fenced, tokens)]
     assert problems == []
 
 
@@ -153,7 +155,8 @@ def slug(heading):
 
 
 def anchors(path):
-    return {slug(h) for h in re.findall(r"^#+ (.*)$", re.sub(r"^```.*?^```", "", read(path), flags=re.M | re.S), re.M)}
+    return {slug(h) for h in re.findall(r"^#+ (.*)$",
+                                        re.sub(r"^```.*?^```", "", read(path), flags=re.M | re.S), re.M)}
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=name)
@@ -178,17 +181,33 @@ def test_links_and_named_files_exist(doc):
                 problems.append(f"`{span}`: no such file")
             elif test and not re.search(rf"^def {test}\(", read(os.path.join(REPO, path)), re.M):
                 problems.append(f"`{span}`: no such test")
-        attr = re.fullmatch(r"(train_gpt2|fineweb|hellaswag|generate|export|plot)\.(\w+)(\(\))?", span)
+        attr = re.fullmatch(r"(train_gpt2|fineweb|hellaswag|generate|export|plot|common|checkpoints)"
+                            r"\.(\w+)(\(\))?", span)
         if attr and attr[2] != "py" and not hasattr(module(attr[1] + ".py"), attr[2]):
             problems.append(f"`{span}`: {attr[1]}.py has no {attr[2]}")
     assert problems == []
 
 
-def test_readmes_tour_of_train_gpt2_names_what_it_has():
-    import train_gpt2
-    tour = read(README).split("\n## The code\n")[1].strip().split("\n\n")[0]
-    names = set(re.findall(r"`(\w+)(?:\(\))?`", tour))
-    assert names and [n for n in names if not hasattr(train_gpt2, n) and not hasattr(train_gpt2.GPT, n)] == []
+def test_readmes_table_of_the_code_names_what_each_file_has_and_imports():
+    """Each row of README's "The code": every `name` it says the file holds is defined there (at the top, or
+    in one of its classes), and its imports are the file's own, at the top of the file."""
+    import ast
+    table = read(README).split("\n## The code\n")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `(\w+)\.py` \| (.*) \| (.*) \|$", table, re.M)
+    assert {r[0] for r in rows} == {"train_gpt2", "generate", "export", "hellaswag", "checkpoints", "plot",
+                                    "fineweb", "common"}
+    for stem, holds, imports in rows:
+        mod = module(stem + ".py")
+        classes = [v for v in vars(mod).values() if inspect.isclass(v) and v.__module__ == stem]
+        names = re.findall(r"`(\w+)(?:\(\))?`", holds)
+        assert names and [n for n in names if not hasattr(mod, n)
+                          and not any(hasattr(c, n) for c in classes)] == [], stem
+        with open(os.path.join(REPO, stem + ".py")) as f:
+            tops = [n for n in ast.parse(f.read()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        ours = {a.name for n in tops if isinstance(n, ast.Import) for a in n.names} | \
+            {n.module for n in tops if isinstance(n, ast.ImportFrom)}
+        ours &= {r[0] for r in rows}
+        assert set(re.findall(r"`(\w+)`", imports)) == ours, stem
 
 
 def test_readme_is_short():

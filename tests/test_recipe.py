@@ -1,6 +1,6 @@
-"""The fine-tuning recipe of docs/evaluate-and-export.md as a user runs it, end to end on CPU: fineweb.py on Tiny Shakespeare,
-train_gpt2.py from a Hugging Face GPT-2 folder with the recipe's flags, loss.png, export.py, and
-transformers.pipeline generating from the exported folder."""
+"""The fine-tuning recipe of docs/evaluate-and-export.md as a user runs it, end to end on CPU: fineweb.py
+on Tiny Shakespeare, train_gpt2.py from a Hugging Face GPT-2 folder with the recipe's flags, loss.png,
+export.py, and transformers.pipeline generating from the exported folder."""
 import os
 import shlex
 import subprocess
@@ -12,8 +12,9 @@ from conftest import REPO, ci_only, read_log, run_train
 
 # The recipe is for GPT-2 124M on a GPU; the random stand-in for `gpt2` has a 64-token context,
 # so the shape, batch and step counts shrink. Later flags win, so these override the recipe's.
-CPU_SCALE = ["--seq_len", 64, "--total_batch_size", 256, "--max_steps", 60, "--warmup_steps", 6, "--eval_interval", 20,
-             "--val_steps", 4, "--ckpt_interval", 60, "--sample_interval", 30, "--device", "cpu"]
+CPU_SCALE = ["--seq_len", 64, "--total_batch_size", 256, "--max_steps", 60, "--warmup_steps", 6,
+             "--eval_interval", 20, "--val_steps", 4, "--ckpt_interval", 60, "--sample_interval", 30,
+             "--device", "cpu"]
 
 
 def doc_commands(doc, section):
@@ -35,10 +36,11 @@ def test_finetune_recipe_end_to_end(tmp_path, hf_folder):
 
     # fineweb.py's preset reads the repository's Tiny Shakespeare: no download
     data = tmp_path / "shakespeare"
-    subprocess.run([sys.executable, os.path.join(REPO, "fineweb.py"), *prepare[2:], "--out_dir", data], check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, os.path.join(REPO, "fineweb.py"), *prepare[2:], "--out_dir", data],
+                   check=True, capture_output=True)
     log_dir = tmp_path / "log_shakespeare"
-    proc = run_train(*finetune[2:], "--init_from", hf_folder, "--data_dir", data, "--log_dir", log_dir, *CPU_SCALE)
+    proc = run_train(*finetune[2:], "--init_from", hf_folder, "--data_dir", data, "--log_dir", log_dir,
+                     *CPU_SCALE)
     val = read_log(log_dir)["val"]
     assert sorted(val) == [0, 20, 40, 60]
     assert all(val[a] > val[b] for a, b in ((0, 20), (20, 40), (40, 60))), val

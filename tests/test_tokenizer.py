@@ -1,5 +1,5 @@
 """The data the repository ships (data/: GPT-2's BPE files and Tiny Shakespeare; tests/data: a HellaSwag
-excerpt), and fineweb.gpt2_tokenizer(), the one GPT-2 tokenizer every script uses: built from those
+excerpt), and common.gpt2_tokenizer(), the one GPT-2 tokenizer every script uses: built from those
 files with no network and without torch, it equals tiktoken's own "gpt2" encoding."""
 import hashlib
 import json
@@ -12,9 +12,9 @@ import sys
 
 import pytest
 
-import fineweb
+import common
 from conftest import HELLASWAG_EXCERPT, REPO, SHARED_HELLASWAG, TINY_SHAKESPEARE, tiktoken_gpt2
-from fineweb import GPT2_BPE_SHA256, UserError, gpt2_tokenizer
+from common import GPT2_BPE_SHA256, UserError, gpt2_tokenizer
 
 
 def sha256(path):
@@ -27,12 +27,14 @@ def test_bpe_files_are_the_ones_tiktoken_checks(monkeypatch):
     tiktoken_ext/openai_public.py); ours have exactly those hashes."""
     from tiktoken_ext import openai_public
     seen = {}
-    monkeypatch.setattr(openai_public, "data_gym_to_mergeable_bpe_ranks", lambda **kwargs: seen.update(kwargs) or {})
+    monkeypatch.setattr(openai_public, "data_gym_to_mergeable_bpe_ranks",
+                        lambda **kwargs: seen.update(kwargs) or {})
     openai_public.gpt2()
     assert seen["vocab_bpe_file"].endswith("/gpt-2/encodings/main/vocab.bpe")
     assert seen["encoder_json_file"].endswith("/gpt-2/encodings/main/encoder.json")
     expected = {"vocab.bpe": seen["vocab_bpe_hash"], "encoder.json": seen["encoder_json_hash"]}
-    assert {name: sha256(os.path.join(REPO, "data", name)) for name in expected} == expected == GPT2_BPE_SHA256
+    assert ({name: sha256(os.path.join(REPO, "data", name)) for name in expected}
+            == expected == GPT2_BPE_SHA256)
 
 
 def test_tiny_shakespeare_is_char_rnns_file():
@@ -40,7 +42,8 @@ def test_tiny_shakespeare_is_char_rnns_file():
     assert sha256(TINY_SHAKESPEARE) == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
     with open(TINY_SHAKESPEARE, encoding="utf-8") as f:
         text = f.read()
-    assert text.startswith("First Citizen:\nBefore we proceed any further, hear me speak.") and text.count("\n") == 40000
+    assert (text.startswith("First Citizen:\nBefore we proceed any further, hear me speak.")
+            and text.count("\n") == 40000)
 
 
 def test_hellaswag_excerpt_is_the_first_200_val_tasks():
@@ -64,13 +67,15 @@ def texts():
         shakespeare = f.read()
     with open(os.path.join(HELLASWAG_EXCERPT, "hellaswag_val.jsonl"), encoding="utf-8") as f:
         hellaswag = " ".join(r["ctx"] + " " + " ".join(r["endings"]) for r in map(json.loads, f))
-    return [shakespeare, hellaswag, "naïve café, 日本語, emoji 🙂👩‍👩‍👧 and\ttabs\r\n  3.14159 it's we'll",
+    return [shakespeare, hellaswag,
+            "naïve café, 日本語, emoji 🙂👩‍👩‍👧 and\ttabs\r\n  3.14159 it's we'll",
             "   leading spaces\n\n\n\ntrailing   ", "x<|endoftext|>y", ""]
 
 
 def test_ids_equal_tiktokens_gpt2():
     ours, reference = gpt2_tokenizer(), tiktoken_gpt2()
-    assert (ours.n_vocab, ours.eot_token, ours.max_token_value) == (reference.n_vocab, reference.eot_token, 50256)
+    assert ((ours.n_vocab, ours.eot_token, ours.max_token_value)
+            == (reference.n_vocab, reference.eot_token, 50256))
     assert ours._mergeable_ranks == reference._mergeable_ranks  # every token's bytes and rank
     assert ours._pat_str == reference._pat_str and ours._special_tokens == reference._special_tokens
     for text in texts():
@@ -78,7 +83,8 @@ def test_ids_equal_tiktokens_gpt2():
         assert ids == reference.encode_ordinary(text)
         assert ours.decode(ids) == text
         assert ours.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
-    assert len(ours.encode_ordinary(texts()[0])) == 338_025  # Tiny Shakespeare, as every GPT-2 recipe counts it
+    # Tiny Shakespeare, as every GPT-2 recipe counts it
+    assert len(ours.encode_ordinary(texts()[0])) == 338_025
 
 
 def test_built_without_network_or_tiktokens_cache(tmp_path, monkeypatch):
@@ -103,8 +109,9 @@ def test_fineweb_tokenizes_without_loading_torch(tmp_path):
     fineweb.py run, workers included, leaves torch unloaded."""
     code = ("import sys; import fineweb; fineweb.main(sys.argv[1:]); "
             "assert 'torch' not in sys.modules, 'torch was imported'; print('no torch')")
-    proc = subprocess.run([sys.executable, "-c", code, "--preset", "shakespeare", "--num_proc", "2", "--out_dir",
-                           str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code, "--preset", "shakespeare", "--num_proc", "2",
+                           "--out_dir", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0 and proc.stdout.endswith("no torch\n"), proc.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "out")) == [".lock", "manifest.json", "shakespeare_train_000001.npy",
                                                     "shakespeare_val_000000.npy"]
@@ -119,7 +126,8 @@ def test_pickles_whole_for_spawned_workers():
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("missing", "{path}: cannot read GPT-2's BPE (No such file or directory); restore it with `git checkout -- data`"),
+    ("missing", "{path}: cannot read GPT-2's BPE (No such file or directory); "
+                "restore it with `git checkout -- data`"),
     ("truncated", "{path}: damaged (not the bytes of OpenAI's file); restore it with `git checkout -- data`"),
 ])
 @pytest.mark.parametrize("name", ["encoder.json", "vocab.bpe"])
@@ -131,7 +139,7 @@ def test_missing_or_damaged_file_is_a_one_line_error(tmp_path, monkeypatch, name
     else:
         with open(path, "r+b") as f:
             f.truncate(path.stat().st_size - 1)
-    monkeypatch.setattr(fineweb, "DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(common, "DATA_DIR", str(tmp_path / "data"))
     gpt2_tokenizer.cache_clear()
     try:
         with pytest.raises(UserError) as e:

@@ -1,5 +1,5 @@
-"""The training loop as a user runs it: flags, gradient accumulation, DDP, checkpoints, resume, errors; and the
-loop's parts (val loss, log lines, checkpoint state) in-process."""
+"""The training loop as a user runs it: flags, gradient accumulation, DDP, checkpoints, resume, errors; and
+the loop's parts (val loss, log lines, checkpoint state) in-process."""
 import contextlib
 import hashlib
 import json
@@ -18,16 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (HELLASWAG_EXCERPT, REPO, children, ci_only, folder_in_use, free_port, on_small_disk, read_log,
-                      run_train, wait_for, write_npy_shard)
-from fineweb import gpt2_tokenizer
-from train_gpt2 import GPT, GPTConfig, TrainConfig, checkpoint_paths, get_lr, load_checkpoint, main, parse_args
+from conftest import (HELLASWAG_EXCERPT, REPO, children, ci_only, folder_in_use, free_port, on_small_disk,
+                      read_log, run_train, wait_for, write_npy_shard)
+from checkpoints import checkpoint_paths, load_checkpoint
+from common import gpt2_tokenizer
+from train_gpt2 import GPT, GPTConfig, TrainConfig, get_lr, main, parse_args
 
 # A tiny model on a 256-token vocabulary: each step takes milliseconds, so the tests exercise the real
 # loop (loader, accumulation, AdamW, checkpoints) rather than a toy copy of it.
-TINY = ["--n_layer", 2, "--n_head", 2, "--n_embd", 32, "--vocab_size", 256, "--block_size", 64, "--seq_len", 32,
-        "--micro_batch_size", 4, "--total_batch_size", 256, "--warmup_steps", 2, "--max_lr", 3e-3,
-        "--min_lr", 3e-4, "--eval_interval", 4, "--val_steps", 2]
+TINY = ["--n_layer", 2, "--n_head", 2, "--n_embd", 32, "--vocab_size", 256, "--block_size", 64,
+        "--seq_len", 32, "--micro_batch_size", 4, "--total_batch_size", 256, "--warmup_steps", 2,
+        "--max_lr", 3e-3, "--min_lr", 3e-4, "--eval_interval", 4, "--val_steps", 2]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def data(tmp_path_factory):
     rng = np.random.default_rng(0)
     d = tmp_path_factory.mktemp("synthetic")
     motif = rng.integers(0, 256, 97)
-    for name, n in (("synth_val_000000.npy", 4000), ("synth_train_000001.npy", 12000), ("synth_train_000002.npy", 9000)):
+    for name, n in (("synth_val_000000.npy", 4000), ("synth_train_000001.npy", 12000),
+                    ("synth_train_000002.npy", 9000)):
         tokens = np.resize(motif, n)
         noise = rng.random(n) < 0.1
         tokens[noise] = rng.integers(0, 256, noise.sum())
@@ -110,17 +112,19 @@ def test_auto_flags_are_auto_true_or_false_checked_at_parse_time(capsys, flag):
 
 def test_resume_reads_the_auto_flags_of_older_checkpoints_saved_as_text(tmp_path):
     """Checkpoints written before the flags became "auto"/True/False hold the text given: "1", "0"."""
-    from train_gpt2 import resume_config
+    from checkpoints import resume_config
     config = dict(vars(TrainConfig()), hellaswag="1", compile="0", chunked_loss="AUTO")
     torch.save({"model": {}, "optimizer": {"state": {}, "param_groups": []}, "config": config, "step": 5,
-                "model_config": dict(vars(GPTConfig())), "loader_position": [0, 0, 0]}, tmp_path / "model_00005.pt")
+                "model_config": dict(vars(GPTConfig())), "loader_position": [0, 0, 0]},
+               tmp_path / "model_00005.pt")
     cfg, _ = resume_config(TrainConfig(log_dir=str(tmp_path), init_from="resume"), {})
     assert (cfg.hellaswag, cfg.compile, cfg.chunked_loss) == (True, False, "auto")
 
 
+# README's quick start before presets
 SHAKESPEARE = ("--data_dir shakespeare --n_layer 2 --n_head 4 --n_embd 64 --block_size 64 --seq_len 64 "
                "--micro_batch_size 8 --total_batch_size 512 --max_steps 300 --warmup_steps 20 --max_lr 3e-3 "
-               "--min_lr 3e-4 --eval_interval 100 --val_steps 8").split()  # README's quick start before presets
+               "--min_lr 3e-4 --eval_interval 100 --val_steps 8").split()
 
 
 def test_the_shakespeare_preset_is_the_readme_quick_starts_flags_which_flags_given_override():
@@ -144,7 +148,8 @@ def test_a_preset_run_resumes_with_the_preset_and_a_new_max_steps(capsys, shakes
 
 
 def test_help_lists_every_flag():
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--help"], cwd=REPO, capture_output=True,
+                         text=True)
     assert out.returncode == 0
     for name in TrainConfig.__dataclass_fields__:
         assert f"--{name}" in out.stdout
@@ -162,7 +167,8 @@ def test_help_groups_the_flags_under_the_configs_headings():
     flags = ["--preset"] + [f"--{name}" for name in TrainConfig.__dataclass_fields__]  # --preset: "options"
     assert sum(groups.values(), []) == flags
     assert "where the run starts from, where it writes" in out
-    assert "--n_layer 2 --n_head 4 --n_embd 64" in " ".join(out.split())  # what --preset shakespeare stands for
+    # what --preset shakespeare stands for
+    assert "--n_layer 2 --n_head 4 --n_embd 64" in " ".join(out.split())
 
 
 def test_import_has_no_side_effects():
@@ -200,8 +206,10 @@ def test_bad_flags_are_one_line_errors(capsys, data, tmp_path, argv, flag):
 def test_non_finite_numbers_are_refused_at_parse_time(capsys, data, tmp_path, flag, value):
     """nan passes every comparison (`nan <= 0` is False) and trained until the loss was nan; refused before
     anything is loaded."""
-    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, TINY), f"{flag}={value}")
-    assert code == 2 and err == f"train_gpt2.py: error: argument {flag}: expected a finite number, got {value!r}\n"
+    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, TINY),
+                         f"{flag}={value}")
+    assert code == 2 and err == f"train_gpt2.py: error: argument {flag}: expected a finite number, " \
+                                f"got {value!r}\n"
 
 
 def test_errors_from_torchrun_are_one_line_and_nonzero(data, tmp_path):
@@ -219,23 +227,27 @@ def gpu(monkeypatch):
     def set_gpu(name, bf16):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True: bf16 or including_emulation)
     return set_gpu
 
 
 def test_dtype_auto_is_bfloat16_where_the_gpu_has_it_else_float16(gpu, monkeypatch):
-    from train_gpt2 import UserError, resolve_system
+    from common import UserError
+    from train_gpt2 import resolve_system
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
 
     def resolve_dtype(dtype, device):
         return resolve_system(device, dtype, False)[1]
     assert resolve_dtype("auto", "cpu") is None and resolve_dtype("auto", "mps") is None  # float32
-    assert resolve_dtype("float16", "cpu") == torch.float16 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert (resolve_dtype("float16", "cpu") == torch.float16
+            and resolve_dtype("bfloat16", "cpu") == torch.bfloat16)
     gpu("NVIDIA H100 80GB HBM3", bf16=True)
     assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype("float32", "cuda:1") is None
     gpu("Tesla T4", bf16=False)  # Turing: emulated bfloat16 only, which must not count
     assert resolve_dtype("auto", "cuda") == resolve_dtype("float16", "cuda") == torch.float16
-    with pytest.raises(UserError, match=r"^--dtype bfloat16: Tesla T4 has no bfloat16 .*; use --dtype float16$"):
+    with pytest.raises(UserError,
+                       match=r"^--dtype bfloat16: Tesla T4 has no bfloat16 .*; use --dtype float16$"):
         resolve_dtype("bfloat16", "cuda")
 
 
@@ -249,8 +261,9 @@ def test_autocast_context_computes_in_the_resolved_dtype():
 
 def test_mfu_peaks_of_float16_gpus(gpu):
     from train_gpt2 import peak_flops
-    for name, peak in (("Tesla V100-SXM2-16GB", 125e12), ("Tesla T4", 65e12), ("NVIDIA H100 80GB HBM3", 989e12),
-                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce RTX 2080 Ti", None)):
+    for name, peak in (("Tesla V100-SXM2-16GB", 125e12), ("Tesla T4", 65e12),
+                       ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                       ("NVIDIA GeForce RTX 2080 Ti", None)):
         gpu(name, bf16=False)
         assert peak_flops("cuda:0") == peak, name
     assert peak_flops("cpu") is None
@@ -260,20 +273,21 @@ def test_compile_auto_is_off_with_a_note_where_triton_cannot_run(monkeypatch, ca
     """No Triton (native Windows), or a GPU older than compute capability 7.0: --compile auto is off and
     says why in one line; --compile 1 is a one-line error."""
     import importlib.util
-    from train_gpt2 import UserError, resolve_system
+    from common import UserError
+    from train_gpt2 import resolve_system
 
     def resolve_compile(value, device):
         return resolve_system(device, "float32", value)[2]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     find_spec, triton = importlib.util.find_spec, {"installed": False}
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: (find_spec("math") if triton["installed"] else None) if name == "triton"
-                        else find_spec(name, *a))
+                        lambda name, *a: ((find_spec("math") if triton["installed"] else None)
+                                          if name == "triton" else find_spec(name, *a)))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
     assert resolve_compile("auto", "cuda") is False
-    assert capsys.readouterr().out == "note: --compile auto is off: torch.compile needs Triton for CUDA and it is " \
-                                      "not installed (pip install triton; on Windows, use WSL)\n"
+    assert capsys.readouterr().out == "note: --compile auto is off: torch.compile needs Triton for CUDA " \
+                                      "and it is not installed (pip install triton; on Windows, use WSL)\n"
     with pytest.raises(UserError, match=r"^--compile 1: torch.compile needs Triton .*; use --compile 0$"):
         resolve_compile(True, "cuda")
     triton["installed"] = True
@@ -283,7 +297,8 @@ def test_compile_auto_is_off_with_a_note_where_triton_cannot_run(monkeypatch, ca
         resolve_compile(True, "cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert resolve_compile("auto", "cuda") is True and resolve_compile(False, "cuda") is False
-    assert resolve_compile("auto", "cpu") is False and resolve_compile(True, "cpu") is True  # CPU: no Triton needed
+    # CPU: no Triton needed
+    assert resolve_compile("auto", "cpu") is False and resolve_compile(True, "cpu") is True
     assert capsys.readouterr().out == ""
 
 
@@ -303,8 +318,8 @@ def test_ddp_uses_gloo_with_a_note_where_pytorch_has_no_nccl(monkeypatch, capsys
     assert (ddp_backend("cuda:3"), ddp_backend("cpu")) == ("nccl", "gloo")
     monkeypatch.setattr(dist, "is_nccl_available", lambda: False)  # native Windows builds
     assert ddp_backend("cuda:0") == "gloo"
-    assert capsys.readouterr().out == "note: this PyTorch has no NCCL (native Windows builds have none): DDP runs " \
-                                      "on gloo, which is slower\n"
+    assert capsys.readouterr().out == "note: this PyTorch has no NCCL (native Windows builds have none): " \
+                                      "DDP runs on gloo, which is slower\n"
 
 
 # --- schedule, accumulation, DDP ----------------------------------------------------------------------
@@ -334,7 +349,8 @@ def test_val_loss_estimate_is_the_mean_over_the_same_val_batches(data):
     tokens = np.load(data / "synth_val_000000.npy").astype(np.int64)
     with torch.no_grad():
         expected = np.mean([model(torch.from_numpy(tokens[i * 128:(i + 1) * 128]).view(4, 32),
-                                  torch.from_numpy(tokens[i * 128 + 1:(i + 1) * 128 + 1]).view(4, 32))[1].item()
+                                  torch.from_numpy(tokens[i * 128 + 1:(i + 1) * 128 + 1])
+                                  .view(4, 32))[1].item()
                             for i in range(3)])
     first = estimate_val_loss(model, loader, 3, "cpu", contextlib.nullcontext(), world_size=1)
     assert first == pytest.approx(expected, abs=1e-6) and not model.training
@@ -342,7 +358,7 @@ def test_val_loss_estimate_is_the_mean_over_the_same_val_batches(data):
 
 
 def test_log_lines_and_no_wandb(tmp_path):
-    from fineweb import UserError
+    from common import UserError
     from plot import start_log
     from train_gpt2 import log_values, step_line
     (tmp_path / "run").mkdir()  # as main() makes it
@@ -368,13 +384,15 @@ def test_log_lines_and_no_wandb(tmp_path):
     assert open(log_file).read() == '# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n1 val 9.5000\n' \
                                     '# 1 {"torch": "2.y"}\n'
     (tmp_path / "odd" / "log.txt").mkdir(parents=True)  # a log.txt it cannot read: one line, not a traceback
-    with pytest.raises(UserError, match=r"--log_dir .*odd: cannot read .*log.txt \(Is a directory\); move it"):
+    with pytest.raises(UserError,
+                       match=r"--log_dir .*odd: cannot read .*log.txt \(Is a directory\); move it"):
         start_log(tmp_path / "odd", 1, {"torch": "2.x"})
 
 
 def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
     """What checkpoint_state() saves, restore_state() puts back: optimizer, loss scale, data position."""
-    from train_gpt2 import DataLoaderLite, checkpoint_state, load_checkpoint, restore_state, save_checkpoint
+    from checkpoints import checkpoint_state, restore_state, save_checkpoint
+    from train_gpt2 import DataLoaderLite
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
     [optimizer] = model.configure_optimizers(0.1, 1e-3, "cpu")
@@ -396,7 +414,8 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
     assert loaders2[0].position == (0, 0, 128)
     assert scaler2.state_dict() == scaler.state_dict()
     assert optimizer2.state_dict()["state"][0]["step"] == 1 and ckpt["val_loss"] == 5.5
-    assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"],
+                       optimizer.state_dict()["state"][0]["exp_avg"])
 
 
 
@@ -409,12 +428,14 @@ def test_a_checkpoint_of_the_older_format_is_refused_in_one_line(data, tmp_path,
     model = GPT(GPTConfig(**ckpt["model_config"]))
     [optimizer] = model.configure_optimizers(0.1, 1e-3, "cpu")
     old = {k: v for k, v in ckpt.items() if k not in ("loader_position", "data")}
-    torch.save({**old, "optimizer": optimizer.state_dict(), "loader_positions": [1]}, tmp_path / "model_00001.pt")
+    torch.save({**old, "optimizer": optimizer.state_dict(), "loader_positions": [1]},
+               tmp_path / "model_00001.pt")
     code, err = run_main(capsys, "--log_dir", tmp_path, "--init_from", "resume", "--max_steps", 2)
     assert code == 1 and err == f"train_gpt2.py: error: {tmp_path}/model_00001.pt: written by an older " \
-                                f"train_gpt2.py, whose optimizer state this one cannot read; continue that run " \
-                                f"with the train_gpt2.py that wrote it, or pick a new --log_dir\n"
-    assert torch.equal(load_model(str(tmp_path)).state_dict()["lm_head.weight"], ckpt["model"]["lm_head.weight"])
+                                f"train_gpt2.py, whose optimizer state this one cannot read; continue that " \
+                                f"run with the train_gpt2.py that wrote it, or pick a new --log_dir\n"
+    assert torch.equal(load_model(str(tmp_path)).state_dict()["lm_head.weight"],
+                       ckpt["model"]["lm_head.weight"])
 
 
 def test_provenance_in_every_checkpoint_and_the_log(data, tmp_path):
@@ -424,7 +445,8 @@ def test_provenance_in_every_checkpoint_and_the_log(data, tmp_path):
     from plot import read_log as plot_read_log
     train(data, tmp_path, "--max_steps", 2, "--ckpt_interval", 1, "--plot", 0)
     with open(os.path.join(REPO, "train_gpt2.py"), "rb") as f:
-        made_by = {"torch": torch.__version__, "device": "cpu", "source_sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
+        made_by = {"torch": torch.__version__, "device": "cpu",
+                   "source_sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
     assert [load_checkpoint(p)["provenance"] for p in checkpoint_paths(tmp_path)] == [made_by] * 2
     resume(tmp_path, "--max_steps", 3)
     lines = (tmp_path / "log.txt").read_text().splitlines()
@@ -434,7 +456,8 @@ def test_provenance_in_every_checkpoint_and_the_log(data, tmp_path):
 
 
 def test_grad_accumulation_equals_one_big_batch(data, tmp_path):
-    train(data, tmp_path / "accum", "--max_steps", 6, "--micro_batch_size", 2, "--total_batch_size", 256)  # 4 micro-steps
+    # 4 micro-steps
+    train(data, tmp_path / "accum", "--max_steps", 6, "--micro_batch_size", 2, "--total_batch_size", 256)
     train(data, tmp_path / "big", "--max_steps", 6, "--micro_batch_size", 8, "--total_batch_size", 256)
     a, b = read_log(tmp_path / "accum"), read_log(tmp_path / "big")
     assert len(a["train"]) == 6
@@ -482,8 +505,10 @@ def test_checkpoints_are_safe_and_complete(data, tmp_path):
                                                                           "model_00008.pt", "model_00009.pt"]
     ckpt = torch.load(tmp_path / "model_00009.pt", weights_only=True)  # no pickled classes
     assert ckpt["step"] == 9 and ckpt["config"]["max_steps"] == 9
-    assert ckpt["model_config"] == {"block_size": 64, "vocab_size": 256, "n_layer": 2, "n_head": 2, "n_embd": 32}
-    assert ckpt["loader_position"] == [0, 0, 9 * 2 * 128]  # (epoch, shard, token): 9 x 2 micro-batches of 4x32
+    assert ckpt["model_config"] == {"block_size": 64, "vocab_size": 256, "n_layer": 2, "n_head": 2,
+                                    "n_embd": 32}
+    # (epoch, shard, token): 9 x 2 micro-batches of 4x32
+    assert ckpt["loader_position"] == [0, 0, 9 * 2 * 128]
     assert [(name, n) for name, n, _ in ckpt["data"]["train"]] == [("synth_train_000001.npy", 12000),
                                                                    ("synth_train_000002.npy", 9000)]
     assert [name for name, _, _ in ckpt["data"]["val"]] == ["synth_val_000000.npy"]
@@ -494,7 +519,8 @@ def test_checkpoints_are_safe_and_complete(data, tmp_path):
     val = np.load(data / "synth_val_000000.npy").astype(np.int64)
     with torch.no_grad():
         losses = [model(torch.from_numpy(val[i * 128: (i + 1) * 128]).view(4, 32),
-                        torch.from_numpy(val[i * 128 + 1: (i + 1) * 128 + 1]).view(4, 32))[1] for i in range(2)]
+                        torch.from_numpy(val[i * 128 + 1: (i + 1) * 128 + 1]).view(4, 32))[1]
+                  for i in range(2)]
     assert ckpt["val_loss"] == pytest.approx(sum(losses).item() / 2, abs=1e-5)
     assert read_log(tmp_path)["val"][9] == pytest.approx(ckpt["val_loss"], abs=1e-4)
 
@@ -532,15 +558,16 @@ def test_float16_run_learns_like_float32_and_its_checkpoint_holds_the_scaler(dat
     fp32 = train(data, tmp_path / "fp32", "--max_steps", 8)
     fp16 = train(data, tmp_path / "fp16", "--max_steps", 8, "--dtype", "float16")
     assert "| float32 |" in fp32.stdout and "| float16 |" in fp16.stdout  # --dtype auto is float32 off CUDA
-    assert all(ln.endswith(" | loss scale 65536") for ln in step_lines(fp16.stdout)) and len(step_lines(fp16.stdout)) == 8
+    assert (all(ln.endswith(" | loss scale 65536") for ln in step_lines(fp16.stdout))
+            and len(step_lines(fp16.stdout)) == 8)
     assert "loss scale" not in fp32.stdout
     a, b = read_log(tmp_path / "fp32"), read_log(tmp_path / "fp16")
     assert b["val"][8] < b["val"][0] - 0.3  # it learns ...
     for step in range(8):  # ... what float32 learns, to float16's precision
         assert b["train"][step] == pytest.approx(a["train"][step], abs=0.02)
     ckpt = torch.load(tmp_path / "fp16" / "model_00008.pt", weights_only=True)
-    assert ckpt["scaler"] == {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-                              "_growth_tracker": 8}
+    assert ckpt["scaler"] == {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                              "growth_interval": 2000, "_growth_tracker": 8}
     assert torch.load(tmp_path / "fp32" / "model_00008.pt", weights_only=True)["scaler"] == {}
     assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {8}
 
@@ -571,7 +598,8 @@ def test_float16_overflow_skips_exactly_one_step(data, tmp_path, monkeypatch, ca
     skipped = [ln for ln in lines if "skipped" in ln]
     assert len(skipped) == 1 and skipped[0].startswith("step     3 |"), "\n".join(lines)
     assert "| norm inf |" in skipped[0] or "| norm nan |" in skipped[0]
-    assert skipped[0].endswith("| loss scale 65536 | skipped: float16 gradients overflowed, loss scale halved")
+    assert skipped[0].endswith("| loss scale 65536 | skipped: float16 gradients overflowed, "
+                               "loss scale halved")
     assert all(ln.endswith("| loss scale 65536") for ln in lines[:3])
     assert all(ln.endswith("| loss scale 32768") for ln in lines[4:])
     log = read_log(tmp_path)
@@ -661,8 +689,9 @@ def test_resume_refuses_changed_data_and_reads_another_data_dir_from_its_beginni
         os.remove(path) if new is None else write_npy_shard(path, new)
         code, err = run_main(capsys, "--log_dir", tmp_path / "log", "--init_from", "resume", "--max_steps", 4)
         assert code == 1 and err == f"train_gpt2.py: error: --data_dir {tmp_path / 'data'}: " \
-            f"{first_difference} since the checkpoint, so its position would read other tokens; restore the " \
-            f"shards, or resume with the changed data under another --data_dir to read it from its beginning\n"
+            f"{first_difference} since the checkpoint, so its position would read other tokens; " \
+            f"restore the shards, or resume with the changed data under another --data_dir to read it " \
+            f"from its beginning\n"
         os.remove(path) if saved is None else path.write_bytes(saved)
 
     shutil.copytree(data, tmp_path / "other")
@@ -672,8 +701,8 @@ def test_resume_refuses_changed_data_and_reads_another_data_dir_from_its_beginni
         main([str(a) for a in ["--log_dir", tmp_path / f"log_{name}", "--init_from", "resume",
                                "--max_steps", 3, "--data_dir", tmp_path / name]])  # one step more
         note = f"note: --data_dir {tmp_path / name} is not the data of the checkpoint " \
-               f"({tmp_path / 'data'}): its train split is read from its beginning, and val loss measured on " \
-               f"its val split\n"
+               f"({tmp_path / 'data'}): its train split is read from its beginning, and val loss measured " \
+               f"on its val split\n"
         assert (note in capsys.readouterr().out) == (name == "other")
         assert torch.load(tmp_path / f"log_{name}" / "model_00003.pt")["loader_position"] == position
 
@@ -707,8 +736,8 @@ def uninterrupted_train_losses(data, tmp_path_factory):
 def test_signal_writes_checkpoint_and_resume_continues(data, tmp_path, sig, uninterrupted_train_losses):
     """Preemption or Ctrl-C: the step finishes, a checkpoint is written, exit 0; resuming then gives
     exactly the losses of a run that was never interrupted."""
-    proc = subprocess.Popen([sys.executable, "train_gpt2.py", "--data_dir", str(data), "--log_dir", str(tmp_path / "run"),
-                             *map(str, SIGNALLED_RUN)],
+    proc = subprocess.Popen([sys.executable, "train_gpt2.py", "--data_dir", str(data), "--log_dir",
+                             str(tmp_path / "run"), *map(str, SIGNALLED_RUN)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log_file = tmp_path / "run" / "log.txt"
     deadline = time.time() + 600
@@ -733,8 +762,8 @@ def test_closed_terminal_writes_checkpoint_and_resume_continues(data, tmp_path, 
     nowhere; before, SIGHUP killed it, and a caught one still died on the next print (EIO)."""
     pid, terminal = pty.fork()
     if pid == 0:  # the child, with the terminal as its controlling terminal, stdout and stderr
-        os.execv(sys.executable, [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--data_dir", str(data),
-                                  "--log_dir", str(tmp_path / "run"), *map(str, SIGNALLED_RUN)])
+        os.execv(sys.executable, [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--data_dir",
+                                  str(data), "--log_dir", str(tmp_path / "run"), *map(str, SIGNALLED_RUN)])
     log_file = tmp_path / "run" / "log.txt"
 
     def three_steps_logged():
@@ -770,11 +799,13 @@ train_gpt2.main(sys.argv[1:])
 
 
 def test_second_ctrl_c_during_a_checkpoint_write_is_one_line_and_leaves_no_tmp(data, tmp_path):
-    args = ["--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 10, "--ckpt_interval", 2, "--plot", 0]
-    proc = subprocess.run([sys.executable, "-c", CTRL_C_TWICE, *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    args = ["--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 10, "--ckpt_interval", 2,
+            "--plot", 0]
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_TWICE, *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 130
-    assert proc.stderr == f"train_gpt2.py: aborted by Ctrl-C; the last good checkpoint is {tmp_path / 'model_00002.pt'}\n"
+    assert proc.stderr == f"train_gpt2.py: aborted by Ctrl-C; the last good checkpoint is " \
+                          f"{tmp_path / 'model_00002.pt'}\n"
     assert sorted(os.listdir(tmp_path)) == [".lock", "log.txt", "model_00002.pt"]
     assert load_checkpoint(tmp_path / "model_00002.pt")["step"] == 2
 
@@ -788,7 +819,8 @@ def test_a_frozen_rank_ends_the_run_after_dist_timeout_with_one_line(data, tmp_p
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     args = ["train_gpt2.py", "--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 100000,
             "--ckpt_interval", 10, "--plot", 0, "--dist_timeout", 5]
-    ranks = [subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env={**env, "RANK": r, "LOCAL_RANK": r},
+    ranks = [subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO,
+                              env={**env, "RANK": r, "LOCAL_RANK": r},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in "01"]
     try:
         wait_for(lambda: checkpoint_paths(tmp_path), 600, "checkpoint")
@@ -800,9 +832,10 @@ def test_a_frozen_rank_ends_the_run_after_dist_timeout_with_one_line(data, tmp_p
             proc.wait()
     last = checkpoint_paths(tmp_path)[-1]
     assert ranks[0].returncode == 1, err[-3000:]  # once seen -6 (SIGABRT) under load: keep what it said
-    assert err == f"train_gpt2.py: error: rank 0: a collective waited more than --dist_timeout 5 s for the other " \
-                  f"ranks, so one is frozen or dead; the last checkpoint is {last}\n"
-    assert load_checkpoint(last)["step"] % 10 == 0 and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert err == f"train_gpt2.py: error: rank 0: a collective waited more than --dist_timeout 5 s for the " \
+                  f"other ranks, so one is frozen or dead; the last checkpoint is {last}\n"
+    assert (load_checkpoint(last)["step"] % 10 == 0
+            and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")])
 
 
 @pytest.mark.slow
@@ -810,15 +843,18 @@ def test_auto_resume_under_torchrun_max_restarts_survives_a_killed_rank(data, tm
     """`torchrun --max-restarts 1` and --auto_resume 1: rank 1 SIGKILLed after the step-10 checkpoint, so
     torchrun stops rank 0 and starts both again, as a new run that continues the newest checkpoint. It
     exits 0 with an uninterrupted run's final weights and log.txt, bit for bit."""
-    args = ["--data_dir", data, *TINY, "--max_steps", 100, "--ckpt_interval", 10, "--plot", 0, "--auto_resume", 1]
+    args = ["--data_dir", data, *TINY, "--max_steps", 100, "--ckpt_interval", 10, "--plot", 0,
+            "--auto_resume", 1]
     run_train(*args, "--log_dir", tmp_path / "full", nproc=2)
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "--max-restarts", "1", "train_gpt2.py", *map(str, args), "--log_dir",
-                                 str(tmp_path / "killed")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node=2", "--max-restarts", "1", "train_gpt2.py",
+                                 *map(str, args), "--log_dir", str(tmp_path / "killed")],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     try:
         wait_for(lambda: (tmp_path / "killed" / "model_00010.pt").exists(), 600, "step-10 checkpoint")
-        rank1, = (pid for pid in children(launcher) if "RANK=1" in open(f"/proc/{pid}/environ").read().split("\0"))
+        rank1, = (pid for pid in children(launcher)
+                  if "RANK=1" in open(f"/proc/{pid}/environ").read().split("\0"))
         os.kill(rank1, signal.SIGKILL)
         out, err = launcher.communicate(timeout=300)
     finally:
@@ -852,7 +888,8 @@ def test_diverged_run_stops_without_touching_the_good_checkpoint(data, tmp_path)
                   "--eval_interval", 1, check=False)
     assert proc.returncode == 1
     assert "diverged" in proc.stderr and "model_00004.pt" in proc.stderr and "Traceback" not in proc.stderr
-    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt")) == ["model_00002.pt", "model_00004.pt"]
+    assert (sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt"))
+            == ["model_00002.pt", "model_00004.pt"])
     assert (tmp_path / "model_00004.pt").read_bytes() == good
 
 
@@ -911,9 +948,9 @@ def test_a_log_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(cap
         with folder_in_use(tmp_path) as holder:
             before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if n != ".lock"}
             code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *map(str, args))
-            assert code == 1 and err == f"train_gpt2.py: error: --log_dir {tmp_path}: in use by another run " \
-                f"(pid {holder.pid} on host {socket.gethostname()}); wait for it to end or pick another " \
-                f"--log_dir\n"
+            assert code == 1 and err == f"train_gpt2.py: error: --log_dir {tmp_path}: in use by another " \
+                f"run (pid {holder.pid} on host {socket.gethostname()}); wait for it to end or pick " \
+                f"another --log_dir\n"
             assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if n != ".lock"} == before
             holder.kill()
             holder.wait()
@@ -985,12 +1022,12 @@ def test_disk_full_while_checkpointing_loses_nothing(data, tmp_path):
     disk = tmp_path / "disk"
     full, resumed = on_small_disk(disk, "8m", [
         ("fill", size * 3 // 2), ("run", args + ["--log_dir", disk / "log"]), ("free",),
-        ("run", [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--log_dir", disk / "log", "--init_from",
-                 "resume"]), ("save", tmp_path / "saved")])
+        ("run", [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--log_dir", disk / "log",
+                 "--init_from", "resume"]), ("save", tmp_path / "saved")])
     assert full["returncode"] == 1, full["stderr"][-3000:]
-    assert full["stderr"] == f"train_gpt2.py: error: disk full in {disk / 'log'}: model_00004.pt was not written " \
-                             f"and the checkpoints before it are untouched; free space, then continue with " \
-                             f"--init_from resume\n"
+    assert full["stderr"] == f"train_gpt2.py: error: disk full in {disk / 'log'}: model_00004.pt was not " \
+                             f"written and the checkpoints before it are untouched; free space, then " \
+                             f"continue with --init_from resume\n"
     assert full["files"] == ["log/.lock", "log/log.txt", "log/model_00002.pt"]
     assert resumed["returncode"] == 0, resumed["stderr"][-3000:]
     assert read_log(tmp_path / "saved" / "log") == read_log(tmp_path / "full")
@@ -1001,8 +1038,10 @@ def test_disk_full_while_checkpointing_loses_nothing(data, tmp_path):
 
 def test_log_dir_that_cannot_be_a_folder_is_one_line(capsys, data, tmp_path):
     (tmp_path / "afile").write_text("not a folder")
-    for log_dir, why in [(tmp_path / "afile", "File exists"), (tmp_path / "afile" / "run", "Not a directory")]:
-        code, err = run_main(capsys, "--data_dir", data, "--log_dir", log_dir, *map(str, TINY), "--max_steps", 1)
+    for log_dir, why in [(tmp_path / "afile", "File exists"),
+                         (tmp_path / "afile" / "run", "Not a directory")]:
+        code, err = run_main(capsys, "--data_dir", data, "--log_dir", log_dir, *map(str, TINY),
+                             "--max_steps", 1)
         assert code == 1 and err == f"train_gpt2.py: error: --log_dir {log_dir}: cannot make that folder " \
                                     f"({why}); pick another --log_dir\n"
         assert err.count("\n") == 1
@@ -1018,8 +1057,8 @@ def test_read_only_log_dir_is_one_line_for_a_new_run_and_a_resume(data, tmp_path
         ("run", args + ["--log_dir", disk / "new"])])
     assert first["returncode"] == 0, first["stderr"][-3000:]
     for proc, log_dir, what in ((resumed, disk / "log", "write in"), (fresh, disk / "new", "make")):
-        assert proc["returncode"] == 1 and proc["stderr"] == f"train_gpt2.py: error: --log_dir {log_dir}: cannot " \
-            f"{what} that folder (Read-only file system); pick another --log_dir\n"
+        assert proc["returncode"] == 1 and proc["stderr"] == f"train_gpt2.py: error: --log_dir {log_dir}: " \
+            f"cannot {what} that folder (Read-only file system); pick another --log_dir\n"
     assert resumed["files"] == first["files"] == ["log/.lock", "log/log.txt", "log/model_00002.pt"]
 
 
@@ -1029,8 +1068,10 @@ def test_unfinished_data_preparation_is_refused(capsys, data, tmp_path):
     import shutil
     shutil.copytree(data, tmp_path / "data")
     (tmp_path / "data" / "manifest.json").write_text('{"shards": [], "done": false}')
-    code, err = run_main(capsys, "--data_dir", tmp_path / "data", "--log_dir", tmp_path / "log", *map(str, TINY))
-    assert code == 1 and "fineweb.py has not finished writing it" in err and "rerun the same fineweb.py" in err
+    code, err = run_main(capsys, "--data_dir", tmp_path / "data", "--log_dir", tmp_path / "log",
+                         *map(str, TINY))
+    assert (code == 1 and "fineweb.py has not finished writing it" in err
+            and "rerun the same fineweb.py" in err)
     shards = [{"name": n, "split": n.split("_")[1], "bytes": os.path.getsize(tmp_path / "data" / n)}
               for n in sorted(os.listdir(data))]
     (tmp_path / "data" / "manifest.json").write_text(json.dumps({"shards": shards, "done": True}))
@@ -1047,7 +1088,8 @@ def test_resume_to_fewer_steps_than_the_checkpoint_is_an_error(capsys, data, tmp
 def test_val_steps_past_the_val_split_are_capped_with_a_note(data, tmp_path):
     """The val shard (4000 tokens) holds 31 micro-batches of 4x32: asking for 50 re-read 19 of them."""
     proc = train(data, tmp_path, "--max_steps", 1, "--val_steps", 50)
-    assert proc.stdout.count("note: --val_steps 50: the val split holds 31 distinct micro-batches of 4x32") == 1
+    assert proc.stdout.count("note: --val_steps 50: the val split holds 31 distinct micro-batches "
+                             "of 4x32") == 1
     capped = read_log(tmp_path)["val"][0]
     train(data, tmp_path / "31", "--max_steps", 1, "--val_steps", 31)
     assert read_log(tmp_path / "31")["val"][0] == capped
@@ -1071,7 +1113,8 @@ def broken_hf_folders(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     root = tmp_path_factory.mktemp("broken_hf")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=4)).save_pretrained(root / "gpt2")
+    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=2,
+                               n_head=4)).save_pretrained(root / "gpt2")
     weights = load_file(root / "gpt2" / "model.safetensors")
     save_file({k: w for k, w in weights.items() if ".h.1." not in k}, root / "gpt2" / "model.safetensors",
               metadata={"format": "pt"})
@@ -1087,8 +1130,9 @@ def test_fine_tune_from_an_incomplete_or_foreign_folder_is_refused(capsys, data,
                                                                    folder, says):
     """transformers fills what it cannot load with random tensors and says so in a table: training on would be
     a "fine-tune" of partly random weights, exit 0."""
-    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, "--seq_len", 32, "--micro_batch_size", 4,
-                         "--total_batch_size", 256, "--init_from", broken_hf_folders / folder)
+    code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, "--seq_len", 32,
+                         "--micro_batch_size", 4, "--total_batch_size", 256, "--init_from",
+                         broken_hf_folders / folder)
     last = err.splitlines()[-1]  # after transformers' "Loading weights" progress bar
     assert code == 1 and last.startswith("train_gpt2.py: error: --init_from ") and says in last, err
     assert "MISSING" not in err and "Traceback" not in err and not (tmp_path / "log.txt").exists()
@@ -1096,9 +1140,10 @@ def test_fine_tune_from_an_incomplete_or_foreign_folder_is_refused(capsys, data,
 
 # --- in-training HellaSwag and samples -----------------------------------------------------------------
 
-HELLA = ["--n_layer", 1, "--n_head", 2, "--n_embd", 32, "--vocab_size", 50304, "--block_size", 256, "--seq_len", 32,
-         "--micro_batch_size", 8, "--total_batch_size", 256, "--max_steps", 4, "--eval_interval", 2, "--val_steps", 2,
-         "--hellaswag", 1, "--hellaswag_limit", 40, "--sample_interval", 2]
+HELLA = ["--n_layer", 1, "--n_head", 2, "--n_embd", 32, "--vocab_size", 50304, "--block_size", 256,
+         "--seq_len", 32, "--micro_batch_size", 8, "--total_batch_size", 256, "--max_steps", 4,
+         "--eval_interval", 2, "--val_steps", 2, "--hellaswag", 1, "--hellaswag_limit", 40,
+         "--sample_interval", 2]
 
 
 def hellaswag_dir():
@@ -1108,9 +1153,9 @@ def hellaswag_dir():
 def test_in_training_hellaswag_and_samples(shakespeare_shards, tmp_path):
     """Every eval logs `{step} hella {acc_norm}`: the acc_norm hellaswag.py gives the same weights; every
     sample_interval steps 4 samples of the default prompt go to samples.txt."""
-    from fineweb import iterate_examples
-    from train_gpt2 import score
-    run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--hellaswag_dir", hellaswag_dir())
+    from hellaswag import iterate_examples, score
+    run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--hellaswag_dir",
+              hellaswag_dir())
     log = read_log(tmp_path)
     assert sorted(log["hella"]) == [0, 2, 4]
     ckpt = torch.load(tmp_path / "model_00004.pt", weights_only=True)
@@ -1149,28 +1194,30 @@ def test_an_empty_hellaswag_file_is_a_one_line_error_before_any_step(capsys, sha
 
 def test_run_as_a_script_never_loads_a_second_train_gpt2(shakespeare_shards, tmp_path):
     """`python train_gpt2.py` runs as __main__; with samples, HellaSwag and plots on, the modules it imports
-    for them (plot, fineweb) must not import `train_gpt2` back, which would load the whole script a second
-    time with its own classes (TrainConfig, GPT); hellaswag.py imports train_gpt2, so train_gpt2 never imports it. `-X
-    importtime` lists every module a process imports."""
-    args = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--max_steps", 2, "--hellaswag_limit", 8,
-            "--hellaswag_dir", hellaswag_dir(), "--plot", 1]
+    for them (hellaswag, checkpoints, plot, fineweb, common) must not import `train_gpt2` back, which would
+    load the whole script a second time with its own classes (TrainConfig, GPT); hellaswag.py imports it
+    only inside main(), which this run never calls. `-X importtime` lists every module a process imports."""
+    args = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path, *HELLA, "--max_steps", 2,
+            "--hellaswag_limit", 8, "--hellaswag_dir", hellaswag_dir(), "--plot", 1]
     proc = subprocess.run([sys.executable, "-X", "importtime", "train_gpt2.py", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     imported = re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)$", proc.stderr, re.M)
-    assert {"plot", "fineweb"} <= set(imported)  # what the evals, samples and plots need
-    assert "train_gpt2" not in imported and "hellaswag" not in imported
-    assert (tmp_path / "samples.txt").exists() and (tmp_path / "loss.png").exists() and read_log(tmp_path)["hella"]
+    assert {"hellaswag", "checkpoints", "plot", "fineweb", "common"} <= set(imported)
+    assert "train_gpt2" not in imported
+    assert ((tmp_path / "samples.txt").exists() and (tmp_path / "loss.png").exists()
+            and read_log(tmp_path)["hella"])
 
 
 def test_context_shorter_than_the_sample_prompt_skips_the_samples_with_a_note(shakespeare_shards, tmp_path):
     """The samples' prompt is 8 tokens: a 4-token context cannot hold it. The run says so once and trains on
     to its checkpoint, rather than failing at the first sample_interval."""
     proc = run_train("--data_dir", shakespeare_shards, "--log_dir", tmp_path, "--n_layer", 1, "--n_head", 2,
-                     "--n_embd", 32, "--block_size", 4, "--seq_len", 4, "--micro_batch_size", 4, "--total_batch_size",
-                     16, "--max_steps", 3, "--warmup_steps", 1, "--eval_interval", 2, "--val_steps", 1,
-                     "--sample_interval", 2)
-    assert proc.stdout.count("note: no samples: their prompt has 8 tokens and the model's context (block_size) 4") == 1
+                     "--n_embd", 32, "--block_size", 4, "--seq_len", 4, "--micro_batch_size", 4,
+                     "--total_batch_size", 16, "--max_steps", 3, "--warmup_steps", 1, "--eval_interval", 2,
+                     "--val_steps", 1, "--sample_interval", 2)
+    assert proc.stdout.count("note: no samples: their prompt has 8 tokens and the model's context "
+                             "(block_size) 4") == 1
     assert not (tmp_path / "samples.txt").exists() and (tmp_path / "model_00003.pt").exists()
 
 
@@ -1178,8 +1225,8 @@ def test_context_shorter_than_the_sample_prompt_skips_the_samples_with_a_note(sh
 @ci_only
 def test_in_training_hellaswag_splits_examples_across_ranks(shakespeare_shards, tmp_path):
     """2 ranks score 20 examples each and all-reduce the counts: the acc_norm of 1 process."""
-    args = ["--data_dir", shakespeare_shards, *HELLA, "--hellaswag_dir", hellaswag_dir(), "--sample_interval", 0,
-            "--total_batch_size", 512]
+    args = ["--data_dir", shakespeare_shards, *HELLA, "--hellaswag_dir", hellaswag_dir(),
+            "--sample_interval", 0, "--total_batch_size", 512]
     run_train("--log_dir", tmp_path / "ddp", *args, nproc=2)
     run_train("--log_dir", tmp_path / "single", *args)
     assert read_log(tmp_path / "ddp")["hella"][0] == read_log(tmp_path / "single")["hella"][0]
@@ -1191,8 +1238,8 @@ def test_compiled_run_trains_like_eager_and_its_evals_do_not_recompile(shakespea
     """--compile 1 (on by default on CUDA) gives the train, val and HellaSwag numbers of eager mode, here on
     CPU. The first evaluations and the first train step compile; the later val, HellaSwag and train steps
     reuse those graphs (TORCH_LOGS=recompiles reports any recompilation). One test, so one compilation."""
-    args = ["--data_dir", shakespeare_shards, *HELLA, "--hellaswag_dir", hellaswag_dir(), "--sample_interval", 0,
-            "--max_steps", 6]
+    args = ["--data_dir", shakespeare_shards, *HELLA, "--hellaswag_dir", hellaswag_dir(),
+            "--sample_interval", 0, "--max_steps", 6]
     proc = run_train("--log_dir", tmp_path / "compiled", *args, "--compile", 1,
                      env={**os.environ, "TORCH_LOGS": "recompiles"}, merge_stderr=True)
     out = proc.stdout
@@ -1225,7 +1272,8 @@ def test_without_matplotlib_training_goes_on_and_says_so_once(data, tmp_path):
     (shim / "__init__.py").write_text("raise ImportError(\"No module named 'matplotlib'\")\n")
     proc = train(data, tmp_path / "log", "--max_steps", 8, env={**os.environ, "PYTHONPATH": str(shim.parent)})
     assert proc.stdout.count("matplotlib is not installed, so no loss.png: pip install matplotlib") == 1
-    assert sorted(read_log(tmp_path / "log")["val"]) == [0, 4, 8] and not (tmp_path / "log" / "loss.png").exists()
+    assert (sorted(read_log(tmp_path / "log")["val"]) == [0, 4, 8]
+            and not (tmp_path / "log" / "loss.png").exists())
 
 
 # --- Weights & Biases -----------------------------------------------------------------------------------
@@ -1235,7 +1283,8 @@ def test_without_matplotlib_training_goes_on_and_says_so_once(data, tmp_path):
 def test_wandb_logs_the_run_and_a_resume_continues_it(data, tmp_path):
     """--wandb 1 in W&B's offline mode: the run summary W&B prints holds the last train and val losses of
     log.txt, and a resumed run continues the same W&B run (its id is kept in the checkpoint)."""
-    pytest.importorskip("wandb", reason="wandb is optional (not in requirements.txt); pip install wandb to test it")
+    pytest.importorskip("wandb", reason="wandb is optional (not in requirements.txt); "
+                                        "pip install wandb to test it")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "false"}
     proc = train(data, tmp_path, "--max_steps", 4, "--wandb", 1, "--wandb_run_name", "tiny", env=env,
                  merge_stderr=True)
@@ -1253,11 +1302,12 @@ def test_wandb_logs_the_run_and_a_resume_continues_it(data, tmp_path):
 def test_wandb_missing_is_a_one_line_error(capsys, data, tmp_path, monkeypatch):
     import importlib.util
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else find_spec(name, *a))
     code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path, *TINY, "--wandb", 1)
     # echoed as typed (issue 12: it said `--wandb True`)
-    assert code == 1 and err == "train_gpt2.py: error: --wandb 1: wandb is not installed: pip install wandb, " \
-                                "or drop the flag\n"
+    assert code == 1 and err == "train_gpt2.py: error: --wandb 1: wandb is not installed: " \
+                                "pip install wandb, or drop the flag\n"
 
 
 # --- fine-tuning and the end-to-end run on real text ----------------------------------------------------
@@ -1267,10 +1317,12 @@ def test_finetune_from_hugging_face_folder(shakespeare_shards, hf_folder, tmp_pa
     from transformers import GPT2LMHeadModel
     train_args = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path, "--init_from", hf_folder,
                   "--micro_batch_size", 4, "--seq_len", 64, "--total_batch_size", 256, "--max_steps", 3,
-                  "--warmup_steps", 1, "--max_lr", 1e-4, "--min_lr", 1e-5, "--eval_interval", 3, "--val_steps", 2]
+                  "--warmup_steps", 1, "--max_lr", 1e-4, "--min_lr", 1e-5, "--eval_interval", 3,
+                  "--val_steps", 2]
     run_train(*train_args)
     ckpt = torch.load(tmp_path / "model_00003.pt", weights_only=True)
-    assert ckpt["model_config"] == {"block_size": 64, "vocab_size": 50257, "n_layer": 2, "n_head": 4, "n_embd": 32}
+    assert ckpt["model_config"] == {"block_size": 64, "vocab_size": 50257, "n_layer": 2, "n_head": 4,
+                                    "n_embd": 32}
     # The step-0 val loss is the Hugging Face model's own loss on the same two val micro-batches.
     hf = GPT2LMHeadModel.from_pretrained(hf_folder).eval()
     val = np.load(shakespeare_shards / "shakespeare_val_000000.npy").astype(np.int64)

@@ -1,0 +1,195 @@
+"""Checkpoints: what a train_gpt2.py run writes to resume, and how it is read back.
+
+log_dir/model_NNNNN.pt is the state after NNNNN optimizer steps: the weights, the optimizer's state, the
+float16 loss scale, the flags, the loader's position and a record of the data read (each shard's name,
+length and a checksum of a few samples). It is written atomically (a temporary file, flushed to disk,
+renamed), the oldest are pruned to keep_last, and it is read with weights_only=True, so loading one runs
+no code. A resume takes the checkpoint's flags as its defaults, refuses what cannot continue exactly (other
+optimizer, changed shards, another shuffle order), and goes on at the first token no rank has read.
+"""
+
+import dataclasses
+import os
+import pickle
+import re
+import zlib
+
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+
+from common import UserError, auto_or_bool, disk_full, print0, write_synced
+
+
+def checkpoint_paths(log_dir):
+    """Checkpoints in log_dir, oldest first."""
+    if not os.path.isdir(log_dir):
+        return []
+    names = [n for n in os.listdir(log_dir) if re.fullmatch(r"model_\d{5,}\.pt", n)]
+    return [os.path.join(log_dir, n) for n in sorted(names, key=lambda n: int(n[6:-3]))]
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: loading runs no code
+        missing = {"model", "optimizer", "model_config", "config", "step"} - set(ckpt)
+    except Exception as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if isinstance(e, pickle.UnpicklingError) and found:  # weights_only met pickled objects, maybe code
+            raise UserError(f"{path}: holds objects that are not plain tensors and data ({found[1]}), so it "
+                            f"was refused without loading it") from None
+        raise UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}); it is corrupt or "
+                        f"truncated: move it away and use the one before") from None
+    if missing:
+        raise UserError(f"{path}: not a train_gpt2.py checkpoint (no {', '.join(sorted(missing))})")
+    return ckpt
+
+
+def checkpoint_file(path):
+    """The checkpoint path names: path itself, or for a folder (a --log_dir) its newest model_NNNNN.pt."""
+    if os.path.isdir(path):
+        paths = checkpoint_paths(path)
+        if not paths:
+            raise UserError(f"{path}: no model_NNNNN.pt checkpoint in this folder")
+        return paths[-1]
+    if path.endswith(".pt.tmp"):  # save_checkpoint's temporary name
+        raise UserError(f"{path}: a checkpoint still being written, or cut short by a crash; pass a "
+                        f"finished model_NNNNN.pt, or its folder for the newest one")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Writing: the run's state, atomically
+
+
+def shard_record(path, tokens):
+    """What a checkpoint records of a shard, to see later whether it changed: its name, its token count,
+    and a crc32 of its first, middle and last 2048 tokens (a cheap look at a 200 MB shard)."""
+    starts = (0, len(tokens) // 2, max(0, len(tokens) - 2048))
+    crc = zlib.crc32(b"".join(tokens[i:i + 2048].tobytes() for i in starts))
+    return [os.path.basename(path), len(tokens), crc]
+
+
+def checkpoint_state(model, optimizers, scaler, cfg, step, loaders, provenance, **values):
+    """What a resume needs after `step` optimizer steps (the train loader's position is the same on every
+    rank; the shards' record lets a resume check its data), what made it, and values (val_loss, hellaswag,
+    wandb_id) for export.py and W&B. Every rank calls it; under DDP or FSDP only rank 0's is whole."""
+    train_loader, val_loader = loaders
+    # Whole tensors, on the CPU, on rank 0 (other ranks get none): under FSDP gathered from the shards
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    data = {"dir": os.path.realpath(cfg.data_dir), "train": train_loader.record, "val": val_loader.record}
+    return {"model": get_model_state_dict(model, options=full), "scaler": scaler.state_dict(),
+            "optimizer": get_optimizer_state_dict(model, optimizers, options=full),
+            "model_config": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg), "step": step,
+            "loader_position": list(train_loader.position), "data": data, "provenance": provenance, **values}
+
+
+def save_checkpoint(ckpt, log_dir, keep_last):
+    """Write atomically (temp file, fsync, rename), then delete all but the newest keep_last."""
+    path = os.path.join(log_dir, f"model_{ckpt['step']:05d}.pt")
+    try:
+        write_synced(path + ".tmp", lambda f: torch.save(ckpt, f))
+    except Exception as e:
+        if disk_full(e):
+            raise UserError(f"disk full in {log_dir}: {os.path.basename(path)} was not written and the "
+                            f"checkpoints before it are untouched; free space, then continue with "
+                            f"--init_from resume") from None
+        raise
+    os.replace(path + ".tmp", path)
+    for p in checkpoint_paths(log_dir)[:-keep_last] if keep_last else []:
+        os.remove(p)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Resuming: the checkpoint's flags, then its state, refusing what would not continue exactly
+
+
+def resume_config(cfg, given):
+    """(flags, checkpoint): with --init_from resume (or --auto_resume 1 and a checkpoint there), the newest
+    checkpoint in log_dir and its flags as the defaults, so `--init_from resume` alone continues the same
+    run; else (cfg, None), refusing a log_dir that already holds checkpoints or an earlier run's log."""
+    paths = checkpoint_paths(cfg.log_dir)
+    if cfg.init_from != "resume" and not (cfg.auto_resume and paths):
+        if paths:
+            raise UserError(f"{cfg.log_dir}/ already holds checkpoints (newest {paths[-1]}): continue them "
+                            f"with --init_from resume, or pick a new --log_dir")
+        # A new run would overwrite log.txt and add to samples.txt; an --auto_resume run restarting before its
+        # first checkpoint starts its own log again
+        for name in () if cfg.auto_resume else ("log.txt", "samples.txt"):
+            if os.path.isfile(os.path.join(cfg.log_dir, name)):
+                raise UserError(f"{cfg.log_dir}/ already holds the {name} of an earlier run, without a "
+                                f"checkpoint to resume: move it away, or pick a new --log_dir")
+        return cfg, None
+    if not paths:
+        raise UserError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
+    ckpt = load_checkpoint(paths[-1])
+    if not all(isinstance(n, str) for group in ckpt["optimizer"]["param_groups"] for n in group["params"]):
+        raise UserError(f"{paths[-1]}: written by an older train_gpt2.py, whose optimizer state this one "
+                        f"cannot read; continue that run with the train_gpt2.py that wrote it, or pick a "
+                        f"new --log_dir")
+    flags = {f.name for f in dataclasses.fields(cfg)}  # train_gpt2.TrainConfig's: what this version takes
+    saved = {k: v for k, v in ckpt["config"].items() if k in flags}
+    for k in {"hellaswag", "compile", "chunked_loss"} & set(saved):  # older checkpoints: text, e.g. "1"
+        saved[k] = auto_or_bool(str(saved[k]))
+    shape = ckpt["model_config"]  # the model's shape flags; build_model refuses given ones that differ
+    cfg = type(cfg)(**{**saved, **given, **shape, "init_from": "resume"})
+    if cfg.optimizer != saved.get("optimizer", "adamw"):
+        raise UserError(f"--optimizer {cfg.optimizer}: {paths[-1]} holds the state of --optimizer "
+                        f"{saved.get('optimizer', 'adamw')}; resume with that, or start a new run")
+    if cfg.max_steps < ckpt["step"]:
+        raise UserError(f"--max_steps {cfg.max_steps}: {paths[-1]} is at step {ckpt['step']} already, so "
+                        f"there is nothing to train; give --max_steps above {ckpt['step']}")
+    return cfg, ckpt
+
+
+def first_change(then, now):
+    """The first difference, in name order, between two lists of a split's shard_records: "NAME is new",
+    "is missing", "has changed (...)" or "holds other tokens"; None if there is none."""
+    old, new = ({name: (n, crc) for name, n, crc in records} for records in (then, now))
+    for name in sorted(old.keys() | new.keys()):
+        if name not in old:
+            return f"{name} is new"
+        if name not in new:
+            return f"{name} is missing"
+        (n_then, crc_then), (n_now, crc_now) = old[name], new[name]
+        if n_then != n_now:
+            return f"{name} has changed ({n_then} tokens then, {n_now} now)"
+        if crc_then != crc_now:
+            return f"{name} holds other tokens"
+    return None
+
+
+def restore_state(ckpt, model, optimizers, scaler, train_loader, val_loader):
+    """Load a checkpoint's optimizer and loss scale, and continue at its first unread token, in
+    the same data whatever B, T and the rank count; changed data is refused at its first difference,
+    another --data_dir (a new corpus) read from its start."""
+    options = StateDictOptions(full_state_dict=True)  # whole tensors, as saved, into this rank's shards
+    set_optimizer_state_dict(model, optimizers, ckpt["optimizer"], options=options)
+    if scaler.is_enabled() and ckpt.get("scaler"):  # a float16 run's loss scale (a new one after bf16/fp32)
+        scaler.load_state_dict(ckpt["scaler"])
+    then, data = ckpt["config"], ckpt["data"]
+    data_dir = os.path.dirname(train_loader.paths[0])
+    now = {"train": train_loader.record, "val": val_loader.record}
+    if os.path.realpath(data_dir) != data["dir"] and [data["train"], data["val"]] != list(now.values()):
+        print0(f"note: --data_dir {data_dir} is not the data of the checkpoint ({then['data_dir']}): its "
+               f"train split is read from its beginning, and val loss measured on its val split")
+        return  # a new corpus; a copy of the same data continues where the checkpoint stopped
+    for split in now:
+        change = first_change(data[split], now[split])
+        if change:
+            raise UserError(f"--data_dir {data_dir}: {split} shard {change} since the checkpoint, so its "
+                            f"position would read other tokens; restore the shards, or resume with the "
+                            f"changed data under another --data_dir to read it from its beginning")
+    b, t, shuffle = then["micro_batch_size"], then["seq_len"], then["shuffle"]
+    if shuffle != train_loader.shuffle:
+        raise UserError(f"--shuffle {int(train_loader.shuffle)}: the checkpoint's run read its data in "
+                        f"{'shuffled' if shuffle else 'sorted'} order and its position holds in that order "
+                        f"only; keep --shuffle {int(shuffle)}")
+    if shuffle and b * t != train_loader.B * train_loader.T:
+        raise UserError(f"--micro_batch_size {train_loader.B} --seq_len {train_loader.T}: a shuffled run's "
+                        f"position holds for micro-batches of its size only; keep --micro_batch_size {b} "
+                        f"--seq_len {t}")
+    train_loader.position = tuple(ckpt["loader_position"])
