@@ -17,12 +17,14 @@ imports. Like common.py, the base it builds on, it imports no torch, so its toke
 
 import codecs
 import collections
+import ctypes
 import glob
 import itertools
 import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -243,8 +245,16 @@ class NotText(Exception):
     """A worker met a document whose text is not a string: (its index in the task, its repr)."""
 
 
-def init_worker(enc, ds, text_column):
-    """A worker's state. It gets the tokenizer from the main process (pickled under spawn): built once."""
+def init_worker(enc, ds, text_column, parent, lock_fd):
+    """A worker's state. It gets the tokenizer from the main process (pickled under spawn): built once.
+    A forked worker gets a copy of the --out_dir lock's descriptor (lock_fd), which would keep the folder
+    locked after its parent died: it closes it, and dies with its parent (Linux)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before that
+        os._exit(1)
+    if lock_fd is not None:
+        os.close(lock_fd)
     _worker.update(enc=enc, eot=np.array([enc.eot_token], dtype=np.uint32), ds=ds, text_column=text_column)
 
 
@@ -520,13 +530,13 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         enc, source = gpt2_tokenizer(), describe_source(cfg)  # bad input fails here, before out_dir is made
-        with hold_folder(cfg.out_dir, "--out_dir"):
-            tokenize(cfg, enc, source)
+        with hold_folder(cfg.out_dir, "--out_dir") as lock:
+            tokenize(cfg, enc, source, lock.fileno() if mp.get_start_method() == "fork" else None)
     except UserError as e:
         sys.exit(f"fineweb.py: error: {e}")
 
 
-def tokenize(cfg, enc, source):
+def tokenize(cfg, enc, source, lock_fd=None):
     from tqdm import tqdm
     manifest = open_manifest(cfg, source, enc)
     if manifest["done"]:
@@ -541,7 +551,7 @@ def tokenize(cfg, enc, source):
     writer = ShardWriter(cfg, manifest)
     tasks = batches(ds, first_doc, cfg)
     fn = tokenize_texts if cfg.streaming else tokenize_rows
-    initargs = (enc, None if cfg.streaming else ds, cfg.text_column)
+    initargs = (enc, None if cfg.streaming else ds, cfg.text_column, os.getpid(), lock_fd)
     progress = tqdm(total=None if cfg.streaming else len(ds), initial=first_doc, unit="docs",
                     desc=f"tokenizing into {cfg.out_dir}/", smoothing=0.05)
     n_tokens, t0 = 0, time.time()

@@ -23,7 +23,8 @@ import types
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_SHAKESPEARE, folder_in_use, on_small_disk, read_log, run_train, tiktoken_gpt2
+from conftest import (REPO, TINY_SHAKESPEARE, folder_in_use, on_small_disk, read_log, run_train, tiktoken_gpt2,
+                      wait_for)
 import common
 import fineweb
 
@@ -542,6 +543,55 @@ def test_an_out_dir_in_use_is_refused_at_once_and_free_once_its_run_is_killed(tm
         tokenize(out, "--input", small_corpus, *READER)
 
 
+# fineweb.main with 2 tokenizing workers, SIGKILLed (as kill -9) when its first shard is written, the workers
+# busy with tasks of a minute (as on a large corpus); it first writes the workers' pids to the file argv[1]
+KILLED_WITH_WORKERS = """
+import multiprocessing, os, signal, sys, time
+import fineweb
+
+tokenize_rows = fineweb.tokenize_rows
+
+def slow_rows(rows):
+    if rows[0] >= 1024:
+        time.sleep(60)
+    return tokenize_rows(rows)
+
+def dying_write_shard(path, tokens, fmt):
+    with open(sys.argv[1], "w") as f:
+        f.write(" ".join(str(p.pid) for p in multiprocessing.active_children()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+fineweb.tokenize_rows, fineweb.write_shard = slow_rows, dying_write_shard
+fineweb.main(sys.argv[2:])
+"""
+
+
+def test_a_killed_run_leaves_no_worker_holding_the_lock(tmp_path, corpus):
+    """Forked workers get a copy of the lock's descriptor: they close it, so the folder is free the moment
+    their parent dies (before, they held it 18-25 s and a rerun blamed the dead parent), and they die with
+    it. The rerun then finishes the corpus."""
+    import fcntl
+    out, pids = tmp_path / "out", tmp_path / "pids"
+    with open(tmp_path / "stderr", "w") as err:  # not a pipe, which a live worker would hold open
+        proc = subprocess.run([sys.executable, "-c", KILLED_WITH_WORKERS, str(pids), "--input", str(corpus),
+                               *map(str, REF), "--num_proc", "2", "--out_dir", str(out)],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr").read_text()[-3000:]
+    workers = [int(p) for p in pids.read_text().split()]
+    assert len(workers) == 2
+    with open(out / ".lock") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while a worker holds it
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return "\nState:\tZ" not in f.read()  # a zombie has exited
+        except FileNotFoundError:
+            return False
+    wait_for(lambda: not any(map(alive, workers)), 10, "end of the dead run's workers")
+    assert read_stream(tokenize(out, "--input", corpus, *REF)).size
+
+
 def test_a_file_system_without_locks_runs_unguarded_with_a_note(tmp_path, capsys, monkeypatch, small_corpus):
     def flock(f, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # as some network file systems answer
@@ -873,8 +923,10 @@ def test_url_input_over_http(tmp_path, shakespeare_bin):
         # "Serving HTTP on 127.0.0.1 port N ..."
         port = re.search(r" port (\d+) ", server.stdout.readline()).group(1)
         url = f"http://127.0.0.1:{port}/input.txt"
-        # datasets' offline mode (HF_DATASETS_OFFLINE, or HF_HUB_OFFLINE) refuses every URL, a local one too
-        env = {k: v for k, v in os.environ.items() if k not in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+        # datasets' offline mode refuses every URL, a local one too; huggingface_hub reads each of these
+        # as offline (TRANSFORMERS_OFFLINE too, as an air-gapped machine may set)
+        offline = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+        env = {k: v for k, v in os.environ.items() if k not in offline}
         proc = subprocess.run([sys.executable, os.path.join(REPO, "fineweb.py"), "--input", url,
                                "--val_tokens", "34000", "--shard_size", "100000", "--format", "bin",
                                "--out_dir", tmp_path / "out"],
