@@ -196,16 +196,25 @@ def write_synced(path, write):
         raise
 
 
-def hold_folder(folder, flag):
-    """Make folder and lock it for this run (an flock on folder/.lock): a second run on it stops at once,
-    saying whose it is. Use it as a context manager; the OS also drops the lock when the process dies,
-    killed or not, so none outlives its run."""
+def hold_folder(folder, flag, create=True):
+    """Make folder (create=False: it must exist, as for a run resuming there) and lock it for this run (an
+    flock on folder/.lock): a second run on it stops at once, saying whose it is. Use it as a context
+    manager; the OS also drops the lock when the process dies, killed or not, so none outlives its run."""
+    if not create and not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder}: no such folder, so nothing to resume there; check the path")
     try:
         os.makedirs(folder, exist_ok=True)
-        f = open(os.path.join(folder, ".lock"), "a+")
     except OSError as e:  # a file of that name, or under a file; a read-only disk
-        doing = "write in" if os.path.isdir(folder) else "make"
-        raise UserError(f"{flag} {folder}: cannot {doing} that folder ({e.strerror}); pick another "
+        raise UserError(f"{flag} {folder}: cannot make that folder ({e.strerror}); pick another "
+                        f"{flag}") from None
+    lock = os.path.join(folder, ".lock")
+    try:
+        f = open(lock, "a+")
+    except OSError as e:
+        if os.access(folder, os.W_OK) and os.path.lexists(lock):  # e.g. a folder named .lock
+            raise UserError(f"{flag} {folder}: cannot open its lock file {lock} ({e.strerror}); remove it "
+                            f"(the run makes a new one) and run again") from None
+        raise UserError(f"{flag} {folder}: cannot write in that folder ({e.strerror}); pick another "
                         f"{flag}") from None
     try:
         if fcntl:

@@ -484,7 +484,8 @@ def check_train_flags(cfg):
                                                f"Hugging Face GPT-2 folder"),
                       ("log_dir", not blocked, f"{blocked[0] if blocked else ''} is not a file, and this run "
                                                f"writes there; move it away or pick another --log_dir"),
-                      ("seed", 0 <= cfg.seed < 2**64, "must be in [0, 2**64), as torch and numpy need")]
+                      ("seed", 0 <= cfg.seed < 2**64, "must be in [0, 2**64), as torch and numpy need"),
+                      ("dist_timeout", cfg.dist_timeout <= 365 * 86400, "must be at most a year, 31536000")]
                 + [(name, getattr(cfg, name) > 0, "must be a positive integer") for name in POSITIVE_FLAGS]
                 + [(name, getattr(cfg, name) >= 0, "must be >= 0") for name in NON_NEGATIVE_FLAGS]
                 + [("max_lr", cfg.max_lr > 0, "must be > 0"),
@@ -953,7 +954,8 @@ def main(argv=None):
     rank = int(os.environ.get("RANK", "0"))
     try:
         # rank 0, the only rank that writes in log_dir, holds it for the run's life
-        with hold_folder(cfg.log_dir, "--log_dir") if rank == 0 else contextlib.nullcontext():
+        with hold_folder(cfg.log_dir, "--log_dir", create=cfg.init_from != "resume") if rank == 0 \
+                else contextlib.nullcontext():
             cfg, ckpt = resume_config(cfg, given)
             train(cfg, given, ckpt)
         if dist.is_initialized():
