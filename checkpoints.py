@@ -9,6 +9,8 @@ optimizer, changed shards, another shuffle order), and goes on at the first toke
 """
 
 import dataclasses
+import glob
+import hashlib
 import os
 import pickle
 import re
@@ -72,6 +74,16 @@ def shard_record(path, tokens):
     return [os.path.basename(path), len(tokens), crc]
 
 
+def run_provenance(device):
+    """What made a run, for log.txt and every checkpoint: torch's version, the device, and the first 16 hex
+    digits of a sha256 over the repository's scripts and modules (every .py file beside this one)."""
+    source = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "*.py"))):
+        with open(path, "rb") as f:
+            source.update(f.read())
+    return {"torch": str(torch.__version__), "device": device, "source_sha256": source.hexdigest()[:16]}
+
+
 def checkpoint_state(model, optimizers, scaler, cfg, step, loaders, provenance, **values):
     """What a resume needs after `step` optimizer steps (the train loader's position is the same on every
     rank; the shards' record lets a resume check its data), what made it, and values (val_loss, hellaswag,
@@ -107,25 +119,48 @@ def save_checkpoint(ckpt, log_dir, keep_last):
 # Resuming: the checkpoint's flags, then its state, refusing what would not continue exactly
 
 
-def resume_config(cfg, given):
+def resume_config(cfg, given, rank=0):
     """(flags, checkpoint): with --init_from resume (or --auto_resume 1 and a checkpoint there), the newest
     checkpoint in log_dir and its flags as the defaults, so `--init_from resume` alone continues the same
-    run; else (cfg, None), refusing a log_dir that already holds checkpoints or an earlier run's log."""
-    paths = checkpoint_paths(cfg.log_dir)
+    run, on the data it recorded; else (cfg, None), refusing a log_dir that already holds checkpoints or an
+    earlier run's log. Rank 0 (which holds log_dir) removes a checkpoint a crash left half-written and,
+    under --auto_resume, moves an unreadable newest one aside for the one before."""
+    for name in os.listdir(cfg.log_dir) if rank == 0 and os.path.isdir(cfg.log_dir) else []:
+        if re.fullmatch(r"model_\d{5,}\.pt\.tmp", name):
+            os.remove(os.path.join(cfg.log_dir, name))
+            print0(f"note: removed {os.path.join(cfg.log_dir, name)}, a checkpoint a crash left half-written")
+    paths, ckpt = checkpoint_paths(cfg.log_dir), None
+    while cfg.auto_resume and paths and ckpt is None:  # a restart must not fail the same way every time
+        try:
+            ckpt = load_checkpoint(paths[-1])
+        except UserError:
+            if rank == 0:
+                os.replace(paths[-1], paths[-1] + ".unreadable")
+                print0(f"note: --auto_resume: {paths[-1]} cannot be read, so it is moved aside (kept) to "
+                       f"{paths[-1]}.unreadable, and the run goes on from the one before, if any")
+            paths.pop()
     if cfg.init_from != "resume" and not (cfg.auto_resume and paths):
         if paths:
             raise UserError(f"{cfg.log_dir}/ already holds checkpoints (newest {paths[-1]}): continue them "
                             f"with --init_from resume, or pick a new --log_dir")
-        # A new run would overwrite log.txt and add to samples.txt; an --auto_resume run restarting before its
-        # first checkpoint starts its own log again
-        for name in () if cfg.auto_resume else ("log.txt", "samples.txt"):
-            if os.path.isfile(os.path.join(cfg.log_dir, name)):
+        # A new run would overwrite log.txt and add to samples.txt. An --auto_resume run (restarting before
+        # its first checkpoint, or in a folder whose checkpoints are gone) keeps them, as log.N.txt, ...
+        for name in ("log.txt", "samples.txt"):
+            path = os.path.join(cfg.log_dir, name)
+            if os.path.isfile(path) and not cfg.auto_resume:
                 raise UserError(f"{cfg.log_dir}/ already holds the {name} of an earlier run, without a "
                                 f"checkpoint to resume: move it away, or pick a new --log_dir")
+            if os.path.isfile(path) and rank == 0:
+                stem, n = path[:-len(".txt")], 1
+                while os.path.exists(f"{stem}.{n}.txt"):
+                    n += 1
+                os.replace(path, f"{stem}.{n}.txt")
+                print0(f"note: --auto_resume: no checkpoint in {cfg.log_dir}/ to resume, so this run starts "
+                       f"anew; the {name} there is kept as {stem}.{n}.txt")
         return cfg, None
     if not paths:
         raise UserError(f"--init_from resume: no model_NNNNN.pt checkpoint in {cfg.log_dir}/ to resume from")
-    ckpt = load_checkpoint(paths[-1])
+    ckpt = ckpt or load_checkpoint(paths[-1])
     if not all(isinstance(n, str) for group in ckpt["optimizer"]["param_groups"] for n in group["params"]):
         raise UserError(f"{paths[-1]}: written by an older train_gpt2.py, whose optimizer state this one "
                         f"cannot read; continue that run with the train_gpt2.py that wrote it, or pick a "
@@ -134,6 +169,11 @@ def resume_config(cfg, given):
     saved = {k: v for k, v in ckpt["config"].items() if k in flags}
     for k in {"hellaswag", "compile", "chunked_loss"} & set(saved):  # older checkpoints: text, e.g. "1"
         saved[k] = auto_or_bool(str(saved[k]))
+    if "data_dir" not in given and "data" in ckpt:  # the data it read, wherever this resume is started
+        saved["data_dir"] = ckpt["data"]["dir"]
+        if not os.path.isdir(saved["data_dir"]):
+            raise UserError(f"{paths[-1]}: its data folder {saved['data_dir']} is gone (moved or deleted); "
+                            f"pass --data_dir the folder that holds those shards now")
     shape = ckpt["model_config"]  # the model's shape flags; build_model refuses given ones that differ
     cfg = type(cfg)(**{**saved, **given, **shape, "init_from": "resume"})
     if cfg.optimizer != saved.get("optimizer", "adamw"):
@@ -177,12 +217,15 @@ def restore_state(ckpt, model, optimizers, scaler, train_loader, val_loader):
         print0(f"note: --data_dir {data_dir} is not the data of the checkpoint ({then['data_dir']}): its "
                f"train split is read from its beginning, and val loss measured on its val split")
         return  # a new corpus; a copy of the same data continues where the checkpoint stopped
-    for split in now:
-        change = first_change(data[split], now[split])
-        if change:
-            raise UserError(f"--data_dir {data_dir}: {split} shard {change} since the checkpoint, so its "
-                            f"position would read other tokens; restore the shards, or resume with the "
-                            f"changed data under another --data_dir to read it from its beginning")
+    change = first_change(data["val"], now["val"])
+    if change:  # val has no position to lose, only its curve's comparability
+        print0(f"note: --data_dir {data_dir}: val shard {change} since the checkpoint, so val loss from "
+               f"here on is measured on other tokens than before")
+    change = first_change(data["train"], now["train"])
+    if change:
+        raise UserError(f"--data_dir {data_dir}: train shard {change} since the checkpoint, so its "
+                        f"position would read other tokens; restore the shards, or resume with the "
+                        f"changed data under another --data_dir to read it from its beginning")
     b, t, shuffle = then["micro_batch_size"], then["seq_len"], then["shuffle"]
     if shuffle != train_loader.shuffle:
         raise UserError(f"--shuffle {int(train_loader.shuffle)}: the checkpoint's run read its data in "

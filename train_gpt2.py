@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import hashlib
 import importlib.util
 import json
 import math
@@ -39,7 +38,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from checkpoints import (checkpoint_file, checkpoint_paths, checkpoint_state, load_checkpoint, restore_state,
-                         resume_config, save_checkpoint, shard_record)
+                         resume_config, run_provenance, save_checkpoint, shard_record)
 from common import (GPT2_VOCAB_SIZE, PRETRAINED, UserError, check_flags, config_parser, gpt2_tokenizer,
                     hold_folder, option, print0)
 from fineweb import find_shards, open_shard  # the shard format, read back beside its writer
@@ -768,9 +767,7 @@ def train(cfg, given, ckpt):
     grad_accum_steps = cfg.total_batch_size // (B * T * world_size)
     use_hellaswag = device_type == "cuda" if cfg.hellaswag == "auto" else cfg.hellaswag
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
-    with open(__file__, "rb") as f:  # what made this run, in log.txt and every checkpoint
-        provenance = {"torch": str(torch.__version__), "device": device,
-                      "source_sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
+    provenance = run_provenance(device)  # what made this run, in log.txt and every checkpoint
 
     # The model, its optimizer and the data; on resume, all as the checkpoint left them
     torch.manual_seed(cfg.seed)  # on every device
@@ -956,7 +953,7 @@ def main(argv=None):
         # rank 0, the only rank that writes in log_dir, holds it for the run's life
         with hold_folder(cfg.log_dir, "--log_dir", create=cfg.init_from != "resume") if rank == 0 \
                 else contextlib.nullcontext():
-            cfg, ckpt = resume_config(cfg, given)
+            cfg, ckpt = resume_config(cfg, given, rank)
             train(cfg, given, ckpt)
         if dist.is_initialized():
             # Only once train()'s DDP/FSDP modules are freed (FSDP's in reference cycles): a process group

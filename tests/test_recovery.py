@@ -5,25 +5,27 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import REPO, read_log, run_train
 from test_train import TINY, data, resume, run_main, train  # noqa: F401 (data: the fixture)
+from train_gpt2 import main
 
 
 def test_a_lock_file_that_is_a_folder_is_named_with_what_to_do(capsys, data, tmp_path):  # noqa: F811
     (tmp_path / "run" / ".lock").mkdir(parents=True)
     code, err = run_main(capsys, "--data_dir", data, "--log_dir", tmp_path / "run", *TINY, "--max_steps", 1)
-    assert code == 1 and err == (f"train_gpt2.py: error: --log_dir {tmp_path}/run: cannot open its lock file "
-                                 f"{tmp_path}/run/.lock (Is a directory); remove it (the run makes a new one) "
-                                 f"and run again\n")
+    assert code == 1 and err == (f"train_gpt2.py: error: --log_dir {tmp_path}/run: cannot open its lock "
+                                 f"file {tmp_path}/run/.lock (Is a directory); remove it (the run makes a "
+                                 f"new one) and run again\n")
 
 
 def test_resume_with_a_mistyped_log_dir_leaves_nothing_behind(capsys, tmp_path):
     code, err = run_main(capsys, "--log_dir", tmp_path / "lgo", "--init_from", "resume")
-    assert code == 1 and err == (f"train_gpt2.py: error: --log_dir {tmp_path}/lgo: no such folder, so nothing "
-                                 f"to resume there; check the path\n")
+    assert code == 1 and err == (f"train_gpt2.py: error: --log_dir {tmp_path}/lgo: no such folder, so "
+                                 f"nothing to resume there; check the path\n")
     assert os.listdir(tmp_path) == []
 
 
@@ -34,3 +36,77 @@ def test_a_dist_timeout_past_a_year_is_one_line_on_every_rank(data, tmp_path):  
     assert proc.returncode != 0 and 'train_gpt2.py", line' not in proc.stderr
     assert proc.stderr.count("train_gpt2.py: error: --dist_timeout 100000000000000: must be at most a year, "
                              "31536000\n") == 1
+
+
+def test_a_resume_started_elsewhere_reads_the_checkpoints_data(data, tmp_path, monkeypatch,  # noqa: F811
+                                                               capsys):
+    """A run made with a relative --data_dir, resumed from a folder holding another corpus of that name:
+    the resume continues on the data the checkpoint recorded (as the uninterrupted run does); once that
+    folder is gone, it is one line saying to pass --data_dir."""
+    import shutil
+    for place in ("here", "elsewhere"):
+        shutil.copytree(data, tmp_path / place / "corpus")
+    for shard in (tmp_path / "elsewhere" / "corpus").glob("*train*"):  # another corpus, the same name
+        np.save(shard, np.load(shard)[::-1].copy())
+    monkeypatch.chdir(tmp_path / "here")
+    main([str(a) for a in ["--data_dir", "corpus", "--log_dir", tmp_path / "whole", *TINY, "--max_steps", 4,
+                           "--plot", 0]])
+    main([str(a) for a in ["--data_dir", "corpus", "--log_dir", tmp_path / "cut", *TINY, "--max_steps", 2,
+                           "--plot", 0]])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    main([str(a) for a in ["--log_dir", tmp_path / "cut", "--init_from", "resume", "--max_steps", 4]])
+    assert "note: --data_dir" not in capsys.readouterr().out
+    assert read_log(tmp_path / "cut")["train"] == read_log(tmp_path / "whole")["train"]
+    os.rename(tmp_path / "here" / "corpus", tmp_path / "here" / "moved")
+    code, err = run_main(capsys, "--log_dir", tmp_path / "cut", "--init_from", "resume", "--max_steps", 6)
+    assert code == 1 and err == (f"train_gpt2.py: error: {tmp_path}/cut/model_00004.pt: its data folder "
+                                 f"{tmp_path}/here/corpus is gone (moved or deleted); pass --data_dir the "
+                                 f"folder that holds those shards now\n")
+
+
+def test_auto_resume_keeps_another_runs_log_and_samples(data, tmp_path, capsys):
+    """A folder whose checkpoints were moved away: a plain start is refused; an --auto_resume start (a
+    restart, or another run) begins its own log and keeps the earlier ones beside it, whole."""
+    log = tmp_path / "log"
+    main([str(a) for a in ["--data_dir", data, "--log_dir", log, *TINY, "--max_steps", 4, "--plot", 0]])
+    (log / "samples.txt").write_text("4 sample 0: 'an earlier run's sample'\n")
+    for p in log.glob("model_*.pt"):
+        p.unlink()
+    before = {n: (log / n).read_text() for n in ("log.txt", "samples.txt")}
+    code, err = run_main(capsys, "--data_dir", data, "--log_dir", log, *TINY, "--max_steps", 2)
+    assert code == 1 and "already holds the log.txt of an earlier run" in err
+    main([str(a) for a in ["--data_dir", data, "--log_dir", log, *TINY, "--max_steps", 2, "--plot", 0,
+                           "--auto_resume", 1]])
+    out = capsys.readouterr().out
+    assert f"the log.txt there is kept as {log}/log.1.txt" in out and f"{log}/samples.1.txt" in out
+    assert {n: (log / n.replace(".txt", ".1.txt")).read_text() for n in before} == before
+    assert sorted(read_log(log)["train"]) == [0, 1]
+
+
+def test_auto_resume_moves_an_unreadable_newest_checkpoint_aside_and_resumes_the_one_before(data, tmp_path,
+                                                                                            capsys):
+    """Every restart failed the same way on a corrupt newest checkpoint; now it is kept aside, the resume
+    starts from the one before, and the run ends as an uninterrupted one."""
+    log, flags = tmp_path / "log", [*TINY, "--ckpt_interval", 2, "--plot", 0, "--auto_resume", 1]
+    main([str(a) for a in ["--data_dir", data, "--log_dir", tmp_path / "whole", *flags, "--max_steps", 6]])
+    main([str(a) for a in ["--data_dir", data, "--log_dir", log, *flags, "--max_steps", 4]])
+    with open(log / "model_00004.pt", "r+b") as f:
+        f.truncate(1000)  # cut short, as by a full disk outside our control
+    capsys.readouterr()
+    main([str(a) for a in ["--data_dir", data, "--log_dir", log, *flags, "--max_steps", 6]])
+    out = capsys.readouterr().out
+    assert f"note: --auto_resume: {log}/model_00004.pt cannot be read, so it is moved aside (kept) to " \
+           f"{log}/model_00004.pt.unreadable" in out
+    assert f"resuming from {log}/model_00002.pt at step 2" in out
+    assert (log / "model_00004.pt.unreadable").stat().st_size == 1000
+    assert read_log(log)["train"] == read_log(tmp_path / "whole")["train"]
+
+
+def test_a_half_written_checkpoint_is_removed_by_the_run_holding_the_folder(data, tmp_path, capsys):
+    main([str(a) for a in ["--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 2, "--plot", 0]])
+    (tmp_path / "model_00003.pt.tmp").write_bytes(b"a checkpoint cut short by a crash")
+    main([str(a) for a in ["--log_dir", tmp_path, "--init_from", "resume", "--max_steps", 3]])
+    assert f"note: removed {tmp_path}/model_00003.pt.tmp, a checkpoint a crash left half-written" in \
+        capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.glob("model_*")) == ["model_00002.pt", "model_00003.pt"]

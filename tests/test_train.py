@@ -439,14 +439,18 @@ def test_a_checkpoint_of_the_older_format_is_refused_in_one_line(data, tmp_path,
 
 
 def test_provenance_in_every_checkpoint_and_the_log(data, tmp_path):
-    """What made a run: torch's version, the device and the first 16 hex digits of train_gpt2.py's sha256,
-    in each checkpoint and in log.txt's `# STEP {...}` line, which plot.py and a resume read past (a
-    resume with the same code adds none)."""
+    """What made a run: torch's version, the device and the first 16 hex digits of a sha256 over every
+    script and module of the repository (the shard reader, checkpoints and HellaSwag too, not only
+    train_gpt2.py), in each checkpoint and in log.txt's `# STEP {...}` line, which plot.py and a resume
+    read past (a resume with the same code adds none)."""
     from plot import read_log as plot_read_log
     train(data, tmp_path, "--max_steps", 2, "--ckpt_interval", 1, "--plot", 0)
-    with open(os.path.join(REPO, "train_gpt2.py"), "rb") as f:
-        made_by = {"torch": torch.__version__, "device": "cpu",
-                   "source_sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
+    source = hashlib.sha256()
+    for name in sorted(p for p in os.listdir(REPO) if p.endswith(".py")):
+        with open(os.path.join(REPO, name), "rb") as f:
+            source.update(f.read())
+    assert {"train_gpt2.py", "fineweb.py", "checkpoints.py", "hellaswag.py"} <= set(os.listdir(REPO))
+    made_by = {"torch": torch.__version__, "device": "cpu", "source_sha256": source.hexdigest()[:16]}
     assert [load_checkpoint(p)["provenance"] for p in checkpoint_paths(tmp_path)] == [made_by] * 2
     resume(tmp_path, "--max_steps", 3)
     lines = (tmp_path / "log.txt").read_text().splitlines()
@@ -682,8 +686,8 @@ def test_resume_refuses_changed_data_and_reads_another_data_dir_from_its_beginni
             ("synth_train_000002.npy", None, "train shard synth_train_000002.npy is missing"),
             ("synth_train_000001.npy", tokens[:11000],
              "train shard synth_train_000001.npy has changed (12000 tokens then, 11000 now)"),
-            ("synth_train_000001.npy", tokens[::-1], "train shard synth_train_000001.npy holds other tokens"),
-            ("synth_val_000000.npy", val[::-1], "val shard synth_val_000000.npy holds other tokens")]:
+            ("synth_train_000001.npy", tokens[::-1],
+             "train shard synth_train_000001.npy holds other tokens")]:
         path = tmp_path / "data" / name
         saved = path.read_bytes() if path.exists() else None
         os.remove(path) if new is None else write_npy_shard(path, new)
@@ -693,6 +697,17 @@ def test_resume_refuses_changed_data_and_reads_another_data_dir_from_its_beginni
             f"restore the shards, or resume with the changed data under another --data_dir to read it " \
             f"from its beginning\n"
         os.remove(path) if saved is None else path.write_bytes(saved)
+
+    # val has no position: a changed val shard is measured from here on, with a note
+    shutil.copytree(tmp_path / "log", tmp_path / "log_val")
+    path = tmp_path / "data" / "synth_val_000000.npy"
+    saved = path.read_bytes()
+    write_npy_shard(path, val[::-1])
+    main([str(a) for a in ["--log_dir", tmp_path / "log_val", "--init_from", "resume", "--max_steps", 3]])
+    assert f"note: --data_dir {tmp_path / 'data'}: val shard synth_val_000000.npy holds other tokens since " \
+           f"the checkpoint, so val loss from here on is measured on other tokens than before\n" \
+           in capsys.readouterr().out
+    path.write_bytes(saved)
 
     shutil.copytree(data, tmp_path / "other")
     write_npy_shard(tmp_path / "other" / "synth_train_000001.npy", tokens[::-1])
