@@ -965,17 +965,24 @@ def main(argv=None):
         if rank == 0:
             print(f"train_gpt2.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C before the loop, or a second one in it
-        if rank == 0:
-            print(f"train_gpt2.py: aborted by Ctrl-C; the last good checkpoint is "
-                  f"{(checkpoint_paths(cfg.log_dir) or ['none'])[-1]}", file=sys.stderr)
-        sys.exit(130)
-    except RuntimeError as e:  # gloo raises on a collective's timeout; NCCL aborts
-        if not (dist.is_initialized() and re.search("timed out|timeout", str(e), re.IGNORECASE)):
+    except (KeyboardInterrupt, RuntimeError) as e:
+        last = (checkpoint_paths(cfg.log_dir) or ["none"])[-1]
+        # Ctrl-C before the loop, or a second one in it (in torch.save's writing: a RuntimeError then)
+        if KeyboardInterrupt in (type(e), type(e.__context__)):
+            if rank == 0:
+                print(f"train_gpt2.py: aborted by Ctrl-C; the last good checkpoint is {last}",
+                      file=sys.stderr)
+            sys.exit(130)
+        # A peer's death or a collective's timeout: gloo raises these; NCCL aborts
+        lost = re.search(r"timed out|timeout|connection (reset|closed) by peer", str(e), re.IGNORECASE)
+        if not (dist.is_initialized() and lost):
             raise
-        print(f"train_gpt2.py: error: rank {rank}: a collective waited more than --dist_timeout "
-              f"{cfg.dist_timeout} s for the other ranks, so one is frozen or dead; the last checkpoint is "
-              f"{(checkpoint_paths(cfg.log_dir) or ['none'])[-1]}", file=sys.stderr, flush=True)
+        why = "another rank closed its connection: it died"
+        if "time" in lost[0].lower():
+            why = (f"a collective waited more than --dist_timeout {cfg.dist_timeout} s for the other "
+                   f"ranks, so one is frozen or dead")
+        print(f"train_gpt2.py: error: rank {rank}: {why}; the last checkpoint is {last}", file=sys.stderr,
+              flush=True)
         # Now, without Python's exit: that would tear down the process group mid-collective (SIGABRT)
         sys.stdout.flush()
         os._exit(1)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, read_log, run_train
+from checkpoints import checkpoint_paths
+from conftest import REPO, free_port, read_log, run_train, wait_for
 from test_train import TINY, data, resume, run_main, train  # noqa: F401 (data: the fixture)
 from train_gpt2 import main
 
@@ -110,3 +111,75 @@ def test_a_half_written_checkpoint_is_removed_by_the_run_holding_the_folder(data
     assert f"note: removed {tmp_path}/model_00003.pt.tmp, a checkpoint a crash left half-written" in \
         capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.glob("model_*")) == ["model_00002.pt", "model_00003.pt"]
+
+
+# Ctrl-C as the run writes its second checkpoint, then Ctrl-C again while torch.save is writing its
+# records (a few writes in: torch's zip writer then raises a RuntimeError over the KeyboardInterrupt)
+CTRL_C_IN_TORCH_SAVE = """
+import os, signal, sys, torch, train_gpt2
+save, calls = torch.save, []
+
+
+class Interrupted:
+    def __init__(self, f):
+        self.f, self.writes = f, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def interrupted_save(obj, f):
+    calls.append(obj["step"])
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+        f = Interrupted(f)
+    save(obj, f)
+
+
+torch.save = interrupted_save
+train_gpt2.main(sys.argv[1:])
+"""
+
+
+def test_a_second_ctrl_c_inside_torch_save_is_one_line_and_exit_130(data, tmp_path):  # noqa: F811
+    """Before: two tracebacks (KeyboardInterrupt, then torch's `enforce fail at inline_container.cc`) and
+    exit 1. Nothing is lost either way: no .tmp left, the checkpoint before loads."""
+    args = ["--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 10, "--ckpt_interval", 2,
+            "--plot", 0]
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_IN_TORCH_SAVE, *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stderr) == (130, f"train_gpt2.py: aborted by Ctrl-C; the last good "
+                                                   f"checkpoint is {tmp_path / 'model_00002.pt'}\n")
+    assert sorted(os.listdir(tmp_path)) == [".lock", "log.txt", "model_00002.pt"]
+    assert torch.load(tmp_path / "model_00002.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.slow
+def test_a_dead_rank_is_one_line_on_the_surviving_rank(data, tmp_path):  # noqa: F811
+    """Rank 1 SIGKILLed mid-run: rank 0's next collective loses its peer (gloo: "Connection reset by peer")
+    and it exits 1 with one line naming the last checkpoint, which loads. Before: a full traceback. The
+    ranks are started with the variables torchrun sets, without torchrun, which would stop rank 0 itself."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    args = ["train_gpt2.py", "--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 100000,
+            "--ckpt_interval", 10, "--plot", 0]
+    ranks = [subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO,
+                              env={**env, "RANK": r, "LOCAL_RANK": r},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in "01"]
+    try:
+        wait_for(lambda: checkpoint_paths(tmp_path), 600, "checkpoint")
+        ranks[1].kill()
+        err = ranks[0].communicate(timeout=600)[1]
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait()
+    last = checkpoint_paths(tmp_path)[-1]
+    assert ranks[0].returncode == 1 and err == f"train_gpt2.py: error: rank 0: another rank closed its " \
+                                               f"connection: it died; the last checkpoint is {last}\n", err
+    assert torch.load(last, weights_only=True)["step"] % 10 == 0
