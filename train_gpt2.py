@@ -185,11 +185,12 @@ class GPT(nn.Module):
             # PyTorch's fused head + loss: the N x vocab logits and their gradient are made a chunk at a time,
             # never whole (at GPT-2's vocabulary most of a step's memory, and on CPU their allocation most of
             # its time); each chunk's gradients are made in forward, so nothing is recomputed in backward
-            # allow_retain_graph: what torch.compile needs of it (else PyTorch warns and breaks the graph)
+            # allow_retain_graph: what torch.compile needs of it (else PyTorch warns and breaks the graph).
+            # In float32 always: autocast does not cover it, but FSDP's 16-bit policy hands it 16-bit weights.
             options = nn.LinearCrossEntropyOptions(batch_chunk_size=LOSS_CHUNK_TOKENS,
                                                    allow_retain_graph=torch.compiler.is_compiling())
-            return None, F.linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
-                                                options=options)
+            return None, F.linear_cross_entropy(x.flatten(0, 1).float(), self.lm_head.weight.float(),
+                                                targets.reshape(-1), options=options)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:  # any layout, e.g. x[:, 1:]
