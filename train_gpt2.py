@@ -850,12 +850,12 @@ def train(cfg, given, ckpt):
     with StopRequest() as stop:
         stopping = False
         for step in range(start_step, cfg.max_steps + 1):
-            # Evaluate, sample and checkpoint the model as `step` updates left it, then update it. A resumed
-            # run's first step was evaluated before its checkpoint; a stop request only checkpoints.
+            # Evaluate, sample and checkpoint the model as `step` updates left it, then update it. A stop
+            # request only checkpoints; the resume evaluates what it skipped (a checkpoint without val_loss).
             last = step == cfg.max_steps or stopping
             val_loss = acc_norm = None
             if (step % cfg.eval_interval == 0 or step % cfg.ckpt_interval == 0 or last) and not stopping \
-                    and not (ckpt is not None and step == start_step):
+                    and not (step == start_step and ckpt is not None and ckpt.get("val_loss") is not None):
                 val_loss = estimate_val_loss(eval_model, val_loader, val_steps, device, autocast, world_size)
                 check_finite(step, cfg.log_dir, val_loss=val_loss)
                 print0(f"step {step:5d} | val loss {val_loss:.4f}")
@@ -869,7 +869,9 @@ def train(cfg, given, ckpt):
                     plots = refresh_plot(log_file, os.path.join(cfg.log_dir, "loss.png"))
             if prompt and step > start_step and (step % cfg.sample_interval == 0 or step == cfg.max_steps):
                 write_samples(raw_model, enc, prompt, step, cfg.log_dir, autocast, rank)
-            if step > start_step and (step % cfg.ckpt_interval == 0 or last):
+            # A resume's first step writes its checkpoint again, now with the val loss it lacked
+            remeasured = ckpt is not None and val_loss is not None
+            if (step > start_step or remeasured) and (step % cfg.ckpt_interval == 0 or last):
                 state = checkpoint_state(raw_model, optimizers, scaler, cfg, step, (train_loader, val_loader),
                                          provenance, val_loss=val_loss, hellaswag=acc_norm,
                                          wandb_id=wandb_run.id if wandb_run else None)

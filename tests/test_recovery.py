@@ -198,3 +198,36 @@ def test_fsdp_in_float16_computes_the_chunked_loss_in_float32_as_one_process(dat
     assert sorted(fsdp) == list(range(6))
     for step in fsdp:
         assert fsdp[step] == pytest.approx(single[step], abs=2e-4), step
+
+
+@pytest.mark.parametrize("stop_in, steps", [(3, 8), (7, 8)], ids=["before-an-eval-step", "in-the-last-step"])
+def test_a_stop_on_an_eval_step_loses_no_val_loss(data, tmp_path, monkeypatch, stop_in, steps):  # noqa: F811
+    """SIGTERM during step stop_in: the run checkpoints the next step without evaluating it (a stop is
+    quick); the resume measures that val loss, so log.txt and the final checkpoint hold every one an
+    uninterrupted run holds (before: that val loss was never measured, and a run stopped in its last step
+    had no final val loss, its model card saying "not measured")."""
+    import signal
+    from train_gpt2 import DataLoaderLite
+    flags = [*TINY, "--max_steps", steps, "--ckpt_interval", 100, "--plot", 0]
+    main([str(a) for a in ["--data_dir", data, "--log_dir", tmp_path / "whole", *flags]])
+    reads, next_batch = [], DataLoaderLite.next_batch
+
+    def signalled(loader):
+        if "train" in loader.paths[0]:
+            reads.append(1)
+            if len(reads) == 2 * stop_in + 1:  # the first of step stop_in's 2 micro-batches
+                os.kill(os.getpid(), signal.SIGTERM)
+        return next_batch(loader)
+    monkeypatch.setattr(DataLoaderLite, "next_batch", signalled)
+    main([str(a) for a in ["--data_dir", data, "--log_dir", tmp_path / "cut", *flags]])
+    monkeypatch.setattr(DataLoaderLite, "next_batch", next_batch)
+    assert [p.name for p in (tmp_path / "cut").glob("model_*.pt")] == [f"model_0000{stop_in + 1}.pt"]
+    if stop_in + 1 < steps:
+        main([str(a) for a in ["--log_dir", tmp_path / "cut", "--init_from", "resume"]])
+    else:  # the run had ended: its resume only measures the final val loss
+        main([str(a) for a in ["--log_dir", tmp_path / "cut", "--init_from", "resume", "--max_steps", steps]])
+    cut, whole = read_log(tmp_path / "cut"), read_log(tmp_path / "whole")
+    assert sorted(cut["val"]) == sorted(whole["val"]) == [0, 4, 8]
+    assert cut["val"] == pytest.approx(whole["val"], abs=1e-6) and cut["train"] == whole["train"]
+    final = [torch.load(tmp_path / run / "model_00008.pt", weights_only=True) for run in ("cut", "whole")]
+    assert final[0]["val_loss"] == pytest.approx(final[1]["val_loss"], abs=1e-6)
