@@ -1,8 +1,8 @@
 """Checkpoints: what a train_gpt2.py run writes to resume, and how it is read back.
 
 log_dir/model_NNNNN.pt is the state after NNNNN optimizer steps: the weights, the optimizer's state, the
-float16 loss scale, the flags, the loader's position and a record of the data read (each shard's name,
-length and a checksum of a few samples). It is written atomically (a temporary file, flushed to disk,
+float16 loss scale, the flags, the loader's position and a record of the data (each shard's name, length
+and a checksum of a few samples; and each train shard read, checksummed whole). It is written atomically (a temporary file, flushed to disk,
 renamed), the oldest are pruned to keep_last, and it is read with weights_only=True, so loading one runs
 no code. A resume takes the checkpoint's flags as its defaults, refuses what cannot continue exactly (other
 optimizer, changed shards, another shuffle order), and goes on at the first token no rank has read.
@@ -91,7 +91,8 @@ def checkpoint_state(model, optimizers, scaler, cfg, step, loaders, provenance, 
     train_loader, val_loader = loaders
     # Whole tensors, on the CPU, on rank 0 (other ranks get none): under FSDP gathered from the shards
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    data = {"dir": os.path.realpath(cfg.data_dir), "train": train_loader.record, "val": val_loader.record}
+    data = {"dir": os.path.realpath(cfg.data_dir), "train": train_loader.record, "val": val_loader.record,
+            "read": train_loader.crcs}  # each train shard read, checksummed whole (this rank's)
     return {"model": get_model_state_dict(model, options=full), "scaler": scaler.state_dict(),
             "optimizer": get_optimizer_state_dict(model, optimizers, options=full),
             "model_config": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg), "step": step,
@@ -236,3 +237,4 @@ def restore_state(ckpt, model, optimizers, scaler, train_loader, val_loader):
                         f"position holds for micro-batches of its size only; keep --micro_batch_size {b} "
                         f"--seq_len {t}")
     train_loader.position = tuple(ckpt["loader_position"])
+    train_loader.expected = data.get("read", {})  # each shard is checked whole when first read again

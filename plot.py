@@ -4,12 +4,14 @@
     python plot.py --log_file run2/log.txt --out run2.png --references 0
     python plot.py --help                                           # every flag
 
-This file owns log.txt's format: train_gpt2.py starts (or, on resume, trims) its log with start_log() and
+This file owns what a run logs: train_gpt2.py starts (or, on resume, trims) log.txt with start_log(),
+writes its lines (and W&B's, with --wandb 1) with log_values(), prints step_line() after every step, and
 calls refresh_plot() at every eval, so log/loss.png follows a run as it trains (when matplotlib is
 installed). The dashed lines are OpenAI's GPT-2 124M on the same evals: val loss 3.2924 on the
 FineWeb-Edu val shard, and HellaSwag acc_norm 0.2955 (hellaswag.py --model gpt2).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -103,6 +105,34 @@ def start_log(log_dir, resume_step, provenance):
               f"{', '.join(map(str, damaged[:5]))}{', ...' if len(damaged) > 5 else ''}), e.g. torn by a "
               f"crash mid-write; every other line is kept", flush=True)
     return log_file
+
+
+def start_wandb(cfg, ckpt):
+    """A W&B run for this run; a resumed run continues the checkpoint's W&B run."""
+    import wandb
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, dir=cfg.log_dir,
+                      config=dataclasses.asdict(cfg), id=ckpt and ckpt.get("wandb_id"), resume="allow")
+
+
+def log_values(log_file, wandb_run, step, **values):
+    """The val, hella and train values as log.txt lines, and every value but None to W&B (log_file and
+    wandb_run None, as on ranks but 0: neither)."""
+    values = {k: v for k, v in values.items() if v is not None}
+    if log_file is not None:
+        with open(log_file, "a") as f:
+            for kind in ("val", "hella", "train"):
+                if kind in values:
+                    f.write(f"{step} {kind} {values[kind]:.{6 if kind == 'train' else 4}f}\n")
+    if wandb_run is not None:
+        wandb_run.log(values, step=step)
+
+
+def step_line(step, loss, lr, norm, dt, tokens, mfu, loss_scale, skipped):
+    """The line printed after each optimizer step (loss_scale None: not float16)."""
+    return (f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.0f}ms"
+            f" | tok/sec {tokens / dt:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu else "")
+            + (f" | loss scale {loss_scale:g}" if loss_scale is not None else "")
+            + (" | skipped: float16 gradients overflowed, loss scale halved" if skipped else ""))
 
 
 def plot_log(log_file, out_png, references=True):

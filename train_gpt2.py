@@ -13,10 +13,10 @@ runs nothing; generate.py, hellaswag.py and export.py import it to load a model.
 """
 
 import contextlib
-import dataclasses
 import datetime
 import gc
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -25,6 +25,7 @@ import signal
 import stat
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +44,8 @@ from common import (GPT2_VOCAB_SIZE, PRETRAINED, UserError, check_flags, config_
                     hold_folder, option, print0)
 from fineweb import find_shards, open_shard  # the shard format, read back beside its writer
 from hellaswag import hellaswag_share, score
-from plot import refresh_plot, start_log  # log.txt's format, read and written; matplotlib only when it plots
+# the run's log: log.txt (started, trimmed on resume), the step line, W&B and loss.png (matplotlib if there)
+from plot import log_values, refresh_plot, start_log, start_wandb, step_line
 
 
 # -----------------------------------------------------------------------------
@@ -337,7 +339,8 @@ class DataLoaderLite:
                             f"(largest has {max(map(len, self.shards))}); lower --micro_batch_size or "
                             f"--seq_len")
         self.record = [shard_record(p, s) for p, s in zip(self.paths, self.shards)]  # for checkpoints
-        self.checked = set()  # shards whose token ids were checked against vocab_size
+        self.crcs = {}  # name: crc32 of the whole shard, of each shard read, when first read
+        self.expected = {}  # the same, of the shards the checkpoint's run read (restore_state sets it)
         self.orders = {}  # the shuffle's orders, each drawn once: ~12 KB per FineWeb shard per epoch
         self.reset()
 
@@ -366,21 +369,31 @@ class DataLoaderLite:
             if k == len(self.shards):
                 epoch, k = epoch + 1, 0
 
-    def next_batch(self):
-        B, T = self.B, self.T
-        epoch, k, start = self.locate(self.process_rank)
-        i = self.shard_order(epoch)[k]
-        if i not in self.checked:
+    def shard(self, i):
+        """Shard i's tokens. Read whole once, when first needed, to check its ids against vocab_size and
+        its checksum against the checkpoint's: nothing is trained on that is not what the run read."""
+        name = os.path.basename(self.paths[i])
+        if name not in self.crcs:
             top = int(self.shards[i].max())
             if top >= self.vocab_size:
                 limit = f"GPT-2's {GPT2_VOCAB_SIZE} ids" if self.vocab_size == GPT2_VOCAB_SIZE \
                     else f"the model's vocab_size {self.vocab_size}"
                 raise UserError(f"{self.paths[i]}: token id {top} is past {limit}; the shard was made with "
                                 f"another tokenizer")
-            self.checked.add(i)
+            self.crcs[name] = zlib.crc32(self.shards[i])
+            if self.expected.get(name, self.crcs[name]) != self.crcs[name]:
+                raise UserError(f"{self.paths[i]}: other tokens than when the checkpoint's run read it (its "
+                                f"checksum differs), so its position would read other tokens; restore the "
+                                f"shard, or resume with the changed data under another --data_dir")
+        return self.shards[i]
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        epoch, k, start = self.locate(self.process_rank)
+        i = self.shard_order(epoch)[k]
         if self.shuffle:
             start = self.order(self.counts[i], epoch, i)[start // (B * T)] * B * T
-        buf = torch.from_numpy(self.shards[i][start: start + B * T + 1].astype(np.int64))
+        buf = torch.from_numpy(self.shard(i)[start: start + B * T + 1].astype(np.int64))
         self.position = self.locate(self.num_processes)
         return buf[:-1].view(B, T), buf[1:].view(B, T)
 
@@ -422,7 +435,10 @@ class TrainConfig:
                                      "2-D weights, AdamW for the rest, one lr schedule for both")
     eval_interval: int = option(250, "steps between val-loss evaluations",
                                 group="evaluation: val loss, HellaSwag, samples")
-    val_steps: int = option(20, "val micro-batches per rank per evaluation")
+    val_tokens: int = option(20 * 64 * 1024 * 8, "val tokens per evaluation, the same whatever the "
+                                                 "micro-batch size and rank count (build-nanogpt's 8 GPUs' "
+                                                 "20 x 64 x 1024)")
+    val_steps: int = option(0, "the older form of --val_tokens: N means N x micro_batch_size x seq_len")
     hellaswag: str | bool = option("auto", "HellaSwag acc_norm at every eval: auto (on for CUDA), 1 or 0")
     hellaswag_dir: str = option("", "folder of hellaswag_val.jsonl ('' = download to hellaswag.py's cache)")
     hellaswag_limit: int = option(0, "HellaSwag val examples per eval (0 = all 10042)")
@@ -448,9 +464,9 @@ class TrainConfig:
 
 MODEL_FLAGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 POSITIVE_FLAGS = ("micro_batch_size", "seq_len", "total_batch_size", "max_steps", "eval_interval",
-                  "val_steps", "ckpt_interval", "dist_timeout") + MODEL_FLAGS
-NON_NEGATIVE_FLAGS = ("warmup_steps", "keep_last", "min_lr", "weight_decay", "grad_clip", "hellaswag_limit",
-                      "sample_interval")
+                  "val_tokens", "ckpt_interval", "dist_timeout") + MODEL_FLAGS
+NON_NEGATIVE_FLAGS = ("val_steps", "warmup_steps", "keep_last", "min_lr", "weight_decay", "grad_clip",
+                      "hellaswag_limit", "sample_interval")
 
 
 # --preset NAME is short for its flags; flags given as well override them (as fineweb.py's --preset)
@@ -459,7 +475,7 @@ PRESETS = {
     # at a size a CPU trains in minutes
     "shakespeare": dict(data_dir="shakespeare", n_layer=2, n_head=4, n_embd=64, block_size=64, seq_len=64,
                         micro_batch_size=8, total_batch_size=512, max_steps=300, warmup_steps=20, max_lr=3e-3,
-                        min_lr=3e-4, eval_interval=100, val_steps=8),
+                        min_lr=3e-4, eval_interval=100, val_tokens=4096),
 }
 
 
@@ -562,39 +578,6 @@ def build_model(cfg, given, ckpt):
 
 
 # -----------------------------------------------------------------------------
-# Logs: log.txt's build-nanogpt STEP KIND VALUE lines (plot.py starts, trims and plots the file), the line
-# printed at each step, W&B; rank 0 only
-
-
-def start_wandb(cfg, ckpt):
-    """A W&B run for this run; a resumed run continues the checkpoint's W&B run."""
-    import wandb
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, dir=cfg.log_dir,
-                      config=dataclasses.asdict(cfg), id=ckpt and ckpt.get("wandb_id"), resume="allow")
-
-
-def log_values(log_file, wandb_run, step, **values):
-    """The val, hella and train values as log.txt lines, and every value but None to W&B (log_file and
-    wandb_run None, as on ranks but 0: neither)."""
-    values = {k: v for k, v in values.items() if v is not None}
-    if log_file is not None:
-        with open(log_file, "a") as f:
-            for kind in ("val", "hella", "train"):
-                if kind in values:
-                    f.write(f"{step} {kind} {values[kind]:.{6 if kind == 'train' else 4}f}\n")
-    if wandb_run is not None:
-        wandb_run.log(values, step=step)
-
-
-def step_line(step, loss, lr, norm, dt, tokens, mfu, loss_scale, skipped):
-    """The line printed after each optimizer step (loss_scale None: not float16)."""
-    return (f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.0f}ms"
-            f" | tok/sec {tokens / dt:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu else "")
-            + (f" | loss scale {loss_scale:g}" if loss_scale is not None else "")
-            + (" | skipped: float16 gradients overflowed, loss scale halved" if skipped else ""))
-
-
-# -----------------------------------------------------------------------------
 # The machine: --device, --dtype and --compile (every script's), DDP, peak FLOP/s
 
 
@@ -682,19 +665,30 @@ def peak_flops(device):
 # What the loop calls: evaluations, samples, and a stop on SIGTERM/SIGINT/SIGHUP
 
 
-def estimate_val_loss(model, val_loader, val_steps, device, autocast, world_size):
-    """The mean loss over val_steps val micro-batches per rank, the same ones at every eval."""
+def estimate_val_loss(model, val_loader, val_tokens, device, autocast, rank, world_size):
+    """The mean loss over the val set: the val split's first val_tokens // T sequences of T tokens (each
+    target the token after), the same tokens whatever B and the rank count. Rank r scores sequences r,
+    r+W, ..., B a forward; every rank runs as many forwards (under FSDP each one all-gathers the weights,
+    which every rank must join), rows past its share padding whose targets are ignored."""
+    B, T = val_loader.B, val_loader.T
+    windows = ((i, t) for i, shard in enumerate(val_loader.shards) for t in range(0, len(shard) - T, T))
+    windows = list(itertools.islice(windows, val_tokens // T))
+    mine, totals = windows[rank::world_size], torch.zeros(2, device=device)  # summed loss, tokens
     model.eval()
-    val_loader.reset()
-    val_loss = torch.zeros((), device=device)
     with torch.no_grad(), autocast:
-        for _ in range(val_steps):
-            x, y = val_loader.next_batch()
+        for start in range(0, math.ceil(len(windows) / world_size / B) * B, B):
+            rows = torch.zeros(B, T + 1, dtype=torch.long)
+            for j, (i, t) in enumerate(mine[start:start + B]):
+                rows[j] = torch.from_numpy(val_loader.shard(i)[t:t + T + 1].astype(np.int64))
+            n = min(B, max(0, len(mine) - start))
+            x, y = rows[:, :-1], rows[:, 1:].clone()
+            y[n:] = -100  # padding rows: ignored (cross_entropy's ignore_index)
             _, loss = model(x.to(device), y.to(device))
-            val_loss += loss / val_steps
+            if n:
+                totals += torch.stack([loss.float() * n * T, torch.tensor(n * T, device=device)])
     if world_size > 1:
-        dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
-    return val_loss.item()
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return (totals[0] / totals[1]).item()
 
 
 def check_finite(step, log_dir, **values):
@@ -799,10 +793,14 @@ def train(cfg, given, ckpt):
     train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, rank, world_size, cfg.vocab_size, cfg.shuffle,
                                   cfg.seed)
     val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, rank, world_size, cfg.vocab_size)
-    val_steps = min(cfg.val_steps, max(1, val_loader.batches_per_epoch // world_size))
-    if val_steps < cfg.val_steps:  # more would re-read the same micro-batches
-        print0(f"note: --val_steps {cfg.val_steps}: the val split holds {val_steps} distinct micro-batches "
-               f"of {B}x{T} per rank, so each eval reads those {val_steps}")
+    if cfg.val_steps:  # once: the checkpoint then records val_tokens, which a resume of another B keeps
+        print0(f"note: --val_steps {cfg.val_steps} is read as --val_tokens {cfg.val_steps * B * T} ({B}x{T} "
+               f"each)")
+        cfg.val_tokens, cfg.val_steps = cfg.val_steps * B * T, 0
+    val_seqs = min(cfg.val_tokens // T, sum((len(s) - 1) // T for s in val_loader.shards))
+    print0(f"val loss: {val_seqs * T:,} tokens ({val_seqs} sequences of {T}) at every eval, split over the "
+           f"ranks" + ("" if val_seqs * T >= cfg.val_tokens else f", all the val split holds of --val_tokens "
+                                                                  f"{cfg.val_tokens:,}"))
     start_step = 0 if ckpt is None else ckpt["step"]
     if ckpt is not None:
         restore_state(ckpt, raw_model, optimizers, scaler, train_loader, val_loader)
@@ -856,7 +854,8 @@ def train(cfg, given, ckpt):
             val_loss = acc_norm = None
             if (step % cfg.eval_interval == 0 or step % cfg.ckpt_interval == 0 or last) and not stopping \
                     and not (step == start_step and ckpt is not None and ckpt.get("val_loss") is not None):
-                val_loss = estimate_val_loss(eval_model, val_loader, val_steps, device, autocast, world_size)
+                val_loss = estimate_val_loss(eval_model, val_loader, cfg.val_tokens, device, autocast, rank,
+                                             world_size)
                 check_finite(step, cfg.log_dir, val_loss=val_loss)
                 print0(f"step {step:5d} | val loss {val_loss:.4f}")
                 if use_hellaswag:

@@ -23,8 +23,8 @@ import types
 import numpy as np
 import pytest
 
-from conftest import (REPO, TINY_SHAKESPEARE, folder_in_use, on_small_disk, read_log, run_train, tiktoken_gpt2,
-                      wait_for)
+from conftest import (REPO, TINY_SHAKESPEARE, folder_in_use, on_small_disk, read_log, run_train,
+                      tiktoken_gpt2, wait_for)
 import common
 import fineweb
 

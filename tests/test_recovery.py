@@ -231,3 +231,47 @@ def test_a_stop_on_an_eval_step_loses_no_val_loss(data, tmp_path, monkeypatch, s
     assert cut["val"] == pytest.approx(whole["val"], abs=1e-6) and cut["train"] == whole["train"]
     final = [torch.load(tmp_path / run / "model_00008.pt", weights_only=True) for run in ("cut", "whole")]
     assert final[0]["val_loss"] == pytest.approx(final[1]["val_loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_val_loss_is_the_same_tokens_whatever_the_rank_count_and_micro_batch(data, tmp_path,  # noqa: F811
+                                                                             sharding):
+    """7 sequences of 32 val tokens: 1 process in micro-batches of 4, 2 ranks in micro-batches of 2 (3 and
+    4 sequences: under FSDP every rank runs as many forwards, padded), and a resume with micro-batches of 2
+    all measure the same loss at the same weights (before: each rank read --val_steps micro-batches of its
+    own, so 2 ranks and a resume of another size measured other tokens)."""
+    flags = [*TINY, "--val_steps", 0, "--val_tokens", 7 * 32, "--max_steps", 4, "--plot", 0]
+    train(data, tmp_path / "one", *flags)
+    train(data, tmp_path / "two", *flags, "--micro_batch_size", 2, "--fsdp", int(sharding == "fsdp"), nproc=2)
+    train(data, tmp_path / "resumed", *flags, "--max_steps", 2)
+    proc = resume(tmp_path / "resumed", "--max_steps", 4, "--micro_batch_size", 2)
+    assert "val loss: 224 tokens (7 sequences of 32) at every eval" in proc.stdout
+    one, two, resumed = (read_log(tmp_path / run)["val"] for run in ("one", "two", "resumed"))
+    assert sorted(one) == sorted(two) == [0, 4] and sorted(resumed) == [0, 2, 4]
+    assert two[0] == pytest.approx(one[0], abs=1e-5)  # the same initial weights: the same tokens
+    assert two[4] == pytest.approx(one[4], abs=2e-4) and resumed[4] == pytest.approx(one[4], abs=1e-5)
+
+
+def test_a_rewritten_shard_of_the_same_length_is_refused_before_training_on_it(data, tmp_path,  # noqa: F811
+                                                                                capsys):
+    """A token changed where the checkpoint's samples of a shard do not look (its first, middle and last
+    2048): the shard is checksummed whole when first read and refused, in a copied folder as in place;
+    before, the resume trained on it."""
+    import shutil
+    shutil.copytree(data, tmp_path / "data")
+    main([str(a) for a in ["--data_dir", tmp_path / "data", "--log_dir", tmp_path / "log", *TINY,
+                           "--max_steps", 2, "--plot", 0]])
+    shutil.copytree(tmp_path / "data", tmp_path / "copy")
+    for folder in ("data", "copy"):
+        path = tmp_path / folder / "synth_train_000001.npy"
+        tokens = np.load(path)
+        tokens[3000] = (tokens[3000] + 1) % 256
+        np.save(path, tokens)
+        code, err = run_main(capsys, "--log_dir", tmp_path / "log", "--init_from", "resume", "--max_steps", 3,
+                             "--data_dir", tmp_path / folder)
+        assert code == 1 and err == (f"train_gpt2.py: error: {path}: other tokens than when the checkpoint's "
+                                     f"run read it (its checksum differs), so its position would read other "
+                                     f"tokens; restore the shard, or resume with the changed data under "
+                                     f"another --data_dir\n")
+        assert not (tmp_path / "log" / "model_00003.pt").exists()

@@ -124,7 +124,7 @@ def test_resume_reads_the_auto_flags_of_older_checkpoints_saved_as_text(tmp_path
 # README's quick start before presets
 SHAKESPEARE = ("--data_dir shakespeare --n_layer 2 --n_head 4 --n_embd 64 --block_size 64 --seq_len 64 "
                "--micro_batch_size 8 --total_batch_size 512 --max_steps 300 --warmup_steps 20 --max_lr 3e-3 "
-               "--min_lr 3e-4 --eval_interval 100 --val_steps 8").split()
+               "--min_lr 3e-4 --eval_interval 100 --val_tokens 4096").split()
 
 
 def test_the_shakespeare_preset_is_the_readme_quick_starts_flags_which_flags_given_override():
@@ -352,15 +352,14 @@ def test_val_loss_estimate_is_the_mean_over_the_same_val_batches(data):
                                   torch.from_numpy(tokens[i * 128 + 1:(i + 1) * 128 + 1])
                                   .view(4, 32))[1].item()
                             for i in range(3)])
-    first = estimate_val_loss(model, loader, 3, "cpu", contextlib.nullcontext(), world_size=1)
+    first = estimate_val_loss(model, loader, 3 * 128, "cpu", contextlib.nullcontext(), rank=0, world_size=1)
     assert first == pytest.approx(expected, abs=1e-6) and not model.training
-    assert estimate_val_loss(model, loader, 3, "cpu", contextlib.nullcontext(), world_size=1) == first
+    assert estimate_val_loss(model, loader, 3 * 128, "cpu", contextlib.nullcontext(), 0, 1) == first
 
 
 def test_log_lines_and_no_wandb(tmp_path):
     from common import UserError
-    from plot import start_log
-    from train_gpt2 import log_values, step_line
+    from plot import log_values, start_log, step_line
     (tmp_path / "run").mkdir()  # as main() makes it
     log_file = start_log(tmp_path / "run", None, {"torch": "2.x"})
     logged = []
@@ -1100,14 +1099,15 @@ def test_resume_to_fewer_steps_than_the_checkpoint_is_an_error(capsys, data, tmp
     assert code == 1 and "--max_steps 2:" in err and "at step 4 already" in err
 
 
-def test_val_steps_past_the_val_split_are_capped_with_a_note(data, tmp_path):
-    """The val shard (4000 tokens) holds 31 micro-batches of 4x32: asking for 50 re-read 19 of them."""
-    proc = train(data, tmp_path, "--max_steps", 1, "--val_steps", 50)
-    assert proc.stdout.count("note: --val_steps 50: the val split holds 31 distinct micro-batches "
-                             "of 4x32") == 1
+def test_val_tokens_past_the_val_split_are_capped_with_a_note(data, tmp_path):
+    """The val shard (4000 tokens) holds 124 sequences of 32: asking for 6400 tokens measures those 3968
+    (before, asking for more micro-batches than it held re-read some of them)."""
+    proc = train(data, tmp_path, "--max_steps", 1, "--val_steps", 0, "--val_tokens", 6400)  # TINY's is 2
+    assert proc.stdout.count("val loss: 3,968 tokens (124 sequences of 32) at every eval, split over the "
+                             "ranks, all the val split holds of --val_tokens 6,400\n") == 1
     capped = read_log(tmp_path)["val"][0]
-    train(data, tmp_path / "31", "--max_steps", 1, "--val_steps", 31)
-    assert read_log(tmp_path / "31")["val"][0] == capped
+    train(data, tmp_path / "all", "--max_steps", 1, "--val_steps", 0, "--val_tokens", 3968)
+    assert read_log(tmp_path / "all")["val"][0] == capped
 
 
 def test_checkpoint_holding_pickled_objects_is_refused_unloaded(capsys, data, tmp_path):
