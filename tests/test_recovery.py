@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from checkpoints import checkpoint_paths
-from conftest import REPO, free_port, read_log, run_train, wait_for
+from conftest import REPO, ci_only, free_port, read_log, run_train, wait_for
 from test_train import TINY, data, resume, run_main, train  # noqa: F401 (data: the fixture)
 from train_gpt2 import main
 
@@ -186,6 +186,7 @@ def test_a_dead_rank_is_one_line_on_the_surviving_rank(data, tmp_path):  # noqa:
 
 
 @pytest.mark.slow
+@ci_only
 def test_fsdp_in_float16_computes_the_chunked_loss_in_float32_as_one_process(data, tmp_path):  # noqa: F811
     """FSDP's float16 parameter policy handed the chunked loss (on by default on CPU) a float16 head and
     input: every loss quantised to float16 (10.5430 against one process's 10.5176 at step 7 in the audit).
@@ -234,6 +235,7 @@ def test_a_stop_on_an_eval_step_loses_no_val_loss(data, tmp_path, monkeypatch, s
 
 
 @pytest.mark.slow
+@ci_only
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_val_loss_is_the_same_tokens_whatever_the_rank_count_and_micro_batch(data, tmp_path,  # noqa: F811
                                                                              sharding):

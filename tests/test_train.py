@@ -74,7 +74,8 @@ def test_defaults_are_the_gpt2_124m_recipe():
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size) == (12, 12, 768, 50304)
     assert (cfg.data_dir, cfg.log_dir, cfg.init_from, cfg.device, cfg.dtype, cfg.compile, cfg.seed) == \
         ("edu_fineweb10B", "log", "scratch", "auto", "auto", "auto", 1337)
-    assert (cfg.eval_interval, cfg.val_steps, cfg.ckpt_interval, cfg.keep_last) == (250, 20, 5000, 3)
+    assert (cfg.eval_interval, cfg.val_tokens, cfg.val_steps, cfg.ckpt_interval, cfg.keep_last) == \
+        (250, 20 * 64 * 1024 * 8, 0, 5000, 3)
 
 
 def test_flag_syntax_and_booleans():
