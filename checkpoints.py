@@ -4,8 +4,9 @@ log_dir/model_NNNNN.pt is the state after NNNNN optimizer steps: the weights, th
 float16 loss scale, the flags, the loader's position and a record of the data (each shard's name, length
 and a checksum of a few samples; and each train shard read, checksummed whole). It is written atomically
 (a temporary file, flushed to disk, renamed), the oldest are pruned to keep_last, and it is read with
-weights_only=True, so loading one runs no code. A resume takes the checkpoint's flags as its defaults, refuses what cannot continue exactly (other
-optimizer, changed shards, another shuffle order), and goes on at the first token no rank has read.
+weights_only=True, so loading one runs no code. A resume takes the checkpoint's flags as its defaults,
+refuses what cannot continue exactly (other optimizer, changed shards, another shuffle order), and goes
+on at the first token no rank has read.
 """
 
 import dataclasses
