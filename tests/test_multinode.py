@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, children, free_port, read_log, run_train, wait_for
+from conftest import REPO, children, ci_only, free_port, read_log, run_train, wait_for
 from test_train import TINY, data  # noqa: F401 (data: the synthetic-shards fixture)
 from train_gpt2 import DataLoaderLite
 
@@ -66,7 +66,8 @@ class TwoNodes:
                 proc.wait()
 
 
-@pytest.mark.parametrize("flags", PARALLEL_FLAGS)
+@pytest.mark.parametrize("flags", [PARALLEL_FLAGS[0],
+                                   pytest.param(["--fsdp", "1"], id="fsdp", marks=ci_only)])
 def test_two_nodes_train_like_one_process_and_only_rank_0_writes(data, tmp_path, flags):  # noqa: F811
     args = [*TINY, "--max_steps", 5, "--ckpt_interval", 4, "--micro_batch_size", 2, "--total_batch_size", 256]
     log_dir = tmp_path / "log"

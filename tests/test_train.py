@@ -470,7 +470,7 @@ def test_grad_accumulation_equals_one_big_batch(data, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=ci_only)])
 def test_ddp_two_processes_equal_one_process(data, tmp_path, optimizer):
     """2 gloo ranks accumulating 2 micro-batches each == 1 process accumulating 4, step for step; and the
     2-rank checkpoint resumes on 1 process with the same token stream. Shuffled, so that the ranks must
@@ -529,8 +529,10 @@ def test_checkpoints_are_safe_and_complete(data, tmp_path):
     assert read_log(tmp_path)["val"][9] == pytest.approx(ckpt["val_loss"], abs=1e-4)
 
 
-@pytest.mark.parametrize("dtype,shuffle,optimizer", [("float32", 0, "adamw"), ("float16", 0, "adamw"),
-                                                     ("float32", 1, "adamw"), ("float32", 0, "muon"),
+@pytest.mark.parametrize("dtype,shuffle,optimizer", [("float32", 0, "adamw"),
+                                                     pytest.param("float16", 0, "adamw", marks=ci_only),
+                                                     pytest.param("float32", 1, "adamw", marks=ci_only),
+                                                     pytest.param("float32", 0, "muon", marks=ci_only),
                                                      pytest.param("float16", 0, "muon", marks=ci_only)])
 def test_resume_after_crash_equals_uninterrupted_run(data, tmp_path, dtype, shuffle, optimizer):
     """A 12-step run, and the same run crashed after its step-6 checkpoint and resumed: identical losses
@@ -854,6 +856,7 @@ def test_a_frozen_rank_ends_the_run_after_dist_timeout_with_one_line(data, tmp_p
 
 
 @pytest.mark.slow
+@ci_only
 def test_auto_resume_under_torchrun_max_restarts_survives_a_killed_rank(data, tmp_path):
     """`torchrun --max-restarts 1` and --auto_resume 1: rank 1 SIGKILLed after the step-10 checkpoint, so
     torchrun stops rank 0 and starts both again, as a new run that continues the newest checkpoint. It
