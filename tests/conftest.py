@@ -21,10 +21,11 @@ HELLASWAG_EXCERPT = os.path.join(REPO, "tests", "data")
 # Where ../shared/data (beside the checkout) holds all 10,042 HellaSwag val tasks, one test also scores them.
 SHARED_HELLASWAG = os.path.join(os.path.dirname(REPO), "shared", "data", "hellaswag")
 
-# The slowest checks (30 s to minutes each on 2 CPU cores), past what the suite's 15 minutes can hold on a
-# user's machine; CI (CI=true) runs them.
+# The slowest checks (15 s to minutes each on 2 CPU cores; many repeat a check the suite makes once, on
+# another dtype, optimizer or sharding), past what the suite's 15 minutes can hold on a user's machine; CI
+# (CI=true) runs them.
 ci_only = pytest.mark.skipif(not os.environ.get("CI"),
-                             reason="30 s or more on 2 CPU cores: CI runs it (CI=true)")
+                             reason="one of the slowest checks: CI runs it (CI=true)")
 
 # Never wait on the network: transformers and datasets must use local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -160,6 +160,7 @@ def test_ddp_and_compile_train_like_one_plain_process(runs, data, tmp_path):
 
 
 @pytest.mark.slow
+@ci_only
 def test_hellaswag_and_samples_under_fsdp(tmp_path, shakespeare_shards):
     """41 HellaSwag examples over 2 FSDP ranks (21 and 20, one per forward: rank 1 runs one padding batch)
     give the acc_norm hellaswag.py gives the checkpoint's weights; the samples every rank generated are

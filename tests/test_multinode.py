@@ -101,7 +101,8 @@ def test_two_nodes_train_like_one_process_and_only_rank_0_writes(data, tmp_path,
 
 
 @pytest.mark.parametrize("target", ["worker", "launcher"])
-@pytest.mark.parametrize("flags", PARALLEL_FLAGS)
+@pytest.mark.parametrize("flags", [PARALLEL_FLAGS[0],
+                                   pytest.param(["--fsdp", "1"], id="fsdp", marks=ci_only)])
 def test_sigterm_on_one_node_stops_every_rank_at_one_step_with_one_checkpoint(data, tmp_path,  # noqa: F811
                                                                               flags, target):
     """SIGTERM to node 1's worker (its training process), or to node 1's launcher, which sends it on to the

@@ -617,6 +617,7 @@ def test_float16_overflow_skips_exactly_one_step(data, tmp_path, monkeypatch, ca
     assert {int(s["step"]) for s in adamw_states} == {7}  # 8 steps, one skipped
 
 
+@ci_only
 def test_n_steps_then_n_more_equals_2n_steps(data, tmp_path):
     """The literal user story: run N steps, then `--init_from resume --max_steps 2N`. The LR is constant
     here so that the first run's shorter schedule is the same schedule."""
@@ -749,7 +750,7 @@ def uninterrupted_train_losses(data, tmp_path_factory):
     return read_log(log_dir)["train"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=ci_only)])
 def test_signal_writes_checkpoint_and_resume_continues(data, tmp_path, sig, uninterrupted_train_losses):
     """Preemption or Ctrl-C: the step finishes, a checkpoint is written, exit 0; resuming then gives
     exactly the losses of a run that was never interrupted."""
@@ -1029,6 +1030,7 @@ def test_resume_keeps_every_well_formed_log_line(data, tmp_path, capsys):
     assert not (tmp_path / "log.txt.tmp").exists()
 
 
+@ci_only
 def test_disk_full_while_checkpointing_loses_nothing(data, tmp_path):
     """On a disk with room for one checkpoint, not two: the step-4 checkpoint fails as one line, its .tmp
     is removed, step 2's is untouched; freed, the resumed run ends as an uninterrupted one. Before, a
