@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from checkpoints import checkpoint_paths
-from conftest import REPO, ci_only, free_port, read_log, run_train, wait_for
-from test_train import TINY, data, resume, run_main, train  # noqa: F401 (data: the fixture)
+from conftest import REPO, ci_only, read_log
+from test_train import TINY, data, hurt_rank_1, resume, run_main, train  # noqa: F401 (data: the fixture)
 from train_gpt2 import main
 
 
@@ -165,20 +165,7 @@ def test_a_dead_rank_is_one_line_on_the_surviving_rank(data, tmp_path):  # noqa:
     """Rank 1 SIGKILLed mid-run: rank 0's next collective loses its peer (gloo: "Connection reset by peer")
     and it exits 1 with one line naming the last checkpoint, which loads. Before: a full traceback. The
     ranks are started with the variables torchrun sets, without torchrun, which would stop rank 0 itself."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    args = ["train_gpt2.py", "--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 100000,
-            "--ckpt_interval", 10, "--plot", 0]
-    ranks = [subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO,
-                              env={**env, "RANK": r, "LOCAL_RANK": r},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in "01"]
-    try:
-        wait_for(lambda: checkpoint_paths(tmp_path), 600, "checkpoint")
-        ranks[1].kill()
-        err = ranks[0].communicate(timeout=600)[1]
-    finally:
-        for proc in ranks:
-            proc.kill()
-            proc.wait()
+    ranks, err = hurt_rank_1(data, tmp_path, lambda rank: rank.kill())
     last = checkpoint_paths(tmp_path)[-1]
     assert ranks[0].returncode == 1 and err == f"train_gpt2.py: error: rank 0: another rank closed its " \
                                                f"connection: it died; the last checkpoint is {last}\n", err

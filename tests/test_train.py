@@ -828,26 +828,34 @@ def test_second_ctrl_c_during_a_checkpoint_write_is_one_line_and_leaves_no_tmp(d
     assert load_checkpoint(tmp_path / "model_00002.pt")["step"] == 2
 
 
+def hurt_rank_1(data, tmp_path, hurt, *flags):
+    """Two ranks started with the variables torchrun sets (without torchrun, which would act on a failed
+    rank itself); once a checkpoint is written, hurt(rank 1's Popen). (both Popens, rank 0's stderr)."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    args = ["train_gpt2.py", "--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 100000,
+            "--ckpt_interval", 10, "--plot", 0, *flags]
+    ranks = [subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO,
+                              env={**env, "RANK": r, "LOCAL_RANK": r},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in "01"]
+    try:
+        wait_for(lambda: checkpoint_paths(tmp_path), 600, "checkpoint")
+        hurt(ranks[1])
+        err = ranks[0].communicate(timeout=600)[1]
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait()
+    return ranks, err
+
+
 @pytest.mark.slow
 def test_a_frozen_rank_ends_the_run_after_dist_timeout_with_one_line(data, tmp_path):
     """Rank 1 frozen (SIGSTOP) mid-run: rank 0's next collective waits --dist_timeout 5 s, then rank 0 exits
     1 with one line naming the last checkpoint, which loads. Before, it waited silently (gloo's default is
     30 minutes). The ranks are started with the variables torchrun sets, without torchrun, which would
     then wait 30 s before it kills the frozen rank."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    args = ["train_gpt2.py", "--data_dir", data, "--log_dir", tmp_path, *TINY, "--max_steps", 100000,
-            "--ckpt_interval", 10, "--plot", 0, "--dist_timeout", 5]
-    ranks = [subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO,
-                              env={**env, "RANK": r, "LOCAL_RANK": r},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in "01"]
-    try:
-        wait_for(lambda: checkpoint_paths(tmp_path), 600, "checkpoint")
-        ranks[1].send_signal(signal.SIGSTOP)
-        err = ranks[0].communicate(timeout=600)[1]
-    finally:
-        for proc in ranks:
-            proc.kill()
-            proc.wait()
+    ranks, err = hurt_rank_1(data, tmp_path, lambda rank: rank.send_signal(signal.SIGSTOP),
+                             "--dist_timeout", 5)
     last = checkpoint_paths(tmp_path)[-1]
     assert ranks[0].returncode == 1, err[-3000:]  # once seen -6 (SIGABRT) under load: keep what it said
     assert err == f"train_gpt2.py: error: rank 0: a collective waited more than --dist_timeout 5 s for the " \
