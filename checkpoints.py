@@ -4,9 +4,10 @@ log_dir/model_NNNNN.pt is the state after NNNNN optimizer steps: the weights, th
 float16 loss scale, the flags, the loader's position and a record of the data (each shard's name, length
 and a checksum of a few samples; and each train shard read, checksummed whole). It is written atomically
 (a temporary file, flushed to disk, renamed), the oldest are pruned to keep_last, and it is read with
-weights_only=True, so loading one runs no code. A resume takes the checkpoint's flags as its defaults,
-refuses what cannot continue exactly (other optimizer, changed shards, another shuffle order), and goes
-on at the first token no rank has read.
+weights_only=True, so loading one runs no code, and memory-mapped, so the processes of one machine share
+its pages. A resume takes the checkpoint's flags as its defaults, refuses what cannot continue exactly
+(other optimizer, changed shards, another shuffle order), and goes on at the first token no rank has
+read. A SIGTERM, SIGINT or SIGHUP (StopRequest) makes the loop write one and exit.
 """
 
 import dataclasses
@@ -15,11 +16,14 @@ import hashlib
 import os
 import pickle
 import re
+import signal
+import stat
 import zlib
 
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
 from common import UserError, auto_or_bool, disk_full, print0, write_synced
 
@@ -36,7 +40,9 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: loading runs no code
+        # weights_only: loading runs no code. mmap: tensors are read from the file's pages as used, shared by
+        # every process that loads it (the page cache), not copied into each one's memory
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         missing = {"model", "optimizer", "model_config", "config", "step"} - set(ckpt)
     except Exception as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
@@ -64,7 +70,7 @@ def checkpoint_file(path):
 
 
 # -----------------------------------------------------------------------------
-# Writing: the run's state, atomically
+# Writing: the run's state, atomically; and the stop signals after which the loop writes it
 
 
 def shard_record(path, tokens):
@@ -115,6 +121,32 @@ def save_checkpoint(ckpt, log_dir, keep_last):
     for p in checkpoint_paths(log_dir)[:-keep_last] if keep_last else []:
         os.remove(p)
     return path
+
+
+class StopRequest:
+    """While active, SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session) set `requested`: the loop
+    finishes its step, writes a checkpoint and exits 0. A second Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __enter__(self):
+        self.requested = False
+        signals = {signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", signal.SIGTERM)}  # Windows: none
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in signals}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        # No printing here: a print interrupted by a print raises "reentrant call". The loop reports it.
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signum == getattr(signal, "SIGHUP", None):
+            # The terminal is gone: every write to it would now fail (EIO). Send them to /dev/null instead.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                if stat.S_ISCHR(os.fstat(fd).st_mode):
+                    os.dup2(devnull, fd)
 
 
 # -----------------------------------------------------------------------------
@@ -205,11 +237,15 @@ def first_change(then, now):
 
 
 def restore_state(ckpt, model, optimizers, scaler, train_loader, val_loader):
-    """Load a checkpoint's optimizer and loss scale, and continue at its first unread token, in
-    the same data whatever B, T and the rank count; changed data is refused at its first difference,
-    another --data_dir (a new corpus) read from its start."""
-    options = StateDictOptions(full_state_dict=True)  # whole tensors, as saved, into this rank's shards
+    """Load a checkpoint's optimizer and loss scale (then drop its tensors), and continue at its first unread
+    token, in the same data whatever B, T and the rank count; changed data is refused at its first
+    difference, another --data_dir (a new corpus) read from its start."""
+    # Whole tensors, as saved, into this rank's shards: under FSDP rank 0 sends each rank its part of each,
+    # which is copied into the optimizer's own state, so no rank holds the whole state or two of its own
+    fsdp = any(isinstance(p, DTensor) for p in model.parameters())
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=fsdp)
     set_optimizer_state_dict(model, optimizers, ckpt["optimizer"], options=options)
+    del ckpt["model"], ckpt["optimizer"]  # now the model's and optimizers' own: not kept twice for the run
     if scaler.is_enabled() and ckpt.get("scaler"):  # a float16 run's loss scale (a new one after bf16/fp32)
         scaler.load_state_dict(ckpt["scaler"])
     then, data = ckpt["config"], ckpt["data"]

@@ -47,6 +47,13 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def format_bytes(n):
+    """n bytes to 3 significant digits: 498 MB, 1.99 GB."""
+    for e, unit in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "bytes")):
+        if n >= 10**e or unit == "bytes":
+            return f"{n / 10**e:.3g} {unit}"
+
+
 # -----------------------------------------------------------------------------
 # Command-line flags: every script's, one per field of its config dataclass
 

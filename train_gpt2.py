@@ -8,8 +8,8 @@ One file, read top to bottom: the model, GPT-2 weight loading, the data loader, 
 training loop (cosine-warmup AdamW, gradient accumulation, bf16 or float16 autocast, torch.compile, DDP
 or FSDP, activation checkpointing). Beside it, each in the file named for it: common.py (the error,
 flags, tokenizer and disk writes every script shares), fineweb.py (the token shards), checkpoints.py
-(what a run writes to resume), hellaswag.py (the eval) and plot.py (log.txt and loss.png). Importing it
-runs nothing; generate.py, hellaswag.py and export.py import it to load a model.
+(what a run writes to resume, and the signals that stop it), hellaswag.py (the eval) and plot.py (log.txt
+and loss.png). Importing it runs nothing; generate.py, hellaswag.py and export.py import it to load a model.
 """
 
 import contextlib
@@ -21,8 +21,6 @@ import json
 import math
 import os
 import re
-import signal
-import stat
 import sys
 import time
 import zlib
@@ -34,14 +32,15 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from checkpoints import (checkpoint_file, checkpoint_paths, checkpoint_state, load_checkpoint, restore_state,
-                         resume_config, run_provenance, save_checkpoint, shard_record)
-from common import (GPT2_VOCAB_SIZE, PRETRAINED, UserError, check_flags, config_parser, gpt2_tokenizer,
-                    hold_folder, option, print0)
+from checkpoints import (StopRequest, checkpoint_file, checkpoint_paths, checkpoint_state, load_checkpoint,
+                         restore_state, resume_config, run_provenance, save_checkpoint, shard_record)
+from common import (GPT2_VOCAB_SIZE, PRETRAINED, UserError, check_flags, config_parser, format_bytes,
+                    gpt2_tokenizer, hold_folder, option, print0)
 from fineweb import find_shards, open_shard  # the shard format, read back beside its writer
 from hellaswag import hellaswag_share, score
 # the run's log: log.txt (started, trimmed on resume), the step line, W&B and loss.png (matplotlib if there)
@@ -242,10 +241,17 @@ class GPT(nn.Module):
             if getattr(c, key) not in allowed:
                 raise ValueError(f"{name_or_dir}: {key}={getattr(c, key)} is not the GPT-2 architecture this "
                                  f"model implements")
-        model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
-                              n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
-        model.load_state_dict({k: w.t() if k.endswith(cls.CONV1D_WEIGHTS) else w
-                               for k, w in hf.state_dict().items()})
+        # One copy of the weights, not two: transformers' tensors become ours (assign), each transposed one
+        # made as the one it replaces is freed; the model is built on the meta device, with no weights at all
+        state = hf.state_dict()
+        del hf
+        for k in [k for k in state if k.endswith(cls.CONV1D_WEIGHTS)]:
+            state[k] = state.pop(k).t().contiguous()
+        with torch.device("meta"):
+            model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
+                                  n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
+        model.load_state_dict(state, assign=True)
+        model.transformer.wte.weight = model.lm_head.weight  # assign made them two Parameters: one again
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, name="adamw"):
@@ -342,9 +348,6 @@ class DataLoaderLite:
         self.crcs = {}  # name: crc32 of the whole shard, of each shard read, when first read
         self.expected = {}  # the same, of the shards the checkpoint's run read (restore_state sets it)
         self.orders = {}  # the shuffle's orders, each drawn once: ~12 KB per FineWeb shard per epoch
-        self.reset()
-
-    def reset(self):
         self.position = (0, 0, 0)
 
     def order(self, n, *key):
@@ -553,28 +556,37 @@ def load_model(init_from):
         raise UserError(f"{init_from}: {str(e).strip().splitlines()[0]}") from None
 
 
-def build_model(cfg, given, ckpt):
-    """The model, from the checkpoint, GPT-2 weights or scratch. Shape flags given must agree with loaded
-    weights; cfg then records the shape the run really has."""
+def build_model(cfg, given, ckpt, rank=0):
+    """(model, its GPTConfig): from the checkpoint, GPT-2 weights or scratch. Under --fsdp 1 only rank 0
+    builds it (the others get None and its shape, to be sent their shards of its weights). Shape flags given
+    must agree with loaded weights; cfg then records the shape the run really has."""
     source = f"the checkpoint in {cfg.log_dir}" if ckpt else cfg.init_from
-    if ckpt is not None:
-        model = model_from_checkpoint(ckpt)
-    elif cfg.init_from == "scratch":
-        model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FLAGS}))
-    else:
+    model = config = None
+    if rank == 0 or not cfg.fsdp:
         try:
-            model = load_model(cfg.init_from)
+            if ckpt is not None:
+                model = model_from_checkpoint(ckpt)
+            elif cfg.init_from == "scratch":
+                model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FLAGS}))
+            else:
+                model = load_model(cfg.init_from)
+            config = model.config
         except UserError as e:
-            raise UserError(f"--init_from {e}") from None
+            config = f"--init_from {e}"
+    if cfg.fsdp and dist.is_initialized():  # the others learn rank 0's outcome: the model's shape, or why not
+        sent = [config]
+        dist.broadcast_object_list(sent, src=0)
+        config = sent[0]
+    if isinstance(config, str):
+        raise UserError(config)
     for k in MODEL_FLAGS:
-        if k in given and given[k] != getattr(model.config, k):
-            raise UserError(f"--{k} {given[k]} contradicts {source} ({k} {getattr(model.config, k)}); "
-                            f"drop the flag")
-        setattr(cfg, k, getattr(model.config, k))
-    if cfg.seq_len > model.config.block_size:
-        raise UserError(f"--seq_len {cfg.seq_len}: must be <= the model's block_size "
-                        f"{model.config.block_size}")
-    return model
+        if k in given and given[k] != getattr(config, k):
+            raise UserError(f"--{k} {given[k]} contradicts {source} ({k} {getattr(config, k)}); drop the "
+                            f"flag")
+        setattr(cfg, k, getattr(config, k))
+    if cfg.seq_len > config.block_size:
+        raise UserError(f"--seq_len {cfg.seq_len}: must be <= the model's block_size {config.block_size}")
+    return model, config
 
 
 # -----------------------------------------------------------------------------
@@ -642,13 +654,6 @@ def setup_distributed(device, timeout):
     return rank, local_rank, world_size, device
 
 
-def format_bytes(n):
-    """n bytes to 3 significant digits: 498 MB, 1.99 GB."""
-    for e, unit in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "bytes")):
-        if n >= 10**e or unit == "bytes":
-            return f"{n / 10**e:.3g} {unit}"
-
-
 def peak_flops(device):
     """For MFU: the GPU's dense 16-bit tensor-core peak FLOP/s from the vendors' spec sheets (bf16, or fp16
     on GPUs without it: equal where a GPU has both), first match wins; None on a CPU or an unlisted GPU."""
@@ -662,7 +667,7 @@ def peak_flops(device):
 
 
 # -----------------------------------------------------------------------------
-# What the loop calls: evaluations, samples, and a stop on SIGTERM/SIGINT/SIGHUP
+# What the loop calls: evaluations and samples
 
 
 def estimate_val_loss(model, val_loader, val_tokens, device, autocast, rank, world_size):
@@ -717,32 +722,6 @@ def write_samples(model, enc, prompt, step, log_dir, autocast, rank):
                 f.write(f"{step} sample {i}: {text!r}\n")
 
 
-class StopRequest:
-    """While active, SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session) set `requested`: the loop
-    finishes its step, writes a checkpoint and exits 0. A second Ctrl-C raises KeyboardInterrupt at once."""
-
-    def __enter__(self):
-        self.requested = False
-        signals = {signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", signal.SIGTERM)}  # Windows: none
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in signals}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def handle(self, signum, frame):
-        # No printing here: a print interrupted by a print raises "reentrant call". The loop reports it.
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if signum == getattr(signal, "SIGHUP", None):
-            # The terminal is gone: every write to it would now fail (EIO). Send them to /dev/null instead.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            for fd in (1, 2):
-                if stat.S_ISCHR(os.fstat(fd).st_mode):
-                    os.dup2(devnull, fd)
-
-
 # -----------------------------------------------------------------------------
 # TRAINING SECTION: the set-up, then the loop
 
@@ -766,19 +745,26 @@ def train(cfg, given, ckpt):
 
     # The model, its optimizer and the data; on resume, all as the checkpoint left them
     torch.manual_seed(cfg.seed)  # on every device
-    raw_model = build_model(cfg, given, ckpt)
-    raw_model.chunked_loss = device_type == "cpu" if cfg.chunked_loss == "auto" else cfg.chunked_loss
-    raw_model.activation_checkpointing = cfg.activation_checkpointing
+    whole, config = build_model(cfg, given, ckpt, rank)
     if cfg.fsdp:  # FSDP2, before the optimizer, which then holds this rank's shards only
         # Each Block, then the root with the rest (lm_head's weight is wte's: sharded once, so the tying
-        # survives), each sent to the device as it is sharded: the whole model is never there at once.
+        # survives), of a copy on the meta device, given memory for this rank's shards only; rank 0 then
+        # sends each rank its shards of its whole model, a tensor at a time, and frees it.
         # Under autocast the weights are all-gathered in its dtype, the gradients reduced in float32.
+        with torch.device("meta"):
+            raw_model = GPT(config)
         mesh = init_device_mesh(device_type, (world_size,))
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
         for module in (*raw_model.transformer.h, raw_model):
             fully_shard(module, mesh=mesh, mp_policy=policy)
+        raw_model.to_empty(device=device)
+        set_model_state_dict(raw_model, whole.state_dict() if whole else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del whole
     else:
-        raw_model.to(device)
+        raw_model = whole.to(device)
+    raw_model.chunked_loss = device_type == "cpu" if cfg.chunked_loss == "auto" else cfg.chunked_loss
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
     optimizers = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type, cfg.optimizer)
     decay, no_decay = (group["params"] for group in optimizers[-1].param_groups)  # AdamW's
     print0(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters), "

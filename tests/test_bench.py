@@ -123,6 +123,31 @@ def test_memory_bench_table_from_real_runs(tmp_path):
 
 @pytest.mark.slow
 @ci_only
+def test_memory_bench_startup_table_from_real_runs(tmp_path):
+    """bench/memory_bench.py --table startup on a tiny shape: a row per way to start, each rank's private
+    memory measured in each phase (the checkpoint's writing on rank 0 of the run from scratch), and no rank
+    left running or run folder left behind once the table is printed."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "memory_bench.py"),
+                           "--table", "startup", "--shapes", "2x2x32", "--ranks", "2", "--seq_len", "32",
+                           "--data_dir", str(tmp_path / "data"), "--synthetic_tokens", "20000"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith("| 2x2x32 |")]
+    assert [r[1] for r in rows] == ["FSDP, from scratch", "FSDP, resumed", "FSDP, Hugging Face folder",
+                                    "DDP, resumed"]
+    for r in rows:
+        idle, start_0, first_0, start_1, first_1 = map(float, (r[4], r[5], r[6], r[8], r[9]))
+        assert 0.05 < idle < 2
+        assert all(idle / 2 < gb < idle * 2 for gb in (start_0, first_0, start_1, first_1))
+    assert re.fullmatch(r"[\d.]+ \(0\.0\d\)", rows[0][7]) and rows[1][7] == "-"  # the checkpoint, ~27 MB
+    assert os.listdir(tmp_path / "data" / "runs") == []
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "data")], capture_output=True, text=True).stdout
+    assert left == "", left
+
+
+@pytest.mark.slow
+@ci_only
 def test_muon_bench_table_from_real_runs(shakespeare_shards, tmp_path):
     """bench/muon_bench.py on a tiny shape, one learning rate each and Muon's again on half the schedule:
     Tiny Shakespeare remapped to its 255 most frequent ids and one for the rest; the table's val losses are

@@ -292,17 +292,6 @@ def test_a_loader_of_another_size_or_rank_count_continues_at_the_first_unread_to
         assert [g.tolist() for g in got] == [w.tolist() for w in want], f"after {k} micro-batches"
 
 
-@pytest.mark.parametrize("world,rank", [(1, 0), (2, 1), (3, 2)])
-def test_reset_goes_back_to_the_ranks_first_micro_batch(tmp_path, world, rank):
-    make_dir(tmp_path, THREE_SHARDS)
-    fresh = read(loader(tmp_path, process_rank=rank, num_processes=world), 10)
-    dl = loader(tmp_path, process_rank=rank, num_processes=world)
-    read(dl, 13)  # past the end of the epoch
-    dl.reset()
-    assert dl.position == (0, 0, 0)
-    assert_same(read(dl, 10), fresh)
-
-
 # -----------------------------------------------------------------------------
 # Shuffle
 

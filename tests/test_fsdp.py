@@ -1,14 +1,17 @@
 """--fsdp 1 (FSDP2 over 2 gloo ranks on CPU) and --activation_checkpointing 1: the same training as one
 process, checkpoints in the one format every script reads (resumed with or without FSDP, exported),
 evaluations and samples under FSDP, and the memory lines at start-up."""
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import HELLASWAG_EXCERPT, ci_only, read_log, run_train
+from conftest import HELLASWAG_EXCERPT, REPO, ci_only, read_log, run_train
 from checkpoints import load_checkpoint
 from common import gpt2_tokenizer
 from test_train import HELLA, TINY, data, resume, run_main, train  # noqa: F401 (data: the fixture)
@@ -34,18 +37,75 @@ def memory_line(stdout):
     return sizes, line.split(", ")[-2]
 
 
+# train_gpt2.main() on every rank, each recording the parameters it makes in memory (not on the meta device)
+# before its training loop starts (in the loop FSDP all-gathers each block's whole parameters, for a moment),
+# as (numel of the whole parameter, numel this rank holds), and how it torch.loads, in probe_rank<RANK>.json
+PROBE = r"""
+import json, os, sys
+import torch
+from torch.distributed.tensor import DTensor
+sys.path.insert(0, sys.argv[1])
+import train_gpt2
+made, loads = [], []
+make_parameter, load = torch.nn.Parameter.__new__, torch.load
+def parameter(cls, data=None, requires_grad=True):
+    p = make_parameter(cls, data, requires_grad)
+    mine = p.to_local() if isinstance(p, DTensor) else p
+    if not mine.is_meta and made is not None:
+        made.append([p.numel(), mine.numel()])
+    return p
+def loop_starts(self, enter=train_gpt2.StopRequest.__enter__):
+    global made, probe
+    probe, made = made, None
+    return enter(self)
+train_gpt2.StopRequest.__enter__ = loop_starts
+def load_probed(*args, **kwargs):
+    loads.append(kwargs.get("mmap", False))
+    return load(*args, **kwargs)
+torch.nn.Parameter.__new__, torch.load = staticmethod(parameter), load_probed
+try:
+    train_gpt2.main(sys.argv[3:])
+finally:
+    with open(os.path.join(sys.argv[2], f"probe_rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump({"made": probe, "mmap": loads}, f)
+"""
+
+
+def probed_train(probe_dir, *args, nproc=2):
+    """train_gpt2.py's flags under torchrun, through PROBE: (stdout, the probe of each rank)."""
+    os.makedirs(probe_dir, exist_ok=True)
+    (probe_dir / "probe.py").write_text(PROBE)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", probe_dir / "probe.py", REPO, probe_dir,
+                           *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, [json.loads((probe_dir / f"probe_rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def assert_read_once(probes):
+    """Rank 0 made the whole model (scratch, GPT-2 weights or a checkpoint's); rank 1 never made a
+    parameter whole, only its shards (under half of each parameter, padding aside), and loaded a checkpoint,
+    if any, only memory-mapped (its pages shared with rank 0's, not copied)."""
+    reader, other = probes
+    assert any(whole == mine for whole, mine in reader["made"])
+    assert other["made"] and all(mine < whole for whole, mine in other["made"]), other["made"]
+    assert all(mmap for probe in probes for mmap in probe["mmap"])
+
+
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-    """The same 6 steps as 2 FSDP ranks and as 1 process, checkpoints at steps 3 and 6: (root, stdouts)."""
+    """The same 6 steps as 2 FSDP ranks (probed) and as 1 process, checkpoints at steps 3 and 6:
+    (root, stdouts, the FSDP ranks' probes)."""
     root = tmp_path_factory.mktemp("fsdp")
-    fsdp = train(data, root / "fsdp", *COMMON, "--fsdp", 1, nproc=2)
+    fsdp, probes = probed_train(root / "probe", "--data_dir", data, "--log_dir", root / "fsdp", *TINY,
+                                *COMMON, "--fsdp", 1)
     single = train(data, root / "single", *COMMON)
-    return root, fsdp.stdout, single.stdout
+    return root, fsdp, single.stdout, probes
 
 
 @pytest.mark.slow
 def test_two_fsdp_ranks_equal_one_process(runs):
-    root, _, _ = runs
+    root, *_ = runs
     fsdp, single = read_log(root / "fsdp"), read_log(root / "single")
     assert sorted(fsdp["train"]) == list(range(6))
     assert_same_losses(fsdp, single, range(6))
@@ -64,12 +124,45 @@ def test_two_fsdp_ranks_equal_one_process(runs):
 
 
 @pytest.mark.slow
+def test_only_rank_0_builds_the_model_whole_from_scratch_a_checkpoint_or_gpt2_weights(runs, data, hf_folder,
+                                                                                      tmp_path):
+    """Every other rank builds it on the meta device and is sent its shards: from scratch (the runs above),
+    resuming the FSDP run's step-3 checkpoint (the uninterrupted run's losses again), and from GPT-2 weights
+    (the losses of one process fine-tuning them); a folder that is not GPT-2 is one line from rank 0."""
+    root, _, _, probes = runs
+    assert_read_once(probes)
+    shutil.copytree(root / "fsdp", tmp_path / "run")
+    os.remove(tmp_path / "run" / "model_00006.pt")
+    out, probes = probed_train(tmp_path / "probe_resume", "--log_dir", tmp_path / "run", "--init_from",
+                               "resume")
+    assert "model_00003.pt at step 3" in out
+    assert_same_losses(read_log(tmp_path / "run"), read_log(root / "single"), range(3, 6))
+    assert_read_once(probes)
+
+    gpt2 = ["--data_dir", data, "--init_from", hf_folder, "--seq_len", 32, "--micro_batch_size", 2,
+            "--total_batch_size", 256, "--max_steps", 4, "--warmup_steps", 2, "--max_lr", 3e-3,
+            "--val_steps", 2, "--grad_clip", 0.5, "--sample_interval", 0, "--plot", 0]
+    out, probes = probed_train(tmp_path / "probe_hf", *gpt2, "--log_dir", tmp_path / "hf_fsdp", "--fsdp", 1)
+    assert "sharded over 2 ranks" in out
+    assert_read_once(probes)
+    run_train(*gpt2, "--log_dir", tmp_path / "hf_single")
+    assert_same_losses(read_log(tmp_path / "hf_fsdp"), read_log(tmp_path / "hf_single"), range(4))
+
+    (tmp_path / "not_gpt2").mkdir()
+    (tmp_path / "not_gpt2" / "config.json").write_text('{"model_type": "llama"}')
+    proc = run_train(*gpt2[:2], "--init_from", tmp_path / "not_gpt2", "--log_dir", tmp_path / "x",
+                     "--fsdp", 1, nproc=2, check=False)
+    assert proc.returncode != 0 and proc.stderr.count("train_gpt2.py: error: --init_from ") == 1, proc.stderr
+    assert "a llama model, not GPT-2" in proc.stderr
+
+
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumes_in_one_process_and_exports(runs, tmp_path):
     """The 2-rank FSDP run's step-3 checkpoint, resumed by one process without FSDP: the uninterrupted
     run's losses; its final checkpoint exports to a folder transformers loads with our logits."""
     from transformers import GPT2LMHeadModel
     from export import main as export_main
-    root, _, _ = runs
+    root, *_ = runs
     shutil.copytree(root / "fsdp", tmp_path / "run")
     os.remove(tmp_path / "run" / "model_00006.pt")
     proc = resume(tmp_path / "run", "--fsdp", 0)
@@ -89,7 +182,7 @@ def test_fsdp_checkpoint_resumes_in_one_process_and_exports(runs, tmp_path):
 def test_plain_checkpoint_resumes_under_fsdp_with_activation_checkpointing_and_compile(runs, tmp_path):
     """The 1-process run's step-3 checkpoint, resumed on 2 FSDP ranks recomputing every block in backward,
     each block compiled (as --compile 1 does under FSDP): the uninterrupted eager run's losses."""
-    root, _, _ = runs
+    root, *_ = runs
     shutil.copytree(root / "single", tmp_path / "run")
     os.remove(tmp_path / "run" / "model_00006.pt")
     proc = resume(tmp_path / "run", "--fsdp", 1, "--activation_checkpointing", 1, "--compile", 1, nproc=2)
@@ -101,7 +194,7 @@ def test_plain_checkpoint_resumes_under_fsdp_with_activation_checkpointing_and_c
 @pytest.mark.slow
 def test_memory_lines_count_the_state_per_rank(runs):
     """Weights and gradients 4 bytes per parameter, AdamW 8; under FSDP each of 2 ranks holds half."""
-    _, fsdp_out, single_out = runs
+    _, fsdp_out, single_out, _ = runs
     n = int(re.search(r"^([\d,]+) parameters \|", single_out, re.M)[1].replace(",", ""))
     (weights, grads, adamw, total), how = memory_line(single_out)
     assert how == "a full copy on every rank"
@@ -140,7 +233,7 @@ def test_activation_checkpointing_recomputes_the_blocks_with_the_same_gradients(
 def test_activation_checkpointing_under_ddp_trains_like_one_plain_process(runs, data, tmp_path):
     """Recomputed blocks composed with DDP's gradient hooks: 2 DDP ranks recomputing every block give
     1 plain process's losses."""
-    root, _, _ = runs
+    root, *_ = runs
     proc = train(data, tmp_path, *COMMON, "--activation_checkpointing", 1, nproc=2)
     assert "2 process(es) on cpu" in proc.stdout and "a full copy on every rank" in proc.stdout
     assert_same_losses(read_log(tmp_path), read_log(root / "single"), range(6))
@@ -152,7 +245,7 @@ def test_ddp_and_compile_train_like_one_plain_process(runs, data, tmp_path):
     """DDP's gradient hooks on a compiled model (Dynamo's DDP path): 2 compiled DDP ranks give 1 eager
     process's losses. (With --activation_checkpointing too, a run hung once in CI on gloo; 40 runs of it
     since did not.)"""
-    root, _, _ = runs
+    root, *_ = runs
     proc = train(data, tmp_path, *COMMON, "--compile", 1, nproc=2)
     assert ("2 process(es) on cpu | float32 | compile on" in proc.stdout
             and "a full copy on every rank" in proc.stdout)
