@@ -1,6 +1,6 @@
 """What every script of the repository shares; it imports no torch and no other script of the repository.
 
-UserError, the one error every script's main() prints as one line; print0; the command-line flags made
+UserError, the one error every script's main() prints as one line; print0; format_bytes; the command-line flags made
 from a config dataclass (config_parser); GPT-2's constants and its tokenizer, built from the BPE files in
 data/ with no download; and the safe disk writes: a file flushed to disk before it is renamed into place,
 a full disk recognised, and the lock that keeps a second run out of a folder. No torch, so that fineweb.py's
@@ -39,6 +39,13 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 class UserError(ValueError):
     """Bad flags, input, data or checkpoints, or a diverged run: every script's main() prints it as one line
     and exits 1."""
+
+
+def format_bytes(n):
+    """n bytes to 3 significant digits: 498 MB, 1.99 GB."""
+    for e, unit in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "bytes")):
+        if n >= 10**e or unit == "bytes":
+            return f"{n / 10**e:.3g} {unit}"
 
 
 def print0(*args, **kwargs):

@@ -366,23 +366,25 @@ def test_log_lines_and_no_wandb(tmp_path):
     logged = []
     wandb_run = type("Recorder", (), {"log": lambda self, values, step: logged.append((step, values))})()
     log_values(log_file, wandb_run, 0, val=10.98765, hella=None)
-    log_values(log_file, wandb_run, 0, train=10.1234567, lr=6e-5, mfu=None)
+    log_values(log_file, wandb_run, 0, train=10.1234567, lr=6e-5, mfu=None, skipped=False, time=1e9 + 0.125)
+    log_values(log_file, wandb_run, 1, train=9.5, mfu=41.537, skipped=True)
     log_values(None, None, 1, train=9.0)  # a rank but 0: nothing written
-    assert open(log_file).read() == '# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n'
-    assert logged == [(0, {"val": 10.98765}), (0, {"train": 10.1234567, "lr": 6e-5})]
-    assert step_line(7, 3.25, 6e-4, 0.5, 0.25, 524288, None, None, False) == \
-        "step     7 | loss 3.250000 | lr 6.0000e-04 | norm 0.5000 | dt 250ms | tok/sec 2,097,152"
-    assert step_line(7, 3.25, 6e-4, 0.5, 0.25, 524288, 41.5, 65536.0, True).endswith(
-        " | mfu 41.5% | loss scale 65536 | skipped: float16 gradients overflowed, loss scale halved")
-    with open(log_file, "a") as f:  # a crashed run's lines after its step-1 checkpoint, then resumed there
-        f.write('1 val 9.5000\n1 train 9.000000\n2 train 8.000000\n')
-    start_log(tmp_path / "run", 1, {"torch": "2.x"})  # the same code, torch and device: no new line
-    assert open(log_file).read() == '# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n1 val 9.5000\n'
-    with open(log_file, "a") as f:
-        f.write('1 train 9.000000\n2 train 8.000000\n')
-    start_log(tmp_path / "run", 1, {"torch": "2.y"})  # resumed with another: it says so
+    assert open(log_file).read() == '# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n' \
+                                    '0 time 1000000000.12\n1 train 9.500000\n1 mfu 41.54\n1 skipped 1\n'
+    # W&B: every value but None, False and the time (W&B times its lines itself)
+    assert logged == [(0, {"val": 10.98765}), (0, {"train": 10.1234567, "lr": 6e-5}),
+                      (1, {"train": 9.5, "mfu": 41.537, "skipped": True})]
+    assert step_line(7, 3.25, 6e-4, 0.5, 0.25, 524288, None, None, False, None) == \
+        "step     7 | loss 3.250000 | lr 6.0000e-04 | norm 0.5000 | dt 250ms | tok/sec 2,097,152 | 4.2M tok"
+    assert step_line(7, 3.25, 6e-4, 0.5, 0.25, 524288, 41.5, 65536.0, True, 4980).endswith(
+        " | mfu 41.5% | 4.2M tok | eta 1h23m | loss scale 65536 | skipped: float16 gradients overflowed, "
+        "loss scale halved")
+    with open(log_file, "w") as f:  # a crashed run's lines after its step-1 checkpoint, then resumed there
+        f.write('# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n1 val 9.5000\n1 train 9.000000\n'
+                '2 train 8.000000\n')
+    start_log(tmp_path / "run", 1, {"torch": "2.x"})  # every attempt says where it starts, what made it
     assert open(log_file).read() == '# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n1 val 9.5000\n' \
-                                    '# 1 {"torch": "2.y"}\n'
+                                    '# 1 {"torch": "2.x"}\n'
     (tmp_path / "odd" / "log.txt").mkdir(parents=True)  # a log.txt it cannot read: one line, not a traceback
     with pytest.raises(UserError,
                        match=r"--log_dir .*odd: cannot read .*log.txt \(Is a directory\); move it"):
@@ -403,7 +405,7 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
     scaler.step(optimizer)
     scaler.update()
     cfg = TrainConfig(data_dir=str(data), micro_batch_size=4, seq_len=32)
-    state = checkpoint_state(model, [optimizer], scaler, cfg, 1, loaders, {}, val_loss=5.5)
+    state = checkpoint_state(model, [optimizer], scaler, cfg, 1, loaders, {"device": "cpu"}, val_loss=5.5)
     path = save_checkpoint(state, tmp_path, keep_last=3)
     model2 = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
     [optimizer2] = model2.configure_optimizers(0.1, 1e-3, "cpu")
