@@ -388,10 +388,10 @@ def report_text(log_dir):
                   f"- epochs read: {trained / epoch:.2f} ({trained:,} tokens trained)" if epoch else
                   "- epochs read: not recorded"]
 
-    wall = sum(w for w in walls if w is not None)
     unrecorded = sum(w is None for w in walls)
-    wall = (format_duration(wall) + f" over {len(walls)} attempt(s)"
+    wall = (format_duration(sum(w for w in walls if w is not None)) + f" over {len(walls)} attempt(s)"
             + (f"; not recorded for {unrecorded} of them (an older train_gpt2.py)" if unrecorded else ""))
+    wall = "not recorded (an older train_gpt2.py)" if unrecorded == len(walls) else wall
     tok_s = f"{sum(tokens) / sum(seconds):,.0f}" if sum(seconds) else "not recorded"
     mfu = series.get("mfu", ([], []))[1]
     mfu = f"{sum(mfu) / len(mfu):.1f}%" if mfu else "not measured (off CUDA, or a GPU of unknown peak FLOP/s)"
@@ -401,12 +401,13 @@ def report_text(log_dir):
     skipped = [s for s in skipped if s is not None]
     skipped = f"{sum(skipped)}" if skipped else "not recorded"
     samples = last_samples(os.path.join(log_dir, "samples.txt"))
-    samples = (f"At step {samples[0]}:\n\n" + "\n".join(f"{i}. {json.dumps(text, ensure_ascii=False)}" for i, text in
-                                                         enumerate(samples[1]))) if samples else \
-        "None in samples.txt (samples need GPT-2's vocabulary and --sample_interval above 0)."
+    samples = "None in samples.txt (samples need GPT-2's vocabulary and --sample_interval above 0)." \
+        if samples is None else f"At step {samples[0]}:\n\n" + "\n".join(
+            f"{i}. {json.dumps(text, ensure_ascii=False)}" for i, text in enumerate(samples[1]))
     plot = "![train and val loss](loss.png)" if os.path.isfile(os.path.join(log_dir, "loss.png")) else \
         "No loss.png (a run draws it with --plot 1 where matplotlib is installed; so does plot.py)."
-    return f"""# Run report: {os.path.basename(os.path.abspath(log_dir))}/, step {step:,} of {run['max_steps']:,}
+    name = os.path.basename(os.path.abspath(log_dir))
+    return f"""# Run report: {name}/, step {step:,} of {run['max_steps']:,}
 
 Written by train_gpt2.py at the end or stop of a run, or by `python plot.py --report LOG_DIR`, from the
 run's log.txt and its newest checkpoint, `{os.path.basename(paths[-1])}`.
