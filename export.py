@@ -8,7 +8,8 @@
 The folder holds config.json + model.safetensors (GPT2LMHeadModel; the vocabulary's padding rows past
 GPT-2's 50257 tokens are dropped), GPT-2's tokenizer files (made from OpenAI's encoder.json + vocab.bpe
 in data/, so exporting needs no network) and a README.md model card with the run's
-step, tokens seen, val loss and HellaSwag score; transformers.pipeline("text-generation", model=folder)
+step, tokens seen, val loss and HellaSwag score (report.md's table; with the best val loss from the log.txt
+beside the checkpoint); transformers.pipeline("text-generation", model=folder)
 loads it. It is written to a temporary folder beside out_dir and renamed when complete, so an
 interrupted export leaves nothing half-written, and an existing non-empty out_dir is never touched.
 """
