@@ -1092,7 +1092,8 @@ def test_read_only_log_dir_is_one_line_for_a_new_run_and_a_resume(data, tmp_path
     for proc, log_dir, what in ((resumed, disk / "log", "write in"), (fresh, disk / "new", "make")):
         assert proc["returncode"] == 1 and proc["stderr"] == f"train_gpt2.py: error: --log_dir {log_dir}: " \
             f"cannot {what} that folder (Read-only file system); pick another --log_dir\n"
-    assert resumed["files"] == first["files"] == ["log/.lock", "log/log.txt", "log/model_00002.pt"]
+    assert resumed["files"] == first["files"] == ["log/.lock", "log/log.txt", "log/model_00002.pt",
+                                                        "log/report.md"]
 
 
 def test_unfinished_data_preparation_is_refused(capsys, data, tmp_path):
