@@ -18,9 +18,11 @@ import pickle
 import re
 import signal
 import stat
+import sys
 import zlib
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
@@ -91,11 +93,26 @@ def run_provenance(device):
     return {"torch": str(torch.__version__), "device": device, "source_sha256": source.hexdigest()[:16]}
 
 
+def peak_memory(device):
+    """This process's peak memory so far, in bytes: torch.cuda.max_memory_allocated on CUDA, else the peak
+    RSS (Unix)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    import resource  # Unix
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss * (1 if sys.platform == "darwin" else 1024)
+
+
 def checkpoint_state(model, optimizers, scaler, cfg, step, loaders, provenance, **values):
     """What a resume needs after `step` optimizer steps (the train loader's position is the same on every
-    rank; the shards' record lets a resume check its data), what made it, and values (val_loss, hellaswag,
-    wandb_id) for export.py and W&B. Every rank calls it; under DDP or FSDP only rank 0's is whole."""
+    rank; the shards' record lets a resume check its data), what made it, each rank's peak memory so far
+    (for report.md), and values (val_loss, hellaswag, wandb_id) for export.py and W&B. Every rank calls it;
+    under DDP or FSDP only rank 0's is whole."""
     train_loader, val_loader = loaders
+    peaks = [peak_memory(provenance["device"])]
+    if dist.is_initialized():  # every rank is here: rank r's peak at [r]
+        peaks = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, peak_memory(provenance["device"]))
     # Whole tensors, on the CPU, on rank 0 (other ranks get none): under FSDP gathered from the shards
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     data = {"dir": os.path.realpath(cfg.data_dir), "train": train_loader.record, "val": val_loader.record,
@@ -103,7 +120,8 @@ def checkpoint_state(model, optimizers, scaler, cfg, step, loaders, provenance, 
     return {"model": get_model_state_dict(model, options=full), "scaler": scaler.state_dict(),
             "optimizer": get_optimizer_state_dict(model, optimizers, options=full),
             "model_config": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg), "step": step,
-            "loader_position": list(train_loader.position), "data": data, "provenance": provenance, **values}
+            "loader_position": list(train_loader.position), "data": data, "provenance": provenance,
+            "peak_memory": peaks, **values}
 
 
 def save_checkpoint(ckpt, log_dir, keep_last):

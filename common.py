@@ -1,10 +1,10 @@
 """What every script of the repository shares; it imports no torch and no other script of the repository.
 
-UserError, the one error every script's main() prints as one line; print0; the command-line flags made
-from a config dataclass (config_parser); GPT-2's constants and its tokenizer, built from the BPE files in
-data/ with no download; and the safe disk writes: a file flushed to disk before it is renamed into place,
-a full disk recognised, and the lock that keeps a second run out of a folder. No torch, so that fineweb.py's
-tokenizing processes and plot.py start in a fraction of a second.
+UserError, the one error every script's main() prints as one line; print0 and format_bytes; the
+command-line flags made from a config dataclass (config_parser); GPT-2's constants and its tokenizer,
+built from the BPE files in data/ with no download; and the safe disk writes: a file flushed to disk
+before it is renamed into place, a full disk recognised, and the lock that keeps a second run out of a
+folder. No torch, so that fineweb.py's tokenizing processes and plot.py start in a fraction of a second.
 """
 
 import argparse

@@ -8,7 +8,8 @@
 The folder holds config.json + model.safetensors (GPT2LMHeadModel; the vocabulary's padding rows past
 GPT-2's 50257 tokens are dropped), GPT-2's tokenizer files (made from OpenAI's encoder.json + vocab.bpe
 in data/, so exporting needs no network) and a README.md model card with the run's
-step, tokens seen, val loss and HellaSwag score; transformers.pipeline("text-generation", model=folder)
+step, tokens seen, val loss and HellaSwag score (report.md's table; with the best val loss from the log.txt
+beside the checkpoint); transformers.pipeline("text-generation", model=folder)
 loads it. It is written to a temporary folder beside out_dir and renamed when complete, so an
 interrupted export leaves nothing half-written, and an existing non-empty out_dir is never touched.
 """
@@ -22,11 +23,10 @@ from dataclasses import dataclass
 
 from checkpoints import checkpoint_file, load_checkpoint
 from common import DATA_DIR, GPT2_EOT, GPT2_VOCAB_SIZE, UserError, config_parser, disk_full, option
-from plot import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS
+from plot import read_log, results_table
 from train_gpt2 import GPT, model_from_checkpoint
 
 EOT = "<|endoftext|>"  # GPT-2's only special token, id GPT2_EOT: its bos, eos and unk token
-HELLASWAG_VAL_EXAMPLES = 10042
 CARD_FLAGS = ("data_dir", "init_from", "max_steps", "total_batch_size", "seq_len", "max_lr", "min_lr",
               "warmup_steps", "weight_decay", "grad_clip", "shuffle", "seed")
 
@@ -104,15 +104,10 @@ def save_pretrained(model, out_dir, vocab_size):
     hf.save_pretrained(out_dir)
 
 
-def model_card(ckpt, model_id, checkpoint_name, n_params, vocab_size, has_tokenizer):
-    """README.md: the Hub's metadata, then what the model is, how it scores next to GPT-2 124M, and how to use
-    it."""
-    run, c, step = ckpt["config"], ckpt["model_config"], ckpt["step"]
-    val_loss, hellaswag = ckpt.get("val_loss"), ckpt.get("hellaswag")  # None where not measured
-    val_loss = "not measured" if val_loss is None else (f"{val_loss:.4f} on the val split of "
-                                                        f"`{run['data_dir']}`")
-    hellaswag_n = run.get("hellaswag_limit") or HELLASWAG_VAL_EXAMPLES
-    hellaswag = "not measured" if hellaswag is None else f"{hellaswag:.4f} on {hellaswag_n:,} val examples"
+def model_card(ckpt, model_id, checkpoint_name, n_params, vocab_size, has_tokenizer, series=None):
+    """README.md: the Hub's metadata, then what the model is, how it scores next to GPT-2 124M (report.md's
+    table: plot.results_table, with the run's log.txt series where there is one), and how to use it."""
+    run, c = ckpt["config"], ckpt["model_config"]
     vocab, padding = f"{vocab_size}", c["vocab_size"] - vocab_size
     if padding:
         vocab += (f" (trained with {c['vocab_size']}; the {padding} padding rows, which no token reaches, "
@@ -145,12 +140,7 @@ continues text, with the biases of its training data, and follows no instruction
 
 ## Results
 
-| | this model | GPT-2 124M |
-| --- | --- | --- |
-| step | {step:,} of {run["max_steps"]:,} | |
-| tokens seen | {step * run["total_batch_size"]:,} ({step:,} steps x {run["total_batch_size"]:,}) | |
-| val loss | {val_loss} | {GPT2_124M_VAL_LOSS} on the FineWeb-Edu val shard |
-| HellaSwag acc_norm | {hellaswag} | {GPT2_124M_HELLASWAG} on {HELLASWAG_VAL_EXAMPLES:,} val examples |
+{results_table(ckpt, series)}
 
 ## Model
 
@@ -171,6 +161,15 @@ loads as `GPT2LMHeadModel`.
 
 {usage}
 """
+
+
+def run_log(path):
+    """The series of the log.txt beside checkpoint `path` (plot.read_log), or None where there is none or it
+    cannot be read: a model card without the run's best values, rather than no export."""
+    try:
+        return read_log(os.path.join(os.path.dirname(path), "log.txt"))
+    except UserError:
+        return None
 
 
 def push(folder, repo_id, private):
@@ -222,7 +221,7 @@ def export(cfg):
             tokenizer.save_pretrained(tmp)  # tokenizer.json, tokenizer_config.json
             tokenizer.backend_tokenizer.model.save(tmp)  # vocab.json + merges.txt, for tools that read those
         card = model_card(ckpt, cfg.push_to_hub or out_dir, os.path.basename(path), n_params, vocab_size,
-                          tokenizer is not None)
+                          tokenizer is not None, run_log(path))
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
         os.replace(tmp, out_dir)  # replaces an empty out_dir; fails, touching nothing, on a non-empty one

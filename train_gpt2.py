@@ -38,13 +38,15 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from checkpoints import (StopRequest, checkpoint_file, checkpoint_paths, checkpoint_state, load_checkpoint,
-                         restore_state, resume_config, run_provenance, save_checkpoint, shard_record)
+                         peak_memory, restore_state, resume_config, run_provenance, save_checkpoint,
+                         shard_record)
 from common import (GPT2_VOCAB_SIZE, PRETRAINED, UserError, check_flags, config_parser, format_bytes,
                     gpt2_tokenizer, hold_folder, option, print0)
 from fineweb import find_shards, open_shard  # the shard format, read back beside its writer
 from hellaswag import hellaswag_share, score
-# the run's log: log.txt (started, trimmed on resume), the step line, W&B and loss.png (matplotlib if there)
-from plot import log_values, refresh_plot, start_log, start_wandb, step_line
+# the run's log: log.txt (started, trimmed on resume), the step line with its ETA, W&B, loss.png (matplotlib
+# if there) and, at the end, report.md
+from plot import ETA, attempt_record, end_log, log_values, refresh_plot, start_log, start_wandb, step_line
 
 
 # -----------------------------------------------------------------------------
@@ -814,10 +816,12 @@ def train(cfg, given, ckpt):
     if use_hellaswag:
         hella_examples, hella_len = hellaswag_share(cfg.hellaswag_dir, cfg.hellaswag_limit, enc, raw_model,
                                                     rank, world_size)
-    log_file = start_log(cfg.log_dir, start_step if ckpt else None, provenance) if rank == 0 else None
+    attempt = attempt_record(cfg, provenance, world_size, sys.argv)  # log.txt's line for this attempt
+    log_file = start_log(cfg.log_dir, start_step if ckpt else None, attempt) if rank == 0 else None
     wandb_run = start_wandb(cfg, ckpt) if cfg.wandb and rank == 0 else None
     plots = rank == 0 and cfg.plot
     flops_per_step = raw_model.flops_per_token(T) * cfg.total_batch_size
+    eta = ETA(start_step, cfg.max_steps, (cfg.eval_interval, cfg.ckpt_interval, cfg.sample_interval))
     peak = peak_flops(device)
     print0(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters | {world_size} process(es) on "
            f"{device} | {str(dtype or torch.float32).removeprefix('torch.')} | compile "
@@ -914,22 +918,20 @@ def train(cfg, given, ckpt):
 
             mfu = 100 * flops_per_step / dt / (peak * world_size) if peak else None
             print0(step_line(step, loss_value, lr, norm_value, dt, cfg.total_batch_size, mfu, loss_scale,
-                             skipped))
-            if step == start_step and device_type == "cuda":
-                print0(f"peak memory after the first step: {format_bytes(torch.cuda.max_memory_allocated())} "
-                       f"(CUDA, rank 0)")
-            elif step == start_step:
-                import resource  # Unix
-                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-                rss *= 1 if sys.platform == "darwin" else 1024
-                print0(f"peak memory after the first step: {format_bytes(rss)} (peak RSS of rank 0)")
-            log_values(log_file, wandb_run, step, train=loss_value, lr=lr, grad_norm=norm_value,
-                       tokens_per_sec=cfg.total_batch_size / dt, mfu=mfu, loss_scale=loss_scale)
+                             skipped, eta.update(step, t0 + dt)))
+            if step == start_step:
+                print0(f"peak memory after the first step: {format_bytes(peak_memory(device))} "
+                       f"({'CUDA, rank 0' if device_type == 'cuda' else 'peak RSS of rank 0'})")
+            log_values(log_file, wandb_run, step, train=loss_value, lr=lr, grad_norm=norm_value, mfu=mfu,
+                       tokens_per_sec=cfg.total_batch_size / dt, loss_scale=loss_scale, skipped=skipped,
+                       time=t0 + dt)
             stopping = stop_value > 0
             if stopping:
                 print0("stop requested (SIGTERM/SIGINT/SIGHUP): writing a checkpoint, then exiting "
                        "(Ctrl-C again to abort)")
 
+    if rank == 0:  # the attempt's end in log.txt, then log_dir/report.md from log.txt and the checkpoint
+        print0(f"wrote {end_log(log_file, step)}")
     if wandb_run is not None:
         wandb_run.finish()
 

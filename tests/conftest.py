@@ -106,13 +106,16 @@ def folder_in_use(folder):
 
 
 def read_log(log_dir):
-    """log.txt as {kind: {step: value}}."""
+    """log.txt as {kind: {step: value}}, without the steps' end times (`N time`: the wall clock's, never the
+    same in two runs)."""
     out = {}
     with open(os.path.join(log_dir, "log.txt")) as f:
         for line in f:
-            if line.startswith("# "):  # the run's provenance
+            if line.startswith("# "):  # each attempt's record
                 continue
             step, kind, value = line.split()
+            if kind == "time":
+                continue
             out.setdefault(kind, {})[int(step)] = float(value)
     return out
 

@@ -366,23 +366,25 @@ def test_log_lines_and_no_wandb(tmp_path):
     logged = []
     wandb_run = type("Recorder", (), {"log": lambda self, values, step: logged.append((step, values))})()
     log_values(log_file, wandb_run, 0, val=10.98765, hella=None)
-    log_values(log_file, wandb_run, 0, train=10.1234567, lr=6e-5, mfu=None)
+    log_values(log_file, wandb_run, 0, train=10.1234567, lr=6e-5, mfu=None, skipped=False, time=1e9 + 0.125)
+    log_values(log_file, wandb_run, 1, train=9.5, mfu=41.537, skipped=True)
     log_values(None, None, 1, train=9.0)  # a rank but 0: nothing written
-    assert open(log_file).read() == '# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n'
-    assert logged == [(0, {"val": 10.98765}), (0, {"train": 10.1234567, "lr": 6e-5})]
-    assert step_line(7, 3.25, 6e-4, 0.5, 0.25, 524288, None, None, False) == \
-        "step     7 | loss 3.250000 | lr 6.0000e-04 | norm 0.5000 | dt 250ms | tok/sec 2,097,152"
-    assert step_line(7, 3.25, 6e-4, 0.5, 0.25, 524288, 41.5, 65536.0, True).endswith(
-        " | mfu 41.5% | loss scale 65536 | skipped: float16 gradients overflowed, loss scale halved")
-    with open(log_file, "a") as f:  # a crashed run's lines after its step-1 checkpoint, then resumed there
-        f.write('1 val 9.5000\n1 train 9.000000\n2 train 8.000000\n')
-    start_log(tmp_path / "run", 1, {"torch": "2.x"})  # the same code, torch and device: no new line
-    assert open(log_file).read() == '# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n1 val 9.5000\n'
-    with open(log_file, "a") as f:
-        f.write('1 train 9.000000\n2 train 8.000000\n')
-    start_log(tmp_path / "run", 1, {"torch": "2.y"})  # resumed with another: it says so
+    assert open(log_file).read() == '# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n' \
+                                    '0 time 1000000000.12\n1 train 9.500000\n1 mfu 41.54\n1 skipped 1\n'
+    # W&B: every value but None, False and the time (W&B times its lines itself)
+    assert logged == [(0, {"val": 10.98765}), (0, {"train": 10.1234567, "lr": 6e-5}),
+                      (1, {"train": 9.5, "mfu": 41.537, "skipped": True})]
+    assert step_line(7, 3.25, 6e-4, 0.5, 0.25, 524288, None, None, False, None) == \
+        "step     7 | loss 3.250000 | lr 6.0000e-04 | norm 0.5000 | dt 250ms | tok/sec 2,097,152 | 4.2M tok"
+    assert step_line(7, 3.25, 6e-4, 0.5, 0.25, 524288, 41.5, 65536.0, True, 4980).endswith(
+        " | mfu 41.5% | 4.2M tok | eta 1h23m | loss scale 65536 | skipped: float16 gradients overflowed, "
+        "loss scale halved")
+    with open(log_file, "w") as f:  # a crashed run's lines after its step-1 checkpoint, then resumed there
+        f.write('# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n1 val 9.5000\n1 train 9.000000\n'
+                '2 train 8.000000\n')
+    start_log(tmp_path / "run", 1, {"torch": "2.x"})  # every attempt says where it starts, what made it
     assert open(log_file).read() == '# 0 {"torch": "2.x"}\n0 val 10.9877\n0 train 10.123457\n1 val 9.5000\n' \
-                                    '# 1 {"torch": "2.y"}\n'
+                                    '# 1 {"torch": "2.x"}\n'
     (tmp_path / "odd" / "log.txt").mkdir(parents=True)  # a log.txt it cannot read: one line, not a traceback
     with pytest.raises(UserError,
                        match=r"--log_dir .*odd: cannot read .*log.txt \(Is a directory\); move it"):
@@ -403,7 +405,7 @@ def test_checkpoint_state_restores_into_a_new_run(data, tmp_path, capsys):
     scaler.step(optimizer)
     scaler.update()
     cfg = TrainConfig(data_dir=str(data), micro_batch_size=4, seq_len=32)
-    state = checkpoint_state(model, [optimizer], scaler, cfg, 1, loaders, {}, val_loss=5.5)
+    state = checkpoint_state(model, [optimizer], scaler, cfg, 1, loaders, {"device": "cpu"}, val_loss=5.5)
     path = save_checkpoint(state, tmp_path, keep_last=3)
     model2 = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
     [optimizer2] = model2.configure_optimizers(0.1, 1e-3, "cpu")
@@ -442,7 +444,7 @@ def test_provenance_in_every_checkpoint_and_the_log(data, tmp_path):
     """What made a run: torch's version, the device and the first 16 hex digits of a sha256 over every
     script and module of the repository (the shard reader, checkpoints and HellaSwag too, not only
     train_gpt2.py), in each checkpoint and in log.txt's `# STEP {...}` line, which plot.py and a resume
-    read past (a resume with the same code adds none)."""
+    read past; each attempt (the first start, then each resume) has its own such line."""
     from plot import read_log as plot_read_log
     train(data, tmp_path, "--max_steps", 2, "--ckpt_interval", 1, "--plot", 0)
     source = hashlib.sha256()
@@ -454,7 +456,9 @@ def test_provenance_in_every_checkpoint_and_the_log(data, tmp_path):
     assert [load_checkpoint(p)["provenance"] for p in checkpoint_paths(tmp_path)] == [made_by] * 2
     resume(tmp_path, "--max_steps", 3)
     lines = (tmp_path / "log.txt").read_text().splitlines()
-    assert [ln for ln in lines if ln.startswith("#")] == lines[:1] == ["# 0 " + json.dumps(made_by)]
+    records = [(int(ln.split()[1]), json.loads(ln.split(" ", 2)[2])) for ln in lines if ln.startswith("#")]
+    assert lines[0].startswith("# 0 ") and [step for step, _ in records] == [0, 2]
+    assert [{k: record[k] for k in made_by} for _, record in records] == [made_by] * 2
     assert plot_read_log(str(tmp_path / "log.txt"))["train"][0] == [0, 1, 2]
     assert load_checkpoint(tmp_path / "model_00003.pt")["provenance"] == made_by
 
@@ -505,8 +509,8 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path, optimizer):
 
 def test_checkpoints_are_safe_and_complete(data, tmp_path):
     train(data, tmp_path, "--max_steps", 9, "--ckpt_interval", 2, "--keep_last", 2)
-    assert sorted(n for n in os.listdir(tmp_path) if n != "loss.png") == [".lock", "log.txt",
-                                                                          "model_00008.pt", "model_00009.pt"]
+    assert sorted(n for n in os.listdir(tmp_path) if n != "loss.png") == [
+        ".lock", "log.txt", "model_00008.pt", "model_00009.pt", "report.md"]
     ckpt = torch.load(tmp_path / "model_00009.pt", weights_only=True)  # no pickled classes
     assert ckpt["step"] == 9 and ckpt["config"]["max_steps"] == 9
     assert ckpt["model_config"] == {"block_size": 64, "vocab_size": 256, "n_layer": 2, "n_head": 2,
@@ -538,7 +542,7 @@ def test_resume_after_crash_equals_uninterrupted_run(data, tmp_path, dtype, shuf
     """A 12-step run, and the same run crashed after its step-6 checkpoint and resumed: identical losses
     (no compile; float16 with its GradScaler state restored; shuffled, the same order of micro-batches;
     muon with both its optimizers' state), and the lines the crashed run logged after its checkpoint are
-    replaced."""
+    replaced (the lines of losses; each attempt's `#` line and the steps' end times are its own)."""
     args = ["--max_steps", 12, "--ckpt_interval", 6, "--dtype", dtype, "--shuffle", shuffle,
             "--optimizer", optimizer]
     train(data, tmp_path / "full", *args)
@@ -546,8 +550,9 @@ def test_resume_after_crash_equals_uninterrupted_run(data, tmp_path, dtype, shuf
     os.remove(tmp_path / "crashed" / "model_00012.pt")  # as if it died before step 12
     proc = resume(tmp_path / "crashed")
     assert "resuming from" in proc.stdout and "model_00006.pt at step 6" in proc.stdout
-    with open(tmp_path / "full" / "log.txt") as f, open(tmp_path / "crashed" / "log.txt") as g:
-        assert f.read() == g.read()
+    logged = [[ln for ln in open(tmp_path / run / "log.txt") if not ln.startswith("#") and " time " not in ln]
+              for run in ("full", "crashed")]
+    assert logged[0] == logged[1]
     a = torch.load(tmp_path / "full" / "model_00012.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "crashed" / "model_00012.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -1087,7 +1092,8 @@ def test_read_only_log_dir_is_one_line_for_a_new_run_and_a_resume(data, tmp_path
     for proc, log_dir, what in ((resumed, disk / "log", "write in"), (fresh, disk / "new", "make")):
         assert proc["returncode"] == 1 and proc["stderr"] == f"train_gpt2.py: error: --log_dir {log_dir}: " \
             f"cannot {what} that folder (Read-only file system); pick another --log_dir\n"
-    assert resumed["files"] == first["files"] == ["log/.lock", "log/log.txt", "log/model_00002.pt"]
+    assert resumed["files"] == first["files"] == ["log/.lock", "log/log.txt", "log/model_00002.pt",
+                                                        "log/report.md"]
 
 
 def test_unfinished_data_preparation_is_refused(capsys, data, tmp_path):
