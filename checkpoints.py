@@ -117,7 +117,10 @@ def checkpoint_state(model, optimizers, scaler, cfg, step, loaders, provenance, 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     data = {"dir": os.path.realpath(cfg.data_dir), "train": train_loader.record, "val": val_loader.record,
             "read": train_loader.crcs}  # each train shard read, checksummed whole (this rank's)
-    return {"model": get_model_state_dict(model, options=full), "scaler": scaler.state_dict(),
+    weights = get_model_state_dict(model, options=full)
+    if weights:  # rank 0's. FSDP gathers the tied wte/lm_head weight once per name: one again, saved once
+        weights["lm_head.weight"] = weights["transformer.wte.weight"]
+    return {"model": weights, "scaler": scaler.state_dict(),
             "optimizer": get_optimizer_state_dict(model, optimizers, options=full),
             "model_config": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg), "step": step,
             "loader_position": list(train_loader.position), "data": data, "provenance": provenance,

@@ -164,7 +164,7 @@ class Sampler(threading.Thread):
             if len(self.ranks) < self.nproc:
                 self.ranks = find_ranks(self.launcher)
             now = {rank: rss_anon(pid) for rank, pid in self.ranks.items()}
-            peaks = self.peaks.setdefault(self.phase, {})
+            peaks = self.peaks.setdefault(self.phase, {}) if self.phase else {}  # None: past the last phase
             for rank, used in now.items():
                 peaks[rank] = max(peaks.get(rank, 0), used)
             if sum(now.values()) > self.max_bytes:
@@ -298,20 +298,21 @@ def print_startup_table(rows, cfg, argv):
           f"{cfg.micro_batch_size}\n\n{header(cfg, argv)}\n\n"
           f"GB (10^9 bytes). state: the weights, gradients and AdamW moments a rank holds in training (16 "
           f"bytes per parameter, over the ranks under FSDP); idle: a rank of a negligible model; "
-          f"bound: 1.3 x (state + idle); ratio: rank 1's peak / (state + idle).\n\n"
+          f"bound: 1.3 x (state + idle); ratios: rank 1's peak / (state + idle).\n\n"
           f"| shape | start | ranks | state | idle | rank 0: start-up | first step | writing the checkpoint "
-          f"(file) | rank 1: start-up | first step | bound | ratio |\n"
-          f"| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"(file) | rank 1: start-up | first step | bound | start-up ratio | first-step ratio |\n"
+          f"| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         peaks, idle = r.get("peaks", {}), r["idle"].get(1, 0)
         start, first, writing = (peaks.get(p, {}) for p in ("start-up", "first step", "checkpoint"))
         file = f" ({gb(r['checkpoint'])})" if r.get("checkpoint") else ""
-        ratio = max(start.get(1, 0), first.get(1, 0)) / (r["state"] + idle)
+        ratios = [f"{peak / (r['state'] + idle):.2f}" if peak else "-"
+                  for peak in (start.get(1), first.get(1))]
         note = f" ({r['error']})" if r.get("error") else ""
         print(f"| {r['shape']} | {r['name']}{note} | "
               f"{r['nproc']} | {gb(r['state'])} | {gb(idle)} | {gb(start.get(0))} | {gb(first.get(0))} | "
               f"{gb(writing.get(0))}{file} | {gb(start.get(1))} | {gb(first.get(1))} | "
-              f"{gb(1.3 * (r['state'] + idle))} | {f'{ratio:.2f}' if ratio else '-'} |")
+              f"{gb(1.3 * (r['state'] + idle))} | {' | '.join(ratios)} |")
 
 
 def header(cfg, argv):

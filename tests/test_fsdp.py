@@ -39,7 +39,8 @@ def memory_line(stdout):
 
 # train_gpt2.main() on every rank, each recording the parameters it makes in memory (not on the meta device)
 # before its training loop starts (in the loop FSDP all-gathers each block's whole parameters, for a moment),
-# as (numel of the whole parameter, numel this rank holds), and how it torch.loads, in probe_rank<RANK>.json
+# as (numel of the whole parameter, numel this rank holds), and how it torch.loads files, in
+# probe_rank<RANK>.json
 PROBE = r"""
 import json, os, sys
 import torch
@@ -59,9 +60,10 @@ def loop_starts(self, enter=train_gpt2.StopRequest.__enter__):
     probe, made = made, None
     return enter(self)
 train_gpt2.StopRequest.__enter__ = loop_starts
-def load_probed(*args, **kwargs):
-    loads.append(kwargs.get("mmap", False))
-    return load(*args, **kwargs)
+def load_probed(f, *args, **kwargs):
+    if isinstance(f, (str, os.PathLike)):  # a file (broadcast_object_list's unpickling loads from memory)
+        loads.append(kwargs.get("mmap", False))
+    return load(f, *args, **kwargs)
 torch.nn.Parameter.__new__, torch.load = staticmethod(parameter), load_probed
 try:
     train_gpt2.main(sys.argv[3:])
@@ -112,6 +114,9 @@ def test_two_fsdp_ranks_equal_one_process(runs):
     a, b = (torch.load(root / run / "model_00006.pt", weights_only=True) for run in ("fsdp", "single"))
     assert a["loader_position"] == b["loader_position"] == [0, 0, 24 * 64]  # 24 micro-batches of 2x32 read
     assert set(a["model"]) == set(b["model"])
+    for ckpt in (a, b):  # the tied wte/lm_head weight saved once, as one tensor
+        weights = ckpt["model"]
+        assert weights["lm_head.weight"].data_ptr() == weights["transformer.wte.weight"].data_ptr()
     for k in a["model"]:  # gathered whole onto rank 0, tied wte/lm_head included
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
     # The optimizer state by parameter name (get_optimizer_state_dict's format), whichever way it was written.

@@ -90,10 +90,12 @@ def test_two_nodes_train_like_one_process_and_only_rank_0_writes(data, tmp_path,
 
     # Rank 0 alone wrote: one log.txt without a repeated line, checkpoints in log_dir, nothing in either
     # launcher's working directory (no relative log/ there), and only its node printed the run.
-    assert sorted(os.listdir(log_dir)) == [".lock", "log.txt", "loss.png", "model_00004.pt", "model_00005.pt"]
+    assert sorted(os.listdir(log_dir)) == [".lock", "log.txt", "loss.png", "model_00004.pt", "model_00005.pt",
+                                           "report.md"]
     lines = (log_dir / "log.txt").read_text().splitlines()
-    # provenance, train at steps 0-4, val at 0, 4 (the interval) and 5 (the end)
-    assert len(lines) == len(set(lines)) == 1 + 5 + 3
+    # the attempt's line, train and time at steps 0-4, val at 0, 4 (interval) and 5 (end), the end's time
+    assert len(lines) == len(set(lines)) == 1 + 5 + 5 + 3 + 1
+    assert [ln.split()[1] for ln in lines].count("time") == 6
     assert os.listdir(tmp_path / "node0") == [] and os.listdir(tmp_path / "node1") == []
     printed = ["wrote " in nodes.output(node) for node in range(2)]
     assert sorted(printed) == [False, True], "exactly one node runs global rank 0 and prints"
