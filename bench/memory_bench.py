@@ -27,6 +27,7 @@ idle). A run whose ranks together pass --max_gb is stopped, and its row says so.
 """
 
 import datetime
+import glob
 import json
 import os
 import platform
@@ -275,6 +276,12 @@ def startup_rows(shape, nproc, cfg, max_bytes):
             continue
         if "hf" in run_flags:
             run_flags = ["--init_from", hf_folder(shape, cfg)] + fsdp
+        if "resume" in run_flags and not glob.glob(os.path.join(log_dir, "model_*.pt")):
+            # The FSDP run could write none (--max_gb): one process writes it, holding no second copy (its
+            # state dict is its own tensors)
+            shutil.rmtree(log_dir, ignore_errors=True)
+            launch(flags + shape_flags(shape) + ["--max_steps", 1], 1, cfg, [("checkpoint", WROTE)])
+            row["name"] += " (from one process's checkpoint)"
         own = "resumed" not in name and "scratch" not in name  # the resumes continue the run from scratch
         out, peaks, why = launch(flags + run_flags + (["--log_dir", f"{log_dir}_{len(rows)}"] if own else []),
                                  nproc, cfg, phases, max_bytes)
