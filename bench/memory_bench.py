@@ -283,6 +283,7 @@ def startup_rows(shape, nproc, cfg, max_bytes):
             launch(flags + shape_flags(shape) + ["--max_steps", 1], 1, cfg, [("checkpoint", WROTE)])
             row["name"] += " (from one process's checkpoint)"
         own = "resumed" not in name and "scratch" not in name  # the resumes continue the run from scratch
+        shutil.rmtree(f"{log_dir}_{len(rows)}", ignore_errors=True)  # what a killed benchmark left there
         out, peaks, why = launch(flags + run_flags + (["--log_dir", f"{log_dir}_{len(rows)}"] if own else []),
                                  nproc, cfg, phases, max_bytes)
         shutil.rmtree(f"{log_dir}_{len(rows)}", ignore_errors=True)
