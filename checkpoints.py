@@ -111,8 +111,8 @@ def checkpoint_state(model, optimizers, scaler, cfg, step, loaders, provenance, 
     train_loader, val_loader = loaders
     peaks = [peak_memory(provenance["device"])]
     if dist.is_initialized():  # every rank is here: rank r's peak at [r]
-        peaks = [None] * dist.get_world_size()
-        dist.all_gather_object(peaks, peak_memory(provenance["device"]))
+        peaks, mine = [None] * dist.get_world_size(), peaks[0]
+        dist.all_gather_object(peaks, mine)
     # Whole tensors, on the CPU, on rank 0 (other ranks get none): under FSDP gathered from the shards
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     data = {"dir": os.path.realpath(cfg.data_dir), "train": train_loader.record, "val": val_loader.record,
