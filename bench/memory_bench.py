@@ -301,25 +301,31 @@ def gb(n):
     return f"{n / 1e9:.2f}" if n else "-"
 
 
+def others(peaks):
+    """The highest of a phase's peaks on the ranks other than 0 (those that read nothing), or None."""
+    return max((peak for rank, peak in peaks.items() if rank != 0), default=None)
+
+
 def print_startup_table(rows, cfg, argv):
     print(f"### Private memory per rank (RssAnon) as a run starts, T={cfg.seq_len}, micro-batch "
           f"{cfg.micro_batch_size}\n\n{header(cfg, argv)}\n\n"
           f"GB (10^9 bytes). state: the weights, gradients and AdamW moments a rank holds in training (16 "
-          f"bytes per parameter, over the ranks under FSDP); idle: a rank of a negligible model; "
-          f"bound: 1.3 x (state + idle); ratios: rank 1's peak / (state + idle).\n\n"
+          f"bytes per parameter, over the ranks under FSDP); idle: a rank of a negligible model; other "
+          f"ranks: the highest of ranks 1 to N-1; bound: 1.3 x (state + idle); ratios: the other ranks' "
+          f"peak / (state + idle).\n\n"
           f"| shape | start | ranks | state | idle | rank 0: start-up | first step | writing the checkpoint "
-          f"(file) | rank 1: start-up | first step | bound | start-up ratio | first-step ratio |\n"
+          f"(file) | other ranks: start-up | first step | bound | start-up ratio | first-step ratio |\n"
           f"| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        peaks, idle = r.get("peaks", {}), r["idle"].get(1, 0)
+        peaks, idle = r.get("peaks", {}), others(r["idle"]) or 0
         start, first, writing = (peaks.get(p, {}) for p in ("start-up", "first step", "checkpoint"))
         file = f" ({gb(r['checkpoint'])})" if r.get("checkpoint") else ""
         ratios = [f"{peak / (r['state'] + idle):.2f}" if peak else "-"
-                  for peak in (start.get(1), first.get(1))]
+                  for peak in (others(start), others(first))]
         note = f" ({r['error']})" if r.get("error") else ""
         print(f"| {r['shape']} | {r['name']}{note} | "
               f"{r['nproc']} | {gb(r['state'])} | {gb(idle)} | {gb(start.get(0))} | {gb(first.get(0))} | "
-              f"{gb(writing.get(0))}{file} | {gb(start.get(1))} | {gb(first.get(1))} | "
+              f"{gb(writing.get(0))}{file} | {gb(others(start))} | {gb(others(first))} | "
               f"{gb(1.3 * (r['state'] + idle))} | {' | '.join(ratios)} |")
 
 
