@@ -109,9 +109,10 @@ def checkpoint_state(model, optimizers, scaler, cfg, step, loaders, provenance, 
     (for report.md), and values (val_loss, hellaswag, wandb_id) for export.py and W&B. Every rank calls it;
     under DDP or FSDP only rank 0's is whole."""
     train_loader, val_loader = loaders
-    peaks = [peak_memory(provenance["device"])]
+    mine = peak_memory(provenance["device"])
+    peaks = [mine]
     if dist.is_initialized():  # every rank is here: rank r's peak at [r]
-        peaks, mine = [None] * dist.get_world_size(), peaks[0]
+        peaks = [None] * dist.get_world_size()
         dist.all_gather_object(peaks, mine)
     # Whole tensors, on the CPU, on rank 0 (other ranks get none): under FSDP gathered from the shards
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
